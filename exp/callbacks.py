@@ -1,0 +1,86 @@
+"""Small callbacks every run uses: the console log, the progress bar and the metrics file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from exp.loop import Callback, TrainState
+
+log = logging.getLogger("exp")
+
+
+class ConsoleLog(Callback):
+    """One log line per log interval and per evaluation (also written to the run's train.log)."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.width = len(str(num_steps))
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        log.info(
+            f"step {state.step:>{self.width}}/{self.num_steps} | loss {metrics['train/loss']:.4f} "
+            f"(ema {metrics['train/loss_ema']:.4f}) | acc {metrics['train/accuracy']:.3f} "
+            f"| grad {metrics['train/grad_norm']:.3f} | lr {metrics['train/lr']:.2e} "
+            f"| {metrics['perf/tokens_per_s']:,.0f} tok/s"
+        )
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        log.info(
+            f"eval {state.step:>{self.width}}/{self.num_steps} | val loss {metrics['val/loss']:.4f} "
+            f"| ppl {metrics['val/perplexity']:.2f} | acc {metrics['val/accuracy']:.3f}"
+        )
+
+
+class ProgressBar(Callback):
+    """A live tqdm bar on an interactive terminal; nothing in batch logs, where the log lines suffice."""
+
+    def __init__(self, num_steps: int, enabled: bool | None = None):
+        self.num_steps = num_steps
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.num_steps, initial=state.step, unit="step", dynamic_ncols=True, leave=False)
+
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsFile(Callback):
+    """Every logged metric as one JSON line per step in the run directory: the record that needs no server."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

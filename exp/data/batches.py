@@ -1,0 +1,77 @@
+"""Batches from token arrays: a resumable random-window sampler and fixed evaluation windows."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_fits(tokens: np.ndarray, seq_len: int) -> None:
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be > 0, got {seq_len}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"token array has {len(tokens)} tokens; one window of seq_len={seq_len} needs {seq_len + 1}")
+
+
+def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
+    # (B, seq_len + 1) windows in one fancy-index gather; x and y are its two overlapping views
+    win = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)]).astype(np.int64))
+    return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+
+class WindowSampler:
+    """Random (x, y) windows from a token memmap, drawn from a seeded generator whose state saves/restores."""
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        _check_fits(tokens, seq_len)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank])))
+        self.num_batches = 0
+
+    def __iter__(self) -> WindowSampler:
+        return self
+
+    def __next__(self) -> Batch:
+        starts = self.rng.integers(0, self.max_start, size=self.batch_size, endpoint=True)
+        self.num_batches += 1
+        return _gather(self.tokens, starts, self.seq_len)
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position: generator state plus counters."""
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_batches": self.num_batches,
+            "bit_generator": copy.deepcopy(self.rng.bit_generator.state),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from state_dict(); refuses another rank's state (ranks would then draw the same windows)."""
+        if state["rank"] != self.rank:
+            raise ValueError(f"sampler state is for rank {state['rank']}, this sampler is rank {self.rank}")
+        self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
+        self.num_batches = int(state["num_batches"])
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[Batch]:
+    """The same windows every call, evenly spaced over the whole array; fewer batches if it is small."""
+    _check_fits(tokens, seq_len)
+    if batch_size <= 0 or num_batches <= 0:
+        raise ValueError(f"batch_size and num_batches must be > 0, got {batch_size} and {num_batches}")
+    # as many batches as non-overlapping windows allow, but always at least one
+    num_batches = max(1, min(num_batches, (len(tokens) - 1) // seq_len // batch_size))
+    starts = np.linspace(0, len(tokens) - seq_len - 1, num_batches * batch_size).round().astype(np.int64)
+    return [_gather(tokens, s, seq_len) for s in starts.reshape(num_batches, batch_size)]

@@ -1,0 +1,208 @@
+"""Token corpora on disk: an atomic train/val writer and the cached Python-stdlib default corpus."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .tokenizer import EOT, VOCAB_SIZE
+
+FORMAT_VERSION = 1
+# Directories skipped under the stdlib root: third-party packages, and test suites / IDLE, whose
+# fixtures and data files would make the corpus less like ordinary library code.
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
+# Val gets at least this many tokens (unless that is over half the corpus), so a long eval window fits.
+MIN_VAL_TOKENS = 4097
+
+TokenLike = bytes | Sequence[int] | np.ndarray
+
+
+def stdlib_sources(root: str | Path | None = None) -> list[Path]:
+    """Sorted .py files under the stdlib root (default: this interpreter's), minus EXCLUDED_DIRS."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
+        found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(found)
+
+
+def split_value(name: str) -> float:
+    """Deterministic value in [0, 1) from a document name; below val_fraction means validation."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def _as_tokens(doc: TokenLike, vocab_size: int) -> np.ndarray:
+    if isinstance(doc, bytes | bytearray | memoryview):
+        return np.frombuffer(doc, dtype=np.uint8).astype("<u2")
+    arr = np.asarray(doc)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"a document must be bytes or a 1-D integer sequence, got {arr.dtype} {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{arr.min()}, {arr.max()}]")
+    return arr.astype("<u2")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_writable_target(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "meta.json").exists())):
+        raise FileExistsError(f"{out_dir} exists and is not a token corpus; refusing to replace it")
+
+
+def write_token_files(
+    docs: Iterable[tuple[str, TokenLike]],
+    out_dir: str | Path,
+    val_fraction: float,
+    *,
+    sources: str | None = None,
+    min_val_tokens: int = MIN_VAL_TOKENS,
+    vocab_size: int = VOCAB_SIZE,
+) -> dict:
+    """Write (name, tokens) documents, each followed by EOT, to train.bin/val.bin/meta.json atomically.
+
+    Split is per document: split_value(name) < val_fraction goes to val; then, while val holds fewer
+    than max(val_fraction * all tokens, min(min_val_tokens, half the tokens)), train documents move
+    over in split_value order (train keeps at least one), so val is never empty.
+    Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if vocab_size > 2**16:
+        raise ValueError(f"vocab_size {vocab_size} does not fit uint16")
+    out_dir = Path(out_dir).expanduser().absolute()
+    _check_writable_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left by a crashed earlier process that had our pid
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    eot = np.array([EOT], dtype="<u2").tobytes()
+    content = hashlib.sha256()
+    try:
+        num_val = num_val_docs = num_train = 0
+        train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
+        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+            for name, doc in docs:
+                data = _as_tokens(doc, vocab_size).tobytes()
+                if not data:
+                    continue  # empty documents would only add lone EOTs
+                content.update(name.encode("utf-8") + b"\0" + data)
+                n, key = len(data) // 2 + 1, split_value(name)
+                if key < val_fraction:
+                    fval.write(data + eot)
+                    num_val, num_val_docs = num_val + n, num_val_docs + 1
+                else:
+                    ftrain.write(data + eot)
+                    train_docs.append((key, num_train, n))
+                    num_train += n
+        num_docs = len(train_docs) + num_val_docs
+        if num_docs < 2:
+            raise ValueError(f"need at least 2 non-empty documents to split train/val by document, got {num_docs}")
+        # hash split alone gives val_fraction of the *documents*; top up to that share of the tokens,
+        # and to min_val_tokens unless that would take more than half of a small corpus
+        total = num_train + num_val
+        target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
+        moved: set[int] = set()
+        for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
+            if (num_val_docs and num_val >= target) or len(moved) == len(train_docs) - 1:
+                break
+            moved.add(i)
+            num_val, num_val_docs = num_val + train_docs[i][2], num_val_docs + 1
+        if moved:
+            src = np.memmap(tmp / "train.bin", dtype="<u2", mode="r")
+            with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.bin", "ab") as fval:
+                for i, (_, off, n) in enumerate(train_docs):
+                    (fval if i in moved else ftrain).write(src[off : off + n].tobytes())
+            del src
+            os.replace(tmp / "train.new", tmp / "train.bin")
+            num_train -= sum(train_docs[i][2] for i in moved)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "tokenizer": "byte",
+            "vocab_size": vocab_size,
+            "dtype": "uint16",
+            "num_train_tokens": num_train,
+            "num_val_tokens": num_val,
+            "num_documents": num_docs,
+            "num_val_documents": num_val_docs,
+            "val_fraction": val_fraction,
+            "sources": sources or f"sha256:{content.hexdigest()}",
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for f in ("train.bin", "val.bin", "meta.json"):
+            _fsync_path(tmp / f)
+        _fsync_path(tmp)
+        _check_writable_target(out_dir)  # it may have appeared while we were writing
+        if out_dir.exists():  # a previous corpus: swap it out, then drop it
+            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+        _fsync_path(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def is_complete(corpus_dir: Path) -> bool:
+    """True if corpus_dir has meta.json and bin files whose sizes match it."""
+    try:
+        meta = json.loads((corpus_dir / "meta.json").read_text())
+        return (corpus_dir / "train.bin").stat().st_size == 2 * meta["num_train_tokens"] and (
+            corpus_dir / "val.bin"
+        ).stat().st_size == 2 * meta["num_val_tokens"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def stdlib_fingerprint(sources: list[Path], root: Path, val_fraction: float) -> str:
+    """sha256 over Python version, format version, val_fraction and (relative path, size, mtime_ns)."""
+    h = hashlib.sha256(f"{FORMAT_VERSION}\n{sys.version}\n{val_fraction!r}\n".encode())
+    for p in sources:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def pystdlib_corpus(cache_dir: str | Path, val_fraction: float = 0.005, *, root: str | Path | None = None) -> Path:
+    """Directory with train.bin/val.bin of the stdlib sources (or root's), built once per fingerprint."""
+    cache_dir = Path(cache_dir).expanduser()
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / "pystdlib.lock", "a") as lock:
+        # exclusive for check + build: concurrent jobs wait, then find the finished corpus
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        sources = stdlib_sources(root)
+        if not sources:
+            raise FileNotFoundError(f"no .py sources under {root}")
+        fingerprint = stdlib_fingerprint(sources, root, val_fraction)
+        out = cache_dir / f"pystdlib-{fingerprint[:16]}"
+        if is_complete(out):
+            return out
+        for stale in cache_dir.glob(f"{out.name}.*-*"):  # .tmp-/.old- of crashed builders; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        docs = ((p.relative_to(root).as_posix(), p.read_bytes()) for p in sources)
+        write_token_files(docs, out, val_fraction, sources=fingerprint)
+        return out

@@ -1,0 +1,89 @@
+"""CLI: byte-tokenize text files, folders and JSONL into train.bin/val.bin for data=memmap."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from .corpus import write_token_files
+from .tokenizer import ByteTokenizer
+
+DEFAULT_EXTS = ".txt,.md,.rst,.py,.jsonl"
+
+
+class PrepareError(Exception):
+    """An input problem, reported as one line naming the file (and line)."""
+
+
+def _jsonl_docs(path: Path, name: str, field: str) -> Iterator[tuple[str, bytes]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise PrepareError(f"{name}:{lineno}: not valid JSON ({msg})") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise PrepareError(f"{name}:{lineno}: no field {field!r}")
+            if not isinstance(obj[field], str):
+                raise PrepareError(f"{name}:{lineno}: field {field!r} is {type(obj[field]).__name__}, not a string")
+            yield f"{name}:{lineno}", obj[field].encode("utf-8")
+
+
+def iter_documents(inputs: list[str], exts: set[str], field: str) -> Iterator[tuple[str, bytes]]:
+    """(name, UTF-8 bytes) per document: one per file, one per JSONL line; names are paths as given."""
+    seen: set[Path] = set()
+    for arg in inputs:
+        root = Path(arg)
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        else:
+            files = [root]
+        for p in files:
+            if p.resolve() in seen:  # a file named directly and again inside a folder counts once
+                continue
+            seen.add(p.resolve())
+            name = p.as_posix()
+            if p.suffix.lower() == ".jsonl":
+                yield from _jsonl_docs(p, name, field)
+            else:
+                yield name, p.read_bytes()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 on bad input, with nothing written)."""
+    ap = argparse.ArgumentParser(prog="python -m exp.data.prepare", description=__doc__)
+    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="text file, .jsonl file, or folder")
+    ap.add_argument("--out", required=True, help="output directory (train.bin, val.bin, meta.json)")
+    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of documents/tokens for val")
+    ap.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    ap.add_argument("--ext", default=DEFAULT_EXTS, help="comma-separated extensions taken from folders")
+    args = ap.parse_args(argv)
+    exts = {e if e.startswith(".") else f".{e}" for e in args.ext.lower().split(",") if e}
+    tok = ByteTokenizer()
+    try:
+        for arg in args.inputs:
+            if not Path(arg).exists():
+                raise PrepareError(f"{arg}: no such file or directory")
+        if not 0.0 < args.val_fraction < 0.5:
+            raise PrepareError(f"--val-fraction must be in (0, 0.5), got {args.val_fraction}")
+        docs = ((name, tok.encode_bytes(data)) for name, data in iter_documents(args.inputs, exts, args.text_field))
+        meta = write_token_files(docs, args.out, args.val_fraction)
+    except (PrepareError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"prepared {meta['num_documents']} documents ({meta['num_val_documents']} val): "
+        f"{meta['num_train_tokens']} train / {meta['num_val_tokens']} val tokens "
+        f"-> {Path(args.out).absolute()}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Byte-level tokenizer: ids 0..255 are raw bytes, 256..263 are special tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|reserved_0|>",
+    "<|reserved_1|>",
+)
+EOT = 256
+PAD = 257
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, plus special tokens that only exist as ids (never parsed from text)."""
+
+    EOT = EOT
+    PAD = PAD
+    vocab_size = VOCAB_SIZE
+    specials: dict[str, int] = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of text; special-token strings in text stay plain bytes."""
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> np.ndarray:
+        """Raw bytes as a uint16 token array (the fast path for files)."""
+        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ids: byte runs decoded with errors="replace", special ids as their strings."""
+        parts: list[str] = []
+        run = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                run.append(i)
+            elif 256 <= i < VOCAB_SIZE:
+                # flush first so a special token splits byte runs, as it did in the source
+                parts.append(run.decode("utf-8", errors="replace"))
+                run.clear()
+                parts.append(SPECIAL_TOKENS[i - 256])
+            else:
+                raise ValueError(f"token id {i} outside the vocabulary [0, {VOCAB_SIZE})")
+        parts.append(run.decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+    def special(self, name: str) -> int:
+        """Id of a special token, by full string ("<|endoftext|>") or bare name ("endoftext")."""
+        key = name if name.startswith("<|") else f"<|{name}|>"
+        if key not in self.specials:
+            raise KeyError(f"unknown special token {name!r}; known: {', '.join(self.specials)}")
+        return self.specials[key]

@@ -1,0 +1,192 @@
+"""The training loop: the optimizer step, evaluation, and the callback calls. No files, tracking or launching."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from exp.hardware import Runtime
+
+EMA_BETA = 0.9  # smoothing of the per-step loss reported as train/loss_ema
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resumed run must continue from."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    loss_ema: float | None = None
+    train_loss: float | None = None  # mean over the last log interval
+    val_loss: float | None = None  # the last evaluation's
+    best_val_loss: float = math.inf
+
+
+class Callback:
+    """Hooks the loop calls; subclasses override what they need. Setting should_stop ends the run cleanly."""
+
+    should_stop: bool = False
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState, loss: float) -> None: ...
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, state: TrainState, status: str) -> None: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm became NaN or inf."""
+
+
+def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=None) -> dict[str, torch.Tensor]:
+    """Accumulate gradients over the stage's micro-batches and clip them; the optimizer is not stepped here."""
+    num_micro = stage.gradient_accumulation_steps
+    loss_sum = accuracy_sum = 0.0
+    num_inputs = 0
+    for _ in range(num_micro):
+        x, y = (t.to(rt.device, non_blocking=True) for t in next(batches))
+        with rt.autocast():
+            out = stage.train_step(model, (x, y))
+        loss = out["loss"] / num_micro  # each micro-batch's mean counts 1/num_micro of the step's loss
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum = loss_sum + loss.detach()
+        accuracy_sum = accuracy_sum + out["accuracy"]
+        num_inputs += x.numel()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+    return {
+        "loss": loss_sum,
+        "accuracy": accuracy_sum / num_micro,
+        "grad_norm": grad_norm,
+        "num_inputs": num_inputs,
+    }
+
+
+@torch.no_grad()
+def evaluate(stage, model, batches: Iterable, rt: Runtime) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy over a fixed set of batches."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct_sum = tokens = 0.0
+    for x, y in batches:
+        with rt.autocast():
+            out = stage.eval_step(model, (x.to(rt.device), y.to(rt.device)))
+        n = out["num_tokens"].float()
+        loss_sum, correct_sum, tokens = (
+            loss_sum + out["loss"].float() * n,
+            correct_sum + out["accuracy"] * n,
+            tokens + n,
+        )
+    model.train(was_training)
+    loss = (loss_sum / tokens).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": (correct_sum / tokens).item()}
+
+
+class _Interval:
+    """Sums over one log interval; tensors stay on the device until the interval is read."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.num_steps, self.loss, self.accuracy, self.grad_norm, self.num_inputs = 0, 0.0, 0.0, 0.0, 0
+        self.seconds, self.started = 0.0, time.perf_counter()
+
+    def pause(self):
+        self.seconds += time.perf_counter() - self.started
+
+    def resume(self):
+        self.started = time.perf_counter()
+
+
+def train(
+    stage,
+    model,
+    optimizer,
+    scheduler,
+    batches: Iterator,
+    val_batches: list,
+    rt: Runtime,
+    callbacks: list[Callback],
+    state: TrainState,
+    scaler=None,
+) -> TrainState:
+    """Run optimizer steps from state.step to stage.num_steps, logging and evaluating on the stage's intervals."""
+    interval = _Interval()
+    samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
+    while state.step < stage.num_steps:
+        optimizer.zero_grad(set_to_none=True)
+        out = train_step(stage, model, optimizer, batches, rt, scaler)
+        loss, grad_norm = torch.stack([out["loss"].float(), out["grad_norm"].float()]).tolist()  # one sync
+        if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
+            raise NonFiniteLoss(
+                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {state.step + 1} "
+                f"(loss={loss}, grad_norm={grad_norm}); lower stage.learning_rate or check the data"
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+
+        state.step += 1
+        state.tokens_seen += out["num_inputs"]
+        state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
+        interval.num_steps += 1
+        interval.loss += loss
+        interval.accuracy = interval.accuracy + out["accuracy"]
+        interval.grad_norm += grad_norm
+        interval.num_inputs += out["num_inputs"]
+        for cb in callbacks:
+            cb.on_step_end(state, loss)
+
+        last = state.step == stage.num_steps
+        if state.step % stage.log_every_n_steps == 0 or last:
+            interval.pause()
+            metrics = _interval_metrics(interval, state, lr, samples_per_step, rt)
+            state.train_seconds += interval.seconds
+            state.train_loss = metrics["train/loss"]
+            for cb in callbacks:
+                cb.on_log(state, metrics)
+            interval.reset()
+        if state.step % stage.eval_every_n_steps == 0 or last:
+            interval.pause()
+            val = evaluate(stage, model, val_batches, rt)
+            state.val_loss = val["loss"]
+            state.best_val_loss = min(state.best_val_loss, val["loss"])
+            for cb in callbacks:
+                cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
+            interval.resume()
+        if any(cb.should_stop for cb in callbacks):
+            break
+    return state
+
+
+def _interval_metrics(interval: _Interval, state: TrainState, lr: float, samples_per_step: int, rt: Runtime):
+    n, seconds = interval.num_steps, max(interval.seconds, 1e-9)
+    mean_loss = interval.loss / n
+    return {
+        "train/loss": mean_loss,
+        "train/loss_ema": state.loss_ema,
+        "train/perplexity": math.exp(min(mean_loss, 50.0)),
+        "train/accuracy": float(interval.accuracy) / n,
+        "train/grad_norm": interval.grad_norm / n,
+        "train/lr": lr,
+        "perf/tokens_per_s": interval.num_inputs / seconds,
+        "perf/samples_per_s": n * samples_per_step / seconds,
+        "perf/step_ms": 1000 * seconds / n,
+        "perf/peak_memory_mb": rt.peak_memory_mb(),
+        "progress/tokens_seen": state.tokens_seen,
+    }

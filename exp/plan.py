@@ -1,0 +1,97 @@
+"""The pre-flight plan printed by `dry_run=true`: sizes, token budget, FLOPs, memory and the LR schedule."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+# Optimizer state tensors kept per parameter (exp_avg/exp_avg_sq, momentum buffer, square average).
+STATE_PER_PARAM = {"AdamW": 2, "Adam": 2, "SGD": 1, "RMSprop": 1}
+
+
+def make_plan(cfg: DictConfig, stage, hardware) -> dict:
+    """Everything the plan reports, computed with the model on the meta device."""
+    with torch.device("meta"):
+        model = instantiate(cfg.model)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    seq_len = cfg.data.seq_len
+    tokens_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps * world_size * seq_len
+    total_tokens = tokens_per_step * stage.num_steps
+    num_params = model.num_params()
+    device = hardware.torch_device()
+    dtype = hardware.torch_dtype(stage.dtype)
+
+    optimizer_name = cfg.optimizer._target_.rsplit(".", 1)[-1]
+    num_states = STATE_PER_PARAM.get(optimizer_name, 2)
+    if optimizer_name == "SGD" and not cfg.optimizer.get("momentum"):
+        num_states = 0
+    weights = grads = num_params * 4  # fp32 master weights and gradients; autocast keeps them fp32
+    optimizer_state = num_states * num_params * 4
+    activations = _activation_bytes(cfg.model, stage.batch_size_per_gpu, seq_len, dtype)
+
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    base_lr = float(cfg.optimizer.lr)
+    optimizer = instantiate(cfg.optimizer)([dummy])
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    milestones = sorted(
+        {1, *(max(1, round(stage.num_steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 0.9)), stage.num_steps}
+    )
+    lr_at = {s: base_lr * scheduler.lr_lambdas[0](s - 1) for s in milestones}
+
+    return {
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": hardware.compile,
+        "num_params": num_params,
+        "num_params_non_embedding": model.num_params(exclude_embeddings=True),
+        "world_size": world_size,
+        "tokens_per_step": tokens_per_step,
+        "num_steps": stage.num_steps,
+        "total_tokens": total_tokens,
+        "train_flops": model.flops_per_token() * total_tokens,
+        "memory_bytes": {
+            "weights": weights,
+            "gradients": grads,
+            "optimizer": optimizer_state,
+            "activations": activations,
+            "total": weights + grads + optimizer_state + activations,
+        },
+        "lr_at_step": lr_at,
+    }
+
+
+def _activation_bytes(model_cfg, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
+    """Stored activations for backward (Korthikanti et al. 2022, no recompute) plus the fp32 logits."""
+    d, n_layer, n_head = model_cfg.d_model, model_cfg.n_layer, model_cfg.n_head
+    half = dtype in (torch.bfloat16, torch.float16)
+    per_layer = seq_len * batch_size * d * (34 + 5 * n_head * seq_len / d) * (1 if half else 2)
+    if model_cfg.get("activation_checkpointing"):
+        per_layer = seq_len * batch_size * d * (2 if half else 4)  # only each block's input is kept
+    logits = 3 * batch_size * seq_len * model_cfg.vocab_size * 4  # logits, their fp32 copy and gradient
+    return int(n_layer * per_layer + logits)
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as an aligned text block."""
+    mem = plan["memory_bytes"]
+    lines = [
+        "plan (dry run: nothing was trained or written)",
+        f"  device            {plan['device']} / {plan['dtype']}{' / compiled' if plan['compile'] else ''}",
+        f"  parameters        {plan['num_params']:,} ({plan['num_params_non_embedding']:,} non-embedding)",
+        f"  tokens per step   {plan['tokens_per_step']:,} (micro-batch x accumulation x world size "
+        f"{plan['world_size']} x sequence length)",
+        f"  steps             {plan['num_steps']:,}",
+        f"  total tokens      {plan['total_tokens']:,}",
+        f"  training FLOPs    {plan['train_flops']:.3e}",
+        f"  memory estimate   {_mb(mem['total'])} = weights {_mb(mem['weights'])} + gradients "
+        f"{_mb(mem['gradients'])} + optimizer {_mb(mem['optimizer'])} + activations {_mb(mem['activations'])}",
+        "  learning rate     " + ", ".join(f"step {s}: {lr:.3g}" for s, lr in plan["lr_at_step"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 2**20:,.1f} MiB"

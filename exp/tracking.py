@@ -1,0 +1,258 @@
+"""MLflow tracking on a background thread: the training step never waits on MLflow or the network."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import queue
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from exp.loop import Callback, TrainState
+
+log = logging.getLogger("exp")
+
+MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value's length
+MAX_KEY = 250
+BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
+START_TIMEOUT_S = 60.0
+
+
+class NullTracker(Callback):
+    """tracking=none: nothing leaves the run directory."""
+
+    uri: str | None = None
+
+    def __init__(self, *, cfg: DictConfig | None = None, run_dir: Path | None = None):
+        pass
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+class MlflowTracker(Callback):
+    """Records one run: params from the resolved config, tags, metrics with their step, artifacts, status.
+
+    All MLflow calls, its import included (over a second), happen on one worker thread fed by a queue.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str = "exp",
+        artifact_location: str | None = None,
+        *,
+        cfg: DictConfig,
+        run_dir: Path,
+    ):
+        self.uri = _absolute_sqlite(uri)
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._queue: queue.Queue = queue.Queue()
+        self._started = threading.Event()
+        self._run_id: str | None = None
+        self._failed: str | None = None
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
+        self._started.wait(START_TIMEOUT_S)
+        return self._run_id
+
+    def on_train_start(self, state: TrainState) -> None:
+        if not self._thread.is_alive() and not self._started.is_set():
+            self._thread.start()
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._queue.put(("metrics", state.step, time.time(), metrics))
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._queue.put(("metrics", state.step, time.time(), metrics))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", Path(path), artifact_path))
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        self.on_train_start(state)  # a run that failed before the loop is still recorded
+        self._queue.put(("end", status))
+        self._thread.join()
+
+    # --- worker thread -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            client, run_id = self._start_run()
+        except Exception as e:
+            self._fail(f"MLflow at {self.uri} is unavailable ({_first_line(e)}); metrics stay in metrics.jsonl")
+            self._started.set()
+            self._drain()
+            return
+        self._started.set()
+        while True:
+            items = [self._queue.get()]
+            while not self._queue.empty():  # batch whatever has queued up since the last call
+                items.append(self._queue.get_nowait())
+            if self._handle(client, run_id, items):
+                return
+
+    def _start_run(self):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            location = None
+            if self.artifact_location and not self.uri.startswith(("http://", "https://", "databricks")):
+                location = Path(self.artifact_location).resolve().as_uri()
+            experiment_id = client.create_experiment(self.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(self.cfg, self.run_dir).items()}
+        run = client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
+        self._run_id = run.info.run_id
+        params = [Param(k[:MAX_KEY], v) for k, v in flat_params(self.cfg).items()]
+        for i in range(0, len(params), BATCH["params"]):
+            client.log_batch(self._run_id, params=params[i : i + BATCH["params"]])
+        client.log_batch(self._run_id, tags=[RunTag("mlflow.source.name", "train.py")])
+        return client, self._run_id
+
+    def _handle(self, client, run_id: str, items: list) -> bool:
+        from mlflow.entities import Metric
+
+        metrics, done = [], False
+        for item in items:
+            if item[0] == "metrics":
+                _, step, stamp, values = item
+                metrics += [Metric(k, float(v), int(stamp * 1000), step) for k, v in values.items()]
+            elif item[0] == "artifact":
+                self._flush(client, run_id, metrics)
+                metrics = []
+                self._call(client.log_artifact, run_id, str(item[1]), item[2])
+            elif item[0] == "end":
+                self._flush(client, run_id, metrics)
+                metrics = []
+                self._call(client.set_terminated, run_id, item[1])
+                done = True
+        self._flush(client, run_id, metrics)
+        return done
+
+    def _flush(self, client, run_id: str, metrics: list) -> None:
+        for i in range(0, len(metrics), BATCH["metrics"]):
+            self._call(client.log_batch, run_id, metrics=metrics[i : i + BATCH["metrics"]])
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            self._fail(
+                f"MLflow at {self.uri} stopped answering ({_first_line(e)}); "
+                "the rest of this run's metrics stay in metrics.jsonl"
+            )
+
+    def _fail(self, message: str) -> None:
+        if not self._failed:
+            self._failed = message
+            log.warning(message)
+
+    def _drain(self) -> None:
+        while self._queue.get()[0] != "end":
+            pass
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as `group.key` -> value strings, cut to MLflow's length limit."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = str(node)[:MAX_PARAM_VALUE]
+
+    walk("", container)
+    return flat
+
+
+def run_tags(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+    """Where and from what code a run came: git commit, host, versions, overrides, stage, run dir."""
+    import torch
+
+    tags = {
+        "run_name": str(cfg.get("run_name", "run")),
+        "run_dir": str(Path(run_dir).resolve()),
+        "host": platform.node(),
+        "torch_version": torch.__version__,
+        "cuda_version": str(torch.version.cuda),
+        "stage": str(cfg.stage.get("name", "")),
+    }
+    commit, dirty = git_state()
+    if commit:
+        tags["mlflow.source.git.commit"], tags["git_dirty"] = commit, str(dirty).lower()
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+        tags["overrides"] = " ".join(hydra_cfg.overrides.task) or "(none)"
+        if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+            tags["sweep_dir"] = str(hydra_cfg.sweep.dir)
+    except ValueError:  # HydraConfig not set: called outside @hydra.main
+        pass
+    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id")):
+        if env in os.environ:
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def git_state() -> tuple[str | None, bool]:
+    """(commit, dirty) of the code that is running, or (None, False) outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """A relative sqlite path is made absolute (and its folder created) so every process finds the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        path = Path(uri[len(prefix) :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    if uri.startswith(prefix):
+        Path(uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

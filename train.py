@@ -1,0 +1,17 @@
+"""Train a language model: `python train.py optimizer=adamw scheduler=cosine`. Returns the final val loss."""
+
+import hydra
+from omegaconf import DictConfig
+
+from exp.config import run_cli
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from exp.run import train  # torch is imported only once a job runs, not for --help or --cfg
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
