@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from exp.loop import Callback, TrainState
@@ -59,6 +60,17 @@ class ProgressBar(Callback):
     def on_train_end(self, state: TrainState, status: str) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class FirstStepClock(Callback):
+    """Wall-clock time (Unix seconds) at which the first optimizer step of this process finished."""
+
+    def __init__(self):
+        self.first_step_time: float | None = None
+
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        if self.first_step_time is None:
+            self.first_step_time = time.time()
 
 
 class MetricsFile(Callback):

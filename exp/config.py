@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -170,9 +172,18 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def exit_on_config_error(error: ConfigError) -> None:
+def exit_on_config_error(error: ConfigError, run_dir: str | None = None) -> None:
+    """One line on stderr, exit 2, and no run directory left behind holding only what Hydra wrote into it."""
     print(f"config error: {error}", file=sys.stderr)
+    discard_untouched_run_dir(run_dir)
     sys.exit(CONFIG_ERROR_EXIT)
+
+
+def discard_untouched_run_dir(run_dir: str | None) -> None:
+    """Remove a run directory that holds only what Hydra put there before the job ran."""
+    path = Path(run_dir) if run_dir else None
+    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 _job_started = False

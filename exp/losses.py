@@ -13,8 +13,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
 
     logits: (B, T, V), targets: (B, T). Every returned tensor is a 0-d tensor on the logits' device.
     """
-    flat_logits = logits.float().view(-1, logits.size(-1))
-    flat_targets = targets.view(-1)
+    flat_logits = logits.float().reshape(-1, logits.size(-1))
+    flat_targets = targets.reshape(-1)
     loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
     with torch.no_grad():
         mask = flat_targets != IGNORE_INDEX

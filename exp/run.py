@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from exp import config, hardware, loop
-from exp.callbacks import ConsoleLog, MetricsFile, ProgressBar
+from exp.callbacks import ConsoleLog, FirstStepClock, MetricsFile, ProgressBar
 from exp.optim import build_optimizer
 
 log = logging.getLogger("exp")
@@ -27,12 +27,13 @@ def train(cfg: DictConfig) -> float:
     try:
         valid = config.validate(cfg)
     except config.ConfigError as e:
-        config.exit_on_config_error(e)
+        config.exit_on_config_error(e, run_dir=OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False))
     stage, run = valid.stage, valid.run
     if run.dry_run:
         from exp.plan import format_plan, make_plan
 
         print(format_plan(make_plan(cfg, stage, valid.hardware)))
+        config.discard_untouched_run_dir(run.run_dir)
         return float("nan")
 
     started = time.perf_counter()
@@ -41,7 +42,9 @@ def train(cfg: DictConfig) -> float:
     tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir)
     state = loop.TrainState()
     tracker.on_train_start(state)  # MLflow imports and connects on its own thread while the rest is built
+    clock = FirstStepClock()
     callbacks = [
+        clock,
         ConsoleLog(stage.num_steps),
         MetricsFile(run_dir / "metrics.jsonl"),
         ProgressBar(stage.num_steps),
@@ -84,7 +87,16 @@ def train(cfg: DictConfig) -> float:
         sample = generate_sample(model, run.sample, data.vocab_size, rt)
         if sample is not None:
             log.info(f"sample:\n{run.sample.prompt}{sample}")
-        summary = write_summary(run_dir, state, stage, model, tracker, sample, time.perf_counter() - started)
+        summary = write_summary(
+            run_dir,
+            state,
+            stage,
+            model,
+            tracker,
+            sample,
+            time.perf_counter() - started,
+            first_step_time=clock.first_step_time,
+        )
         tracker.log_artifact(run_dir / "summary.json")
         tracker.log_artifact(run_dir / "metrics.jsonl")
         if (run_dir / ".hydra").is_dir():
@@ -138,7 +150,14 @@ def generate_sample(model, sample, vocab_size: int, rt: hardware.Runtime) -> str
 
 
 def write_summary(
-    run_dir: Path, state: loop.TrainState, stage, model, tracker, sample: str | None, wall_seconds: float
+    run_dir: Path,
+    state: loop.TrainState,
+    stage,
+    model,
+    tracker,
+    sample: str | None,
+    wall_seconds: float,
+    first_step_time: float | None = None,
 ) -> dict:
     """summary.json: final metrics and where to find the run's record, written atomically."""
     summary = {
@@ -154,6 +173,7 @@ def write_summary(
         "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "train_seconds": state.train_seconds,
         "wall_seconds": wall_seconds,
+        "first_step_time": first_step_time,  # Unix time the first step finished: startup cost, for benchmarks
         "num_params": model.num_params(),
         "run_dir": str(run_dir.resolve()),
         "mlflow_tracking_uri": tracker.uri,

@@ -1,0 +1,195 @@
+"""The loop on its own: accumulation, clipping, callbacks, evaluation, NaN detection, every optimizer x scheduler."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from exp import hardware, loop
+from exp.losses import lm_loss
+from exp.model import GPT
+from exp.optim import build_optimizer
+from exp.stages import Pretrain
+
+from .conftest import CONF_DIR
+
+CPU = hardware.Runtime(device=torch.device("cpu"), dtype=torch.float32)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(vocab_size=32, seq_len=16, n_layer=2, n_head=2, d_model=32)
+
+
+def stage(**kw):
+    base = dict(
+        name="pretrain",
+        num_steps=4,
+        batch_size_per_gpu=8,
+        learning_rate=1e-2,
+        log_every_n_steps=2,
+        eval_every_n_steps=2,
+        num_eval_batches=1,
+    )
+    return Pretrain(**{**base, **kw})
+
+
+def fixed_batches(num_rows, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 32, (num_rows, 17), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+def test_loss_ignores_masked_targets():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[1, -100, 2], [-100, 4, 0]])
+    out = lm_loss(logits, targets)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(out["loss"], expected)
+    assert out["num_tokens"].item() == 4
+    pred = logits.argmax(-1)
+    assert out["accuracy"].item() == pytest.approx(((pred == targets) & keep).sum().item() / 4)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    x, y = fixed_batches(16)
+    results = []
+    for batch, accum in ((16, 1), (8, 2)):
+        model = tiny_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        st = stage(batch_size_per_gpu=batch, gradient_accumulation_steps=accum)
+        losses, grads = [], None
+        for _ in range(3):
+            micro = iter([(x[i : i + batch], y[i : i + batch]) for i in range(0, 16, batch)])
+            opt.zero_grad()
+            out = loop.train_step(st, model, opt, micro, CPU)
+            grads = grads or [p.grad.clone() for p in model.parameters()]
+            losses.append(out["loss"].item())
+            opt.step()
+        results.append((losses, grads, [p.detach().clone() for p in model.parameters()]))
+    (losses_a, grads_a, params_a), (losses_b, grads_b, params_b) = results
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_clipping_reports_the_unclipped_norm_and_clips():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    out = loop.train_step(stage(max_grad_norm=1e-3), model, opt, iter([fixed_batches(8)]), CPU)
+    total = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert out["grad_norm"].item() > 1e-3
+    assert total.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+class Recorder(loop.Callback):
+    def __init__(self, stop_at=None):
+        self.events, self.stop_at = [], stop_at
+
+    def on_step_end(self, state, loss):
+        self.events.append(("step", state.step))
+        self.should_stop = state.step == self.stop_at
+
+    def on_log(self, state, metrics):
+        self.events.append(("log", state.step, metrics))
+
+    def on_eval_end(self, state, metrics):
+        self.events.append(("eval", state.step, metrics))
+
+
+def run_loop(st, callbacks, model=None, batches=None):
+    model = model or tiny_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=st.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    batches = batches or itertools.repeat(fixed_batches(st.batch_size_per_gpu))
+    val = [fixed_batches(4, seed=9)]
+    return loop.train(st, model, opt, sched, batches, val, CPU, callbacks, loop.TrainState())
+
+
+def test_callbacks_are_called_on_their_intervals():
+    rec = Recorder()
+    state = run_loop(stage(num_steps=5, log_every_n_steps=2, eval_every_n_steps=3), [rec])
+    kinds = [(e[0], e[1]) for e in rec.events]
+    assert [s for k, s in kinds if k == "step"] == [1, 2, 3, 4, 5]
+    assert [s for k, s in kinds if k == "log"] == [2, 4, 5]  # and the last step always
+    assert [s for k, s in kinds if k == "eval"] == [3, 5]
+    log = [e for e in rec.events if e[0] == "log"][0][2]
+    for key in (
+        "train/loss",
+        "train/loss_ema",
+        "train/perplexity",
+        "train/accuracy",
+        "train/grad_norm",
+        "train/lr",
+        "perf/tokens_per_s",
+        "perf/samples_per_s",
+        "perf/peak_memory_mb",
+    ):
+        assert math.isfinite(log[key]), key
+    assert log["train/perplexity"] == pytest.approx(math.exp(log["train/loss"]))
+    assert state.step == 5 and state.tokens_seen == 5 * 8 * 16
+    assert state.val_loss == [e for e in rec.events if e[0] == "eval"][-1][2]["val/loss"]
+
+
+def test_should_stop_ends_the_run_early():
+    state = run_loop(stage(num_steps=10), [Recorder(stop_at=3)])
+    assert state.step == 3
+
+
+def test_loss_falls_on_a_fixed_batch():
+    rec = Recorder()
+    run_loop(stage(num_steps=30, log_every_n_steps=10, eval_every_n_steps=30), [rec])
+    losses = [e[2]["train/loss"] for e in rec.events if e[0] == "log"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_non_finite_loss_stops_at_once():
+    model = tiny_model()
+    with torch.no_grad():
+        model.tok_emb.weight[3, 0] = float("nan")
+    x, y = fixed_batches(8)
+    x[0, 0] = 3
+    with pytest.raises(loop.NonFiniteLoss, match="step 1"):
+        run_loop(stage(), [], model=model, batches=itertools.repeat((x, y)))
+
+
+def test_evaluate_is_token_weighted_and_restores_train_mode():
+    model = tiny_model()
+    batches = [fixed_batches(4, seed=s) for s in (1, 2)]
+    out = loop.evaluate(stage(), model, batches, CPU)
+    assert model.training
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(x)[0].view(-1, 32), y.reshape(-1)) for x, y in batches]
+    assert out["loss"] == pytest.approx(sum(losses).item() / 2, rel=1e-5)
+
+
+OPTIMIZERS = sorted(p.stem for p in (CONF_DIR / "optimizer").glob("*.yaml"))
+SCHEDULERS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_optimizer_and_scheduler_take_a_step(make_cfg, optimizer, scheduler):
+    cfg = make_cfg(f"optimizer={optimizer}", f"scheduler={scheduler}", "stage.num_steps=10", "stage.warmup_steps=2")
+    model = tiny_model()
+    opt = build_optimizer(instantiate(cfg.optimizer), model, device=torch.device("cpu"))
+    sched = instantiate(cfg.scheduler)(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+        loop.train_step(stage(), model, opt, iter([fixed_batches(8)]), CPU)
+        opt.step()
+        sched.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    base = cfg.optimizer.lr
+    expected = [base * sched.lr_lambdas[0](i) for i in range(3)]
+    assert lrs == pytest.approx(expected)
+    if scheduler != "constant":
+        assert lrs[0] < base  # the first warmup step
