@@ -72,9 +72,9 @@ def test_gradient_accumulation_matches_one_big_batch():
         results.append((losses, grads, [p.detach().clone() for p in model.parameters()]))
     (losses_a, grads_a, params_a), (losses_b, grads_b, params_b) = results
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
-    for a, b in zip(params_a, params_b):
+    for a, b in zip(params_a, params_b, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -187,7 +187,7 @@ def test_every_optimizer_and_scheduler_take_a_step(make_cfg, optimizer, schedule
         loop.train_step(stage(), model, opt, iter([fixed_batches(8)]), CPU)
         opt.step()
         sched.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))
     base = cfg.optimizer.lr
     expected = [base * sched.lr_lambdas[0](i) for i in range(3)]
     assert lrs == pytest.approx(expected)
