@@ -107,7 +107,7 @@ def main() -> None:
 
     # Stamps, not per-step sums: the time between one step's end and the next step's start counts too.
     bounds = [start, *step_ends]
-    step_seconds = [b - a for a, b in zip(bounds, bounds[1:], strict=True)]
+    step_seconds = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     # One evaluation batch at the end, like the framework's stage.num_eval_batches=1, so peak RSS compares.
     model.eval()

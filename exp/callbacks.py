@@ -41,12 +41,15 @@ class ProgressBar(Callback):
     def __init__(self, num_steps: int, enabled: bool | None = None):
         self.num_steps = num_steps
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
+        self.bar = self._redirect = None
 
     def on_train_start(self, state: TrainState) -> None:
         if self.enabled:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
+            self._redirect.__enter__()
             self.bar = tqdm(total=self.num_steps, initial=state.step, unit="step", dynamic_ncols=True, leave=False)
 
     def on_step_end(self, state: TrainState, loss: float) -> None:
@@ -60,6 +63,7 @@ class ProgressBar(Callback):
     def on_train_end(self, state: TrainState, status: str) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
 
 
 class FirstStepClock(Callback):

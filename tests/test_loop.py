@@ -193,3 +193,30 @@ def test_every_optimizer_and_scheduler_take_a_step(make_cfg, optimizer, schedule
     assert lrs == pytest.approx(expected)
     if scheduler != "constant":
         assert lrs[0] < base  # the first warmup step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_trains_with_fp32_master_weights(dtype):
+    rt = hardware.Runtime(device=torch.device("cpu"), dtype=dtype)
+    model = tiny_model()
+    st = stage(num_steps=20, log_every_n_steps=10, eval_every_n_steps=20)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    scaler = rt.grad_scaler()
+    assert (scaler is not None) == (dtype is torch.float16)
+    rec = Recorder()
+    loop.train(
+        st,
+        model,
+        opt,
+        sched,
+        itertools.repeat(fixed_batches(8)),
+        [fixed_batches(4)],
+        rt,
+        [rec],
+        loop.TrainState(),
+        scaler=scaler,
+    )
+    losses = [e[2]["train/loss"] for e in rec.events if e[0] == "log"]
+    assert losses[-1] < losses[0]
+    assert all(p.dtype is torch.float32 for p in model.parameters())

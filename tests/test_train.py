@@ -91,3 +91,28 @@ def test_multirun_runs_every_point_locally(tmp_path):
     assert len(summaries) == 2
     configs = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in summaries]
     assert any("optimizer=adamw" in c for c in configs) and any("optimizer=sgd" in c for c in configs)
+
+
+def test_prepared_user_data_trains_through_memmap(tmp_path):
+    from exp.data import prepare
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
+    assert prepare.main([str(docs), "--out", str(tmp_path / "tokens")]) == 0
+    run_dir = tmp_path / "run"
+    proc = run_train(*TINY, "data=memmap", f"data.path={tmp_path / 'tokens'}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 4 and summary["val_loss"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        *TINY, "hardware.compile=true", "stage.num_steps=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 3
