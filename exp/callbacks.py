@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,18 @@ class FirstStepClock(Callback):
 class MetricsFile(Callback):
     """Every logged metric as one JSON line per step in the run directory: the record that needs no server."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_until_step: int = 0):
         self.path = Path(path)
+        self.keep_until_step = keep_until_step
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Drop lines past the step this run starts from, so a resumed run's record has no duplicate steps."""
+        if not self.path.exists():
+            return
+        kept = [m for m in read_metrics(self.path) if m["step"] <= self.keep_until_step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        tmp.replace(self.path)
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -93,10 +104,67 @@ class MetricsFile(Callback):
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._write(state.step, metrics)
 
+    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
 
 def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl file."""
+    """The lines of a metrics.jsonl file (a line torn by a killed process is skipped)."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class Checkpointer(Callback):
+    """Saves every `every_n_steps`, whenever val loss reaches a new best (`keep_best`), and when training ends;
+    keeps the newest `keep_last` plus the best. `save(state) -> Path` does the writing (exp.checkpoint)."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        keep_last: int = 3,
+        keep_best: bool = True,
+        dir: str = "checkpoints",
+        *,
+        save=None,
+        rotate=None,
+        listeners=(),
+    ):
+        if every_n_steps < 0 or keep_last < 0:
+            raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
+        self.every_n_steps, self.keep_last, self.keep_best, self.dir = every_n_steps, keep_last, keep_best, Path(dir)
+        self._save, self._rotate, self.listeners = save, rotate, list(listeners)
+        self.last_path: Path | None = None
+        self.last_step: int | None = None
+        self.best_path: Path | None = None
+        self.best_loss = float("inf")
+        self._evaluated_at: int | None = None
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._evaluated_at = state.step
+
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        new_best = self.keep_best and self._evaluated_at == state.step and state.val_loss < self.best_loss
+        if new_best or (self.every_n_steps and state.step % self.every_n_steps == 0):
+            self.save(state)
+        if new_best:
+            self.best_path, self.best_loss = self.last_path, state.val_loss
+
+    def save(self, state: TrainState) -> Path:
+        """Save now (once per step) and rotate; tells the listeners (the tracker records the reference)."""
+        if self.last_step == state.step:
+            return self.last_path
+        path = self._save(state)
+        self.last_path, self.last_step = path, state.step
+        protect = {self.best_path} if self.best_path else set()
+        self._rotate(self.keep_last, protect | {path})
+        for cb in self.listeners:
+            cb.on_checkpoint(state, path)
+        return path

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking")
+GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = 2
 
@@ -40,6 +42,51 @@ class SampleConfig:
 
 
 @dataclass(kw_only=True)
+class NanConfig:
+    """The `nan` node: what a non-finite or spiking loss does."""
+
+    max_consecutive: int = 3  # bad steps in a row that are skipped before rolling back
+    max_rollbacks: int = 2  # rollbacks before the run stops as FAILED
+    lr_factor: float = 0.5  # the learning rate is multiplied by this at each rollback
+    spike_threshold: float = 0.0  # a loss above mean + threshold * std of the recent window is a spike; 0 = off
+    spike_window: int = 50
+
+    def __post_init__(self):
+        if self.max_consecutive < 0 or self.max_rollbacks < 0:
+            raise ValueError("nan.max_consecutive and nan.max_rollbacks must be >= 0")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"nan.lr_factor={self.lr_factor} must be in (0, 1]")
+        if self.spike_threshold < 0 or self.spike_window < 2:
+            raise ValueError("nan.spike_threshold must be >= 0 and nan.spike_window >= 2")
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    """The `early_stopping` node: stop when val loss stops improving."""
+
+    patience: int = 0  # evaluations without an improvement of min_delta before stopping; 0 = off
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if self.patience < 0 or self.min_delta < 0:
+            raise ValueError("early_stopping.patience and early_stopping.min_delta must be >= 0")
+
+
+@dataclass(kw_only=True)
+class ResumeConfig:
+    """Where a run continues from."""
+
+    path: str | None = "auto"  # auto | a checkpoint folder | a run directory | null (start fresh)
+    allow_config_change: bool = False
+
+    def __post_init__(self):
+        if self.path not in (None, "auto") and not Path(self.path).expanduser().exists():
+            raise ValueError(
+                f"resume.path={self.path} does not exist (use auto, a checkpoint folder or a run directory)"
+            )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Run-level keys of conf/config.yaml, next to the groups."""
 
@@ -47,6 +94,10 @@ class RunConfig:
     dry_run: bool = False
     run_name: str = "run"
     run_dir: str = "."
+    resume: ResumeConfig = dataclasses.field(default_factory=ResumeConfig)
+    nan: NanConfig = dataclasses.field(default_factory=NanConfig)
+    early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
+    callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
 
@@ -70,12 +121,19 @@ def validate(cfg: DictConfig) -> Validated:
         if group not in cfg or not isinstance(cfg[group], DictConfig) or "_target_" not in cfg[group]:
             raise ConfigError(f"{group}: missing, or has no _target_")
     run_node = OmegaConf.masked_copy(cfg, [f.name for f in dataclasses.fields(RunConfig) if f.name in cfg])
+    if "resume" in run_node and not isinstance(run_node.resume, DictConfig):  # resume=auto is resume.path=auto
+        run_node.resume = {"path": run_node.resume}
     run = _typed("", RunConfig, run_node)
     stage = _typed("stage", get_object(cfg.stage._target_), _without_meta(cfg.stage))
     hardware = _typed("hardware", get_object(cfg.hardware._target_), _without_meta(cfg.hardware))
-    for group in ("model", "optimizer", "scheduler", "data", "tracking"):
+    for group in ("model", "optimizer", "scheduler", "data", "tracking", "checkpoint"):
         _check_signature(group, cfg[group])
+    for name, node in cfg.callbacks.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"callbacks.{name}: needs a _target_ (an exp.loop.Callback subclass)")
+        _check_signature(f"callbacks.{name}", node)
     _guard("hardware", lambda: hardware.torch_dtype(stage.dtype))
+    _check_writable("checkpoint.dir", cfg.checkpoint.dir)
     _check_buildable(cfg)
     return Validated(run=run, stage=stage, hardware=hardware)
 
@@ -134,6 +192,17 @@ def _check_signature(group: str, node: DictConfig) -> None:
             and (isinstance(value, bool) or not isinstance(value, (int, float)))
         ):
             raise ConfigError(f"{group}.{key}={value!r} must be a number")
+
+
+def _check_writable(key: str, path: str) -> None:
+    """The nearest existing ancestor of `path` must be a writable directory."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={path} cannot be created: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} is not writable ({probe} refuses writes)")
 
 
 def _check_buildable(cfg: DictConfig) -> None:
@@ -196,7 +265,12 @@ def job_started() -> None:
 
 
 def run_cli(main: Callable) -> None:
-    """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2."""
+    """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2.
+
+    `resume=auto` / `resume=PATH` on the command line are short for `resume.path=...`: `resume` is a node
+    (it also holds allow_config_change), and Hydra cannot assign a string to a node.
+    """
+    sys.argv = [f"resume.path={a[len('resume=') :]}" if a.startswith("resume=") else a for a in sys.argv]
     try:
         main()
     except SystemExit as e:

@@ -32,9 +32,18 @@ class Callback:
 
     should_stop: bool = False
 
+    def on_build(self, model, optimizer, scheduler) -> None:
+        """Once the training objects exist (before any resume restores them)."""
+
     def on_train_start(self, state: TrainState) -> None: ...
 
-    def on_step_end(self, state: TrainState, loss: float) -> None: ...
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        """After the step's update, log and evaluation: the state is complete here (checkpoints save now)."""
+
+    def on_checkpoint(self, state: TrainState, path) -> None: ...
+
+    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """A skipped step or a rollback (exp.faults), as counters to record."""
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
@@ -43,8 +52,25 @@ class Callback:
     def on_train_end(self, state: TrainState, status: str) -> None: ...
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm became NaN or inf."""
+class TrainingFailed(RuntimeError):
+    """Training cannot go on; the message says why and what to change."""
+
+
+class FailFast:
+    """The guard without recovery: the first non-finite loss ends the run (exp.faults.FaultGuard recovers)."""
+
+    def should_skip(self, state: TrainState, loss: float, grad_norm: float, finite: bool) -> bool:
+        if not finite:
+            raise TrainingFailed(nonfinite_message(state, loss, grad_norm))
+        return False
+
+
+def nonfinite_message(state: TrainState, loss: float, grad_norm: float) -> str:
+    what = "loss" if not math.isfinite(loss) else "gradient norm" if not math.isfinite(grad_norm) else "loss spike"
+    return (
+        f"{what} at step {state.step + 1} (loss={loss:.4g}, grad_norm={grad_norm:.4g}); "
+        "lower stage.learning_rate or check the data"
+    )
 
 
 def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=None) -> dict[str, torch.Tensor]:
@@ -120,19 +146,21 @@ def train(
     callbacks: list[Callback],
     state: TrainState,
     scaler=None,
+    guard=None,
 ) -> TrainState:
     """Run optimizer steps from state.step to stage.num_steps, logging and evaluating on the stage's intervals."""
+    guard = guard or FailFast()
     interval = _Interval()
     samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
     while state.step < stage.num_steps:
         optimizer.zero_grad(set_to_none=True)
         out = train_step(stage, model, optimizer, batches, rt, scaler)
         loss, grad_norm = torch.stack([out["loss"].float(), out["grad_norm"].float()]).tolist()  # one sync
-        if not math.isfinite(loss) or (scaler is None and not math.isfinite(grad_norm)):
-            raise NonFiniteLoss(
-                f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {state.step + 1} "
-                f"(loss={loss}, grad_norm={grad_norm}); lower stage.learning_rate or check the data"
-            )
+        # with fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers its scale
+        finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
+        if guard.should_skip(state, loss, grad_norm, finite):
+            optimizer.zero_grad(set_to_none=True)
+            continue
         lr = optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
@@ -149,8 +177,6 @@ def train(
         interval.accuracy = interval.accuracy + out["accuracy"]
         interval.grad_norm += grad_norm
         interval.num_inputs += out["num_inputs"]
-        for cb in callbacks:
-            cb.on_step_end(state, loss)
 
         last = state.step == stage.num_steps
         if state.step % stage.log_every_n_steps == 0 or last:
@@ -169,6 +195,10 @@ def train(
             for cb in callbacks:
                 cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
             interval.resume()
+        interval.pause()  # checkpoint saves and other step-end work do not count as training time
+        for cb in callbacks:
+            cb.on_step_end(state, loss)
+        interval.resume()
         if any(cb.should_stop for cb in callbacks):
             break
     return state

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -15,10 +18,37 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from exp import config, hardware, loop
-from exp.callbacks import ConsoleLog, FirstStepClock, MetricsFile, ProgressBar
+from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, MetricsFile, ProgressBar
+from exp.checkpoint import (
+    CheckpointError,
+    RunLock,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    rotate_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from exp.faults import EarlyStopping, FaultGuard, StopSignals
 from exp.optim import build_optimizer
 
 log = logging.getLogger("exp")
+
+# Keys that may change between a checkpoint and its resumption without changing what is trained.
+RESUME_IGNORES = (
+    "run_dir",
+    "run_name",
+    "dry_run",
+    "resume",
+    "sample",
+    "tracking",
+    "checkpoint",
+    "nan",
+    "early_stopping",
+    "callbacks",
+    "hardware.num_threads",
+)
 
 
 def train(cfg: DictConfig) -> float:
@@ -28,29 +58,47 @@ def train(cfg: DictConfig) -> float:
         valid = config.validate(cfg)
     except config.ConfigError as e:
         config.exit_on_config_error(e, run_dir=OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False))
-    stage, run = valid.stage, valid.run
-    if run.dry_run:
+    if valid.run.dry_run:
         from exp.plan import format_plan, make_plan
 
-        print(format_plan(make_plan(cfg, stage, valid.hardware)))
-        config.discard_untouched_run_dir(run.run_dir)
+        print(format_plan(make_plan(cfg, valid.stage, valid.hardware)))
+        config.discard_untouched_run_dir(valid.run.run_dir)
         return float("nan")
 
-    started = time.perf_counter()
-    run_dir = Path(run.run_dir)
+    run_dir = Path(valid.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir)
-    state = loop.TrainState()
+    try:
+        lock = RunLock(run_dir)
+        lock.__enter__()
+    except CheckpointError as e:
+        _exit(f"error: {e}", 1)
+    try:
+        return _train(cfg, valid, run_dir)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
+    started = time.perf_counter()
+    stage, run = valid.stage, valid.run
+    ckpt_root = Path(cfg.checkpoint.dir)
+    try:
+        resume_from = find_resume_checkpoint(run.resume, ckpt_root)
+        resumed = read_trainer_state(resume_from) if resume_from else {}
+        if resume_from:
+            check_config_change(resume_from / "config.yaml", cfg, run.resume.allow_config_change)
+    except config.ConfigError as e:
+        config.exit_on_config_error(e)
+    except CheckpointError as e:
+        _exit(f"error: cannot resume: {e}", 2)
+    state = _state_from_dict(resumed.get("state", {}))
+
+    tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir, resume_run_id=resumed.get("mlflow_run_id"))
     tracker.on_train_start(state)  # MLflow imports and connects on its own thread while the rest is built
-    clock = FirstStepClock()
-    callbacks = [
-        clock,
-        ConsoleLog(stage.num_steps),
-        MetricsFile(run_dir / "metrics.jsonl"),
-        ProgressBar(stage.num_steps),
-        tracker,
-    ]
-    status = "FAILED"
+    signals, clock = StopSignals(), FirstStepClock()
+    callbacks = [clock, signals, EarlyStopping(run.early_stopping)]
+    callbacks += [instantiate(node) for node in cfg.callbacks.values()]
+    status, summary = "FAILED", None
     try:
         rt = hardware.setup(valid.hardware, stage.dtype)
         seed_everything(run.seed)
@@ -58,20 +106,74 @@ def train(cfg: DictConfig) -> float:
         model = instantiate(cfg.model).to(rt.device)
         optimizer = build_optimizer(instantiate(cfg.optimizer), model, device=rt.device)
         scheduler = instantiate(cfg.scheduler)(optimizer)
+        scaler = rt.grad_scaler()
         batches = data.train_sampler(stage.batch_size_per_gpu, seed=run.seed)
         val_batches = [
             (x.to(rt.device), y.to(rt.device))
             for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
         ]
+        for cb in callbacks:
+            cb.on_build(model, optimizer, scheduler)
+        if resume_from:
+            try:
+                restored = load_checkpoint(
+                    resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+                )
+            except CheckpointError as e:
+                _exit(f"error: cannot resume from {resume_from}: {e}", 2)
+            batches.load_state_dict(restored["sampler"])
+            log.info(f"resumed from {resume_from} at step {state.step}")
         step_model = torch.compile(model) if rt.compile else model
+        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+
+        def save(st: loop.TrainState) -> Path:
+            trainer_state = {
+                "state": _state_to_dict(st),
+                "sampler": batches.state_dict(),
+                "seed": run.seed,
+                "mlflow_run_id": tracker.run_id,
+                "mlflow_tracking_uri": tracker.uri,
+            }
+            return save_checkpoint(
+                ckpt_root,
+                st.step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                trainer_state=trainer_state,
+                config_yaml=config_yaml,
+            )
+
+        def rollback(st: loop.TrainState, lr_factor: float) -> bool:
+            path = latest_valid_checkpoint(ckpt_root, warn=log.warning)
+            if path is None:
+                return False
+            back = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            for key, value in dataclasses.asdict(_state_from_dict(back["state"])).items():
+                setattr(st, key, value)
+            for group in optimizer.param_groups:
+                group["lr"] *= lr_factor
+            scheduler.base_lrs = [lr * lr_factor for lr in scheduler.base_lrs]
+            return True
+
+        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(
+            save=save, rotate=lambda keep, protect: rotate_checkpoints(ckpt_root, keep, protect), listeners=[tracker]
+        )
+        if resume_from:
+            checkpointer.last_path, checkpointer.last_step = resume_from, state.step
+        metrics_file = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=state.step)
+        callbacks += [checkpointer, ConsoleLog(stage.num_steps), metrics_file, ProgressBar(stage.num_steps)]
+        guard = FaultGuard(
+            run.nan, rollback, on_event=lambda st, m: [cb.on_fault(st, m) for cb in (metrics_file, tracker)]
+        )
         log.info(
             f"run dir {run_dir} | {model.num_params():,} parameters | {rt.device} {rt.dtype} "
             f"| {stage.num_steps} steps of {stage.samples_per_step} x {cfg.data.seq_len} tokens"
         )
-
         for cb in callbacks:
-            if cb is not tracker:
-                cb.on_train_start(state)
+            cb.on_train_start(state)
+        callbacks.append(tracker)
         state = loop.train(
             stage,
             step_model,
@@ -82,9 +184,13 @@ def train(cfg: DictConfig) -> float:
             rt,
             callbacks,
             state,
-            scaler=rt.grad_scaler(),
+            scaler=scaler,
+            guard=guard,
         )
-        sample = generate_sample(model, run.sample, data.vocab_size, rt)
+
+        final = checkpointer.save(state)
+        status = "KILLED" if signals.received else "FINISHED"
+        sample = generate_sample(model, run.sample, data.vocab_size, rt) if status == "FINISHED" else None
         if sample is not None:
             log.info(f"sample:\n{run.sample.prompt}{sample}")
         summary = write_summary(
@@ -95,28 +201,124 @@ def train(cfg: DictConfig) -> float:
             tracker,
             sample,
             time.perf_counter() - started,
+            status=status,
+            checkpoint=final,
+            best_checkpoint=checkpointer.best_path,
             first_step_time=clock.first_step_time,
+            num_skipped_steps=guard.num_skipped,
+            num_rollbacks=guard.num_rollbacks,
         )
-        tracker.log_artifact(run_dir / "summary.json")
-        tracker.log_artifact(run_dir / "metrics.jsonl")
-        if (run_dir / ".hydra").is_dir():
-            for path in sorted((run_dir / ".hydra").iterdir()):
-                tracker.log_artifact(path, "hydra")
+        _log_run_artifacts(run_dir, tracker)
         log.info(
-            f"done: val loss {summary['val_loss']:.4f} | {summary['tokens_per_s']:,.0f} tok/s "
-            f"| summary {run_dir / 'summary.json'}"
+            f"{status.lower()}: step {state.step} | val loss {state.val_loss:.4f} "
+            f"| {summary['tokens_per_s']:,.0f} tok/s | checkpoint {final} | summary {run_dir / 'summary.json'}"
         )
-        status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except loop.NonFiniteLoss as e:
+    except loop.TrainingFailed as e:
         log.error(str(e))
-        raise SystemExit(1) from None
+        _exit(f"error: {e}", 1)
     finally:
+        if tracker not in callbacks:
+            callbacks.append(tracker)
         for cb in callbacks:
             cb.on_train_end(state, status)
+    if status == "KILLED":
+        _exit(
+            f"stopped by {signals.received and _signal_name(signals.received)} at step {state.step}; "
+            f"rerun with the same hydra.run.dir (resume=auto) to continue",
+            signals.exit_code,
+        )
     return state.val_loss
+
+
+def find_resume_checkpoint(resume: config.ResumeConfig, ckpt_root: Path) -> Path | None:
+    """The checkpoint a run continues from: resume.path=auto, a checkpoint folder, a run dir, or None."""
+    if resume.path is None:
+        if list_checkpoints(ckpt_root):
+            raise config.ConfigError(
+                f"resume.path=null but {ckpt_root} already holds checkpoints: resume=auto "
+                "continues them, or choose a new hydra.run.dir"
+            )
+        return None
+    if resume.path == "auto":
+        return latest_valid_checkpoint(ckpt_root, warn=log.warning)
+    path = Path(resume.path).expanduser()
+    if (path / "manifest.json").exists() or (path / "trainer_state.json").exists():
+        verify_checkpoint(path)
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_valid_checkpoint(root, warn=log.warning)
+        if found:
+            return found
+    raise config.ConfigError(f"resume.path={path} holds no valid checkpoint")
+
+
+def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> None:
+    """Refuse to resume with a different config (listing the keys) unless resume.allow_config_change=true."""
+    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True))
+    current = _flat(OmegaConf.to_container(cfg, resolve=True))
+    changed = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k) and not k.startswith(RESUME_IGNORES)
+    ]
+    if not changed:
+        return
+    listing = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:8])
+    if len(changed) > 8:
+        listing += f" and {len(changed) - 8} more"
+    if allowed:
+        log.warning(f"resuming with a changed config: {listing}")
+        return
+    raise config.ConfigError(
+        f"config differs from the checkpoint's {saved_yaml}: {listing}; "
+        "set resume.allow_config_change=true to resume anyway"
+    )
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _state_to_dict(state: loop.TrainState) -> dict:
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(state).items()}
+
+
+def _state_from_dict(values: dict) -> loop.TrainState:
+    state = loop.TrainState(**{k: v for k, v in values.items() if k in loop.TrainState.__dataclass_fields__})
+    if state.best_val_loss is None:
+        state.best_val_loss = math.inf
+    return state
+
+
+def _log_run_artifacts(run_dir: Path, tracker) -> None:
+    from exp.report import plot_run
+
+    plot = plot_run(run_dir / "metrics.jsonl", run_dir / "metrics.png")
+    for path in (run_dir / "summary.json", run_dir / "metrics.jsonl", plot):
+        if path is not None:
+            tracker.log_artifact(path)
+    if (run_dir / ".hydra").is_dir():
+        for path in sorted((run_dir / ".hydra").iterdir()):
+            tracker.log_artifact(path, "hydra")
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _exit(message: str, code: int):
+    print(message, file=sys.stderr)
+    raise SystemExit(code)
 
 
 def seed_everything(seed: int) -> None:
@@ -134,16 +336,12 @@ def generate_sample(model, sample, vocab_size: int, rt: hardware.Runtime) -> str
     if sample.max_new_tokens == 0 or vocab_size != VOCAB_SIZE:
         return None
     tokenizer = ByteTokenizer()
-    prompt = torch.tensor([tokenizer.encode(sample.prompt) or [tokenizer.specials["<|endoftext|>"]]], device=rt.device)
+    prompt = torch.tensor([tokenizer.encode(sample.prompt) or [tokenizer.EOT]], device=rt.device)
     generator = torch.Generator(rt.device).manual_seed(0)
     model.eval()
     with rt.autocast():
         out = model.generate(
-            prompt,
-            sample.max_new_tokens,
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            generator=generator,
+            prompt, sample.max_new_tokens, temperature=sample.temperature, top_k=sample.top_k, generator=generator
         )
     model.train()
     return tokenizer.decode(out[0, prompt.size(1) :].tolist())
@@ -157,24 +355,34 @@ def write_summary(
     tracker,
     sample: str | None,
     wall_seconds: float,
+    *,
+    status: str = "FINISHED",
+    checkpoint: Path | None = None,
+    best_checkpoint: Path | None = None,
     first_step_time: float | None = None,
+    num_skipped_steps: int = 0,
+    num_rollbacks: int = 0,
 ) -> dict:
-    """summary.json: final metrics and where to find the run's record, written atomically."""
+    """summary.json: final metrics and where to find the run's record and weights, written atomically."""
     summary = {
-        "status": "FINISHED",
+        "status": status,
         "stage": stage.name,
         "step": state.step,
         "num_steps": stage.num_steps,
         "tokens_seen": state.tokens_seen,
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
-        "best_val_loss": state.best_val_loss,
-        "val_perplexity": float(np.exp(min(state.val_loss, 50.0))) if state.val_loss is not None else None,
+        "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
+        "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
         "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "train_seconds": state.train_seconds,
         "wall_seconds": wall_seconds,
-        "first_step_time": first_step_time,  # Unix time the first step finished: startup cost, for benchmarks
+        "first_step_time": first_step_time,  # Unix time the first step of this process finished
         "num_params": model.num_params(),
+        "num_skipped_steps": num_skipped_steps,
+        "num_rollbacks": num_rollbacks,
+        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+        "best_checkpoint": str(best_checkpoint.resolve()) if best_checkpoint else None,
         "run_dir": str(run_dir.resolve()),
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_run_id": tracker.run_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -21,6 +22,8 @@ MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value's length
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 START_TIMEOUT_S = 60.0
+CLOSE_TIMEOUT_S = 30.0  # how long the end of a run waits for MLflow before leaving the rest in metrics.jsonl
+RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
 
 
 class NullTracker(Callback):
@@ -28,7 +31,7 @@ class NullTracker(Callback):
 
     uri: str | None = None
 
-    def __init__(self, *, cfg: DictConfig | None = None, run_dir: Path | None = None):
+    def __init__(self, *, cfg: DictConfig | None = None, run_dir: Path | None = None, resume_run_id: str | None = None):
         pass
 
     @property
@@ -53,7 +56,11 @@ class MlflowTracker(Callback):
         *,
         cfg: DictConfig,
         run_dir: Path,
+        resume_run_id: str | None = None,
     ):
+        self.resume_run_id = resume_run_id
+        self.checkpoints: list[dict] = []
+        self._skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
         self.uri = _absolute_sqlite(uri)
         self.experiment = experiment
         self.artifact_location = artifact_location
@@ -80,13 +87,43 @@ class MlflowTracker(Callback):
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._queue.put(("metrics", state.step, time.time(), metrics))
 
+    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._queue.put(("metrics", state.step, time.time(), metrics))
+
+    def on_checkpoint(self, state: TrainState, path: Path) -> None:
+        """Checkpoints are recorded by reference (path, step, bytes, SHA-256), never uploaded."""
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        files = manifest.get("files", {})
+        self.checkpoints = [c for c in self.checkpoints if c["step"] != state.step] + [
+            {
+                "path": str(Path(path).resolve()),
+                "step": state.step,
+                "bytes": sum(f["size"] for f in files.values()),
+                "sha256": {name: f["sha256"] for name, f in files.items()},
+            }
+        ]
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", Path(path), artifact_path))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         self.on_train_start(state)  # a run that failed before the loop is still recorded
+        self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest
+        if self.checkpoints:
+            refs = self.run_dir / "checkpoints.json"
+            refs.write_text(json.dumps(self.checkpoints, indent=2) + "\n")
+            self.log_artifact(refs)
+            if status == "FINISHED":  # the final weights and their config, small enough to upload
+                final = Path(self.checkpoints[-1]["path"])
+                self.log_artifact(final / "model.safetensors", "model")
+                self.log_artifact(final / "config.yaml", "model")
         self._queue.put(("end", status))
-        self._thread.join()
+        self._thread.join(CLOSE_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.warning(
+                f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run; "
+                "the run's metrics are in metrics.jsonl"
+            )
 
     # --- worker thread -------------------------------------------------------------------------
 
@@ -108,11 +145,17 @@ class MlflowTracker(Callback):
 
     def _start_run(self):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.uri)
+        self._reconcile_previous(client)
+        if self.resume_run_id:
+            resumed = self._reopen(client)
+            if resumed:
+                return client, resumed
         experiment = client.get_experiment_by_name(self.experiment)
         if experiment is None:
             location = None
@@ -124,11 +167,51 @@ class MlflowTracker(Callback):
         tags = {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(self.cfg, self.run_dir).items()}
         run = client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
         self._run_id = run.info.run_id
+        self._write_marker()
         params = [Param(k[:MAX_KEY], v) for k, v in flat_params(self.cfg).items()]
         for i in range(0, len(params), BATCH["params"]):
             client.log_batch(self._run_id, params=params[i : i + BATCH["params"]])
         client.log_batch(self._run_id, tags=[RunTag("mlflow.source.name", "train.py")])
         return client, self._run_id
+
+    def _reconcile_previous(self, client) -> None:
+        """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
+        marker = self.run_dir / RUN_MARKER
+        if not marker.exists():
+            return
+        previous = json.loads(marker.read_text()).get("run_id")
+        if not previous or previous == self.resume_run_id:
+            return
+        try:
+            if client.get_run(previous).info.status == "RUNNING":
+                client.set_terminated(previous, "KILLED")
+                log.warning(
+                    f"MLflow run {previous} of {self.run_dir} was left RUNNING by a killed process; marked KILLED"
+                )
+        except Exception as e:  # another store, or the run was deleted: nothing to reconcile here
+            log.debug(f"cannot reconcile MLflow run {previous}: {_first_line(e)}")
+
+    def _reopen(self, client) -> str | None:
+        """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
+        try:
+            run = client.get_run(self.resume_run_id)
+        except Exception as e:
+            log.warning(
+                f"MLflow run {self.resume_run_id} of the checkpoint is not in {self.uri} "
+                f"({_first_line(e)}); starting a new run"
+            )
+            return None
+        for key in run.data.metrics:
+            history = client.get_metric_history(run.info.run_id, key)
+            self._skip_until[key] = max((m.step for m in history), default=-1)
+        client.update_run(run.info.run_id, status="RUNNING")
+        self._run_id = run.info.run_id
+        self._write_marker()
+        return self._run_id
+
+    def _write_marker(self) -> None:
+        marker = self.run_dir / RUN_MARKER
+        marker.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self._run_id}) + "\n")
 
     def _handle(self, client, run_id: str, items: list) -> bool:
         from mlflow.entities import Metric
@@ -137,7 +220,11 @@ class MlflowTracker(Callback):
         for item in items:
             if item[0] == "metrics":
                 _, step, stamp, values = item
-                metrics += [Metric(k, float(v), int(stamp * 1000), step) for k, v in values.items()]
+                metrics += [
+                    Metric(k, float(v), int(stamp * 1000), step)
+                    for k, v in values.items()
+                    if step > self._skip_until.get(k, -1)
+                ]
             elif item[0] == "artifact":
                 self._flush(client, run_id, metrics)
                 metrics = []

@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_at_once():
         model.tok_emb.weight[3, 0] = float("nan")
     x, y = fixed_batches(8)
     x[0, 0] = 3
-    with pytest.raises(loop.NonFiniteLoss, match="step 1"):
+    with pytest.raises(loop.TrainingFailed, match="step 1"):
         run_loop(stage(), [], model=model, batches=itertools.repeat((x, y)))
 
 

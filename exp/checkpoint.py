@@ -1,0 +1,442 @@
+"""Atomic, pickle-free, checksummed checkpoint folders: safetensors for tensors, JSON for the rest."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Files every checkpoint has; scaler.json is optional. verify_checkpoint refuses a manifest without these.
+REQUIRED_FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "scheduler.json",
+    "trainer_state.json",
+    "config.yaml",
+)
+RNG_KEY = "rng"  # reserved key in trainer_state.json
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+_HASH_CHUNK = 1 << 24
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, incompatible with the model, or its run directory is locked."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under any DDP/DataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, wrappers):
+            model = model.module
+        else:
+            return model
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint at step: "step_00000042"."""
+    return f"step_{step:08d}"
+
+
+# JSON: tuples (AdamW betas), int keys and non-finite floats (best_val_loss starts at inf) are tagged
+# so they come back as they went in and the files stay strict JSON; tensors become references into a
+# safetensors file.
+
+
+def _encode(obj, tensors: dict | None = None, key: str = ""):
+    if isinstance(obj, torch.Tensor):
+        if tensors is None:
+            raise TypeError(f"tensor at {key or 'top level'} cannot go to JSON")
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        out = {str(k): _encode(v, tensors, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+        if obj and all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+            return {"__int_keys__": out}  # optimizer state is keyed by parameter index
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"key {bad[0]!r} at {key or 'top level'} is neither a string nor an int")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return _encode(obj.item(), tensors, key)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{type(obj).__name__} at {key or 'top level'} is not JSON-serialisable")
+
+
+def _decode(obj, tensors: dict | None = None):
+    if isinstance(obj, dict):
+        if obj.keys() == {"__tensor__"}:
+            if tensors is None or obj["__tensor__"] not in tensors:
+                raise KeyError(obj["__tensor__"])
+            return tensors[obj["__tensor__"]]
+        if obj.keys() == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if obj.keys() == {"__float__"}:
+            return float(obj["__float__"])
+        if obj.keys() == {"__int_keys__"}:
+            return {int(k): _decode(v, tensors) for k, v in obj["__int_keys__"].items()}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _json_text(obj, name: str, tensors: dict | None = None) -> str:
+    try:
+        return json.dumps(_encode(obj, tensors), indent=1, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: cannot store state as JSON ({e})") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+
+
+def capture_rng() -> dict:
+    """Python, NumPy (legacy global), torch CPU and CUDA generator states as JSON-safe values."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        # Mersenne Twister words (and Python's trailing position, < 625) all fit uint32.
+        "python": [version, _b64(np.asarray(mt, dtype=np.uint32)), gauss],
+        "numpy": [np_name, _b64(np_keys.astype(np.uint32)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": _b64(torch.get_rng_state().numpy()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s.numpy()) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(array.tobytes()).decode()
+
+
+def _unb64(text: str, dtype) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
+
+
+def restore_rng(state: dict) -> None:
+    """Set the generators back to a capture_rng() state; CUDA states are applied only where devices exist."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in _unb64(mt, np.uint32)), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, _unb64(keys, np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.from_numpy(_unb64(state["torch"], np.uint8)))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [torch.from_numpy(_unb64(s, np.uint8)) for s in state["cuda"]][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    # Directories too: a file's name (and a rename) is durable only once its directory is synced.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_leftover(path: Path) -> bool:
+    return path.is_dir() and re.fullmatch(r"\.step_\d{8,}\.(tmp|trash)-\d+", path.name) is not None
+
+
+def save_checkpoint(
+    root,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict,
+    config_yaml: str,
+    scaler=None,
+    before_rename: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path."""
+    if RNG_KEY in trainer_state:
+        raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
+    root = Path(root)
+    if not root.is_dir():
+        root.mkdir(parents=True)
+        _fsync(root.parent)
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
+    # JSON first: an unserialisable value fails before hundreds of MB are written.
+    opt_tensors: dict[str, torch.Tensor] = {}
+    texts = {
+        "optimizer.json": _json_text(optimizer.state_dict(), "optimizer.json", opt_tensors),
+        "scheduler.json": _json_text(scheduler.state_dict(), "scheduler.json"),
+        "trainer_state.json": _json_text({**trainer_state, RNG_KEY: capture_rng()}, "trainer_state.json"),
+        "config.yaml": config_yaml,
+    }
+    if scaler is not None:
+        texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")  # {} for a disabled scaler
+    # One writer per root (RunLock), so any temp/trash folder here is debris from a crashed save.
+    for leftover in filter(_is_leftover, root.iterdir()):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"step": str(step)})
+        for fname, text in texts.items():
+            (tmp / fname).write_text(text)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
+        if final.exists():
+            # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
+            trash = root / f".{name}.trash-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            _fsync(root)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, final)
+            _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify_checkpoint(path) -> dict:
+    """Check every file against manifest.json (presence, size, SHA-256) and return the manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    manifest = _read_json(path / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path / MANIFEST}: format_version {version!r}, expected {FORMAT_VERSION}")
+    files = manifest.get("files", {})
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"{path / MANIFEST}: does not list {name}")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != entry["size"]:
+            raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry['size']}")
+        if _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (corrupted)")
+    return manifest
+
+
+def load_model_weights(file, model: nn.Module, strict_shapes: bool = True) -> list[str]:
+    """Copy model.safetensors into model in place (tied weights stay tied); returns names skipped for shape."""
+    file = Path(file)
+    model = unwrap(model)
+    try:
+        saved = load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+    current = model.state_dict(keep_vars=True)
+    # save_model keeps one name per shared tensor; every alias of a saved name gets the same values.
+    aliases: dict[int, list[str]] = {}
+    for k, t in current.items():
+        aliases.setdefault(id(t), []).append(k)
+    for names in aliases.values():
+        have = [k for k in names if k in saved]
+        for k in names:
+            if have and k not in saved:
+                saved[k] = saved[have[0]]
+    problems = [f"the model's tensor {k} is missing from the checkpoint" for k in current if k not in saved]
+    problems += [f"the checkpoint's tensor {k} does not exist in the model" for k in saved if k not in current]
+    skipped = [k for k in current if k in saved and saved[k].shape != current[k].shape]
+    if strict_shapes:
+        problems += [
+            f"tensor {k} has shape {list(saved[k].shape)} in the checkpoint but {list(current[k].shape)} in the model"
+            for k in skipped
+        ]
+    if problems:
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise CheckpointError(f"{file}: " + "; ".join(problems[:5]) + more)
+    for k in skipped:
+        saved[k] = current[k].detach()  # keep the model's own value
+    model.load_state_dict(saved, strict=True)
+    return skipped
+
+
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    file = path / "optimizer.safetensors"
+    try:
+        tensors = load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+    try:
+        state = _decode(_read_json(path / "optimizer.json"), tensors)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: tensor {e.args[0]} referenced by optimizer.json is missing") from None
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'optimizer.json'}: does not fit this optimizer ({e})") from None
+
+
+def load_checkpoint(
+    path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    scaler=None,
+    strict_shapes: bool = True,
+) -> dict:
+    """Verify, load everything given, restore the RNG states, and return the caller's trainer state."""
+    path = Path(path)
+    verify_checkpoint(path)
+    skipped = load_model_weights(path / "model.safetensors", model, strict_shapes)
+    if skipped and optimizer is not None:
+        raise CheckpointError(
+            f"{path / 'optimizer.safetensors'}: cannot restore optimizer state for a model whose tensors "
+            f"{', '.join(skipped)} were skipped for their shape"
+        )
+    if optimizer is not None:
+        _load_optimizer(path, optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json")))
+    # No scaler.json (a run saved without fp16) leaves a fresh scaler, which calibrates itself in a few steps.
+    if scaler is not None and (path / "scaler.json").is_file():
+        state = _decode(_read_json(path / "scaler.json"))
+        if state and scaler.is_enabled():
+            scaler.load_state_dict(state)
+    state = _decode(_read_json(path / "trainer_state.json"))
+    rng = state.pop(RNG_KEY, None)
+    if rng is not None:
+        restore_rng(rng)
+    return state
+
+
+def read_trainer_state(path) -> dict:
+    """trainer_state.json of a checkpoint without its RNG states, loading no tensors."""
+    state = _decode(_read_json(Path(path) / "trainer_state.json"))
+    state.pop(RNG_KEY, None)
+    return state
+
+
+def list_checkpoints(root) -> list[Path]:
+    """step_* folders under root, oldest first; temp and trash folders are not checkpoints."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid_checkpoint(root, warn: Callable[[str], object] = print) -> Path | None:
+    """The newest checkpoint that verifies; each newer unusable one is reported through warn. Read-only."""
+    unusable = []
+    found = None
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as e:
+            unusable.append((path, e))
+            continue
+        found = path
+        break
+    for path, e in unusable:
+        warn(f"checkpoint {path} is unusable ({e}); falling back to {found or 'no checkpoint'}")
+    return found
+
+
+def rotate_checkpoints(root, keep_last: int, protect: set[Path] = frozenset()) -> list[Path]:
+    """Delete all but the newest keep_last checkpoints, sparing those in protect; keep_last <= 0 keeps all."""
+    if keep_last <= 0:
+        return []
+    keep = {Path(p).resolve() for p in protect}
+    deleted = []
+    for path in list_checkpoints(root)[:-keep_last]:
+        if path.resolve() in keep:
+            continue
+        # Renamed out of the step_* namespace first, so a crash mid-delete never leaves half a step_* folder.
+        trash = path.parent / f".{path.name}.trash-{os.getpid()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+        deleted.append(path)
+    if deleted:
+        _fsync(Path(root))
+    return deleted
+
+
+class RunLock:
+    """Exclusive flock on run_dir/.lock for as long as the context is open; a second holder is refused."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise CheckpointError naming the current holder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CheckpointError(f"run directory {self.run_dir} is in use by {holder} (lock {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock; the file stays, since unlinking it would race with the next holder."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,128 @@
+"""Faults the loop survives or ends cleanly on: NaN/inf and loss spikes, signals, early stopping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections import deque
+from collections.abc import Callable
+
+from exp.config import EarlyStoppingConfig, NanConfig
+from exp.loop import Callback, TrainingFailed, TrainState, nonfinite_message
+
+log = logging.getLogger("exp")
+
+
+class FaultGuard:
+    """Skips bad steps, rolls back to the last good checkpoint with a lower LR, and gives up after a budget.
+
+    `rollback(state, lr_factor)` restores model, optimizer, scheduler and counters from the newest checkpoint
+    into `state` in place and returns False when there is none; the data sampler is not rewound, so the
+    windows that caused the trouble are not replayed.
+    """
+
+    def __init__(self, cfg: NanConfig, rollback: Callable[[TrainState, float], bool], on_event=None):
+        self.cfg, self.rollback, self.on_event = cfg, rollback, on_event or (lambda state, event: None)
+        self.recent: deque[float] = deque(maxlen=cfg.spike_window)
+        self.consecutive = self.num_skipped = self.num_rollbacks = 0
+
+    def should_skip(self, state: TrainState, loss: float, grad_norm: float, finite: bool) -> bool:
+        reason = None if finite else "non-finite"
+        if reason is None and self._is_spike(loss):
+            reason = "spike"
+        if reason is None:
+            self.consecutive = 0
+            self.recent.append(loss)
+            return False
+        self.consecutive += 1
+        self.num_skipped += 1
+        log.warning(
+            f"step {state.step + 1}: {reason} loss {loss:.4g} (grad norm {grad_norm:.4g}); update skipped "
+            f"({self.consecutive}/{self.cfg.max_consecutive} in a row)"
+        )
+        self.on_event(state, {"faults/skipped_steps": self.num_skipped, f"faults/{reason.replace('-', '_')}": 1})
+        if self.consecutive > self.cfg.max_consecutive:
+            self._roll_back(state, loss, grad_norm)
+        return True
+
+    def _is_spike(self, loss: float) -> bool:
+        if not self.cfg.spike_threshold or len(self.recent) < max(2, self.cfg.spike_window // 2):
+            return False
+        mean = sum(self.recent) / len(self.recent)
+        std = math.sqrt(sum((x - mean) ** 2 for x in self.recent) / (len(self.recent) - 1))
+        return loss > mean + self.cfg.spike_threshold * max(std, 1e-3 * abs(mean))
+
+    def _roll_back(self, state: TrainState, loss: float, grad_norm: float) -> None:
+        if self.num_rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingFailed(
+                f"{nonfinite_message(state, loss, grad_norm)}; gave up after "
+                f"{self.num_rollbacks} rollbacks (nan.max_rollbacks={self.cfg.max_rollbacks})"
+            )
+        failed_at = state.step + 1
+        if not self.rollback(state, self.cfg.lr_factor):
+            raise TrainingFailed(
+                f"{nonfinite_message(state, loss, grad_norm)}; no checkpoint to roll back to "
+                "(lower checkpoint.every_n_steps or stage.learning_rate)"
+            )
+        self.num_rollbacks += 1
+        self.consecutive = 0
+        self.recent.clear()
+        log.warning(
+            f"rolled back from step {failed_at} to step {state.step} with the learning rate x"
+            f"{self.cfg.lr_factor} (rollback {self.num_rollbacks}/{self.cfg.max_rollbacks})"
+        )
+        self.on_event(state, {"faults/rollbacks": self.num_rollbacks, "faults/rolled_back_from": failed_at})
+
+
+class EarlyStopping(Callback):
+    """Stops after `patience` evaluations without the val loss improving by min_delta."""
+
+    def __init__(self, cfg: EarlyStoppingConfig):
+        self.cfg = cfg
+        self.best, self.bad_evals = math.inf, 0
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        if not self.cfg.patience:
+            return
+        loss = metrics["val/loss"]
+        if loss < self.best - self.cfg.min_delta:
+            self.best, self.bad_evals = loss, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.cfg.patience:
+            log.info(
+                f"early stopping at step {state.step}: val loss has not improved on {self.best:.4f} "
+                f"for {self.bad_evals} evaluations"
+            )
+            self.should_stop = True
+
+
+class StopSignals(Callback):
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, state: TrainState) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.should_stop = True
+        log.warning(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.received or 0)
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

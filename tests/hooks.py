@@ -1,0 +1,78 @@
+"""Test-only loop callbacks, plugged in through the `callbacks` config node like any user callback."""
+
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+
+from exp.loop import Callback
+
+
+class SignalAt(Callback):
+    """Sends this process a signal at the end of a chosen step (SIGKILL included)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM"):
+        self.step, self.signum = step, getattr(signal, signal_name)
+
+    def on_step_end(self, state, loss):
+        if state.step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class InterruptAt(Callback):
+    """Raises KeyboardInterrupt (a hard stop: nothing saved) at the end of a chosen step."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, state, loss):
+        if state.step == self.step:
+            raise KeyboardInterrupt
+
+
+class GlobalRngUser(Callback):
+    """Consumes Python's and NumPy's global generators each step, as user code (augmentation, example
+    dropping) does, so a run only ends in the same state when those generators were restored too."""
+
+    def on_step_end(self, state, loss):
+        self.draws = (random.random(), float(np.random.rand()))
+
+
+class PoisonWeightsAt(Callback):
+    """Sets every parameter to NaN once, after a chosen step, so the following steps produce NaN losses."""
+
+    def __init__(self, step: int):
+        self.step, self.done = step, False
+
+    def on_build(self, model, optimizer, scheduler):
+        self.model = model
+
+    def on_step_end(self, state, loss):
+        if state.step == self.step and not self.done:
+            self.done = True
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.fill_(float("nan"))
+
+
+class StallCheckpointAt(Callback):
+    """Makes the checkpoint of a chosen step hang between writing its files and the rename, so a test can
+    SIGKILL the process while that checkpoint is half-done."""
+
+    def __init__(self, step: int, seconds: float = 120.0):
+        self.step, self.seconds = step, seconds
+
+    def on_build(self, model, optimizer, scheduler):
+        import exp.run
+
+        original = exp.run.save_checkpoint
+
+        def stalled(root, step, **kwargs):
+            if step == self.step:
+                kwargs["before_rename"] = lambda tmp: time.sleep(self.seconds)
+            return original(root, step, **kwargs)
+
+        exp.run.save_checkpoint = stalled
