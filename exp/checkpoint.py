@@ -252,11 +252,17 @@ def verify_checkpoint(path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         raise CheckpointError(f"{path / MANIFEST}: format_version {version!r}, expected {FORMAT_VERSION}")
-    files = manifest.get("files", {})
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path / MANIFEST}: has no file list")
     for name in REQUIRED_FILES:
         if name not in files:
             raise CheckpointError(f"{path / MANIFEST}: does not list {name}")
     for name, entry in files.items():
+        # Only plain names inside the folder, so a doctored manifest cannot point elsewhere.
+        plain = Path(name).name == name and name not in (".", "..")
+        if not plain or not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
+            raise CheckpointError(f"{path / MANIFEST}: malformed entry {name!r}")
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
@@ -376,7 +382,7 @@ def latest_valid_checkpoint(root, warn: Callable[[str], object] = print) -> Path
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)
-        except CheckpointError as e:
+        except (CheckpointError, OSError) as e:
             unusable.append((path, e))
             continue
         found = path

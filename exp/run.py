@@ -210,7 +210,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
         )
         _log_run_artifacts(run_dir, tracker)
         log.info(
-            f"{status.lower()}: step {state.step} | val loss {state.val_loss:.4f} "
+            f"{status.lower()}: step {state.step} | val loss {_fmt(state.val_loss)} "
             f"| {summary['tokens_per_s']:,.0f} tok/s | checkpoint {final} | summary {run_dir / 'summary.json'}"
         )
     except KeyboardInterrupt:
@@ -308,6 +308,10 @@ def _log_run_artifacts(run_dir: Path, tracker) -> None:
     if (run_dir / ".hydra").is_dir():
         for path in sorted((run_dir / ".hydra").iterdir()):
             tracker.log_artifact(path, "hydra")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _signal_name(signum: int) -> str:

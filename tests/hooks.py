@@ -12,13 +12,16 @@ from exp.loop import Callback
 
 
 class SignalAt(Callback):
-    """Sends this process a signal at the end of a chosen step (SIGKILL included)."""
+    """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM"):
-        self.step, self.signum = step, getattr(signal, signal_name)
+    def __init__(self, step: int, signal_name: str = "SIGTERM", wait_for: str | None = None):
+        self.step, self.signum, self.wait_for = step, getattr(signal, signal_name), wait_for
 
     def on_step_end(self, state, loss):
         if state.step == self.step:
+            deadline = time.time() + 60
+            while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
+                time.sleep(0.05)
             os.kill(os.getpid(), self.signum)
 
 
@@ -76,3 +79,13 @@ class StallCheckpointAt(Callback):
             return original(root, step, **kwargs)
 
         exp.run.save_checkpoint = stalled
+
+
+class SleepEachStep(Callback):
+    """Makes every step take at least `seconds`, so a test can act while a run is in flight."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, state, loss):
+        time.sleep(self.seconds)

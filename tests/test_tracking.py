@@ -1,0 +1,237 @@
+"""MLflow against a real store and a real server: what a run records, its status on every ending, a dead server."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import TINY, run_train
+
+BASE = [o for o in TINY if not o.startswith("tracking")] + [
+    "stage.num_steps=8",
+    "stage.log_every_n_steps=1",
+    "stage.eval_every_n_steps=4",
+    "checkpoint.every_n_steps=4",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop_server(proc):
+    os.killpg(proc.pid, signal.SIGKILL)  # its own session: the server and its gunicorn/uvicorn workers
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, url = start_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_run_on_a_server_records_params_tags_metrics_artifacts_and_finishes(server, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        *BASE, f"tracking.uri={server}", "tracking.experiment=server_test", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = summary(run_dir)
+    assert out["mlflow_tracking_uri"] == server
+    client = MlflowClient(tracking_uri=server)
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stage.num_steps"] == "8" and run.data.params["model.n_layer"] == "2"
+    assert run.data.tags["stage"] == "pretrain" and run.data.tags["host"] and "overrides" in run.data.tags
+    assert "mlflow.source.git.commit" in run.data.tags
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 9))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [4, 8]
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "metrics.jsonl", "metrics.png", "checkpoints.json", "model", "hydra"} <= top
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/model.safetensors",
+        "model/config.yaml",
+    }
+    refs = json.loads(open(client.download_artifacts(run.info.run_id, "checkpoints.json", str(tmp_path))).read())
+    assert [r["step"] for r in refs] == [4, 8] and all(r["bytes"] > 0 and r["sha256"] for r in refs)
+
+
+def _warnings_about_mlflow(proc) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line and "MLflow" in line]
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_training_finishes_with_one_warning(tmp_path):
+    server_proc, url = start_server(tmp_path)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_train.__globals__["ROOT"])}
+    cmd = [
+        sys.executable,
+        str(run_train.__globals__["ROOT"] / "train.py"),
+        *BASE,
+        "stage.num_steps=60",
+        f"tracking.uri={url}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.slow._target_=tests.hooks.SleepEachStep",
+        "+callbacks.slow.seconds=0.1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(tracking_uri=url)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until metrics have reached the server
+        marker = run_dir / "mlflow_run.json"
+        if marker.exists() and client.get_metric_history(json.loads(marker.read_text())["run_id"], "train/loss"):
+            break
+        time.sleep(0.2)
+    stop_server(server_proc)
+    killed_at = time.time()
+    stdout, stderr = proc.communicate(timeout=300)
+    finished = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    assert finished.returncode == 0, stderr[-3000:]
+    assert summary(run_dir)["step"] == 60
+    assert time.time() - killed_at < 90  # no step waited minutes on the dead server
+    assert len(_warnings_about_mlflow(finished)) == 1, _warnings_about_mlflow(finished)
+    assert (
+        len([r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r])
+        == 60
+    )  # everything is in the local record
+
+
+def test_unreachable_tracking_server_at_start_costs_one_warning(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(*BASE, f"tracking.uri=http://127.0.0.1:{free_port()}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_warnings_about_mlflow(proc)) == 1, proc.stdout + proc.stderr
+    assert summary(run_dir)["mlflow_run_id"] is None and summary(run_dir)["step"] == 8
+
+
+def _status(store, run_dir):
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    return run_id, MlflowClient(tracking_uri=store).get_run(run_id).info.status
+
+
+def test_sigterm_ends_the_run_killed_and_nan_failure_ends_it_failed(store, tmp_path):
+    run_dir = tmp_path / "term"
+    proc = run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.stop._target_=tests.hooks.SignalAt",
+        "+callbacks.stop.step=3",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert _status(store, run_dir)[1] == "KILLED"
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir()  # saved on the way out
+
+    run_dir = tmp_path / "nan"
+    proc = run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "nan.max_rollbacks=0",
+        "+callbacks.poison._target_=tests.hooks.PoisonWeightsAt",
+        "+callbacks.poison.step=5",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert _status(store, run_dir)[1] == "FAILED"
+
+
+def test_sigkilled_run_is_reconciled_and_resume_continues_the_same_run_without_duplicate_steps(store, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.stop._target_=tests.hooks.SignalAt",
+        "+callbacks.stop.step=6",
+        "+callbacks.stop.signal_name=SIGKILL",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    run_id, status = _status(store, run_dir)
+    assert status == "RUNNING"  # what plain MLflow leaves behind
+
+    proc = run_train(*BASE, f"tracking.uri={store}", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # resume=auto
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(run_dir)["mlflow_run_id"] == run_id  # the checkpoint at step 4 carried the run id
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 9))
+
+    # killed before its first checkpoint: the next launch starts a new run and closes the old one as KILLED
+    run_dir = tmp_path / "early"
+    run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.stop._target_=tests.hooks.SignalAt",
+        "+callbacks.stop.step=2",
+        "+callbacks.stop.signal_name=SIGKILL",
+        f"+callbacks.stop.wait_for={run_dir / 'mlflow_run.json'}",
+        cwd=tmp_path,
+    )
+    old_id, status = _status(store, run_dir)
+    assert status == "RUNNING"
+    proc = run_train(*BASE, f"tracking.uri={store}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert client.get_run(old_id).info.status == "KILLED"
+    assert summary(run_dir)["mlflow_run_id"] != old_id
