@@ -17,15 +17,20 @@ log = logging.getLogger("exp")
 class ConsoleLog(Callback):
     """One log line per log interval and per evaluation (also written to the run's train.log)."""
 
+    EXTRA = ("train/kd_loss", "train/ce_loss", "train/teacher_agreement", "train/router_loss")
+
     def __init__(self, num_steps: int):
         self.num_steps = num_steps
         self.width = len(str(num_steps))
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        accuracy = metrics.get("train/accuracy", metrics.get("train/student_accuracy"))
+        extra = "".join(f" | {k[6:]} {metrics[k]:.4f}" for k in self.EXTRA if k in metrics)
         log.info(
             f"step {state.step:>{self.width}}/{self.num_steps} | loss {metrics['train/loss']:.4f} "
-            f"(ema {metrics['train/loss_ema']:.4f}) | acc {metrics['train/accuracy']:.3f} "
-            f"| grad {metrics['train/grad_norm']:.3f} | lr {metrics['train/lr']:.2e} "
+            f"(ema {metrics['train/loss_ema']:.4f}){extra}"
+            + (f" | acc {accuracy:.3f}" if accuracy is not None else "")
+            + f" | grad {metrics['train/grad_norm']:.3f} | lr {metrics['train/lr']:.2e} "
             f"| {metrics['perf/tokens_per_s']:,.0f} tok/s"
         )
 

@@ -134,7 +134,7 @@ def validate(cfg: DictConfig) -> Validated:
         _check_signature(f"callbacks.{name}", node)
     _guard("hardware", lambda: hardware.torch_dtype(stage.dtype))
     _check_writable("checkpoint.dir", cfg.checkpoint.dir)
-    _check_buildable(cfg)
+    _check_buildable(cfg, stage)
     return Validated(run=run, stage=stage, hardware=hardware)
 
 
@@ -205,13 +205,15 @@ def _check_writable(key: str, path: str) -> None:
         raise ConfigError(f"{key}={path} is not writable ({probe} refuses writes)")
 
 
-def _check_buildable(cfg: DictConfig) -> None:
+def _check_buildable(cfg: DictConfig, stage=None) -> None:
     """Build what is cheap to build (model on the meta device, optimizer and scheduler on one dummy
     parameter, data without opening files) so constructor checks run now, before any side effect."""
     import torch
 
     with torch.device("meta"):
         _guard("model", lambda: instantiate(cfg.model))
+    if stage is not None:
+        _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
     dummy = torch.nn.Parameter(torch.zeros(1))
     optimizer = _guard("optimizer", lambda: instantiate(cfg.optimizer)([dummy]))
     _guard("scheduler", lambda: instantiate(cfg.scheduler)(optimizer))

@@ -67,8 +67,8 @@ def build_model(model_cfg: dict, source) -> nn.Module:
         raise CheckpointError(f"{source}: cannot build {target} ({e})") from None
 
 
-def load_model_for_inference(path, device="cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder."""
+def locate_model(path) -> tuple[Path, dict]:
+    """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() and not (path / MANIFEST).exists():
         config_file, node = path / "config.yaml", None  # an export folder: config.yaml is the model node itself
@@ -76,10 +76,15 @@ def load_model_for_inference(path, device="cpu") -> tuple[nn.Module, dict]:
         path = find_checkpoint(path)
         verify_checkpoint(path)
         config_file, node = path / "config.yaml", "model"
-    model_cfg = read_model_config(config_file, node)
+    return path / "model.safetensors", read_model_config(config_file, node)
+
+
+def load_model_for_inference(path, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder."""
+    weights, model_cfg = locate_model(path)
     with torch.device(device):
-        model = build_model(model_cfg, config_file)
-    load_model_weights(path / "model.safetensors", model)
+        model = build_model(model_cfg, weights.parent / "config.yaml")
+    load_model_weights(weights, model)
     return model.eval(), model_cfg
 
 

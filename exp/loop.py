@@ -25,6 +25,7 @@ class TrainState:
     train_loss: float | None = None  # mean over the last log interval
     val_loss: float | None = None  # the last evaluation's
     best_val_loss: float = math.inf
+    initial_val_loss: float | None = None  # before the first step, when the stage evaluates at start
 
 
 class Callback:
@@ -76,8 +77,7 @@ def nonfinite_message(state: TrainState, loss: float, grad_norm: float) -> str:
 def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=None) -> dict[str, torch.Tensor]:
     """Accumulate gradients over the stage's micro-batches and clip them; the optimizer is not stepped here."""
     num_micro = stage.gradient_accumulation_steps
-    loss_sum = accuracy_sum = 0.0
-    num_inputs = 0
+    loss_sum, metrics, num_inputs = 0.0, {}, 0
     for _ in range(num_micro):
         x, y = (t.to(rt.device, non_blocking=True) for t in next(batches))
         with rt.autocast():
@@ -85,17 +85,14 @@ def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=N
         loss = out["loss"] / num_micro  # each micro-batch's mean counts 1/num_micro of the step's loss
         (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss_sum + loss.detach()
-        accuracy_sum = accuracy_sum + out["accuracy"]
+        for key, value in out.items():  # the stage's own metrics (accuracy, kd_loss, ...), averaged
+            if key not in ("loss", "num_tokens"):
+                metrics[key] = metrics.get(key, 0.0) + value.detach() / num_micro
         num_inputs += x.numel()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
-    return {
-        "loss": loss_sum,
-        "accuracy": accuracy_sum / num_micro,
-        "grad_norm": grad_norm,
-        "num_inputs": num_inputs,
-    }
+    return {"loss": loss_sum, "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": metrics}
 
 
 @torch.no_grad()
@@ -125,8 +122,28 @@ class _Interval:
         self.reset()
 
     def reset(self):
-        self.num_steps, self.loss, self.accuracy, self.grad_norm, self.num_inputs = 0, 0.0, 0.0, 0.0, 0
+        self.num_steps, self.loss, self.grad_norm, self.num_inputs = 0, 0.0, 0.0, 0
+        self.sums: dict[str, torch.Tensor] = {}
         self.seconds, self.started = 0.0, time.perf_counter()
+
+    def add(self, loss: float, grad_norm: float, num_inputs: int, metrics: dict[str, torch.Tensor]) -> None:
+        self.num_steps += 1
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.num_inputs += num_inputs
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def means(self) -> dict[str, float]:
+        """Stage metrics averaged over the interval; a vector (expert usage) becomes one key per entry."""
+        out = {}
+        for key, total in self.sums.items():
+            value = total / self.num_steps
+            if isinstance(value, torch.Tensor) and value.ndim:
+                out.update({f"train/{key}_{i}": v for i, v in enumerate(value.tolist())})
+            else:
+                out[f"train/{key}"] = float(value)
+        return out
 
     def pause(self):
         self.seconds += time.perf_counter() - self.started
@@ -150,6 +167,11 @@ def train(
 ) -> TrainState:
     """Run optimizer steps from state.step to stage.num_steps, logging and evaluating on the stage's intervals."""
     guard = guard or FailFast()
+    if state.step == 0 and getattr(stage, "eval_at_start", False):
+        val = evaluate(stage, model, val_batches, rt)
+        state.initial_val_loss = val["loss"]
+        for cb in callbacks:
+            cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
     interval = _Interval()
     samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
     while state.step < stage.num_steps:
@@ -172,11 +194,7 @@ def train(
         state.step += 1
         state.tokens_seen += out["num_inputs"]
         state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
-        interval.num_steps += 1
-        interval.loss += loss
-        interval.accuracy = interval.accuracy + out["accuracy"]
-        interval.grad_norm += grad_norm
-        interval.num_inputs += out["num_inputs"]
+        interval.add(loss, grad_norm, out["num_inputs"], out["metrics"])
 
         last = state.step == stage.num_steps
         if state.step % stage.log_every_n_steps == 0 or last:
@@ -211,7 +229,7 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, samples
         "train/loss": mean_loss,
         "train/loss_ema": state.loss_ema,
         "train/perplexity": math.exp(min(mean_loss, 50.0)),
-        "train/accuracy": float(interval.accuracy) / n,
+        **interval.means(),
         "train/grad_norm": interval.grad_norm / n,
         "train/lr": lr,
         "perf/tokens_per_s": interval.num_inputs / seconds,

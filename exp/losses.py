@@ -22,3 +22,38 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
         correct = ((flat_logits.argmax(-1) == flat_targets) & mask).sum()
         accuracy = correct.float() / num_tokens.clamp(min=1)
     return {"loss": loss, "accuracy": accuracy, "num_tokens": num_tokens}
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float
+) -> dict[str, torch.Tensor]:
+    """alpha * T^2 * KL(P_teacher(T) || P_student(T)) + (1 - alpha) * CE, over targets != -100.
+
+    The KL is summed over the vocabulary and averaged over tokens; T^2 keeps its gradient scale
+    independent of the temperature (Hinton et al. 2015).
+    """
+    mask = targets.reshape(-1) != IGNORE_INDEX
+    vocab = student_logits.size(-1)
+    student = student_logits.float().reshape(-1, vocab)[mask]
+    teacher = teacher_logits.float().reshape(-1, vocab)[mask]
+    kl = F.kl_div(
+        F.log_softmax(student / temperature, -1),
+        F.log_softmax(teacher / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    kd = temperature**2 * kl
+    ce = F.cross_entropy(student, targets.reshape(-1)[mask])
+    with torch.no_grad():
+        predicted = student.argmax(-1)
+        num_tokens = mask.sum()
+        accuracy = (predicted == targets.reshape(-1)[mask]).float().mean()
+        agreement = (predicted == teacher.argmax(-1)).float().mean()
+    return {
+        "loss": alpha * kd + (1 - alpha) * ce,
+        "kd_loss": kd.detach(),
+        "ce_loss": ce.detach(),
+        "student_accuracy": accuracy,
+        "teacher_agreement": agreement,
+        "num_tokens": num_tokens,
+    }

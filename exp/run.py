@@ -112,6 +112,14 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             (x.to(rt.device), y.to(rt.device))
             for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
         ]
+        stage.setup(model, rt)
+        if stage.init_from and not resume_from:
+            from exp.checkpoint import load_model_weights
+            from exp.export import locate_model
+
+            weights, _ = locate_model(stage.init_from)
+            load_model_weights(weights, model)
+            log.info(f"initialised from {weights}")
         for cb in callbacks:
             cb.on_build(model, optimizer, scheduler)
         if resume_from:
@@ -377,6 +385,7 @@ def write_summary(
         "train_loss": state.train_loss,
         "val_loss": state.val_loss,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
+        "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
         "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
         "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
         "train_seconds": state.train_seconds,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from exp.losses import lm_loss
+from exp.losses import IGNORE_INDEX, kd_loss, lm_loss
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
@@ -29,6 +32,8 @@ class StageConfig:
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 100
     num_eval_batches: int = 8
+    eval_at_start: bool = False  # evaluate before the first step too (val loss before this stage's training)
+    init_from: str | None = None  # start from these weights: a checkpoint, run dir or exported model
 
     def __post_init__(self):
         checks = [
@@ -49,6 +54,7 @@ class StageConfig:
             (self.log_every_n_steps > 0, "log_every_n_steps", "must be > 0"),
             (self.eval_every_n_steps > 0, "eval_every_n_steps", "must be > 0"),
             (self.num_eval_batches > 0, "num_eval_batches", "must be > 0"),
+            (self.init_from is None or Path(self.init_from).exists(), "init_from", "does not exist"),
         ]
         for ok, key, rule in checks:
             if not ok:
@@ -57,6 +63,28 @@ class StageConfig:
     @property
     def samples_per_step(self) -> int:
         return self.batch_size_per_gpu * self.gradient_accumulation_steps
+
+    def check(self, model_cfg: dict) -> None:
+        """Checks that need the (student) model's config; raise ValueError naming the key."""
+
+    def setup(self, model, rt) -> None:
+        """Build what the stage needs beside the trained model (a teacher), on the run's device."""
+
+    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+        """Next-token cross-entropy on the labelled positions: comparable across stages."""
+        x, y = batch
+        logits, _ = model(x)
+        return lm_loss(logits, y)
+
+
+def with_router_losses(model, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add a mixture-of-experts model's router losses to the stage loss, each also reported on its own."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    inner = getattr(inner, "module", inner)  # DDP
+    router = inner.router_losses() if hasattr(inner, "router_losses") else {}
+    if not router:
+        return out
+    return {**out, "loss": out["loss"] + router["router_loss"], **{k: v for k, v in router.items()}}
 
 
 @dataclass(kw_only=True)
@@ -74,9 +102,92 @@ class Pretrain(StageConfig):
         """One micro-batch forward: `loss` to backpropagate, plus detached metrics."""
         x, y = batch
         logits, _ = model(x)
-        return lm_loss(logits, y, self.label_smoothing)
+        return with_router_losses(model, lm_loss(logits, y, self.label_smoothing))
 
-    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+
+@dataclass(kw_only=True)
+class SFT(Pretrain):
+    """Supervised fine-tuning: the loss counts completion tokens only (the data masks prompts and padding)."""
+
+    eval_at_start: bool = True
+
+    def train_step(self, model, batch) -> dict[str, torch.Tensor]:
+        from exp.data.tokenizer import PAD
+
+        out = super().train_step(model, batch)
+        x, y = batch
+        with torch.no_grad():  # labelled tokens over real (non-pad) input tokens
+            out["completion_ratio"] = (y != IGNORE_INDEX).sum().float() / (x != PAD).sum().clamp(min=1).float()
+        return out
+
+
+@dataclass(kw_only=True)
+class TeacherConfig:
+    """Where a distillation teacher comes from."""
+
+    path: str | None = None  # a checkpoint folder, run directory or exported model
+    model: dict[str, Any] | None = None  # or a model config (randomly initialised: ablations and tests)
+
+
+@dataclass(kw_only=True)
+class Midtrain(StageConfig):
+    """Knowledge distillation: L = alpha * T^2 * KL(P_teacher(T) || P_student(T)) + (1 - alpha) * CE.
+
+    The teacher is frozen: eval mode, no gradients, never in the optimizer or the student's checkpoint.
+    """
+
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.temperature <= 0:
+            raise ValueError(f"stage.temperature={self.temperature} must be > 0")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"stage.alpha={self.alpha} must be in [0, 1]")
+        if self.teacher.path is None and self.teacher.model is None:
+            raise ValueError(
+                "stage.teacher.path is required (a checkpoint, run dir or exported model), or stage.teacher.model"
+            )
+        if self.teacher.path is not None and not Path(self.teacher.path).exists():
+            raise ValueError(f"stage.teacher.path={self.teacher.path} does not exist")
+        self._teacher = None
+
+    def _teacher_config(self) -> dict:
+        if self.teacher.path is not None:
+            from exp.export import locate_model
+
+            return locate_model(self.teacher.path)[1]
+        return dict(self.teacher.model)
+
+    def check(self, model_cfg: dict) -> None:
+        teacher_vocab = self._teacher_config().get("vocab_size")
+        if teacher_vocab != model_cfg.get("vocab_size"):
+            source = f"stage.teacher.path={self.teacher.path}" if self.teacher.path else "stage.teacher.model"
+            raise ValueError(
+                f"{source}: the teacher's vocab_size {teacher_vocab} differs from the student's "
+                f"{model_cfg.get('vocab_size')}; distillation needs one vocabulary"
+            )
+
+    def setup(self, model, rt) -> None:
+        from exp.export import build_model, load_model_for_inference
+
+        if self.teacher.path is not None:
+            teacher, _ = load_model_for_inference(self.teacher.path, device=rt.device)
+        else:
+            with torch.device(rt.device):
+                teacher = build_model(dict(self.teacher.model), "stage.teacher.model").eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if rt.dtype is not torch.float32:
+            teacher.to(rt.dtype)  # the teacher only runs forward: keep it in the stage dtype
+        self._teacher = teacher
+
+    def train_step(self, model, batch) -> dict[str, torch.Tensor]:
         x, y = batch
         logits, _ = model(x)
-        return lm_loss(logits, y)
+        with torch.no_grad():
+            teacher_logits, _ = self._teacher(x)
+        out = kd_loss(logits, teacher_logits, y, self.temperature, self.alpha)
+        return with_router_losses(model, out)

@@ -68,3 +68,20 @@ def run_train(*overrides: str, cwd: Path, timeout: float = 300) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
+
+
+def make_export(path: Path, **model_kw) -> Path:
+    """An exported model folder (config.yaml + model.safetensors) of a tiny GPT: a teacher or init for tests."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_model
+
+    from exp.model import GPT
+
+    cfg = {"_target_": "exp.model.GPT", "vocab_size": 264, "seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 64,
+           **model_kw}
+    torch.manual_seed(1)
+    model = GPT(**{k: v for k, v in cfg.items() if k != "_target_"})
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path / "model.safetensors"))
+    (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    return path

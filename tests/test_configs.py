@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from exp.config import ConfigError, validate
 from exp.optim import build_optimizer
 
-from .conftest import CONF_DIR, compose_train
+from .conftest import CONF_DIR, compose_train, make_export
 
 OPTIONS = [(g.name, f.stem) for g in sorted(CONF_DIR.iterdir()) if g.is_dir() for f in sorted(g.glob("*.yaml"))]
 NEEDS = {("data", "memmap"): ["data.path=."], ("hardware", "gpu"): None}
@@ -23,6 +23,8 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
                 validate(make_cfg(f"{group}={option}"))
             return
         extra = []
+    if (group, option) == ("stage", "midtrain"):
+        extra = [f"stage.teacher.path={make_export(tmp_path / 'teacher')}"]
     if (group, option) == ("data", "memmap"):
         (tmp_path / "train.bin").write_bytes(bytes(4096))
         (tmp_path / "val.bin").write_bytes(bytes(4096))
