@@ -89,12 +89,17 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d_model, n_head, n_kv_head, mlp_hidden, dropout, norm_eps):
+    def __init__(self, d_model, n_head, n_kv_head, mlp_hidden, dropout, norm_eps, num_experts=0, top_k=2):
         super().__init__()
         self.attn_norm = RMSNorm(d_model, norm_eps)
         self.attn = Attention(d_model, n_head, n_kv_head, dropout)
         self.mlp_norm = RMSNorm(d_model, norm_eps)
-        self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
+        if num_experts:
+            from exp.moe import MoEMLP  # here, not at the top: exp.moe imports SwiGLU from this module
+
+            self.mlp = MoEMLP(d_model, mlp_hidden, num_experts, top_k, dropout)
+        else:
+            self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, T, d_model) -> (B, T, d_model)."""
@@ -120,6 +125,11 @@ class GPT(nn.Module):
         tie_embeddings: bool = True,
         activation_checkpointing: bool = False,
         init_std: float = 0.02,
+        num_experts: int = 0,
+        top_k: int = 2,
+        load_balance_coef: float = 0.01,
+        auxiliary_coef: float = 0.0,
+        z_loss_coef: float = 0.001,
     ):
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -148,17 +158,26 @@ class GPT(nn.Module):
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
         if rope_theta <= 0 or norm_eps <= 0 or init_std <= 0:
             raise ValueError(f"rope_theta={rope_theta}, norm_eps={norm_eps}, init_std={init_std} must be positive")
+        if num_experts < 0:
+            raise ValueError(f"num_experts={num_experts} must be >= 0 (0 = dense MLP)")
+        if num_experts and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        coefs = dict(load_balance_coef=load_balance_coef, auxiliary_coef=auxiliary_coef, z_loss_coef=z_loss_coef)
+        for name, value in coefs.items():
+            if value < 0:
+                raise ValueError(f"{name}={value} must be >= 0")
 
         self.vocab_size, self.seq_len, self.n_layer = vocab_size, seq_len, n_layer
         self.n_head, self.n_kv_head, self.d_model = n_head, n_kv_head, d_model
         self.mlp_hidden = mlp_hidden
         self.tie_embeddings = tie_embeddings
         self.activation_checkpointing = activation_checkpointing
+        self.num_experts, self.top_k, self.router_coefs = num_experts, top_k, coefs
 
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_head, n_kv_head, mlp_hidden, dropout, norm_eps) for _ in range(n_layer)
+            Block(d_model, n_head, n_kv_head, mlp_hidden, dropout, norm_eps, num_experts, top_k) for _ in range(n_layer)
         )
         self.norm = RMSNorm(d_model, norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
@@ -179,7 +198,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if p.ndim < 2:
                 nn.init.ones_(p)
-            elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            elif name.endswith(("attn.proj.weight", "down.weight")):  # down.weight: dense or expert MLP
                 nn.init.normal_(p, mean=0.0, std=resid_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
@@ -219,7 +238,21 @@ class GPT(nn.Module):
         # N counts every weight used in a matmul: non-embedding weights plus the output head; the input
         # embedding lookup performs no FLOPs. The second term is the attention score/value matmuls.
         n = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel()
+        if self.num_experts:
+            # A token runs through only top_k of the experts (the router counts in full).
+            n -= self.n_layer * (self.num_experts - self.top_k) * 3 * self.d_model * self.mlp_hidden
         return 6 * n + 12 * self.n_layer * self.d_model * self.seq_len
+
+    def router_losses(self) -> dict[str, torch.Tensor]:
+        """Router losses of the last forward summed over layers, their weighted sum and usage; {} if dense."""
+        if not self.num_experts:
+            return {}
+        stats = [block.mlp.stats for block in self.blocks]
+        if any(s is None for s in stats):
+            raise RuntimeError("router_losses() needs a forward pass first")
+        out = {k: torch.stack([getattr(s, k) for s in stats]).sum() for k in ("load_balance", "auxiliary", "z_loss")}
+        weighted = sum(self.router_coefs[f"{k}_coef"] * v for k, v in out.items())
+        return {"router_loss": weighted, **out, "expert_usage": torch.stack([s.f for s in stats]).mean(0)}
 
     @torch.no_grad()
     def generate(
