@@ -54,6 +54,10 @@ RESUME_IGNORES = (
 def train(cfg: DictConfig) -> float:
     """Validate, build, train, evaluate, sample and summarise one run; return the final validation loss."""
     config.job_started()
+    if cfg.get("pipeline"):
+        from exp.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
     try:
         valid = config.validate(cfg)
     except config.ConfigError as e:
@@ -112,6 +116,8 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             (x.to(rt.device), y.to(rt.device))
             for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
         ]
+        data_info = data.describe() | (data.stats() if hasattr(data, "stats") else {})
+        log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
         stage.setup(model, rt)
         if stage.init_from and not resume_from:
             from exp.checkpoint import load_model_weights
@@ -215,6 +221,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             first_step_time=clock.first_step_time,
             num_skipped_steps=guard.num_skipped,
             num_rollbacks=guard.num_rollbacks,
+            data=data_info,
         )
         _log_run_artifacts(run_dir, tracker)
         log.info(
@@ -374,6 +381,7 @@ def write_summary(
     first_step_time: float | None = None,
     num_skipped_steps: int = 0,
     num_rollbacks: int = 0,
+    data: dict | None = None,
 ) -> dict:
     """summary.json: final metrics and where to find the run's record and weights, written atomically."""
     summary = {
@@ -400,6 +408,7 @@ def write_summary(
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_run_id": tracker.run_id,
         "sample": sample,
+        "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
     }
     tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")

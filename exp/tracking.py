@@ -53,12 +53,13 @@ class MlflowTracker(Callback):
         uri: str,
         experiment: str = "exp",
         artifact_location: str | None = None,
+        parent_run_id: str | None = None,  # set by a pipeline: this run nests under it
         *,
         cfg: DictConfig,
         run_dir: Path,
         resume_run_id: str | None = None,
     ):
-        self.resume_run_id = resume_run_id
+        self.resume_run_id, self.parent_run_id = resume_run_id, parent_run_id
         self.checkpoints: list[dict] = []
         self._skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
         self.uri = _absolute_sqlite(uri)
@@ -156,15 +157,10 @@ class MlflowTracker(Callback):
             resumed = self._reopen(client)
             if resumed:
                 return client, resumed
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            location = None
-            if self.artifact_location and not self.uri.startswith(("http://", "https://", "databricks")):
-                location = Path(self.artifact_location).resolve().as_uri()
-            experiment_id = client.create_experiment(self.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = experiment_id_for(client, self.uri, self.experiment, self.artifact_location)
         tags = {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(self.cfg, self.run_dir).items()}
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
         run = client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
         self._run_id = run.info.run_id
         self._write_marker()
@@ -260,6 +256,42 @@ class MlflowTracker(Callback):
     def _drain(self) -> None:
         while self._queue.get()[0] != "end":
             pass
+
+
+def experiment_id_for(client, uri: str, name: str, artifact_location: str | None) -> str:
+    """The id of the named experiment, created (with a local artifact folder for local stores) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
+        location = Path(artifact_location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def open_parent_run(cfg: DictConfig, run_dir: Path):
+    """(client, run id) of a pipeline's parent run: reopened when run_dir already has one, else created."""
+    from mlflow.tracking import MlflowClient
+
+    uri = _absolute_sqlite(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    marker = Path(run_dir) / RUN_MARKER
+    if marker.exists():
+        run_id = json.loads(marker.read_text()).get("run_id")
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return client, run_id
+        except Exception:  # gone from this store: start a new parent
+            pass
+    experiment_id = experiment_id_for(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    tags = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "pipeline": ",".join(cfg.pipeline.stages.keys()),
+        "host": platform.node(),
+    }
+    run = client.create_run(experiment_id, run_name=f"pipeline-{Path(run_dir).name}", tags=tags)
+    marker.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}) + "\n")
+    return client, run.info.run_id
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:

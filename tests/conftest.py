@@ -77,8 +77,15 @@ def make_export(path: Path, **model_kw) -> Path:
 
     from exp.model import GPT
 
-    cfg = {"_target_": "exp.model.GPT", "vocab_size": 264, "seq_len": 32, "n_layer": 2, "n_head": 2, "d_model": 64,
-           **model_kw}
+    cfg = {
+        "_target_": "exp.model.GPT",
+        "vocab_size": 264,
+        "seq_len": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "d_model": 64,
+        **model_kw,
+    }
     torch.manual_seed(1)
     model = GPT(**{k: v for k, v in cfg.items() if k != "_target_"})
     path.mkdir(parents=True, exist_ok=True)

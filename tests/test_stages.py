@@ -45,8 +45,14 @@ def test_kd_loss_ignores_masked_positions():
     assert masked["loss"].item() == pytest.approx(full["loss"].item(), rel=1e-6)
 
 
-MID = [*TINY, "stage=midtrain", "stage.num_steps=6", "stage.log_every_n_steps=2", "stage.eval_every_n_steps=3",
-       "checkpoint.every_n_steps=3"]
+MID = [
+    *TINY,
+    "stage=midtrain",
+    "stage.num_steps=6",
+    "stage.log_every_n_steps=2",
+    "stage.eval_every_n_steps=3",
+    "checkpoint.every_n_steps=3",
+]
 
 
 def test_midtrain_teacher_is_frozen_and_absent_from_the_student(tmp_path):
@@ -83,8 +89,14 @@ def test_midtrain_bad_teachers_are_config_errors(tmp_path):
 
 def test_init_from_loads_the_weights_before_training(tmp_path):
     source = make_export(tmp_path / "init")
-    cfg = compose_train(*TINY, f"stage.init_from={source}", "stage.learning_rate=1e-9", "stage.num_steps=1",
-                        "checkpoint.every_n_steps=0", run_dir=tmp_path / "run")
+    cfg = compose_train(
+        *TINY,
+        f"stage.init_from={source}",
+        "stage.learning_rate=1e-9",
+        "stage.num_steps=1",
+        "checkpoint.every_n_steps=0",
+        run_dir=tmp_path / "run",
+    )
     exp.run.train(cfg)
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors")
     start = load_file(source / "model.safetensors")

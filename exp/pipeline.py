@@ -1,0 +1,167 @@
+"""Multi-stage pipelines: each stage is a full run in <run_dir>/<stage>, composed from conf/ with its overrides."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from exp import config
+
+log = logging.getLogger("exp")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run_pipeline(cfg: DictConfig) -> float:
+    """Run the stages in order, skipping finished ones; returns the last stage's validation loss."""
+    from exp.run import train  # exp.run imports this module's caller; keep the import here
+
+    root = Path(cfg.run_dir)
+    try:
+        compose_stages(cfg)  # every stage is composed and validated before the first one trains
+    except config.ConfigError as e:
+        config.exit_on_config_error(e)
+    root.mkdir(parents=True, exist_ok=True)
+    user = _stage_overrides()
+    stages = list(cfg.pipeline.stages.items())
+    parent = _parent_run(cfg, root)
+    status, results = "FAILED", {}
+    try:
+        for name, spec in stages:
+            stage_dir = root / name
+            done = _finished(stage_dir)
+            if done:
+                log.info(f"pipeline: stage {name} finished before (val loss {done['val_loss']:.4f}); skipping")
+                results[name] = done
+                continue
+            log.info(f"pipeline: stage {name} in {stage_dir}")
+            stage_cfg = _compose_stage(root, name, spec, user, results, parent_run_id=parent.run_id)
+            train(stage_cfg)
+            results[name] = json.loads((stage_dir / "summary.json").read_text())
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except SystemExit as e:
+        status = "KILLED" if e.code in (130, 143) else "FAILED"
+        raise
+    finally:
+        _write_summary(root, results, status)
+        parent.end(status)
+    return results[stages[-1][0]]["val_loss"]
+
+
+def compose_stages(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Each stage's config, validated (a teacher not trained yet is checked through its model config)."""
+    root, user, composed = Path(cfg.run_dir), _stage_overrides(), {}
+    for name, spec in cfg.pipeline.stages.items():
+        composed[name] = _compose_stage(root, name, spec, user, composed, for_validation=True)
+        config.validate(composed[name])
+    return composed
+
+
+def _stage_overrides() -> list[str]:
+    """The command line's overrides, less the pipeline's own: they apply to every stage."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed outside @hydra.main (tests): no command line to carry over
+        task = []
+    return [o for o in task if not o.lstrip("+~").startswith("pipeline")]
+
+
+def _compose_stage(
+    root: Path,
+    name: str,
+    spec: DictConfig,
+    user: list[str],
+    composed: dict,
+    parent_run_id: str | None = None,
+    for_validation: bool = False,
+) -> DictConfig:
+    """The config of one stage: the user's overrides, then the stage's, then its links to earlier stages."""
+    for key in ("teacher", "init_from"):
+        if spec.get(key) and spec[key] not in composed:
+            raise config.ConfigError(f"pipeline.stages.{name}.{key}={spec[key]} is not an earlier stage")
+    overrides = [
+        *user,
+        *spec.get("overrides", []),
+        *spec.get("extra", []),
+        f"run_dir={root / name}",
+        f"run_name={name}",
+    ]
+    if spec.get("init_from") and not for_validation:
+        overrides.append(f"stage.init_from={root / spec.init_from}")
+    if GlobalHydra.instance().is_initialized():
+        cfg = compose(config_name="config", overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        if spec.get("teacher"):
+            if for_validation:  # the teacher has not trained yet: check the student against its config instead
+                cfg.stage.teacher.path = None
+                cfg.stage.teacher.model = OmegaConf.to_container(composed[spec.teacher].model, resolve=True)
+            else:
+                cfg.stage.teacher.path = str(root / spec.teacher)
+        if parent_run_id and "parent_run_id" in cfg.tracking:
+            cfg.tracking.parent_run_id = parent_run_id
+    return cfg
+
+
+def _finished(stage_dir: Path) -> dict | None:
+    path = stage_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("status") == "FINISHED" and summary["step"] == summary["num_steps"] else None
+
+
+def _write_summary(root: Path, results: dict, status: str) -> None:
+    summary = {
+        "status": status,
+        "stages": {
+            n: {k: s.get(k) for k in ("status", "step", "val_loss", "initial_val_loss", "checkpoint", "mlflow_run_id")}
+            for n, s in results.items()
+        },
+    }
+    last = list(results.values())[-1] if results else {}
+    if last.get("initial_val_loss") is not None:  # what the last stage (SFT) gained on held-out data
+        summary["final_stage_val_loss_before"] = last["initial_val_loss"]
+        summary["final_stage_val_loss_after"] = last["val_loss"]
+    tmp = root / f".summary.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(root / "summary.json")
+
+
+class _ParentRun:
+    """The MLflow run the stages nest under; re-running the pipeline reopens it."""
+
+    def __init__(self, client=None, run_id: str | None = None):
+        self.client, self.run_id = client, run_id
+
+    def end(self, status: str) -> None:
+        if self.client is not None:
+            try:
+                self.client.set_terminated(self.run_id, status)
+            except Exception as e:
+                log.warning(f"could not close the pipeline's MLflow run {self.run_id}: {e}")
+
+
+def _parent_run(cfg: DictConfig, root: Path) -> _ParentRun:
+    if not cfg.tracking._target_.endswith("MlflowTracker"):
+        return _ParentRun()
+    from exp.tracking import open_parent_run
+
+    try:
+        client, run_id = open_parent_run(cfg, root)
+    except Exception as e:
+        log.warning(f"MLflow at {cfg.tracking.uri} is unavailable ({e}); the stages are tracked without a parent")
+        return _ParentRun()
+    return _ParentRun(client, run_id)
