@@ -145,7 +145,7 @@ def _check_resolvable(cfg: DictConfig) -> None:
             raise ConfigError(f"{missing[0]} is required but not set (e.g. {missing[0]}=...)")
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{e.full_key}: {_first_line(e)}") from None
+        raise ConfigError(f"{e.full_key}: {first_line(e)}") from None
 
 
 def _without_meta(node: DictConfig) -> DictConfig:
@@ -162,7 +162,7 @@ def _typed(group: str, schema: type, node: DictConfig):
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = f"{prefix}{e.full_key}" if e.full_key else group
-        raise ConfigError(f"{key}: {_first_line(e)}") from None
+        raise ConfigError(f"{key}: {first_line(e)}") from None
     except (ValueError, TypeError) as e:
         raise ConfigError(_named(group, e)) from None
 
@@ -172,7 +172,7 @@ def _check_signature(group: str, node: DictConfig) -> None:
     try:
         target = get_object(node._target_)
     except Exception as e:  # hydra wraps import errors of every kind
-        raise ConfigError(f"{group}._target_={node._target_!r} cannot be imported: {_first_line(e)}") from None
+        raise ConfigError(f"{group}._target_={node._target_!r} cannot be imported: {first_line(e)}") from None
     params = inspect.signature(target).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in node:
@@ -233,12 +233,13 @@ def _guard(group: str, build: Callable):
 
 def _named(group: str, error: BaseException) -> str:
     """Prefix a constructor's message with its group unless it already names a key."""
-    msg = _first_line(error)
+    msg = first_line(error)
     head = msg.split("=", 1)[0].split(":", 1)[0]
     return msg if "." in head and " " not in head else f"{group}: {msg}"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when empty)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
 

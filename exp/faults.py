@@ -99,16 +99,23 @@ class EarlyStopping(Callback):
 
 
 class StopSignals(Callback):
-    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT interrupts at once."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step; a second SIGINT interrupts at once.
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    Under submitit (a SLURM job), SIGUSR2 is the pre-timeout/preemption signal: it too stops the loop at the
+    next step boundary, the run saves a checkpoint, and only then `hand_over()` passes the signal to submitit,
+    which requeues the job. This class is the one place that owns preemption; after training has ended a
+    SIGUSR2 is ignored, so a job that finished never requeues.
+    """
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict = {}
 
     def on_train_start(self, state: TrainState) -> None:
-        for sig in self.SIGNALS:
+        signals = [signal.SIGINT, signal.SIGTERM]
+        if callable(signal.getsignal(signal.SIGUSR2)):  # submitit installed its requeue handler
+            signals.append(signal.SIGUSR2)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -116,7 +123,12 @@ class StopSignals(Callback):
             raise KeyboardInterrupt
         self.received = signum
         self.should_stop = True
-        log.warning(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
+        what = "preemption or time limit" if signum == signal.SIGUSR2 else signal.Signals(signum).name
+        log.warning(f"{what} ({signal.Signals(signum).name}): stopping after this step and saving a checkpoint")
+
+    @property
+    def preempted(self) -> bool:
+        return self.received == signal.SIGUSR2
 
     @property
     def exit_code(self) -> int:
@@ -124,5 +136,13 @@ class StopSignals(Callback):
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         for sig, handler in self._previous.items():
+            if sig == signal.SIGUSR2:
+                self._requeue = handler
+                handler = signal.SIG_IGN  # training is over: a late preemption signal must not requeue
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def hand_over(self) -> None:
+        """Let submitit requeue the job (it exits the process) now that the checkpoint is saved."""
+        log.warning("requeueing: the requeued job resumes from the checkpoint just saved")
+        self._requeue(signal.SIGUSR2, None)

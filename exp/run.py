@@ -203,7 +203,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
         )
 
         final = checkpointer.save(state)
-        status = "KILLED" if signals.received else "FINISHED"
+        status = "KILLED" if signals.received else "FINISHED"  # a preempted job is KILLED until requeued
         sample = generate_sample(model, run.sample, data.vocab_size, rt) if status == "FINISHED" else None
         if sample is not None:
             log.info(f"sample:\n{run.sample.prompt}{sample}")
@@ -231,14 +231,24 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except loop.TrainingFailed as e:
-        log.error(str(e))
-        _exit(f"error: {e}", 1)
+    except Exception as e:
+        if isinstance(e, loop.TrainingFailed):
+            log.error(str(e))
+        else:
+            log.exception(f"training failed: {e}")
+        write_failure_summary(run_dir, state, stage, tracker, f"{type(e).__name__}: {config.first_line(e)}")
+        if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
+            return float("nan")
+        if isinstance(e, loop.TrainingFailed):
+            _exit(f"error: {e}", 1)
+        raise
     finally:
         if tracker not in callbacks:
             callbacks.append(tracker)
         for cb in callbacks:
             cb.on_train_end(state, status)
+    if signals.preempted:
+        signals.hand_over()  # submitit requeues the job and exits; the requeued job resumes from the checkpoint
     if status == "KILLED":
         _exit(
             f"stopped by {signals.received and _signal_name(signals.received)} at step {state.step}; "
@@ -325,6 +335,35 @@ def _log_run_artifacts(run_dir: Path, tracker) -> None:
             tracker.log_artifact(path, "hydra")
 
 
+def in_sweep() -> bool:
+    """Whether this run is one point of a Hydra multirun (a failure then must not end the sweep)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().mode.name == "MULTIRUN"
+    except (ValueError, AttributeError):
+        return False
+
+
+def write_failure_summary(run_dir: Path, state: loop.TrainState, stage, tracker, error: str) -> None:
+    """summary.json of a failed run: where it stopped and why."""
+    summary = {
+        "status": "FAILED",
+        "error": error,
+        "stage": stage.name,
+        "step": state.step,
+        "num_steps": stage.num_steps,
+        "val_loss": state.val_loss,
+        "run_dir": str(run_dir.resolve()),
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+    tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(run_dir / "summary.json")
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -408,6 +447,7 @@ def write_summary(
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_run_id": tracker.run_id,
         "sample": sample,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
     }
     tmp = run_dir / f".summary.json.tmp-{os.getpid()}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from exp.config import first_line
 from exp.loop import Callback, TrainState
 
 log = logging.getLogger("exp")
@@ -132,7 +133,7 @@ class MlflowTracker(Callback):
         try:
             client, run_id = self._start_run()
         except Exception as e:
-            self._fail(f"MLflow at {self.uri} is unavailable ({_first_line(e)}); metrics stay in metrics.jsonl")
+            self._fail(f"MLflow at {self.uri} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
             self._started.set()
             self._drain()
             return
@@ -185,7 +186,7 @@ class MlflowTracker(Callback):
                     f"MLflow run {previous} of {self.run_dir} was left RUNNING by a killed process; marked KILLED"
                 )
         except Exception as e:  # another store, or the run was deleted: nothing to reconcile here
-            log.debug(f"cannot reconcile MLflow run {previous}: {_first_line(e)}")
+            log.debug(f"cannot reconcile MLflow run {previous}: {first_line(e)}")
 
     def _reopen(self, client) -> str | None:
         """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
@@ -194,7 +195,7 @@ class MlflowTracker(Callback):
         except Exception as e:
             log.warning(
                 f"MLflow run {self.resume_run_id} of the checkpoint is not in {self.uri} "
-                f"({_first_line(e)}); starting a new run"
+                f"({first_line(e)}); starting a new run"
             )
             return None
         for key in run.data.metrics:
@@ -244,7 +245,7 @@ class MlflowTracker(Callback):
             fn(*args, **kwargs)
         except Exception as e:
             self._fail(
-                f"MLflow at {self.uri} stopped answering ({_first_line(e)}); "
+                f"MLflow at {self.uri} stopped answering ({first_line(e)}); "
                 "the rest of this run's metrics stay in metrics.jsonl"
             )
 
@@ -269,8 +270,8 @@ def experiment_id_for(client, uri: str, name: str, artifact_location: str | None
     return client.create_experiment(name, artifact_location=location)
 
 
-def open_parent_run(cfg: DictConfig, run_dir: Path):
-    """(client, run id) of a pipeline's parent run: reopened when run_dir already has one, else created."""
+def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline"):
+    """(client, run id) of a pipeline's or sweep's parent run: reopened when run_dir has one, else created."""
     from mlflow.tracking import MlflowClient
 
     uri = _absolute_sqlite(cfg.tracking.uri)
@@ -284,12 +285,12 @@ def open_parent_run(cfg: DictConfig, run_dir: Path):
         except Exception:  # gone from this store: start a new parent
             pass
     experiment_id = experiment_id_for(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    tags = {
-        "run_dir": str(Path(run_dir).resolve()),
-        "pipeline": ",".join(cfg.pipeline.stages.keys()),
-        "host": platform.node(),
-    }
-    run = client.create_run(experiment_id, run_name=f"pipeline-{Path(run_dir).name}", tags=tags)
+    tags = {"run_dir": str(Path(run_dir).resolve()), "host": platform.node(), "kind": kind}
+    if kind == "pipeline":
+        tags["pipeline"] = ",".join(cfg.pipeline.stages.keys())
+    else:
+        tags["sweep_dir"] = tags["sweep_id"] = str(Path(run_dir).resolve())
+    run = client.create_run(experiment_id, run_name=f"{kind}-{Path(run_dir).name}", tags=tags)
     marker.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}) + "\n")
     return client, run.info.run_id
 
@@ -331,7 +332,8 @@ def run_tags(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
         hydra_cfg = HydraConfig.get()
         tags["overrides"] = " ".join(hydra_cfg.overrides.task) or "(none)"
         if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-            tags["sweep_dir"] = str(hydra_cfg.sweep.dir)
+            tags["sweep_dir"] = tags["sweep_id"] = str(Path(str(hydra_cfg.sweep.dir)).resolve())
+            tags["sweep_trial"] = str(hydra_cfg.job.num)
     except ValueError:  # HydraConfig not set: called outside @hydra.main
         pass
     for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id")):
@@ -370,8 +372,3 @@ def _absolute_sqlite(uri: str) -> str:
     if uri.startswith(prefix):
         Path(uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
     return uri
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__

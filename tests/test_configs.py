@@ -10,7 +10,7 @@ from exp.optim import build_optimizer
 from .conftest import CONF_DIR, compose_train, make_export
 
 OPTIONS = [(g.name, f.stem) for g in sorted(CONF_DIR.iterdir()) if g.is_dir() for f in sorted(g.glob("*.yaml"))]
-NEEDS = {("data", "memmap"): ["data.path=."], ("hardware", "gpu"): None}
+NEEDS = {("data", "memmap"): ["data.path=."], ("hardware", "gpu"): None, ("hardware", "slurm_gpu"): None}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

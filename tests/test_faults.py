@@ -57,7 +57,8 @@ def test_nan_with_no_checkpoint_to_roll_back_to_fails_clearly(tmp_path, capsys):
         train(run_dir, "+callbacks.poison._target_=tests.hooks.PoisonWeightsAt", "+callbacks.poison.step=1")
     assert info.value.code == 1
     assert "no checkpoint to roll back to" in capsys.readouterr().err
-    assert not (run_dir / "summary.json").exists()
+    failed = summary(run_dir)
+    assert failed["status"] == "FAILED" and "no checkpoint to roll back to" in failed["error"]
 
 
 def test_rollback_budget_exhausted_fails(tmp_path, capsys):

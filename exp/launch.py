@@ -1,0 +1,160 @@
+"""Sweep launching: every point validated before anything is submitted, a manifest, an MLflow parent run.
+
+The launchers (hydra_plugins/exp_launcher: Hydra only loads plugins from that namespace) are Hydra's basic
+launcher and the submitit launchers (local, SLURM) with this layer in front of `launch`, selected by
+`hydra/launcher=exp_basic|exp_local|exp_slurm`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from exp import config
+
+log = logging.getLogger("exp")
+MANIFEST = "sweep.json"
+
+
+class ValidatedSweep:
+    """Validates every point of a batch in this process, records the batch, then hands it to the launcher."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        run_dirs, tracked = self._validate(job_overrides, initial_job_idx, sweep_dir)
+        self._preflight(sweep_dir)
+        parent = self._parent_run(sweep_dir) if tracked else None
+        if parent is not None:
+            job_overrides = [[*o, f"tracking.parent_run_id={parent[1]}"] for o in job_overrides]
+        manifest = read_manifest(sweep_dir) or new_manifest(sweep_dir, self.config, parent)
+        for i, overrides in enumerate(job_overrides):
+            manifest["trials"][str(initial_job_idx + i)] = {
+                "num": initial_job_idx + i,
+                "overrides": [o for o in overrides if not o.startswith("tracking.parent")],
+                "run_dir": str(run_dirs[i]),
+                "status": "PENDING",
+            }
+        write_manifest(sweep_dir, manifest)
+        try:
+            results = super().launch(job_overrides, initial_job_idx)
+        finally:
+            manifest = refresh_manifest(sweep_dir)
+            if parent is not None:
+                parent[0].set_terminated(parent[1], "FINISHED")
+        failed = [t for t in manifest["trials"].values() if t["status"] == "FAILED"]
+        for trial in failed:
+            log.error(f"trial #{trial['num']} ({' '.join(trial['overrides'])}) FAILED: {trial.get('error')}")
+        return results
+
+    def _validate(self, job_overrides, initial_job_idx: int, sweep_dir: Path) -> tuple[list[Path], bool]:
+        hydra_config = HydraConfig.instance().cfg
+        run_dirs, tracked = [], False
+        try:
+            for i, overrides in enumerate(job_overrides):
+                label = f"sweep point #{initial_job_idx + i} ({' '.join(overrides)})"
+                try:
+                    cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                    with open_dict(cfg):
+                        cfg.hydra.job.num = initial_job_idx + i
+                        run_dir = sweep_dir / str(cfg.hydra.sweep.subdir)
+                    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the task config resolves as in the job
+                    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+                    task.run_dir = str(run_dir)
+                    config.validate(task)
+                except config.ConfigError as e:
+                    refuse(sweep_dir, f"{label}: {e}")
+                except Exception as e:  # a point that does not even compose
+                    refuse(sweep_dir, f"{label}: {config.first_line(e)}")
+                run_dirs.append(run_dir)
+                tracked = "parent_run_id" in task.tracking
+        finally:
+            if hydra_config is not None:
+                HydraConfig.instance().set_config(hydra_config)
+        return run_dirs, tracked
+
+    def _preflight(self, sweep_dir: Path) -> None:
+        """Launcher-specific checks that must fail before anything is submitted."""
+
+    def _parent_run(self, sweep_dir: Path):
+        from exp.tracking import open_parent_run
+
+        try:
+            return open_parent_run(self.config, sweep_dir, kind="sweep")
+        except Exception as e:
+            log.warning(
+                f"MLflow at {self.config.tracking.uri} is unavailable ({config.first_line(e)}); "
+                "trials are tracked without a parent run"
+            )
+            return None
+
+
+def refuse(sweep_dir: Path, message: str) -> None:
+    """A bad point: one line, exit 2, and no sweep directory left holding only Hydra's multirun.yaml."""
+    print(f"config error: {message}", flush=True)
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+    raise SystemExit(config.CONFIG_ERROR_EXIT)
+
+
+# --- the manifest -----------------------------------------------------------------------------------
+
+
+def new_manifest(sweep_dir: Path, cfg: DictConfig, parent) -> dict:
+    hydra_cfg = HydraConfig.get()
+    return {
+        "sweep_dir": str(sweep_dir.resolve()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "overrides": list(hydra_cfg.overrides.task),
+        "launcher": str(cfg.hydra.launcher._target_),
+        "mlflow_tracking_uri": str(cfg.tracking.uri) if parent else None,
+        "mlflow_parent_run_id": parent[1] if parent else None,
+        "trials": {},
+    }
+
+
+def read_manifest(sweep_dir) -> dict | None:
+    path = Path(sweep_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_manifest(sweep_dir, manifest: dict) -> None:
+    path = Path(sweep_dir) / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def refresh_manifest(sweep_dir) -> dict:
+    """Each trial's status, losses, MLflow run and SLURM job from its run directory; written back."""
+    manifest = read_manifest(sweep_dir)
+    for trial in manifest["trials"].values():
+        summary_path = Path(trial["run_dir"]) / "summary.json"
+        if summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            trial.update(
+                {
+                    k: summary.get(k)
+                    for k in (
+                        "status",
+                        "val_loss",
+                        "step",
+                        "num_steps",
+                        "tokens_per_s",
+                        "mlflow_run_id",
+                        "slurm_job_id",
+                        "error",
+                    )
+                }
+            )
+        elif (Path(trial["run_dir"]) / "metrics.jsonl").exists():
+            trial["status"] = "RUNNING"  # started, no summary yet: running, or killed without one
+    write_manifest(sweep_dir, manifest)
+    return manifest
