@@ -31,6 +31,7 @@ class ValidatedSweep:
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         run_dirs, tracked = self._validate(job_overrides, initial_job_idx, sweep_dir)
         self._preflight(sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         parent = self._parent_run(sweep_dir) if tracked else None
         if parent is not None:
             job_overrides = [[*o, f"tracking.parent_run_id={parent[1]}"] for o in job_overrides]
@@ -130,6 +131,15 @@ def write_manifest(sweep_dir, manifest: dict) -> None:
     tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     tmp.replace(path)
+
+
+def mark_unsubmitted(sweep_dir: Path) -> None:
+    """Trials of a batch the scheduler refused are NOT_SUBMITTED, not PENDING."""
+    manifest = read_manifest(sweep_dir)
+    for trial in manifest["trials"].values():
+        if trial["status"] == "PENDING":
+            trial["status"] = "NOT_SUBMITTED"
+    write_manifest(sweep_dir, manifest)
 
 
 def refresh_manifest(sweep_dir) -> dict:

@@ -116,3 +116,48 @@ def test_compiled_model_trains(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["step"] == 3
+
+
+def test_slurm_launch_without_sbatch_says_what_to_use_instead(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {**os.environ, "PATH": "/nonexistent", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *TINY,
+            "hardware=slurm_cpu",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "needs Slurm's sbatch" in proc.stdout and "exp_local" in proc.stdout
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("sweep", ["grid", "optuna"])
+def test_sweep_files_compose(tmp_path, sweep):
+    from .conftest import ROOT
+
+    proc = run_train("-cd", str(ROOT / "sweeps"), "-cn", sweep, "--cfg", "hydra", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mode: MULTIRUN" in proc.stdout and "params:" in proc.stdout
+
+
+def test_multirun_with_one_bad_point_launches_nothing(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train("-m", *TINY, "optimizer.lr=1e-3,abc", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "sweep point #1" in proc.stdout and "optimizer.lr='abc'" in proc.stdout
+    assert not sweep.exists()

@@ -8,7 +8,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLaunche
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 
 from exp import config
-from exp.launch import ValidatedSweep, refuse
+from exp.launch import ValidatedSweep, mark_unsubmitted, refuse
 
 
 class BasicLauncher(ValidatedSweep, _HydraBasicLauncher):
@@ -38,5 +38,6 @@ class SlurmLauncher(ValidatedSweep, _SubmititSlurm):
             if "sbatch" not in text and "Submission" not in text:
                 raise
             detail = next((line for line in text.splitlines() if "error" in line.lower()), config.first_line(e))
+            mark_unsubmitted(Path(str(self.config.hydra.sweep.dir)))
             print(f"error: SLURM refused the job array: {detail.strip()}", flush=True)
             raise SystemExit(2) from None

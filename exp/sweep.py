@@ -1,0 +1,320 @@
+"""A sweep after its launch: `python -m exp.sweep status|resume|rerun-failed SWEEP_DIR [--dry-run] [--fresh]`.
+
+`resume` reruns every trial that is not FINISHED, `rerun-failed` the FAILED ones, each in its own run dir, where
+`resume=auto` continues from the newest checkpoint. Hydra's sweepers only expand products of values, so a subset
+of trials with different overrides cannot be one multirun, and a multirun into the sweep dir would renumber its
+jobs from 0 (overwriting sweep.json entries, multirun.yaml and optimization_results.yaml). Each trial is therefore
+its own one-job multirun through the sweep's launcher: same primary config, same Hydra overrides, its own job
+overrides, `hydra.sweep.subdir=<its run dir>` (absolute, so it wins over `hydra.sweep.dir`) and `hydra.sweep.dir=
+<sweep>/.relaunch/<k>/<num>` holding that launch's bookkeeping. Local launchers run the trials one after another;
+on SLURM all are submitted at once (each launcher process waits for its job). The sweep's MLflow parent run is
+reopened, so a trial that never started still nests under it; sweep.json lists every relaunch under `relaunches`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from exp.launch import MANIFEST, read_manifest, refresh_manifest, write_manifest
+
+SUMMARY_KEYS = ("status", "val_loss", "step", "num_steps", "tokens_per_s", "mlflow_run_id", "slurm_job_id", "error")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SweepError(Exception):
+    """Not a usable sweep directory; the message is the one line the user sees."""
+
+
+# --- reading a sweep ---------------------------------------------------------------------------------
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """sweep.json (exp's launchers), or Hydra's multirun.yaml / Optuna's results next to numbered run dirs."""
+    path = Path(path)
+    return (path / MANIFEST).exists() or (
+        ((path / "multirun.yaml").exists() or (path / "optimization_results.yaml").exists()) and bool(_numbered(path))
+    )
+
+
+def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
+    """The manifest with every trial refreshed from its run dir (written back when `write` and possible).
+
+    A sweep launched without exp's launchers has no sweep.json: its trials are the numbered run dirs.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise SweepError(f"{sweep_dir}: no such directory")
+    if not is_sweep_dir(sweep_dir):
+        raise SweepError(f"{sweep_dir} is not a sweep directory (no {MANIFEST}, multirun.yaml or numbered run dirs)")
+    manifest = None
+    if (sweep_dir / MANIFEST).exists():
+        try:
+            manifest = refresh_manifest(sweep_dir) if write else read_manifest(sweep_dir)
+        except OSError:  # a read-only sweep dir still reports
+            manifest = read_manifest(sweep_dir)
+    if manifest is None:
+        manifest = {"sweep_dir": str(sweep_dir.resolve()), "trials": {}}
+        for path in _numbered(sweep_dir):
+            overrides = path / ".hydra" / "overrides.yaml"
+            manifest["trials"][path.name] = {
+                "num": int(path.name),
+                "overrides": (yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else [],
+                "run_dir": str(path),
+                "status": "PENDING",
+            }
+    launch_cwd = hydra_config(sweep_dir).get("runtime", {}).get("cwd")
+    launch_cwd = Path(launch_cwd) if launch_cwd else None
+    for trial in manifest["trials"].values():
+        run_dir = resolve_run_dir(sweep_dir, trial, launch_cwd)
+        trial["run_dir"] = str(run_dir)
+        summary = read_summary(run_dir)
+        if summary:
+            trial.update({k: summary.get(k) for k in SUMMARY_KEYS})
+        elif (run_dir / "metrics.jsonl").exists():
+            trial["status"] = "RUNNING"  # started, no summary: running, or killed before writing one
+    if not manifest["trials"]:
+        raise SweepError(f"{sweep_dir}: the sweep has no trials")
+    return manifest
+
+
+def trials_of(manifest: dict) -> list[dict]:
+    """The trials in job order."""
+    return sorted(manifest["trials"].values(), key=lambda t: int(t["num"]))
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / "summary.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or torn by a killed writer
+        return None
+
+
+def resolve_run_dir(sweep_dir: Path, trial: dict, launch_cwd: Path | None) -> Path:
+    """A trial's run dir; a relative one (hydra.sweep.dir was relative) is relative to where the sweep was launched."""
+    recorded = Path(trial["run_dir"])
+    if recorded.is_absolute():
+        return recorded
+    candidates = [(launch_cwd or Path.cwd()) / recorded, Path.cwd() / recorded, sweep_dir / str(trial["num"])]
+    return next((c.resolve() for c in candidates if c.exists()), candidates[0].resolve())
+
+
+def hydra_config(sweep_dir: Path, manifest: dict | None = None) -> dict:
+    """The sweep's `hydra` node, unresolved: multirun.yaml, else a trial's .hydra/hydra.yaml (Optuna writes none)."""
+    sources = [Path(sweep_dir) / "multirun.yaml"]
+    if manifest:
+        sources += [Path(t["run_dir"]) / ".hydra" / "hydra.yaml" for t in trials_of(manifest)]
+    sources += [p / ".hydra" / "hydra.yaml" for p in _numbered(Path(sweep_dir))]
+    for path in sources:
+        if path.exists():
+            return (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+    return {}
+
+
+def _numbered(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+# --- relaunching ------------------------------------------------------------------------------------
+
+# Hydra overrides of the original command that must not reach a relaunch: it sets its own sweep dirs and sweeper.
+DROPPED_HYDRA = ("hydra.sweep.", "hydra.run.", "hydra.mode", "hydra.sweeper.", "hydra.job.num", "hydra.job.id")
+
+
+def relaunch_commands(sweep_dir: Path, manifest: dict, trials: list[dict], launch: int) -> list[dict]:
+    """One `train.py -m` command per trial that reruns it through the sweep's launcher in its own run dir."""
+    hydra = hydra_config(sweep_dir, manifest)
+    runtime, job = hydra.get("runtime", {}), hydra.get("job", {})
+    choices = runtime.get("choices", {})
+    main_conf = next((s["path"] for s in runtime.get("config_sources", []) if s.get("provider") == "main"), None)
+    # the program that composed the sweep, so its conf/ and the trial configs match; this repo's otherwise
+    train_py = Path(main_conf).parent / "train.py" if main_conf else REPO / "train.py"
+    if not train_py.exists():
+        train_py = REPO / "train.py"
+    head = [sys.executable, str(train_py), "-m"]
+    for source in runtime.get("config_sources", []):
+        if source.get("provider") == "command-line" and source.get("schema") == "file":
+            head += ["--config-dir", source["path"]]
+    if job.get("config_name") and job["config_name"] != "config":
+        head += ["--config-name", job["config_name"]]
+    head += [o for o in hydra.get("overrides", {}).get("hydra", []) if not o.lstrip("+~").startswith(DROPPED_HYDRA)]
+    # the trial's own overrides already hold its point; the config's search space must not expand it again
+    head.append("hydra.sweeper.params=null")
+    if choices.get("hydra/sweeper") == "optuna":
+        head += ["hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1"]
+    cwd = runtime.get("cwd")
+    cwd = cwd if cwd and Path(cwd).is_dir() else os.getcwd()
+    out = []
+    for trial in trials:
+        scratch = Path(sweep_dir).resolve() / ".relaunch" / str(launch) / str(trial["num"])
+        command = [
+            *head,
+            *trial["overrides"],
+            f"hydra.sweep.dir={scratch}",
+            f"hydra.sweep.subdir={Path(trial['run_dir']).resolve()}",
+        ]
+        out.append({"num": trial["num"], "run_dir": trial["run_dir"], "scratch": scratch, "cwd": cwd, "cmd": command})
+    return out
+
+
+def is_slurm(sweep_dir: Path, manifest: dict) -> bool:
+    hydra = hydra_config(sweep_dir, manifest)
+    names = [
+        str(hydra.get("runtime", {}).get("choices", {}).get("hydra/launcher", "")),
+        str(hydra.get("launcher", {}).get("_target_", "")),
+        str(manifest.get("launcher", "")),
+    ]
+    return any("slurm" in n.lower() for n in names)
+
+
+def in_use(run_dir: Path) -> str | None:
+    """Who holds the run dir's lock (a trial still training), or None."""
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
+def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = False) -> int:
+    """Rerun the trials `mode` selects (resume: not FINISHED; rerun-failed: FAILED); 0 when every launch exited 0."""
+    sweep_dir = Path(sweep_dir)
+    manifest = load_sweep(sweep_dir, write=not dry_run)
+    wanted = [
+        t for t in trials_of(manifest) if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] != "FINISHED")
+    ]
+    trials = []
+    for trial in wanted:
+        holder = in_use(Path(trial["run_dir"]))
+        if holder:
+            print(f"trial {trial['num']}: skipped, {trial['run_dir']} is in use by {holder}")
+        else:
+            trials.append(trial)
+    if not trials:
+        print(f"nothing to {mode.replace('-', ' ')}: " + _counts(manifest))
+        return 0
+    launch = len(manifest.get("relaunches", []))
+    commands = relaunch_commands(sweep_dir, manifest, trials, launch)
+    slurm = is_slurm(sweep_dir, manifest)
+    for c, trial in zip(commands, trials, strict=True):
+        print(f"trial {c['num']} ({trial['status']}) -> {c['run_dir']}")
+        print(f"  cd {shlex.quote(c['cwd'])} && {shlex.join(c['cmd'])}")
+    if dry_run:
+        return 0
+    if fresh:
+        for trial in trials:
+            shutil.rmtree(Path(trial["run_dir"]) / "checkpoints", ignore_errors=True)
+    marker = sweep_dir / "mlflow_run.json"
+    for c in commands:
+        c["scratch"].mkdir(parents=True, exist_ok=True)
+        if marker.exists():  # the launcher then reopens the sweep's parent run instead of starting one
+            shutil.copy(marker, c["scratch"] / marker.name)
+    record = {
+        "launch": launch,
+        "mode": mode,
+        "fresh": fresh,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "trials": [c["num"] for c in commands],
+        "commands": [shlex.join(c["cmd"]) for c in commands],
+    }
+    _record(sweep_dir, manifest, record)
+    if slurm:  # each launcher process blocks until its job ends: submit them all, then wait
+        procs = [subprocess.Popen(c["cmd"], cwd=c["cwd"]) for c in commands]
+        codes = [p.wait() for p in procs]
+    else:  # local jobs would compete for the same cores
+        codes = [subprocess.run(c["cmd"], cwd=c["cwd"]).returncode for c in commands]
+    manifest = load_sweep(sweep_dir)
+    record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), returncodes=codes)
+    _record(sweep_dir, manifest, record)
+    for c, code in zip(commands, codes, strict=True):
+        trial = manifest["trials"][str(c["num"])]
+        print(f"trial {c['num']}: {trial['status']} (val loss {_fmt(trial.get('val_loss'))}, exit {code})")
+    print(_counts(manifest))
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def _record(sweep_dir: Path, manifest: dict, record: dict) -> None:
+    relaunches = manifest.setdefault("relaunches", [])
+    relaunches[:] = [r for r in relaunches if r.get("launch") != record["launch"]] + [record]
+    write_manifest(sweep_dir, manifest)
+
+
+# --- the CLI ----------------------------------------------------------------------------------------
+
+
+def status(sweep_dir: Path) -> int:
+    """One line per trial and a count per status."""
+    manifest = load_sweep(sweep_dir)
+    rows = [["#", "status", "val loss", "run dir", "slurm job", "mlflow run"]]
+    for t in trials_of(manifest):
+        rows.append(
+            [
+                str(t["num"]),
+                t["status"],
+                _fmt(t.get("val_loss")),
+                t["run_dir"],
+                t.get("slurm_job_id") or "-",
+                t.get("mlflow_run_id") or "-",
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r, t in zip(rows, [None, *trials_of(manifest)], strict=True):
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        if t is not None and t.get("error"):
+            line += f"  {str(t['error']).splitlines()[0]}"
+        print(line)
+    print(_counts(manifest))
+    return 0
+
+
+def _counts(manifest: dict) -> str:
+    counts = Counter(t["status"] for t in manifest["trials"].values())
+    return f"{sum(counts.values())} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m exp.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["status", "resume", "rerun-failed"])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--fresh", action="store_true", help="rerun-failed: delete their checkpoints first")
+    args = parser.parse_args(argv)
+    try:
+        if args.fresh and args.command != "rerun-failed":
+            raise SweepError("--fresh only applies to rerun-failed")
+        if args.command == "status":
+            return status(args.sweep_dir)
+        return relaunch(args.sweep_dir, args.command, dry_run=args.dry_run, fresh=args.fresh)
+    except (SweepError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

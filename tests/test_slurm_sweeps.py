@@ -1,0 +1,148 @@
+"""Sweeps on the local SLURM cluster: a grid as a job array, a failing trial, a preempted job that resumes exactly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from .conftest import ROOT, run_train
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch: run scripts/slurm-local.sh"),
+]
+
+TINY = [
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.seq_len=32",
+    "stage.log_every_n_steps=5",
+    "stage.eval_every_n_steps=10",
+    "sample.max_new_tokens=0",
+    "hardware.num_threads=1",
+    "hydra.launcher.timeout_min=30",
+]  # >10 min, or submitit counts every signal as a time limit
+
+
+def trials(sweep_dir):
+    return json.loads((sweep_dir / "sweep.json").read_text())["trials"]
+
+
+def test_grid_on_slurm_with_a_failing_trial_records_both(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "hardware=slurm_cpu",
+        *TINY,
+        "stage.num_steps=10",
+        "nan.max_rollbacks=0",
+        "+callbacks.p._target_=tests.hooks.PoisonWeightsAt",
+        "+callbacks.p.step=3,1000",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_num = trials(sweep)
+    assert by_num["0"]["status"] == "FAILED" and "TrainingFailed" in by_num["0"]["error"]
+    assert by_num["1"]["status"] == "FINISHED" and by_num["1"]["val_loss"] > 0
+    assert all(t["slurm_job_id"] for t in by_num.values())
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(by_num["0"]["mlflow_run_id"]).info.status == "FAILED"
+    finished = client.get_run(by_num["1"]["mlflow_run_id"])
+    assert finished.info.status == "FINISHED"
+    parent = json.loads((sweep / "sweep.json").read_text())["mlflow_parent_run_id"]
+    assert finished.data.tags["mlflow.parentRunId"] == parent
+    assert finished.data.tags["slurm_job_id"] == by_num["1"]["slurm_job_id"]
+    assert (sweep / ".submitit").is_dir()  # submitit's logs stay inside the sweep
+
+
+def _squeue(job: str) -> tuple[str, str]:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout.split()
+    return (out[0], out[1]) if len(out) >= 2 else ("", "")
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_weights(tmp_path):
+    steps = ["stage.num_steps=40", "checkpoint.every_n_steps=1000", "checkpoint.keep_best=false", "tracking=none"]
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hardware=slurm_cpu",
+        *TINY,
+        *steps,
+        "+callbacks.slow._target_=tests.hooks.SleepEachStep",
+        "+callbacks.slow.seconds=0.25",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = sweep / "0"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until the job is training
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        if len(rows) >= 2:
+            break
+        assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+        time.sleep(0.2)
+    job = next(p.name for p in (sweep / ".submitit").iterdir() if p.name[0].isdigit())
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what SLURM sends before a preemption
+    released = False
+    while time.time() < deadline and launcher.poll() is None:
+        state, reason = _squeue(job)
+        if state == "PENDING" and "BeginTime" in reason and not released:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            released = True
+        time.sleep(0.5)
+    out = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, out[-3000:]
+    assert released, "the job was not requeued"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 2 and saved[-1] == "step_00000040"  # the one saved on USR2, and the final one
+    log = (run_dir / "train.log").read_text()
+    assert "preemption or time limit" in log and "resumed from" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "FINISHED" and summary["step"] == 40
+
+    reference = tmp_path / "reference"
+    proc = run_train(
+        "hardware=cpu",
+        *[o for o in TINY if not o.startswith("hydra.launcher")],
+        *steps,
+        f"hydra.run.dir={reference}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = load_file(run_dir / "checkpoints" / "step_00000040" / "model.safetensors")
+    theirs = load_file(reference / "checkpoints" / "step_00000040" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_an_invalid_partition_surfaces_sbatch_and_keeps_the_sweep_dir(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "hardware=slurm_cpu",
+        *TINY,
+        "stage.num_steps=2",
+        "tracking=none",
+        "hydra.launcher.partition=no_such_partition",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "error: SLURM refused the job array" in proc.stdout and "no_such_partition" in proc.stdout
+    assert (sweep / "multirun.yaml").exists()
+    assert all(t["status"] == "NOT_SUBMITTED" for t in trials(sweep).values())
