@@ -32,6 +32,8 @@ REQUIRED_FILES = (
     "trainer_state.json",
     "config.yaml",
 )
+# A sharded checkpoint (exp.dist_checkpoint) keeps model and optimizer as DCP shards under dcp/ instead.
+SHARDED_REQUIRED_FILES = ("dcp/.metadata", "scheduler.json", "trainer_state.json", "config.yaml")
 RNG_KEY = "rng"  # reserved key in trainer_state.json
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _HASH_CHUNK = 1 << 24
@@ -255,12 +257,16 @@ def verify_checkpoint(path) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{path / MANIFEST}: has no file list")
-    for name in REQUIRED_FILES:
+    sharded = manifest.get("sharded") is True
+    if sharded and not (isinstance(manifest.get("world_size"), int) and manifest["world_size"] > 0):
+        raise CheckpointError(f"{path / MANIFEST}: a sharded checkpoint needs a positive world_size")
+    for name in SHARDED_REQUIRED_FILES if sharded else REQUIRED_FILES:
         if name not in files:
             raise CheckpointError(f"{path / MANIFEST}: does not list {name}")
     for name, entry in files.items():
-        # Only plain names inside the folder, so a doctored manifest cannot point elsewhere.
-        plain = Path(name).name == name and name not in (".", "..")
+        # Only plain names inside the folder (or its dcp/ when sharded), so a doctored manifest cannot point elsewhere.
+        parts = name.split("/") if sharded and name.startswith("dcp/") else [name]
+        plain = len(parts) <= 2 and all(Path(p).name == p and p not in ("", ".", "..") for p in parts)
         if not plain or not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
             raise CheckpointError(f"{path / MANIFEST}: malformed entry {name!r}")
         file = path / name

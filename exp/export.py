@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_model
 from torch import nn
 
-from exp.checkpoint import MANIFEST, CheckpointError, latest_valid_checkpoint, load_model_weights, verify_checkpoint
+from exp.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    _sha256,
+    latest_valid_checkpoint,
+    load_model_weights,
+    verify_checkpoint,
+)
 from exp.model import GPT
 
 # config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built.
@@ -67,24 +77,62 @@ def build_model(model_cfg: dict, source) -> nn.Module:
         raise CheckpointError(f"{source}: cannot build {target} ({e})") from None
 
 
-def locate_model(path) -> tuple[Path, dict]:
-    """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
+def _find_model(path) -> tuple[Path, dict]:
+    """(model.safetensors, or a sharded checkpoint folder, and the resolved model config) of path."""
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() and not (path / MANIFEST).exists():
-        config_file, node = path / "config.yaml", None  # an export folder: config.yaml is the model node itself
-    else:
-        path = find_checkpoint(path)
-        verify_checkpoint(path)
-        config_file, node = path / "config.yaml", "model"
-    return path / "model.safetensors", read_model_config(config_file, node)
+        return path / "model.safetensors", read_model_config(path / "config.yaml", None)  # an export folder
+    path = find_checkpoint(path)
+    sharded = verify_checkpoint(path).get("sharded") is True
+    model_cfg = read_model_config(path / "config.yaml", "model")
+    return (path if sharded else path / "model.safetensors"), model_cfg
+
+
+def _load_consolidated(checkpoint: Path, model: nn.Module) -> None:
+    """Load a (verified) sharded checkpoint's consolidated weights into model; tied weights stay tied."""
+    from exp.dist_checkpoint import consolidate  # here: torch.distributed.checkpoint adds ~0.6 s to every import
+
+    try:
+        model.load_state_dict(consolidate(checkpoint, verify=False), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint / 'dcp'}: does not fit the model of its config.yaml ({e})") from None
+
+
+# Consolidated weights files written this process, by checkpoint and manifest, so a second lookup reuses one.
+_consolidated: dict[tuple[Path, str], Path] = {}
+
+
+def _consolidated_file(checkpoint: Path, model_cfg: dict) -> Path:
+    key = (checkpoint.resolve(), _sha256(checkpoint / MANIFEST))
+    if key not in _consolidated or not _consolidated[key].is_file():
+        model = build_model(model_cfg, checkpoint / "config.yaml")
+        _load_consolidated(checkpoint, model)
+        folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        save_model(model, str(folder / "model.safetensors"))
+        _consolidated[key] = folder / "model.safetensors"
+    return _consolidated[key]
+
+
+def locate_model(path) -> tuple[Path, dict]:
+    """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
+    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first.
+    weights, model_cfg = _find_model(path)
+    if weights.is_dir():
+        weights = _consolidated_file(weights, model_cfg)
+    return weights, model_cfg
 
 
 def load_model_for_inference(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder."""
-    weights, model_cfg = locate_model(path)
+    weights, model_cfg = _find_model(path)
+    config_file = (weights if weights.is_dir() else weights.parent) / "config.yaml"
     with torch.device(device):
-        model = build_model(model_cfg, weights.parent / "config.yaml")
-    load_model_weights(weights, model)
+        model = build_model(model_cfg, config_file)
+    if weights.is_dir():
+        _load_consolidated(weights, model)  # sharded: straight from the shards, no temporary file
+    else:
+        load_model_weights(weights, model)
     return model.eval(), model_cfg
 
 
@@ -112,7 +160,7 @@ def export_checkpoint(checkpoint, out) -> Path:
 def main(argv=None) -> int:
     """CLI entry point; returns the exit status (2 on any checkpoint or config error)."""
     parser = argparse.ArgumentParser(prog="python -m exp.export", description=__doc__)
-    parser.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX) or run directory")
+    parser.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX, sharded or not) or run directory")
     parser.add_argument("out", help="output folder")
     args = parser.parse_args(argv)
     try:

@@ -19,6 +19,7 @@ class Hardware:
     compile: bool = False
     matmul_precision: str = "high"  # highest | high | medium (torch.set_float32_matmul_precision)
     num_threads: int | None = None
+    distributed: str = "none"  # none | ddp | fsdp: several processes from torchrun or SLURM tasks
 
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
@@ -28,6 +29,9 @@ class Hardware:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"hardware.num_threads={self.num_threads} must be >= 1")
         resolve_device(self.device)
+        from exp.dist import check_launch
+
+        check_launch(self.distributed)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -106,9 +110,11 @@ class Runtime:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-def setup(hw: Hardware, dtype: str) -> Runtime:
-    """Apply process-wide settings and return the resolved runtime."""
+def setup(hw: Hardware, dtype: str, local_rank: int = 0) -> Runtime:
+    """Apply process-wide settings and return the resolved runtime (one GPU per local rank)."""
     device = hw.torch_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if hw.num_threads is not None:
         torch.set_num_threads(hw.num_threads)
     torch.set_float32_matmul_precision(hw.matmul_precision)

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from exp.dist import Dist, grad_sync
 from exp.hardware import Runtime
+
+SINGLE = Dist()
 
 EMA_BETA = 0.9  # smoothing of the per-step loss reported as train/loss_ema
 
@@ -78,12 +81,12 @@ def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=N
     """Accumulate gradients over the stage's micro-batches and clip them; the optimizer is not stepped here."""
     num_micro = stage.gradient_accumulation_steps
     loss_sum, metrics, num_inputs = 0.0, {}, 0
-    for _ in range(num_micro):
+    for i in range(num_micro):
         x, y = (t.to(rt.device, non_blocking=True) for t in next(batches))
-        with rt.autocast():
+        with grad_sync(model, enabled=i == num_micro - 1), rt.autocast():
             out = stage.train_step(model, (x, y))
-        loss = out["loss"] / num_micro  # each micro-batch's mean counts 1/num_micro of the step's loss
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = out["loss"] / num_micro  # each micro-batch's mean counts 1/num_micro of the step's loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum = loss_sum + loss.detach()
         for key, value in out.items():  # the stage's own metrics (accuracy, kd_loss, ...), averaged
             if key not in ("loss", "num_tokens"):
@@ -92,16 +95,18 @@ def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=N
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
     return {"loss": loss_sum, "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": metrics}
 
 
 @torch.no_grad()
-def evaluate(stage, model, batches: Iterable, rt: Runtime) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy over a fixed set of batches."""
+def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy over a fixed set of batches (shared out over ranks)."""
     was_training = model.training
     model.eval()
-    loss_sum = correct_sum = tokens = 0.0
-    for x, y in batches:
+    loss_sum = correct_sum = tokens = torch.zeros((), device=rt.device)
+    for x, y in list(batches)[dist.rank :: dist.world_size]:
         with rt.autocast():
             out = stage.eval_step(model, (x.to(rt.device), y.to(rt.device)))
         n = out["num_tokens"].float()
@@ -111,8 +116,9 @@ def evaluate(stage, model, batches: Iterable, rt: Runtime) -> dict[str, float]:
             tokens + n,
         )
     model.train(was_training)
-    loss = (loss_sum / tokens).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": (correct_sum / tokens).item()}
+    loss_sum, correct_sum, tokens = dist.sum(torch.stack([loss_sum, correct_sum, tokens])).tolist()
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct_sum / tokens}
 
 
 class _Interval:
@@ -164,11 +170,12 @@ def train(
     state: TrainState,
     scaler=None,
     guard=None,
+    dist: Dist = SINGLE,
 ) -> TrainState:
     """Run optimizer steps from state.step to stage.num_steps, logging and evaluating on the stage's intervals."""
     guard = guard or FailFast()
     if state.step == 0 and getattr(stage, "eval_at_start", False):
-        val = evaluate(stage, model, val_batches, rt)
+        val = evaluate(stage, model, val_batches, rt, dist)
         state.initial_val_loss = val["loss"]
         for cb in callbacks:
             cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
@@ -192,14 +199,14 @@ def train(
         scheduler.step()
 
         state.step += 1
-        state.tokens_seen += out["num_inputs"]
+        state.tokens_seen += out["num_inputs"] * dist.world_size
         state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
         interval.add(loss, grad_norm, out["num_inputs"], out["metrics"])
 
         last = state.step == stage.num_steps
         if state.step % stage.log_every_n_steps == 0 or last:
             interval.pause()
-            metrics = _interval_metrics(interval, state, lr, samples_per_step, rt)
+            metrics = _interval_metrics(interval, state, lr, samples_per_step, rt, dist)
             state.train_seconds += interval.seconds
             state.train_loss = metrics["train/loss"]
             for cb in callbacks:
@@ -207,7 +214,7 @@ def train(
             interval.reset()
         if state.step % stage.eval_every_n_steps == 0 or last:
             interval.pause()
-            val = evaluate(stage, model, val_batches, rt)
+            val = evaluate(stage, model, val_batches, rt, dist)
             state.val_loss = val["loss"]
             state.best_val_loss = min(state.best_val_loss, val["loss"])
             for cb in callbacks:
@@ -217,14 +224,17 @@ def train(
         for cb in callbacks:
             cb.on_step_end(state, loss)
         interval.resume()
-        if any(cb.should_stop for cb in callbacks):
+        if dist.any(any(cb.should_stop for cb in callbacks)):  # every rank stops at the same step
             break
     return state
 
 
-def _interval_metrics(interval: _Interval, state: TrainState, lr: float, samples_per_step: int, rt: Runtime):
+def _interval_metrics(
+    interval: _Interval, state: TrainState, lr: float, samples_per_step: int, rt: Runtime, dist: Dist
+):
     n, seconds = interval.num_steps, max(interval.seconds, 1e-9)
-    mean_loss = interval.loss / n
+    loss_sum, inputs = dist.sum(torch.tensor([interval.loss, float(interval.num_inputs)])).tolist()
+    mean_loss = loss_sum / (n * dist.world_size)
     return {
         "train/loss": mean_loss,
         "train/loss_ema": state.loss_ema,
@@ -232,8 +242,9 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, samples
         **interval.means(),
         "train/grad_norm": interval.grad_norm / n,
         "train/lr": lr,
-        "perf/tokens_per_s": interval.num_inputs / seconds,
-        "perf/samples_per_s": n * samples_per_step / seconds,
+        "perf/tokens_per_s": inputs / seconds,  # all ranks together
+        "perf/tokens_per_s_per_rank": interval.num_inputs / seconds,
+        "perf/samples_per_s": n * samples_per_step * dist.world_size / seconds,
         "perf/step_ms": 1000 * seconds / n,
         "perf/peak_memory_mb": rt.peak_memory_mb(),
         "progress/tokens_seen": state.tokens_seen,

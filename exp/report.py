@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exp.callbacks import read_metrics
+from exp.sweep import SweepError, is_sweep_dir, load_sweep, read_summary, trials_of
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 MAX_LEGEND = 15  # more curves than this are drawn but left out of the legend
@@ -101,7 +102,7 @@ def rank(trials: list[Trial]) -> list[Trial]:
     """FINISHED trials by final val loss, then the failed and unfinished ones in job order."""
     done = sorted((t for t in trials if t.ranked), key=lambda t: t.val_loss)
     rest = sorted((t for t in trials if not t.ranked), key=lambda t: _num_key(t.num))
-    return rest + done
+    return done + rest
 
 
 def numeric_keys(trials: list[Trial], keys: list[str]) -> list[str]:
@@ -116,8 +117,6 @@ def numeric_keys(trials: list[Trial], keys: list[str]) -> list[str]:
 
 def sweep_trials(sweep_dir: Path) -> tuple[list[Trial], bool]:
     """(trials, is_optuna) of a sweep dir, each refreshed from its run dir's summary.json and metrics.jsonl."""
-    from exp.sweep import load_sweep, read_summary, trials_of
-
     manifest = load_sweep(sweep_dir)
     trials = []
     for entry in trials_of(manifest):
@@ -192,8 +191,9 @@ def experiment_trials(name: str, uri: str) -> list[Trial]:
 
 
 def distinct_keys(trials: list[Trial], keys: list[str]) -> list[str]:
-    """One key per way of splitting the runs: a config group's keys, or a value read through an interpolation
-    (optimizer.lr from stage.learning_rate), all vary together and say the same thing."""
+    """One key per way the values split the runs: keys that always vary together say the same thing."""
+    # a group's keys (optimizer._target_, optimizer.betas, ...) or a value read through an interpolation
+    # (optimizer.lr from stage.learning_rate); the group's _target_ or else the shortest key speaks for them
     by_split: dict[tuple, list[str]] = {}
     for key in keys:
         split = tuple(t.params.get(key) for t in trials)
@@ -235,8 +235,7 @@ def format_table(trials: list[Trial], keys: list[str]) -> str:
 
 
 def plot_sweep(trials: list[Trial], keys: list[str], out: Path, param_panels: list[str], title: str = "") -> list[str]:
-    """A PNG of every trial's val-loss curve (the best one highlighted) and, per key in `param_panels`, final
-    val loss against that value; returns the panels drawn."""
+    """Val-loss curves of every trial (best highlighted) and final val loss per `param_panels` key; the panels drawn."""
     plt = _pyplot()
     ranked = rank(trials)
     best = ranked[0] if ranked and ranked[0].ranked else None
@@ -307,8 +306,7 @@ def plot_sweep(trials: list[Trial], keys: list[str], out: Path, param_panels: li
 
 
 def short_keys(keys: list[str]) -> dict[str, str]:
-    """A key's last component where that is unambiguous (learning_rate for stage.learning_rate); a group's
-    `_target_` is named by the group (optimizer for optimizer._target_)."""
+    """Legend names: learning_rate for stage.learning_rate where unambiguous, optimizer for optimizer._target_."""
     names = [k.removesuffix("._target_") if k.endswith("._target_") else k for k in keys]
     last = [n.rsplit(".", 1)[-1] for n in names]
     return {k: (s if last.count(s) == 1 else n) for k, n, s in zip(keys, names, last, strict=True)}
@@ -352,11 +350,11 @@ def report_run(run_dir: Path, out: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exp.report", description=__doc__.splitlines()[0])
     parser.add_argument("target", help="a sweep dir, a run dir, or an MLflow experiment name")
-    parser.add_argument("--tracking-uri", default=None, help=f"MLflow store (MLFLOW_TRACKING_URI, {DEFAULT_TRACKING_URI})")
+    parser.add_argument(
+        "--tracking-uri", default=None, help=f"MLflow store (MLFLOW_TRACKING_URI, {DEFAULT_TRACKING_URI})"
+    )
     parser.add_argument("--out", type=Path, default=None, help="the PNG to write")
     args = parser.parse_args(argv)
-    from exp.sweep import SweepError, is_sweep_dir
-
     path = Path(args.target)
     try:
         if path.is_dir() and is_sweep_dir(path):
@@ -403,8 +401,7 @@ def _number(value) -> float | None:
 
 
 def _short_value(value: str) -> str:
-    """Floats Optuna sampled (0.0022881136684755237) to 4 significant digits, a class (torch.optim.AdamW) by its
-    name; anything else as given."""
+    """Sampled floats (0.0022881136684755237) to 4 significant digits, a class (torch.optim.AdamW) by its name."""
     if re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", str(value)):
         return str(value).rsplit(".", 1)[-1]
     number = _number(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,10 +19,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from exp import config, hardware, loop
+from exp import dist as exp_dist
 from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, MetricsFile, ProgressBar
 from exp.checkpoint import (
     CheckpointError,
     RunLock,
+    checkpoint_name,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -32,6 +35,7 @@ from exp.checkpoint import (
 )
 from exp.faults import EarlyStopping, FaultGuard, StopSignals
 from exp.optim import build_optimizer
+from exp.tracking import NullTracker
 
 log = logging.getLogger("exp")
 
@@ -69,25 +73,34 @@ def train(cfg: DictConfig) -> float:
         config.discard_untouched_run_dir(valid.run.run_dir)
         return float("nan")
 
-    run_dir = Path(valid.run.run_dir)
+    dist = exp_dist.init(valid.hardware.distributed, valid.hardware.torch_device().type)
+    # every rank composed the config itself; a time-stamped run dir can differ by a second: rank 0's wins
+    run_dir = Path(dist.broadcast_str(str(valid.run.run_dir)))
+    if not dist.is_main:
+        if str(run_dir) != str(valid.run.run_dir):
+            config.discard_untouched_run_dir(valid.run.run_dir)
+        logging.getLogger("exp").setLevel(logging.WARNING)  # one rank reports
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        lock = RunLock(run_dir)
+        lock = RunLock(run_dir) if dist.is_main else contextlib.nullcontext()
         lock.__enter__()
     except CheckpointError as e:
         _exit(f"error: {e}", 1)
     try:
-        return _train(cfg, valid, run_dir)
+        return _train(cfg, valid, run_dir, dist)
     finally:
         lock.__exit__(None, None, None)
+        exp_dist.shutdown()
 
 
-def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
+def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:
     started = time.perf_counter()
     stage, run = valid.stage, valid.run
     ckpt_root = Path(cfg.checkpoint.dir)
+    sharded = dist.strategy == "fsdp" and dist.enabled
     try:
-        resume_from = find_resume_checkpoint(run.resume, ckpt_root)
+        found = find_resume_checkpoint(run.resume, ckpt_root) if dist.is_main else None
+        resume_from = Path(found) if (found := dist.broadcast_str(str(found or ""))) else None
         resumed = read_trainer_state(resume_from) if resume_from else {}
         if resume_from:
             check_config_change(resume_from / "config.yaml", cfg, run.resume.allow_config_change)
@@ -97,21 +110,26 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
         _exit(f"error: cannot resume: {e}", 2)
     state = _state_from_dict(resumed.get("state", {}))
 
-    tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir, resume_run_id=resumed.get("mlflow_run_id"))
+    make_tracker = instantiate(cfg.tracking) if dist.is_main else NullTracker  # only rank 0 talks to MLflow
+    tracker = make_tracker(cfg=cfg, run_dir=run_dir, resume_run_id=resumed.get("mlflow_run_id"))
     tracker.on_train_start(state)  # MLflow imports and connects on its own thread while the rest is built
     signals, clock = StopSignals(), FirstStepClock()
     callbacks = [clock, signals, EarlyStopping(run.early_stopping)]
     callbacks += [instantiate(node) for node in cfg.callbacks.values()]
     status, summary = "FAILED", None
     try:
-        rt = hardware.setup(valid.hardware, stage.dtype)
+        rt = hardware.setup(valid.hardware, stage.dtype, dist.local_rank)
         seed_everything(run.seed)
         data = instantiate(cfg.data)
         model = instantiate(cfg.model).to(rt.device)
+        if sharded:  # FSDP shards before the optimizer exists, so it holds only this rank's shards
+            model = exp_dist.wrap(model, dist, rt.dtype)
         optimizer = build_optimizer(instantiate(cfg.optimizer), model, device=rt.device)
         scheduler = instantiate(cfg.scheduler)(optimizer)
         scaler = rt.grad_scaler()
-        batches = data.train_sampler(stage.batch_size_per_gpu, seed=run.seed)
+        batches = data.train_sampler(
+            stage.batch_size_per_gpu, seed=run.seed, rank=dist.rank, world_size=dist.world_size
+        )
         val_batches = [
             (x.to(rt.device), y.to(rt.device))
             for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
@@ -130,14 +148,15 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             cb.on_build(model, optimizer, scheduler)
         if resume_from:
             try:
-                restored = load_checkpoint(
+                restored = _loader(sharded)(
                     resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
                 )
             except CheckpointError as e:
                 _exit(f"error: cannot resume from {resume_from}: {e}", 2)
             batches.load_state_dict(restored["sampler"])
             log.info(f"resumed from {resume_from} at step {state.step}")
-        step_model = torch.compile(model) if rt.compile else model
+        step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
+        step_model = torch.compile(step_model) if rt.compile else step_model
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
 
         def save(st: loop.TrainState) -> Path:
@@ -148,6 +167,21 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
                 "mlflow_run_id": tracker.run_id,
                 "mlflow_tracking_uri": tracker.uri,
             }
+            if sharded:  # every rank writes its shard
+                from exp.dist_checkpoint import save_sharded
+
+                return save_sharded(
+                    ckpt_root,
+                    st.step,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    trainer_state=trainer_state,
+                    config_yaml=config_yaml,
+                )
+            if not dist.is_main:  # DDP: the replicas are identical; rank 0 writes
+                return ckpt_root / checkpoint_name(st.step)
             return save_checkpoint(
                 ckpt_root,
                 st.step,
@@ -160,10 +194,11 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             )
 
         def rollback(st: loop.TrainState, lr_factor: float) -> bool:
-            path = latest_valid_checkpoint(ckpt_root, warn=log.warning)
-            if path is None:
+            dist.barrier()  # rank 0 may still be writing the newest checkpoint
+            found = latest_valid_checkpoint(ckpt_root, warn=log.warning) if dist.is_main else None
+            if not (found := dist.broadcast_str(str(found or ""))):
                 return False
-            back = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            back = _loader(sharded)(Path(found), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
             for key, value in dataclasses.asdict(_state_from_dict(back["state"])).items():
                 setattr(st, key, value)
             for group in optimizer.param_groups:
@@ -171,15 +206,18 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             scheduler.base_lrs = [lr * lr_factor for lr in scheduler.base_lrs]
             return True
 
-        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(
-            save=save, rotate=lambda keep, protect: rotate_checkpoints(ckpt_root, keep, protect), listeners=[tracker]
-        )
+        def rotate(keep: int, protect: set) -> None:
+            if dist.is_main:
+                rotate_checkpoints(ckpt_root, keep, protect)
+
+        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(save=save, rotate=rotate, listeners=[tracker])
         if resume_from:
             checkpointer.last_path, checkpointer.last_step = resume_from, state.step
         metrics_file = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=state.step)
-        callbacks += [checkpointer, ConsoleLog(stage.num_steps), metrics_file, ProgressBar(stage.num_steps)]
+        reporters = [ConsoleLog(stage.num_steps), metrics_file, ProgressBar(stage.num_steps)] if dist.is_main else []
+        callbacks += [checkpointer, *reporters]
         guard = FaultGuard(
-            run.nan, rollback, on_event=lambda st, m: [cb.on_fault(st, m) for cb in (metrics_file, tracker)]
+            run.nan, rollback, on_event=lambda st, m: [cb.on_fault(st, m) for cb in (*reporters, tracker)]
         )
         log.info(
             f"run dir {run_dir} | {model.num_params():,} parameters | {rt.device} {rt.dtype} "
@@ -200,11 +238,16 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             state,
             scaler=scaler,
             guard=guard,
+            dist=dist,
         )
 
         final = checkpointer.save(state)
         status = "KILLED" if signals.received else "FINISHED"  # a preempted job is KILLED until requeued
-        sample = generate_sample(model, run.sample, data.vocab_size, rt) if status == "FINISHED" else None
+        if not dist.is_main:
+            return state.val_loss
+        sample = None
+        if status == "FINISHED" and not sharded:  # a sharded model has no whole copy here to sample from
+            sample = generate_sample(model, run.sample, data.vocab_size, rt)
         if sample is not None:
             log.info(f"sample:\n{run.sample.prompt}{sample}")
         summary = write_summary(
@@ -236,7 +279,8 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path) -> float:
             log.error(str(e))
         else:
             log.exception(f"training failed: {e}")
-        write_failure_summary(run_dir, state, stage, tracker, f"{type(e).__name__}: {config.first_line(e)}")
+        if dist.is_main:
+            write_failure_summary(run_dir, state, stage, tracker, f"{type(e).__name__}: {config.first_line(e)}")
         if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
             return float("nan")
         if isinstance(e, loop.TrainingFailed):
@@ -333,6 +377,14 @@ def _log_run_artifacts(run_dir: Path, tracker) -> None:
     if (run_dir / ".hydra").is_dir():
         for path in sorted((run_dir / ".hydra").iterdir()):
             tracker.log_artifact(path, "hydra")
+
+
+def _loader(sharded: bool):
+    if sharded:
+        from exp.dist_checkpoint import load_sharded
+
+        return load_sharded
+    return load_checkpoint
 
 
 def in_sweep() -> bool:

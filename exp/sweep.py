@@ -1,15 +1,4 @@
-"""A sweep after its launch: `python -m exp.sweep status|resume|rerun-failed SWEEP_DIR [--dry-run] [--fresh]`.
-
-`resume` reruns every trial that is not FINISHED, `rerun-failed` the FAILED ones, each in its own run dir, where
-`resume=auto` continues from the newest checkpoint. Hydra's sweepers only expand products of values, so a subset
-of trials with different overrides cannot be one multirun, and a multirun into the sweep dir would renumber its
-jobs from 0 (overwriting sweep.json entries, multirun.yaml and optimization_results.yaml). Each trial is therefore
-its own one-job multirun through the sweep's launcher: same primary config, same Hydra overrides, its own job
-overrides, `hydra.sweep.subdir=<its run dir>` (absolute, so it wins over `hydra.sweep.dir`) and `hydra.sweep.dir=
-<sweep>/.relaunch/<k>/<num>` holding that launch's bookkeeping. Local launchers run the trials one after another;
-on SLURM all are submitted at once (each launcher process waits for its job). The sweep's MLflow parent run is
-reopened, so a trial that never started still nests under it; sweep.json lists every relaunch under `relaunches`.
-"""
+"""A sweep after its launch: `python -m exp.sweep status|resume|rerun-failed SWEEP_DIR [--dry-run] [--fresh]`."""
 
 from __future__ import annotations
 
@@ -50,10 +39,7 @@ def is_sweep_dir(path: Path) -> bool:
 
 
 def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
-    """The manifest with every trial refreshed from its run dir (written back when `write` and possible).
-
-    A sweep launched without exp's launchers has no sweep.json: its trials are the numbered run dirs.
-    """
+    """The manifest with every trial refreshed from its run dir (written back when `write` and possible)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise SweepError(f"{sweep_dir}: no such directory")
@@ -65,7 +51,7 @@ def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
             manifest = refresh_manifest(sweep_dir) if write else read_manifest(sweep_dir)
         except OSError:  # a read-only sweep dir still reports
             manifest = read_manifest(sweep_dir)
-    if manifest is None:
+    if manifest is None:  # launched without exp's launchers: the numbered run dirs are the trials
         manifest = {"sweep_dir": str(sweep_dir.resolve()), "trials": {}}
         for path in _numbered(sweep_dir):
             overrides = path / ".hydra" / "overrides.yaml"
@@ -131,6 +117,13 @@ def _numbered(path: Path) -> list[Path]:
 
 
 # --- relaunching ------------------------------------------------------------------------------------
+# Hydra's sweepers only expand products of values, so trials with different overrides cannot share one multirun,
+# and a multirun into the sweep dir would number its jobs from 0 again, overwriting sweep.json entries,
+# multirun.yaml and optimization_results.yaml. So each trial is a one-job multirun through the sweep's own launcher
+# (same primary config, Hydra overrides and job overrides) with hydra.sweep.subdir=<its run dir>: absolute, it
+# wins over hydra.sweep.dir, which becomes <sweep>/.relaunch/<k>/<num> and holds that launch's own bookkeeping.
+# resume=auto then continues each trial from its newest checkpoint. Local launchers run the trials one after
+# another; on SLURM they are all submitted at once, since each launcher process waits for its job.
 
 # Hydra overrides of the original command that must not reach a relaunch: it sets its own sweep dirs and sweeper.
 DROPPED_HYDRA = ("hydra.sweep.", "hydra.run.", "hydra.mode", "hydra.sweeper.", "hydra.job.num", "hydra.job.id")
@@ -164,7 +157,8 @@ def relaunch_commands(sweep_dir: Path, manifest: dict, trials: list[dict], launc
         scratch = Path(sweep_dir).resolve() / ".relaunch" / str(launch) / str(trial["num"])
         command = [
             *head,
-            *trial["overrides"],
+            # the launcher adds the sweep's parent run itself; a second value would be refused
+            *(o for o in trial["overrides"] if not o.startswith("tracking.parent_run_id=")),
             f"hydra.sweep.dir={scratch}",
             f"hydra.sweep.subdir={Path(trial['run_dir']).resolve()}",
         ]
@@ -203,7 +197,9 @@ def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = Fa
     sweep_dir = Path(sweep_dir)
     manifest = load_sweep(sweep_dir, write=not dry_run)
     wanted = [
-        t for t in trials_of(manifest) if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] != "FINISHED")
+        t
+        for t in trials_of(manifest)
+        if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] != "FINISHED")
     ]
     trials = []
     for trial in wanted:

@@ -187,7 +187,13 @@ def test_status_refreshes_the_manifest_and_counts(grid_sweep, capsys):
     assert row[:6] == ["1", "FINISHED", "2.9000", str(grid_sweep / "1"), "77", "abc"]
     assert lines[3].split()[1] == "FAILED" and "TrainingFailed" in lines[3]
     manifest = json.loads((grid_sweep / "sweep.json").read_text())
-    assert [t["status"] for t in manifest["trials"].values()] == ["FINISHED", "FINISHED", "FAILED", "RUNNING", "FINISHED"]
+    assert [t["status"] for t in manifest["trials"].values()] == [
+        "FINISHED",
+        "FINISHED",
+        "FAILED",
+        "RUNNING",
+        "FINISHED",
+    ]
 
 
 def test_resume_dry_run_lists_exactly_the_unfinished_trials(grid_sweep, capsys):

@@ -37,14 +37,17 @@ class WindowSampler:
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, rank])))
+        # every rank draws the same global batch of world_size * batch_size windows and keeps its slice: ranks
+        # differ, N ranks x batch B see exactly what one process with batch N*B sees, and one state fits all ranks
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed])))
         self.num_batches = 0
 
     def __iter__(self) -> WindowSampler:
         return self
 
     def __next__(self) -> Batch:
-        starts = self.rng.integers(0, self.max_start, size=self.batch_size, endpoint=True)
+        starts = self.rng.integers(0, self.max_start, size=self.batch_size * self.world_size, endpoint=True)
+        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         self.num_batches += 1
         return _gather(self.tokens, starts, self.seq_len)
 
@@ -59,9 +62,12 @@ class WindowSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from state_dict(); refuses another rank's state (ranks would then draw the same windows)."""
-        if state["rank"] != self.rank:
-            raise ValueError(f"sampler state is for rank {state['rank']}, this sampler is rank {self.rank}")
+        """Resume from state_dict() of any rank; the number of ranks must match (it shapes the global batch)."""
+        if state["world_size"] != self.world_size or state["seed"] != self.seed:
+            raise ValueError(
+                f"sampler state is for {state['world_size']} ranks with seed {state['seed']}; this run "
+                f"has {self.world_size} ranks with seed {self.seed}"
+            )
         self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
         self.num_batches = int(state["num_batches"])
 

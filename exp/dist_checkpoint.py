@@ -1,0 +1,238 @@
+"""Sharded (FSDP2) checkpoints: one torch.distributed.checkpoint folder per step beside exp.checkpoint's JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from exp.checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST,
+    RNG_KEY,
+    CheckpointError,
+    _decode,
+    _fsync,
+    _is_leftover,
+    _json_text,
+    _read_json,
+    _sha256,
+    capture_rng,
+    checkpoint_name,
+    restore_rng,
+    verify_checkpoint,
+)
+
+DCP_DIR = "dcp"
+_SHARDED_TMP = re.compile(r"\.step_\d{8,}\.tmp-sharded")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _on_rank0(fn: Callable[[], object]):
+    """fn() on rank 0, its result on every rank; a failure there raises on every rank, so none waits forever."""
+    if not _distributed():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after the other ranks have heard of it
+            error = e
+    box = [None if error is None else f"{type(error).__name__}: {error}", result]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise CheckpointError(f"rank 0 failed: {box[0]}")
+    return box[1]
+
+
+def is_sharded(path) -> bool:
+    """Whether path is a checkpoint folder whose manifest marks it sharded (no files are verified)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("sharded") is True
+
+
+def save_sharded(
+    root,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict,
+    config_yaml: str,
+    scaler=None,
+) -> Path:
+    """Collective: write root/step_{step:08d}/ (DCP shards of model and optimizer plus JSON state) atomically."""
+    if RNG_KEY in trainer_state:
+        raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
+    root = Path(root)
+    name = checkpoint_name(step)
+    final, tmp = root / name, root / f".{name}.tmp-sharded"
+    texts: dict[str, str] = {}
+
+    def prepare() -> None:
+        # JSON first, as in exp.checkpoint: an unserialisable value fails before any shard is written.
+        texts["scheduler.json"] = _json_text(scheduler.state_dict(), "scheduler.json")
+        texts["trainer_state.json"] = _json_text({**trainer_state, RNG_KEY: capture_rng()}, "trainer_state.json")
+        texts["config.yaml"] = config_yaml
+        if scaler is not None:
+            texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")
+        if not root.is_dir():
+            root.mkdir(parents=True)
+            _fsync(root.parent)
+        # One writer per root (RunLock), so temp and trash folders here are debris from a crashed save.
+        for p in root.iterdir():
+            if _is_leftover(p) or (p.is_dir() and _SHARDED_TMP.fullmatch(p.name)):
+                shutil.rmtree(p, ignore_errors=True)
+        (tmp / DCP_DIR).mkdir(parents=True)
+
+    _on_rank0(prepare)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    try:
+        # Every rank writes its own __<rank>_0.distcp (fsynced); rank 0 writes .metadata once all are written.
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=FileSystemWriter(tmp / DCP_DIR))
+    except BaseException:  # CheckpointException derives from BaseException
+        if not _distributed() or dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def finish() -> None:
+        try:
+            for fname, text in texts.items():
+                (tmp / fname).write_text(text)
+            entries = sorted(p for p in tmp.rglob("*") if p.is_file())
+            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in entries}
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "sharded": True,
+                "world_size": _world_size(),
+                "files": files,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            for p in tmp.rglob("*"):
+                _fsync(p)
+            _fsync(tmp)
+            if final.exists():
+                # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
+                trash = root / f".{name}.trash-{os.getpid()}"
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                _fsync(root)
+                shutil.rmtree(trash)
+            else:
+                os.rename(tmp, final)
+                _fsync(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # The broadcast in _on_rank0 doubles as the closing barrier: no rank returns before the rename.
+    _on_rank0(finish)
+    return final
+
+
+def _check_sharded(path: Path, manifest: dict) -> None:
+    if manifest.get("sharded") is not True:
+        raise CheckpointError(f"{path} is not a sharded checkpoint; load it with exp.checkpoint.load_checkpoint")
+    saved, world = manifest.get("world_size"), _world_size()
+    if saved != world:
+        raise CheckpointError(
+            f"{path}: saved by {saved} ranks, this run has {world}: resume with the same number of processes, "
+            "or export a consolidated model with python -m exp.export and start from it with stage.init_from"
+        )
+
+
+def load_sharded(
+    path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler=None
+):
+    """Collective: verify, load everything given, restore rank 0's RNG states on all ranks, return the trainer state."""
+    path = Path(path)
+    # Rank 0 hashes the files once; the shared filesystem means the other ranks read the same bytes.
+    manifest = _on_rank0(lambda: verify_checkpoint(path))
+    _check_sharded(path, manifest)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    try:
+        # Fills the sharded tensors in place: each rank reads only the slices it owns.
+        dcp.load(state, storage_reader=FileSystemReader(path / DCP_DIR))
+        if optimizer is None:
+            set_model_state_dict(model, state["model"])
+        else:
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / DCP_DIR}: does not fit this model or optimizer ({e})") from None
+    if scheduler is not None:
+        scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json")))
+    if scaler is not None and (path / "scaler.json").is_file():
+        saved = _decode(_read_json(path / "scaler.json"))
+        if saved and scaler.is_enabled():
+            scaler.load_state_dict(saved)
+    trainer_state = _decode(_read_json(path / "trainer_state.json"))
+    rng = trainer_state.pop(RNG_KEY, None)
+    if rng is not None:
+        restore_rng(rng)
+    return trainer_state
+
+
+def consolidate(path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Single process: the full model state dict (GPT's key names, tied weights under both) of a sharded checkpoint."""
+    path = Path(path)
+    if verify:
+        manifest = verify_checkpoint(path)
+        if manifest.get("sharded") is not True:
+            raise CheckpointError(f"{path} is not a sharded checkpoint")
+    reader = FileSystemReader(path / DCP_DIR)
+    try:
+        metadata = reader.read_metadata()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path / DCP_DIR}: cannot read the DCP metadata ({e})") from None
+    # Empty full-size tensors from the metadata: no model (or its config) is needed, and the optimizer is never read.
+    state = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        raise CheckpointError(f"{path / DCP_DIR}: holds no model tensors")
+    try:
+        with warnings.catch_warnings():
+            # DCP warns about loading in one process even when told to with no_dist=True.
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load({"model": state}, storage_reader=reader, no_dist=True)
+    except CheckpointException as e:
+        raise CheckpointError(f"{path / DCP_DIR}: cannot read ({e})") from None
+    return state

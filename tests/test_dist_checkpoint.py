@@ -1,0 +1,212 @@
+"""Sharded checkpoints from real 2-process gloo FSDP2 jobs: exact resume, world-size guard, consolidation, export."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from exp import export, optim
+from exp.checkpoint import (
+    CheckpointError,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    rotate_checkpoints,
+    verify_checkpoint,
+)
+from exp.dist_checkpoint import consolidate, is_sharded, load_sharded, save_sharded
+from exp.model import GPT
+
+WORLD = 2
+SIZES = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
+CONFIG = OmegaConf.to_yaml(
+    OmegaConf.create({"data": {"vocab_size": 64}, "model": {"_target_": "exp.model.GPT", **SIZES}, "seed": 0})
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(sharded: bool):
+    """Tiny GPT (same seed on every rank), FSDP2 per block then the root, AdamW and a warmup-cosine LambdaLR."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = GPT(**SIZES)
+    if sharded:
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+    opt = torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-2)
+    return model, opt, optim.cosine(opt, num_steps=12, warmup_steps=2)
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    """Fixed data: each rank its own rows of step's global batch."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 64, (2 * WORLD, 17), generator=g)[2 * rank : 2 * rank + 2]
+
+
+def train(model, opt, sched, rank: int, steps) -> list[float]:
+    losses = []
+    for step in steps:
+        x = batch(step, rank)
+        _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """Every tensor of the model unsharded (collective: full_tensor() all-gathers each DTensor)."""
+    return {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+
+
+def worker(rank: int, port: int, root: str, phase: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, opt, sched = build(sharded=True)
+        out = {}
+        if phase == "save":
+            train(model, opt, sched, rank, range(3))
+            path = save_sharded(
+                root, 3, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": 3}, config_yaml=CONFIG
+            )
+            out["path"], out["saved"] = str(path), full_state(model)
+        else:
+            out["state"] = load_sharded(f"{root}/step_00000003", model=model, optimizer=opt, scheduler=sched)
+        out["rand"] = torch.rand(4)  # rank 0's RNG as saved, on every rank after the load
+        out["losses"] = train(model, opt, sched, rank, range(3, 6))
+        out["final"], out["lr"] = full_state(model), sched.get_last_lr()
+        torch.save(out, f"{root}/../{phase}_{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-rank run saved at step 3 and trained to 6, and a fresh 2-rank job resumed from that save."""
+    base = tmp_path_factory.mktemp("dist")
+    root = base / "checkpoints"
+    for phase in ("save", "resume"):
+        mp.spawn(worker, args=(free_port(), str(root), phase), nprocs=WORLD, join=True)
+    return root, {(p, r): torch.load(base / f"{p}_{r}.pt") for p in ("save", "resume") for r in range(WORLD)}
+
+
+def test_resume_is_exact(runs):
+    root, out = runs
+    for rank in range(WORLD):
+        saved, resumed = out["save", rank], out["resume", rank]
+        assert resumed["state"] == {"step": 3}
+        assert resumed["losses"] == saved["losses"]  # bit-identical on CPU
+        assert resumed["lr"] == saved["lr"]
+        assert resumed["final"].keys() == saved["final"].keys()
+        assert all(torch.equal(resumed["final"][k], v) for k, v in saved["final"].items())
+        assert torch.equal(resumed["rand"], out["save", 0]["rand"])
+    assert not torch.equal(out["save", 0]["final"]["norm.weight"], out["save", 0]["saved"]["norm.weight"])
+
+
+def test_layout_and_manifest(runs):
+    root, out = runs
+    path = root / "step_00000003"
+    assert out["save", 0]["path"] == out["save", 1]["path"] == str(path)
+    assert [p.name for p in root.iterdir()] == ["step_00000003"]  # no temp folder left
+    manifest = verify_checkpoint(path)
+    assert manifest["sharded"] is True and manifest["world_size"] == WORLD and manifest["step"] == 3
+    assert sorted(manifest["files"]) == [
+        "config.yaml",
+        "dcp/.metadata",
+        "dcp/__0_0.distcp",
+        "dcp/__1_0.distcp",
+        "scheduler.json",
+        "trainer_state.json",
+    ]
+    assert is_sharded(path) and not is_sharded(root)
+    assert json.loads((path / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_other_world_size_is_refused(runs, tmp_path):
+    root, _ = runs
+    model, opt, sched = build(sharded=False)
+    message = (
+        "saved by 2 ranks, this run has 1: resume with the same number of processes, or export a consolidated "
+        "model with python -m exp.export and start from it with stage.init_from"
+    )
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(CheckpointError, match=message):
+            load_sharded(root / "step_00000003", model=model, optimizer=opt, scheduler=sched)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
+        load_sharded(root / "step_00000003", model=model)  # no process group counts as one rank
+
+
+def test_consolidate_gives_the_full_state(runs):
+    root, out = runs
+    state = consolidate(root / "step_00000003")
+    saved = out["save", 0]["saved"]
+    assert state.keys() == saved.keys() == GPT(**SIZES).state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+def logits(model):
+    x = torch.arange(32).reshape(2, 16) * 7 % 64
+    with torch.no_grad():
+        return model.eval()(x)[0]
+
+
+def test_export_consolidates(runs, tmp_path, capsys):
+    root, _ = runs
+    path = root / "step_00000003"
+    expected = GPT(**SIZES)
+    expected.load_state_dict(consolidate(path))
+    assert export.main([str(path), str(tmp_path / "out")]) == 0
+    assert "exported step 3" in capsys.readouterr().out
+    for source in (tmp_path / "out", path, root.parent):  # export folder, sharded checkpoint, run directory
+        model, cfg = export.load_model_for_inference(source)
+        assert cfg["vocab_size"] == 64 and model.lm_head.weight is model.tok_emb.weight
+        assert torch.equal(logits(model), logits(expected))
+    # stage.init_from's route: a weights file that load_model_weights takes.
+    weights, _ = export.locate_model(path)
+    model = GPT(**SIZES)
+    load_model_weights(weights, model)
+    assert torch.equal(logits(model), logits(expected))
+
+
+def test_integrity_listing_and_rotation(runs, tmp_path):
+    root, _ = runs
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root / "step_00000003", copy / "step_00000003")
+    shutil.copytree(root / "step_00000003", copy / "step_00000005")
+    shard = copy / "step_00000005" / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="__1_0.distcp does not match its SHA-256"):
+        verify_checkpoint(copy / "step_00000005")
+    warnings = []
+    assert latest_valid_checkpoint(copy, warn=warnings.append) == copy / "step_00000003"
+    assert "step_00000005 is unusable" in warnings[0]
+    assert rotate_checkpoints(copy, keep_last=1) == [copy / "step_00000003"]
+    assert list_checkpoints(copy) == [copy / "step_00000005"]
+    # A manifest that points outside the folder is refused.
+    manifest = json.loads((root / "step_00000003" / "manifest.json").read_text())
+    manifest["files"]["dcp/../../x"] = manifest["files"]["config.yaml"]
+    (copy / "step_00000005" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="malformed entry"):
+        verify_checkpoint(copy / "step_00000005")
