@@ -29,9 +29,8 @@ class Hardware:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"hardware.num_threads={self.num_threads} must be >= 1")
         resolve_device(self.device)
-        from exp.dist import check_launch
-
-        check_launch(self.distributed)
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"hardware.distributed={self.distributed!r} must be none, ddp or fsdp")
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

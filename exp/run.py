@@ -73,6 +73,10 @@ def train(cfg: DictConfig) -> float:
         config.discard_untouched_run_dir(valid.run.run_dir)
         return float("nan")
 
+    try:  # checked here, not in validation: a sweep's launching process is one process by design
+        exp_dist.check_launch(valid.hardware.distributed)
+    except ValueError as e:
+        config.exit_on_config_error(config.ConfigError(str(e)), run_dir=valid.run.run_dir)
     dist = exp_dist.init(valid.hardware.distributed, valid.hardware.torch_device().type)
     # every rank composed the config itself; a time-stamped run dir can differ by a second: rank 0's wins
     run_dir = Path(dist.broadcast_str(str(valid.run.run_dir)))

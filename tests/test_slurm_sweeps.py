@@ -146,3 +146,32 @@ def test_an_invalid_partition_surfaces_sbatch_and_keeps_the_sweep_dir(tmp_path):
     assert "error: SLURM refused the job array" in proc.stdout and "no_such_partition" in proc.stdout
     assert (sweep / "multirun.yaml").exists()
     assert all(t["status"] == "NOT_SUBMITTED" for t in trials(sweep).values())
+
+
+def test_a_two_task_slurm_job_trains_ddp_into_one_mlflow_run(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        *TINY,
+        "hardware=slurm_ddp",
+        "hardware.device=cpu",
+        "hardware.num_threads=1",
+        "stage.num_steps=10",
+        "stage.batch_size_per_gpu=4",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.mem_gb=2",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "FINISHED"
+    assert summary["tokens_seen"] == 10 * 4 * 32 * 2  # two ranks of batch 4
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs(
+        [client.get_run(summary["mlflow_run_id"]).info.experiment_id], "attributes.status = 'FINISHED'"
+    )
+    assert len([r for r in runs if r.data.tags.get("kind") != "sweep"]) == 1  # one run, not one per rank
