@@ -92,6 +92,23 @@ def worker(rank: int, port: int, root: str, phase: str) -> None:
         out["rand"] = torch.rand(4)  # rank 0's RNG as saved, on every rank after the load
         out["losses"] = train(model, opt, sched, rank, range(3, 6))
         out["final"], out["lr"] = full_state(model), sched.get_last_lr()
+        if phase == "resume":
+            # A failure on rank 0 alone (JSON) must reach every rank instead of leaving them at a barrier.
+            try:
+                save_sharded(
+                    root,
+                    6,
+                    model=model,
+                    optimizer=opt,
+                    scheduler=sched,
+                    trainer_state={"bad": object()},
+                    config_yaml="",
+                )
+            except CheckpointError as e:
+                out["error"] = str(e)
+            save_sharded(
+                root, 6, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": 6}, config_yaml=CONFIG
+            )
         torch.save(out, f"{root}/../{phase}_{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -124,7 +141,9 @@ def test_layout_and_manifest(runs):
     root, out = runs
     path = root / "step_00000003"
     assert out["save", 0]["path"] == out["save", 1]["path"] == str(path)
-    assert [p.name for p in root.iterdir()] == ["step_00000003"]  # no temp folder left
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]  # no temp folder left
+    assert "trainer_state.json: cannot store state as JSON" in out["resume", 0]["error"]
+    assert out["resume", 1]["error"].startswith("rank 0 failed: CheckpointError: trainer_state.json")
     manifest = verify_checkpoint(path)
     assert manifest["sharded"] is True and manifest["world_size"] == WORLD and manifest["step"] == 3
     assert sorted(manifest["files"]) == [
@@ -162,6 +181,8 @@ def test_consolidate_gives_the_full_state(runs):
     saved = out["save", 0]["saved"]
     assert state.keys() == saved.keys() == GPT(**SIZES).state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
+    final = out["resume", 0]["final"]
+    assert all(torch.equal(consolidate(root / "step_00000006")[k], v) for k, v in final.items())
 
 
 def logits(model):
@@ -177,10 +198,12 @@ def test_export_consolidates(runs, tmp_path, capsys):
     expected.load_state_dict(consolidate(path))
     assert export.main([str(path), str(tmp_path / "out")]) == 0
     assert "exported step 3" in capsys.readouterr().out
-    for source in (tmp_path / "out", path, root.parent):  # export folder, sharded checkpoint, run directory
+    for source in (tmp_path / "out", path):  # export folder, sharded checkpoint
         model, cfg = export.load_model_for_inference(source)
         assert cfg["vocab_size"] == 64 and model.lm_head.weight is model.tok_emb.weight
         assert torch.equal(logits(model), logits(expected))
+    newest, _ = export.load_model_for_inference(root.parent)  # a run directory: its newest checkpoint
+    assert torch.equal(newest.tok_emb.weight, consolidate(root / "step_00000006")["tok_emb.weight"])
     # stage.init_from's route: a weights file that load_model_weights takes.
     weights, _ = export.locate_model(path)
     model = GPT(**SIZES)
@@ -206,7 +229,7 @@ def test_integrity_listing_and_rotation(runs, tmp_path):
     assert list_checkpoints(copy) == [copy / "step_00000005"]
     # A manifest that points outside the folder is refused.
     manifest = json.loads((root / "step_00000003" / "manifest.json").read_text())
-    manifest["files"]["dcp/../../x"] = manifest["files"]["config.yaml"]
+    manifest["files"] = {"dcp/../../x": manifest["files"]["config.yaml"], **manifest["files"]}
     (copy / "step_00000005" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="malformed entry"):
         verify_checkpoint(copy / "step_00000005")
