@@ -104,7 +104,10 @@ def wrap(model: torch.nn.Module, dist: Dist, param_dtype: torch.dtype) -> torch.
         from torch.nn.parallel import DistributedDataParallel
 
         device = next(model.parameters()).device
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the only buffers (RoPE tables) are computed alike on every rank: nothing to broadcast each forward
+        return DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if dist.strategy == "fsdp" and dist.enabled:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

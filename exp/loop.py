@@ -105,8 +105,12 @@ def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) 
     """Token-weighted loss, perplexity and accuracy over a fixed set of batches (shared out over ranks)."""
     was_training = model.training
     model.eval()
+    batches = list(batches)
+    shared = dist.enabled and len(batches) % dist.world_size == 0
+    if shared:  # an even share each; otherwise every rank evaluates them all: FSDP forwards are collective
+        batches = batches[dist.rank :: dist.world_size]  # and must stay in lockstep across ranks
     loss_sum = correct_sum = tokens = torch.zeros((), device=rt.device)
-    for x, y in list(batches)[dist.rank :: dist.world_size]:
+    for x, y in batches:
         with rt.autocast():
             out = stage.eval_step(model, (x.to(rt.device), y.to(rt.device)))
         n = out["num_tokens"].float()
@@ -116,7 +120,8 @@ def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) 
             tokens + n,
         )
     model.train(was_training)
-    loss_sum, correct_sum, tokens = dist.sum(torch.stack([loss_sum, correct_sum, tokens])).tolist()
+    totals = torch.stack([loss_sum, correct_sum, tokens])
+    loss_sum, correct_sum, tokens = (dist.sum(totals) if shared else totals).tolist()
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct_sum / tokens}
 

@@ -107,3 +107,40 @@ def test_ddp_without_several_processes_says_how_to_launch(tmp_path):
     assert proc.returncode == 2
     assert "torchrun --nproc_per_node=N train.py hardware=ddp" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_trains_saves_resumes_and_exports_a_consolidated_model(tmp_path):
+    run_dir = tmp_path / "run"
+    fsdp = [
+        "hardware=fsdp",
+        *COMMON,
+        "stage.batch_size_per_gpu=4",
+        "checkpoint.every_n_steps=6",
+        f"hydra.run.dir={run_dir}",
+    ]
+    stop = ["+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=5"]
+    proc = torchrun(*fsdp, *stop, cwd=tmp_path)
+    assert proc.returncode != 0
+    manifest = json.loads((run_dir / "checkpoints" / "step_00000005" / "manifest.json").read_text())
+    assert manifest["sharded"] and manifest["world_size"] == 2
+
+    proc = torchrun(*fsdp, "resume.allow_config_change=true", cwd=tmp_path, nproc=3)
+    assert proc.returncode != 0  # each rank exits 2; torchrun itself reports 1
+    assert "saved by 2 ranks, this run has 3" in proc.stderr
+
+    proc = torchrun(*fsdp, "resume.allow_config_change=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = tmp_path / "straight"
+    proc = torchrun("hardware=fsdp", *COMMON, "stage.batch_size_per_gpu=4", f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(run_dir) == losses(straight)
+
+    from exp.export import load_model_for_inference
+    from exp.export import main as export_main
+
+    assert export_main([str(run_dir), str(tmp_path / "exported")]) == 0
+    model, _ = load_model_for_inference(tmp_path / "exported")
+    x = torch.randint(0, 264, (1, 16))
+    again, _ = load_model_for_inference(run_dir / "checkpoints" / "step_00000012")
+    assert torch.equal(model(x)[0], again(x)[0])

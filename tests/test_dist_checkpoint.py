@@ -94,21 +94,12 @@ def worker(rank: int, port: int, root: str, phase: str) -> None:
         out["final"], out["lr"] = full_state(model), sched.get_last_lr()
         if phase == "resume":
             # A failure on rank 0 alone (JSON) must reach every rank instead of leaving them at a barrier.
+            parts = dict(model=model, optimizer=opt, scheduler=sched)
             try:
-                save_sharded(
-                    root,
-                    6,
-                    model=model,
-                    optimizer=opt,
-                    scheduler=sched,
-                    trainer_state={"bad": object()},
-                    config_yaml="",
-                )
+                save_sharded(root, 6, **parts, trainer_state={"bad": object()}, config_yaml="")
             except CheckpointError as e:
                 out["error"] = str(e)
-            save_sharded(
-                root, 6, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": 6}, config_yaml=CONFIG
-            )
+            save_sharded(root, 6, **parts, trainer_state={"step": 6}, config_yaml=CONFIG)
         torch.save(out, f"{root}/../{phase}_{rank}.pt")
     finally:
         dist.destroy_process_group()
