@@ -19,7 +19,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
     with torch.no_grad():
         mask = flat_targets != IGNORE_INDEX
         num_tokens = mask.sum()
-        correct = ((flat_logits.argmax(-1) == flat_targets) & mask).sum()
+        # "the target has the top logit", via amax + gather: several times cheaper than argmax on CPU
+        target_logit = flat_logits.gather(1, flat_targets.clamp(min=0)[:, None]).squeeze(1)
+        correct = ((target_logit >= flat_logits.amax(-1)) & mask).sum()
         accuracy = correct.float() / num_tokens.clamp(min=1)
     return {"loss": loss, "accuracy": accuracy, "num_tokens": num_tokens}
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import queue
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from exp.config import first_line
 from exp.loop import Callback, TrainState
+from exp.mlflow_worker import RUN_MARKER, experiment_id_for
 
 log = logging.getLogger("exp")
 
@@ -24,7 +24,6 @@ MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 START_TIMEOUT_S = 60.0
 CLOSE_TIMEOUT_S = 30.0  # how long the end of a run waits for MLflow before leaving the rest in metrics.jsonl
-RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
 
 
 class NullTracker(Callback):
@@ -46,7 +45,8 @@ class NullTracker(Callback):
 class MlflowTracker(Callback):
     """Records one run: params from the resolved config, tags, metrics with their step, artifacts, status.
 
-    All MLflow calls, its import included (over a second), happen on one worker thread fed by a queue.
+    MLflow lives in a child process (exp.mlflow_worker) fed by a queue: its import (over a second, 120 MB)
+    and every call to the store or server happen beside training, never inside a step, and share no GIL.
     """
 
     def __init__(
@@ -54,43 +54,84 @@ class MlflowTracker(Callback):
         uri: str,
         experiment: str = "exp",
         artifact_location: str | None = None,
-        parent_run_id: str | None = None,  # set by a pipeline: this run nests under it
+        parent_run_id: str | None = None,  # set by a pipeline or sweep: this run nests under it
         *,
         cfg: DictConfig,
         run_dir: Path,
         resume_run_id: str | None = None,
     ):
-        self.resume_run_id, self.parent_run_id = resume_run_id, parent_run_id
-        self.checkpoints: list[dict] = []
-        self._skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
         self.uri = _absolute_sqlite(uri)
-        self.experiment = experiment
-        self.artifact_location = artifact_location
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self._queue: queue.Queue = queue.Queue()
-        self._started = threading.Event()
+        self.run_dir = Path(run_dir)
+        self.checkpoints: list[dict] = []
+        self._settings = {
+            "uri": self.uri,
+            "experiment": experiment,
+            "artifact_location": artifact_location,
+            "parent_run_id": parent_run_id,
+            "resume_run_id": resume_run_id,
+            "run_dir": str(self.run_dir),
+            "tags": {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
+            "params": flat_params(cfg),
+        }
+        self._proc = self._inbox = self._outbox = None
         self._run_id: str | None = None
-        self._failed: str | None = None
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._started = self._done = False
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
-        self._started.wait(START_TIMEOUT_S)
+        self._poll(until="started", timeout=START_TIMEOUT_S)
         return self._run_id
 
     def on_train_start(self, state: TrainState) -> None:
-        if not self._thread.is_alive() and not self._started.is_set():
-            self._thread.start()
+        if self._proc is None:
+            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
+            self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
+            from exp import mlflow_worker
+
+            self._proc = ctx.Process(
+                target=mlflow_worker.main,
+                args=(self._settings, self._inbox, self._outbox),
+                name="mlflow-tracker",
+                daemon=True,
+            )
+            self._proc.start()
+
+    def _send(self, item: tuple) -> None:
+        self._inbox.put(item)
+        self._poll()
+
+    def _poll(self, until: str | None = None, timeout: float = 0.0) -> None:
+        """Log the worker's warnings; with `until`, wait (up to timeout) for that message."""
+        if self._outbox is None or (until == "started" and self._started) or (until == "done" and self._done):
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                message = (
+                    self._outbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if until
+                    else self._outbox.get_nowait()
+                )
+            except queue.Empty:
+                return
+            if message[0] == "warning":
+                log.warning(message[1])
+            elif message[0] == "started":
+                self._started, self._run_id = True, message[1]
+            elif message[0] == "done":
+                self._done = True
+            if until and message[0] == until:
+                return
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._queue.put(("metrics", state.step, time.time(), metrics))
+        self._send(("metrics", state.step, time.time(), metrics))
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._queue.put(("metrics", state.step, time.time(), metrics))
+        self._send(("metrics", state.step, time.time(), metrics))
 
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._queue.put(("metrics", state.step, time.time(), metrics))
+        self._send(("metrics", state.step, time.time(), metrics))
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         """Checkpoints are recorded by reference (path, step, bytes, SHA-256), never uploaded."""
@@ -106,7 +147,7 @@ class MlflowTracker(Callback):
         ]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._queue.put(("artifact", Path(path), artifact_path))
+        self._send(("artifact", str(path), artifact_path))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         self.on_train_start(state)  # a run that failed before the loop is still recorded
@@ -115,159 +156,20 @@ class MlflowTracker(Callback):
             refs = self.run_dir / "checkpoints.json"
             refs.write_text(json.dumps(self.checkpoints, indent=2) + "\n")
             self.log_artifact(refs)
-            if status == "FINISHED":  # the final weights and their config, small enough to upload
-                final = Path(self.checkpoints[-1]["path"])
+            final = Path(self.checkpoints[-1]["path"])
+            if status == "FINISHED" and (final / "model.safetensors").exists():  # the final weights, uploaded
                 self.log_artifact(final / "model.safetensors", "model")
                 self.log_artifact(final / "config.yaml", "model")
-        self._queue.put(("end", status))
-        self._thread.join(CLOSE_TIMEOUT_S)
-        if self._thread.is_alive():
+        self._send(("end", status))
+        self._poll(until="started", timeout=START_TIMEOUT_S)
+        self._poll(until="done", timeout=CLOSE_TIMEOUT_S)
+        if not self._done:
             log.warning(
                 f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run; "
                 "the run's metrics are in metrics.jsonl"
             )
-
-    # --- worker thread -------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        try:
-            client, run_id = self._start_run()
-        except Exception as e:
-            self._fail(f"MLflow at {self.uri} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
-            self._started.set()
-            self._drain()
-            return
-        self._started.set()
-        while True:
-            items = [self._queue.get()]
-            while not self._queue.empty():  # batch whatever has queued up since the last call
-                items.append(self._queue.get_nowait())
-            if self._handle(client, run_id, items):
-                return
-
-    def _start_run(self):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.uri)
-        self._reconcile_previous(client)
-        if self.resume_run_id:
-            resumed = self._reopen(client)
-            if resumed:
-                return client, resumed
-        experiment_id = experiment_id_for(client, self.uri, self.experiment, self.artifact_location)
-        tags = {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(self.cfg, self.run_dir).items()}
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        run = client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
-        self._run_id = run.info.run_id
-        self._write_marker()
-        params = [Param(k[:MAX_KEY], v) for k, v in flat_params(self.cfg).items()]
-        for i in range(0, len(params), BATCH["params"]):
-            client.log_batch(self._run_id, params=params[i : i + BATCH["params"]])
-        client.log_batch(self._run_id, tags=[RunTag("mlflow.source.name", "train.py")])
-        return client, self._run_id
-
-    def _reconcile_previous(self, client) -> None:
-        """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
-        marker = self.run_dir / RUN_MARKER
-        if not marker.exists():
-            return
-        previous = json.loads(marker.read_text()).get("run_id")
-        if not previous or previous == self.resume_run_id:
-            return
-        try:
-            if client.get_run(previous).info.status == "RUNNING":
-                client.set_terminated(previous, "KILLED")
-                log.warning(
-                    f"MLflow run {previous} of {self.run_dir} was left RUNNING by a killed process; marked KILLED"
-                )
-        except Exception as e:  # another store, or the run was deleted: nothing to reconcile here
-            log.debug(f"cannot reconcile MLflow run {previous}: {first_line(e)}")
-
-    def _reopen(self, client) -> str | None:
-        """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
-        try:
-            run = client.get_run(self.resume_run_id)
-        except Exception as e:
-            log.warning(
-                f"MLflow run {self.resume_run_id} of the checkpoint is not in {self.uri} "
-                f"({first_line(e)}); starting a new run"
-            )
-            return None
-        for key in run.data.metrics:
-            history = client.get_metric_history(run.info.run_id, key)
-            self._skip_until[key] = max((m.step for m in history), default=-1)
-        client.update_run(run.info.run_id, status="RUNNING")
-        self._run_id = run.info.run_id
-        self._write_marker()
-        return self._run_id
-
-    def _write_marker(self) -> None:
-        marker = self.run_dir / RUN_MARKER
-        marker.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self._run_id}) + "\n")
-
-    def _handle(self, client, run_id: str, items: list) -> bool:
-        from mlflow.entities import Metric
-
-        metrics, done = [], False
-        for item in items:
-            if item[0] == "metrics":
-                _, step, stamp, values = item
-                metrics += [
-                    Metric(k, float(v), int(stamp * 1000), step)
-                    for k, v in values.items()
-                    if step > self._skip_until.get(k, -1)
-                ]
-            elif item[0] == "artifact":
-                self._flush(client, run_id, metrics)
-                metrics = []
-                self._call(client.log_artifact, run_id, str(item[1]), item[2])
-            elif item[0] == "end":
-                self._flush(client, run_id, metrics)
-                metrics = []
-                self._call(client.set_terminated, run_id, item[1])
-                done = True
-        self._flush(client, run_id, metrics)
-        return done
-
-    def _flush(self, client, run_id: str, metrics: list) -> None:
-        for i in range(0, len(metrics), BATCH["metrics"]):
-            self._call(client.log_batch, run_id, metrics=metrics[i : i + BATCH["metrics"]])
-
-    def _call(self, fn, *args, **kwargs) -> None:
-        if self._failed:
-            return
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:
-            self._fail(
-                f"MLflow at {self.uri} stopped answering ({first_line(e)}); "
-                "the rest of this run's metrics stay in metrics.jsonl"
-            )
-
-    def _fail(self, message: str) -> None:
-        if not self._failed:
-            self._failed = message
-            log.warning(message)
-
-    def _drain(self) -> None:
-        while self._queue.get()[0] != "end":
-            pass
-
-
-def experiment_id_for(client, uri: str, name: str, artifact_location: str | None) -> str:
-    """The id of the named experiment, created (with a local artifact folder for local stores) if missing."""
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
-        location = Path(artifact_location).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+            self._proc.kill()
+        self._proc.join(10)
 
 
 def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline"):

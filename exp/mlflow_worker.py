@@ -1,0 +1,180 @@
+"""The MLflow side of tracking, run in its own process: no import of torch here, no GIL shared with training.
+
+The trainer sends ("metrics", step, unix_time, {key: value}), ("artifact", path, artifact_path) and ("end", status)
+through `inbox`; this process answers ("started", run_id or None), ("warning", message) and ("done",) in `outbox`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+from pathlib import Path
+
+MAX_KEY = 250
+BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
+RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
+
+
+def main(settings: dict, inbox, outbox) -> None:
+    """Create or reopen the run, then log whatever arrives until the end message (or the trainer is gone)."""
+    # The trainer decides when the run ends: Ctrl-C (sent to the whole process group), SIGTERM or SLURM's
+    # USR2 must reach it, not stop this process before it has logged the ending.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    trainer = os.getppid()
+    worker = _Worker(settings, outbox)
+    try:
+        worker.start()
+    except Exception as e:
+        worker.fail(f"MLflow at {settings['uri']} is unavailable ({_first_line(e)}); metrics stay in metrics.jsonl")
+    outbox.put(("started", worker.run_id))
+    while True:
+        try:
+            items = [inbox.get(timeout=1.0)]
+        except queue.Empty:
+            if os.getppid() != trainer:  # the trainer was SIGKILLed: its run is reconciled on the next launch
+                return
+            continue
+        while not inbox.empty():  # batch whatever has queued up since the last call
+            items.append(inbox.get_nowait())
+        if worker.handle(items):
+            outbox.put(("done",))
+            return
+
+
+class _Worker:
+    def __init__(self, settings: dict, outbox):
+        self.s, self.outbox = settings, outbox
+        self.client = self.run_id = self.failed = None
+        self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
+
+    def start(self) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        s = self.s
+        self.client = MlflowClient(tracking_uri=s["uri"])
+        self._reconcile_previous()
+        if s["resume_run_id"] and self._reopen():
+            return
+        experiment_id = experiment_id_for(self.client, s["uri"], s["experiment"], s["artifact_location"])
+        tags = dict(s["tags"])
+        if s["parent_run_id"]:
+            tags["mlflow.parentRunId"] = s["parent_run_id"]
+        run = self.client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
+        self.run_id = run.info.run_id
+        self._write_marker()
+        params = [Param(k[:MAX_KEY], v) for k, v in s["params"].items()]
+        for i in range(0, len(params), BATCH["params"]):
+            self.client.log_batch(self.run_id, params=params[i : i + BATCH["params"]])
+        self.client.log_batch(self.run_id, tags=[RunTag("mlflow.source.name", "train.py")])
+
+    def _reconcile_previous(self) -> None:
+        """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
+        marker = Path(self.s["run_dir"]) / RUN_MARKER
+        if not marker.exists():
+            return
+        previous = json.loads(marker.read_text()).get("run_id")
+        if not previous or previous == self.s["resume_run_id"]:
+            return
+        try:
+            if self.client.get_run(previous).info.status == "RUNNING":
+                self.client.set_terminated(previous, "KILLED")
+                self.warn(
+                    f"MLflow run {previous} of {self.s['run_dir']} was left RUNNING by a killed process; marked KILLED"
+                )
+        except Exception:  # another store, or the run was deleted: nothing to reconcile here
+            pass
+
+    def _reopen(self) -> bool:
+        """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
+        try:
+            run = self.client.get_run(self.s["resume_run_id"])
+        except Exception as e:
+            self.warn(
+                f"MLflow run {self.s['resume_run_id']} of the checkpoint is not in {self.s['uri']} "
+                f"({_first_line(e)}); starting a new run"
+            )
+            return False
+        for key in run.data.metrics:
+            history = self.client.get_metric_history(run.info.run_id, key)
+            self.skip_until[key] = max((m.step for m in history), default=-1)
+        self.client.update_run(run.info.run_id, status="RUNNING")
+        self.run_id = run.info.run_id
+        self._write_marker()
+        return True
+
+    def _write_marker(self) -> None:
+        marker = Path(self.s["run_dir"]) / RUN_MARKER
+        marker.write_text(json.dumps({"tracking_uri": self.s["uri"], "run_id": self.run_id}) + "\n")
+
+    def handle(self, items: list) -> bool:
+        """Log a batch of messages; True once the run has ended."""
+        from mlflow.entities import Metric
+
+        metrics, done = [], False
+        for item in items:
+            if item[0] == "metrics":
+                _, step, stamp, values = item
+                metrics += [
+                    Metric(k, float(v), int(stamp * 1000), step)
+                    for k, v in values.items()
+                    if step > self.skip_until.get(k, -1)
+                ]
+            elif item[0] == "artifact":
+                self._flush(metrics)
+                metrics = []
+                self._call(lambda p=item[1], a=item[2]: self.client.log_artifact(self.run_id, p, a))
+            elif item[0] == "end":
+                self._flush(metrics)
+                metrics = []
+                self._call(lambda status=item[1]: self.client.set_terminated(self.run_id, status))
+                done = True
+        self._flush(metrics)
+        return done
+
+    def _flush(self, metrics: list) -> None:
+        for i in range(0, len(metrics), BATCH["metrics"]):
+            self._call(
+                lambda chunk=metrics[i : i + BATCH["metrics"]]: self.client.log_batch(self.run_id, metrics=chunk)
+            )
+
+    def _call(self, fn) -> None:
+        if self.failed or self.run_id is None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            self.fail(
+                f"MLflow at {self.s['uri']} stopped answering ({_first_line(e)}); "
+                "the rest of this run's metrics stay in metrics.jsonl"
+            )
+
+    def fail(self, message: str) -> None:
+        if not self.failed:
+            self.failed = message
+            self.warn(message)
+
+    def warn(self, message: str) -> None:
+        self.outbox.put(("warning", message))
+
+
+def experiment_id_for(client, uri: str, name: str, artifact_location: str | None) -> str:
+    """The id of the named experiment, created (with a local artifact folder for local stores) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
+        location = Path(artifact_location).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
