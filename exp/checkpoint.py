@@ -224,25 +224,30 @@ def save_checkpoint(
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
-        if before_rename is not None:
-            before_rename(tmp)
-        if final.exists():
-            # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
-            trash = root / f".{name}.trash-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            _fsync(root)
-            shutil.rmtree(trash)
-        else:
-            os.rename(tmp, final)
-            _fsync(root)
+        publish(tmp, final, before_rename)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def publish(tmp: Path, final: Path, before_rename=None) -> None:
+    """fsync a finished temporary folder, rename it to its final name, fsync the parent: the one atomic step."""
+    for p in tmp.rglob("*"):
+        _fsync(p)
+    _fsync(tmp)
+    if before_rename is not None:
+        before_rename(tmp)
+    if final.exists():
+        # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
+        trash = final.parent / f".{final.name}.trash-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        _fsync(final.parent)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, final)
+        _fsync(final.parent)
 
 
 def verify_checkpoint(path) -> dict:

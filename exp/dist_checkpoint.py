@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -37,6 +36,7 @@ from exp.checkpoint import (
     _sha256,
     capture_rng,
     checkpoint_name,
+    publish,
     restore_rng,
     verify_checkpoint,
 )
@@ -140,19 +140,7 @@ def save_sharded(
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            for p in tmp.rglob("*"):
-                _fsync(p)
-            _fsync(tmp)
-            if final.exists():
-                # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
-                trash = root / f".{name}.trash-{os.getpid()}"
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                _fsync(root)
-                shutil.rmtree(trash)
-            else:
-                os.rename(tmp, final)
-                _fsync(root)
+            publish(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -24,6 +24,7 @@ def main(settings: dict, inbox, outbox) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     trainer = os.getppid()
+    os.nice(10)  # bookkeeping: the trainer's threads come first when cores are scarce
     worker = _Worker(settings, outbox)
     try:
         worker.start()

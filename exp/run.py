@@ -172,21 +172,12 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
                 "mlflow_tracking_uri": tracker.uri,
             }
             if sharded:  # every rank writes its shard
-                from exp.dist_checkpoint import save_sharded
-
-                return save_sharded(
-                    ckpt_root,
-                    st.step,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    trainer_state=trainer_state,
-                    config_yaml=config_yaml,
-                )
-            if not dist.is_main:  # DDP: the replicas are identical; rank 0 writes
+                from exp.dist_checkpoint import save_sharded as saver
+            elif dist.is_main:
+                saver = save_checkpoint  # looked up at call time: tests stall it to kill a process mid-write
+            else:  # DDP: the replicas are identical; rank 0 writes
                 return ckpt_root / checkpoint_name(st.step)
-            return save_checkpoint(
+            return saver(
                 ckpt_root,
                 st.step,
                 model=model,
