@@ -175,3 +175,26 @@ def test_a_two_task_slurm_job_trains_ddp_into_one_mlflow_run(tmp_path):
         [client.get_run(summary["mlflow_run_id"]).info.experiment_id], "attributes.status = 'FINISHED'"
     )
     assert len([r for r in runs if r.data.tags.get("kind") != "sweep"]) == 1  # one run, not one per rank
+
+
+def test_two_trial_grid_on_slurm_finishes_with_two_finished_runs(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        *TINY,
+        "hardware=slurm_cpu",
+        "hardware.num_threads=1",
+        "stage.num_steps=10",
+        "optimizer=adamw,sgd",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=store)
+    for trial in trials(sweep).values():
+        assert trial["status"] == "FINISHED", trial
+        assert json.loads((sweep / str(trial["num"]) / "summary.json").read_text())["step"] == 10
+        assert client.get_run(trial["mlflow_run_id"]).info.status == "FINISHED"
