@@ -116,7 +116,6 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
 
     make_tracker = instantiate(cfg.tracking) if dist.is_main else NullTracker  # only rank 0 talks to MLflow
     tracker = make_tracker(cfg=cfg, run_dir=run_dir, resume_run_id=resumed.get("mlflow_run_id"))
-    tracker.on_train_start(state)  # MLflow imports and connects on its own thread while the rest is built
     signals, clock = StopSignals(), FirstStepClock()
     callbacks = [clock, signals, EarlyStopping(run.early_stopping)]
     callbacks += [instantiate(node) for node in cfg.callbacks.values()]

@@ -73,23 +73,27 @@ class MlflowTracker(Callback):
             "tags": {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
             "params": flat_params(cfg),
         }
-        self._proc = self._inbox = self._outbox = None
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
+        self._ctx, self._inbox, self._outbox, self._proc = ctx, ctx.Queue(), ctx.Queue(), None
         self._run_id: str | None = None
         self._started = self._done = False
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
+        self._start()
         self._poll(until="started", timeout=START_TIMEOUT_S)
         return self._run_id
 
-    def on_train_start(self, state: TrainState) -> None:
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        if self._proc is None:  # after the first step: MLflow's start-up (~2 s of CPU) does not delay it
+            self._start()
+
+    def _start(self) -> None:
         if self._proc is None:
-            ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
-            self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
             from exp import mlflow_worker
 
-            self._proc = ctx.Process(
+            self._proc = self._ctx.Process(
                 target=mlflow_worker.main,
                 args=(self._settings, self._inbox, self._outbox),
                 name="mlflow-tracker",
@@ -103,7 +107,7 @@ class MlflowTracker(Callback):
 
     def _poll(self, until: str | None = None, timeout: float = 0.0) -> None:
         """Log the worker's warnings; with `until`, wait (up to timeout) for that message."""
-        if self._outbox is None or (until == "started" and self._started) or (until == "done" and self._done):
+        if (until == "started" and self._started) or (until == "done" and self._done):
             return
         deadline = time.monotonic() + timeout
         while True:
@@ -150,7 +154,7 @@ class MlflowTracker(Callback):
         self._send(("artifact", str(path), artifact_path))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
-        self.on_train_start(state)  # a run that failed before the loop is still recorded
+        self._start()  # a run that failed before its first step is still recorded
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest
         if self.checkpoints:
             refs = self.run_dir / "checkpoints.json"
