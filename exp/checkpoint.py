@@ -356,6 +356,11 @@ def load_checkpoint(
         )
     if optimizer is not None:
         _load_optimizer(path, optimizer)
+    return load_run_state(path, scheduler, scaler)
+
+
+def load_run_state(path: Path, scheduler=None, scaler=None) -> dict:
+    """Restore scheduler, GradScaler and RNG states from a checkpoint folder; return its trainer state."""
     if scheduler is not None:
         scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json")))
     # No scaler.json (a run saved without fp16) leaves a fresh scaler, which calibrates itself in a few steps.

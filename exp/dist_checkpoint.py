@@ -28,16 +28,14 @@ from exp.checkpoint import (
     MANIFEST,
     RNG_KEY,
     CheckpointError,
-    _decode,
     _fsync,
     _is_leftover,
     _json_text,
-    _read_json,
     _sha256,
     capture_rng,
     checkpoint_name,
+    load_run_state,
     publish,
-    restore_rng,
     verify_checkpoint,
 )
 
@@ -183,17 +181,7 @@ def load_sharded(
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path / DCP_DIR}: does not fit this model or optimizer ({e})") from None
-    if scheduler is not None:
-        scheduler.load_state_dict(_decode(_read_json(path / "scheduler.json")))
-    if scaler is not None and (path / "scaler.json").is_file():
-        saved = _decode(_read_json(path / "scaler.json"))
-        if saved and scaler.is_enabled():
-            scaler.load_state_dict(saved)
-    trainer_state = _decode(_read_json(path / "trainer_state.json"))
-    rng = trainer_state.pop(RNG_KEY, None)
-    if rng is not None:
-        restore_rng(rng)
-    return trainer_state
+    return load_run_state(path, scheduler, scaler)
 
 
 def consolidate(path, verify: bool = True) -> dict[str, torch.Tensor]:
