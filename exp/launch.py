@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
+from exp.files import write_json
 
 log = logging.getLogger("exp")
 MANIFEST = "sweep.json"
@@ -127,10 +127,7 @@ def read_manifest(sweep_dir) -> dict | None:
 
 
 def write_manifest(sweep_dir, manifest: dict) -> None:
-    path = Path(sweep_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(Path(sweep_dir) / MANIFEST, manifest)
 
 
 def mark_unsubmitted(sweep_dir: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -12,6 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
+from exp.files import write_json
 
 log = logging.getLogger("exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -135,9 +135,7 @@ def _write_summary(root: Path, results: dict, status: str) -> None:
     if last.get("initial_val_loss") is not None:  # what the last stage (SFT) gained on held-out data
         summary["final_stage_val_loss_before"] = last["initial_val_loss"]
         summary["final_stage_val_loss_after"] = last["val_loss"]
-    tmp = root / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(root / "summary.json")
+    write_json(root / "summary.json", summary)
 
 
 class _ParentRun:

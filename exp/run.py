@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from exp.checkpoint import (
     verify_checkpoint,
 )
 from exp.faults import EarlyStopping, FaultGuard, StopSignals
+from exp.files import write_json
 from exp.optim import build_optimizer
 from exp.tracking import NullTracker
 
@@ -405,9 +405,7 @@ def write_failure_summary(run_dir: Path, state: loop.TrainState, stage, tracker,
         "mlflow_run_id": tracker.run_id,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    write_json(run_dir / "summary.json", summary)
 
 
 def _fmt(value: float | None) -> str:
@@ -496,7 +494,5 @@ def write_summary(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
     }
-    tmp = run_dir / f".summary.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(run_dir / "summary.json")
+    write_json(run_dir / "summary.json", summary)
     return summary
