@@ -77,27 +77,37 @@ def nonfinite_message(state: TrainState, loss: float, grad_norm: float) -> str:
     )
 
 
-def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=None) -> dict[str, torch.Tensor]:
-    """Accumulate gradients over the stage's micro-batches and clip them; the optimizer is not stepped here."""
+def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=None, diagnostics: bool = True) -> dict:
+    """Accumulate gradients over the stage's micro-batches and clip them; the optimizer is not stepped here.
+
+    Returns the step's loss and gradient norm (0-d tensors), its number of inputs, and the stage's other
+    metrics (kd_loss, ...) as detached tensors averaged over the micro-batches. With `diagnostics` the
+    stage also measures what costs extra work (accuracy), on the last micro-batch. Nothing is read back
+    to the host: on a tiny model every extra tensor operation is a visible share of the step.
+    """
     num_micro = stage.gradient_accumulation_steps
-    loss_sum, metrics, num_inputs = 0.0, {}, 0
+    losses, parts, num_inputs = [], [], 0
     for i in range(num_micro):
-        x, y = (t.to(rt.device, non_blocking=True) for t in next(batches))
+        x, y = next(batches)
+        if x.device != rt.device:
+            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
         with grad_sync(model, enabled=i == num_micro - 1), rt.autocast():
-            out = stage.train_step(model, (x, y))
-            loss = out["loss"] / num_micro  # each micro-batch's mean counts 1/num_micro of the step's loss
+            out = stage.train_step(model, (x, y), diagnostics and i == num_micro - 1)
+            loss = out["loss"] if num_micro == 1 else out["loss"] / num_micro  # each micro-batch counts 1/num_micro
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum = loss_sum + loss.detach()
-        for key, value in out.items():  # the stage's own metrics (accuracy, kd_loss, ...), averaged
-            if key not in ("loss", "num_tokens"):
-                metrics[key] = metrics.get(key, 0.0) + value.detach() / num_micro
+        losses.append(loss.detach())
+        parts.append({k: v.detach() for k, v in out.items() if k not in ("loss", "num_tokens")})
         num_inputs += x.numel()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
-    return {"loss": loss_sum, "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": metrics}
+    if num_micro == 1:
+        return {"loss": losses[0], "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": parts[0]}
+    keys = {k: None for p in parts for k in p}  # the diagnostics come from the last micro-batch only
+    metrics = {k: torch.stack([p[k] for p in parts if k in p]).mean(0) for k in keys}
+    return {"loss": torch.stack(losses).sum(), "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": metrics}
 
 
 @torch.no_grad()
@@ -127,14 +137,14 @@ def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) 
 
 
 class _Interval:
-    """Sums over one log interval; tensors stay on the device until the interval is read."""
+    """One log interval's steps; the stage metrics stay on the device, one tensor per step, until it is read."""
 
     def __init__(self):
         self.reset()
 
     def reset(self):
         self.num_steps, self.loss, self.grad_norm, self.num_inputs = 0, 0.0, 0.0, 0
-        self.sums: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, torch.Tensor]] = []
         self.seconds, self.started = 0.0, time.perf_counter()
 
     def add(self, loss: float, grad_norm: float, num_inputs: int, metrics: dict[str, torch.Tensor]) -> None:
@@ -142,18 +152,19 @@ class _Interval:
         self.loss += loss
         self.grad_norm += grad_norm
         self.num_inputs += num_inputs
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+        if metrics:
+            self.steps.append(metrics)
 
     def means(self) -> dict[str, float]:
         """Stage metrics averaged over the interval; a vector (expert usage) becomes one key per entry."""
         out = {}
-        for key, total in self.sums.items():
-            value = total / self.num_steps
-            if isinstance(value, torch.Tensor) and value.ndim:
+        keys = {k: None for m in self.steps for k in m}  # in order; a key may be missing from some steps
+        for key in keys:
+            value = torch.stack([m[key] for m in self.steps if key in m]).float().mean(0)
+            if value.ndim:
                 out.update({f"train/{key}_{i}": v for i, v in enumerate(value.tolist())})
             else:
-                out[f"train/{key}"] = float(value)
+                out[f"train/{key}"] = value.item()
         return out
 
     def pause(self):
@@ -188,8 +199,9 @@ def train(
     samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
     while state.step < stage.num_steps:
         optimizer.zero_grad(set_to_none=True)
-        out = train_step(stage, model, optimizer, batches, rt, scaler)
-        loss, grad_norm = torch.stack([out["loss"].float(), out["grad_norm"].float()]).tolist()  # one sync
+        closes_interval = (state.step + 1) % stage.log_every_n_steps == 0 or state.step + 1 == stage.num_steps
+        out = train_step(stage, model, optimizer, batches, rt, scaler, diagnostics=closes_interval)
+        loss, grad_norm = _read_back(out["loss"], out["grad_norm"])
         # with fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers its scale
         finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
         if guard.should_skip(state, loss, grad_norm, finite):
@@ -232,6 +244,13 @@ def train(
         if dist.any(any(cb.should_stop for cb in callbacks)):  # every rank stops at the same step
             break
     return state
+
+
+def _read_back(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
+    """Both values on the host: one transfer from an accelerator; on the CPU two reads are cheaper than a stack."""
+    if loss.device.type == "cpu" and grad_norm.device.type == "cpu":
+        return loss.item(), grad_norm.item()
+    return tuple(torch.stack([loss.float(), grad_norm.float()]).tolist())
 
 
 def _interval_metrics(

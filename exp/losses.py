@@ -8,14 +8,20 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, accuracy: bool = True
+) -> dict[str, torch.Tensor]:
     """Mean cross-entropy over targets != -100, with accuracy and the token count it was taken over.
 
     logits: (B, T, V), targets: (B, T). Every returned tensor is a 0-d tensor on the logits' device.
+    accuracy=False returns the loss alone: accuracy needs a reduction over the whole vocabulary, which on
+    a small model costs a visible share of the step.
     """
     flat_logits = logits.float().reshape(-1, logits.size(-1))
     flat_targets = targets.reshape(-1)
     loss = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    if not accuracy:
+        return {"loss": loss}
     with torch.no_grad():
         mask = flat_targets != IGNORE_INDEX
         num_tokens = mask.sum()
@@ -27,12 +33,18 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float 
 
 
 def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    diagnostics: bool = True,
 ) -> dict[str, torch.Tensor]:
     """alpha * T^2 * KL(P_teacher(T) || P_student(T)) + (1 - alpha) * CE, over targets != -100.
 
     The KL is summed over the vocabulary and averaged over tokens; T^2 keeps its gradient scale
-    independent of the temperature (Hinton et al. 2015).
+    independent of the temperature (Hinton et al. 2015). diagnostics=False leaves out the student's
+    accuracy and its agreement with the teacher (two argmaxes over the vocabulary).
     """
     mask = targets.reshape(-1) != IGNORE_INDEX
     vocab = student_logits.size(-1)
@@ -46,16 +58,12 @@ def kd_loss(
     )
     kd = temperature**2 * kl
     ce = F.cross_entropy(student, targets.reshape(-1)[mask])
+    out = {"loss": alpha * kd + (1 - alpha) * ce, "kd_loss": kd.detach(), "ce_loss": ce.detach()}
+    if not diagnostics:
+        return out
     with torch.no_grad():
         predicted = student.argmax(-1)
         num_tokens = mask.sum()
         accuracy = (predicted == targets.reshape(-1)[mask]).float().mean()
         agreement = (predicted == teacher.argmax(-1)).float().mean()
-    return {
-        "loss": alpha * kd + (1 - alpha) * ce,
-        "kd_loss": kd.detach(),
-        "ce_loss": ce.detach(),
-        "student_accuracy": accuracy,
-        "teacher_agreement": agreement,
-        "num_tokens": num_tokens,
-    }
+    return {**out, "student_accuracy": accuracy, "teacher_agreement": agreement, "num_tokens": num_tokens}

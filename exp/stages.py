@@ -70,6 +70,16 @@ class StageConfig:
     def setup(self, model, rt) -> None:
         """Build what the stage needs beside the trained model (a teacher), on the run's device."""
 
+    def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
+        """One micro-batch forward: `loss` to backpropagate, plus detached metrics averaged over the log
+        interval. With `diagnostics` also the metrics that cost extra work (accuracy): the loop asks for
+        them on the last micro-batch of the step that closes each log interval."""
+        raise NotImplementedError
+
+    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+        """`loss`, `accuracy` and `num_tokens` of one evaluation batch."""
+        raise NotImplementedError
+
     def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy on the labelled positions: comparable across stages."""
         x, y = batch
@@ -98,11 +108,15 @@ class Pretrain(StageConfig):
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"stage.label_smoothing={self.label_smoothing} must be in [0, 1)")
 
-    def train_step(self, model, batch) -> dict[str, torch.Tensor]:
-        """One micro-batch forward: `loss` to backpropagate, plus detached metrics."""
+    def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
+        """One micro-batch forward: `loss` to backpropagate, plus detached metrics.
+
+        diagnostics=False skips the metrics that cost extra work (accuracy): the loop asks for them only
+        on the step that closes a log interval.
+        """
         x, y = batch
         logits, _ = model(x)
-        return with_router_losses(model, lm_loss(logits, y, self.label_smoothing))
+        return with_router_losses(model, lm_loss(logits, y, self.label_smoothing, accuracy=diagnostics))
 
 
 @dataclass(kw_only=True)
@@ -111,10 +125,12 @@ class SFT(Pretrain):
 
     eval_at_start: bool = True
 
-    def train_step(self, model, batch) -> dict[str, torch.Tensor]:
+    def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
         from exp.data.tokenizer import PAD
 
-        out = super().train_step(model, batch)
+        out = super().train_step(model, batch, diagnostics)
+        if not diagnostics:
+            return out
         x, y = batch
         with torch.no_grad():  # labelled tokens over real (non-pad) input tokens
             out["completion_ratio"] = (y != IGNORE_INDEX).sum().float() / (x != PAD).sum().clamp(min=1).float()
@@ -184,10 +200,10 @@ class Midtrain(StageConfig):
             teacher.to(rt.dtype)  # the teacher only runs forward: keep it in the stage dtype
         self._teacher = teacher
 
-    def train_step(self, model, batch) -> dict[str, torch.Tensor]:
+    def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
         x, y = batch
         logits, _ = model(x)
         with torch.no_grad():
             teacher_logits, _ = self._teacher(x)
-        out = kd_loss(logits, teacher_logits, y, self.temperature, self.alpha)
+        out = kd_loss(logits, teacher_logits, y, self.temperature, self.alpha, diagnostics)
         return with_router_losses(model, out)

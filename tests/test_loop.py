@@ -136,6 +136,40 @@ def test_callbacks_are_called_on_their_intervals():
     assert state.val_loss == [e for e in rec.events if e[0] == "eval"][-1][2]["val/loss"]
 
 
+class CountingPretrain(Pretrain):
+    """Records, per call, whether the loop asked for the diagnostics and the accuracy it then measured."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.calls = []
+
+    def train_step(self, model, batch, diagnostics=True):
+        out = super().train_step(model, batch, diagnostics)
+        self.calls.append(out["accuracy"].item() if diagnostics else None)
+        return out
+
+
+def test_accuracy_is_measured_only_on_the_step_that_closes_a_log_interval():
+    base = dict(
+        name="pretrain",
+        num_steps=5,
+        batch_size_per_gpu=8,
+        learning_rate=1e-2,
+        log_every_n_steps=2,
+        eval_every_n_steps=100,
+        num_eval_batches=1,
+        gradient_accumulation_steps=2,
+    )
+    st = CountingPretrain(**base)
+    rec = Recorder()
+    run_loop(st, [rec])
+    # 5 steps x 2 micro-batches; the last micro-batch of steps 2, 4 and 5 (the last step always logs)
+    asked = [i for i, acc in enumerate(st.calls) if acc is not None]
+    assert asked == [3, 7, 9]
+    logged = [e[2]["train/accuracy"] for e in rec.events if e[0] == "log"]
+    assert logged == pytest.approx([st.calls[i] for i in asked])
+
+
 def test_should_stop_ends_the_run_early():
     state = run_loop(stage(num_steps=10), [Recorder(stop_at=3)])
     assert state.step == 3
