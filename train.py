@@ -8,6 +8,9 @@ from exp.config import run_cli
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    from exp.mlflow_worker import prestart
+
+    prestart(cfg)  # MLflow's start-up runs beside the trainer's (importing torch, building the model)
     from exp.run import train  # torch is imported only once a job runs, not for --help or --cfg
 
     return train(cfg)

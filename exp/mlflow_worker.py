@@ -1,12 +1,21 @@
 """The MLflow side of tracking, run in its own process: no import of torch here, no GIL shared with training.
 
-The trainer sends ("metrics", step, unix_time, {key: value}), ("artifact", path, artifact_path) and ("end", status)
-through `inbox`; this process answers ("started", run_id or None), ("warning", message) and ("done",) in `outbox`.
+The trainer sends ("settings", {...}) once, then ("metrics", step, unix_time, {key: value}),
+("artifact", path, artifact_path) and ("end", status) through `inbox`; this process answers
+("started", run_id or None), ("warning", message) and ("done",) in `outbox`.
+
+The process imports MLflow (over a second of CPU) before its settings arrive, so `prestart` can launch it
+while the trainer itself is still starting (importing torch, building the model): the two start-ups share
+the machine's cores instead of MLflow's competing with the first training steps. It runs under SCHED_IDLE,
+on CPU time training leaves idle.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so that ours (below) runs before it
 import os
 import queue
 import signal
@@ -17,14 +26,110 @@ BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limit
 RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
 
 
-def main(settings: dict, inbox, outbox) -> None:
-    """Create or reopen the run, then log whatever arrives until the end message (or the trainer is gone)."""
+class Handle:
+    """A worker process and its two queues, as the trainer holds them. `uri` only says which store's code to
+    import ahead; the run's settings, sent later, name the store."""
+
+    def __init__(self, uri: str = ""):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=main, args=(self.inbox, self.outbox, uri), name="mlflow-tracker", daemon=True)
+        self.process.start()
+        _yield_cpu(self.process.pid)
+        _started[:] = [h for h in _started if h.process.is_alive()] + [self]
+
+
+_prestarted: Handle | None = None
+_started: list[Handle] = []
+
+
+def prestart(cfg) -> None:
+    """Launch the worker for the run `cfg` is about to start, if it tracks to MLflow from this process."""
+    global _prestarted
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    tracking = cfg.get("tracking") or {}
+    if (
+        _prestarted is None
+        and rank == "0"
+        and str(tracking.get("_target_", "")).endswith("MlflowTracker")
+        and not cfg.get("dry_run")
+        and cfg.get("pipeline") is None  # a pipeline's stages start their own trackers, one after another
+    ):
+        _prestarted = Handle(str(tracking.get("uri") or ""))
+
+
+def take(uri: str) -> Handle:
+    """The prestarted worker, or a new one."""
+    global _prestarted
+    handle, _prestarted = _prestarted, None
+    if handle is not None and handle.process.is_alive():
+        return handle
+    return Handle(uri)
+
+
+@atexit.register  # registered after multiprocessing's exit handler, so it runs before that one joins workers
+def _kill_leftovers() -> None:
+    """At exit, a worker still alive is one no run claimed (the config was refused, the job failed early) or one
+    whose run could not end it; it ignores SIGTERM, so it is killed. A run it left RUNNING is reconciled on the
+    next launch of its run directory."""
+    for handle in _started:
+        if handle.process.is_alive():
+            handle.process.kill()
+            handle.process.join()
+
+
+def _yield_cpu(pid: int) -> None:
+    """Let the worker (its start-up too: interpreter, imports) run only on CPU time training leaves idle.
+
+    With as many compute threads as cores, any process that takes a core stalls every thread of a step at
+    its next barrier; SCHED_IDLE gives the core back at once when a training thread wakes. Where that policy
+    is missing, the lowest priority nice allows is the next best.
+    """
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
+        except OSError:
+            pass
+
+
+def _import_store(uri: str) -> None:
+    """Import the code of the store `uri` names (half a second for SQLAlchemy's), touching no store."""
+    try:
+        if uri.startswith(("http://", "https://", "databricks")):
+            import mlflow.store.tracking.rest_store  # noqa: F401
+        elif uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql", "mssql"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except ImportError:  # a driver missing: the settings' store reports it properly
+        pass
+
+
+def main(inbox, outbox, uri: str = "") -> None:
+    """Import MLflow, wait for the run's settings, create or reopen the run, then log whatever arrives until
+    the end message (or until the trainer is gone)."""
     # The trainer decides when the run ends: Ctrl-C (sent to the whole process group), SIGTERM or SLURM's
     # USR2 must reach it, not stop this process before it has logged the ending.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     trainer = os.getppid()
-    os.nice(10)  # bookkeeping: the trainer's threads come first when cores are scarce
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow.tracking  # noqa: F401  (most of the start-up; done before the settings are needed)
+
+    _import_store(uri)
+
+    settings = None
+    while settings is None:
+        try:
+            message = inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != trainer:
+                return
+            continue
+        if message[0] == "settings":
+            settings = message[1]
     worker = _Worker(settings, outbox)
     try:
         worker.start()
@@ -52,9 +157,6 @@ class _Worker:
         self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
 
     def start(self) -> None:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.entities import Param, RunTag
         from mlflow.tracking import MlflowClient
 

@@ -77,10 +77,6 @@ class StageConfig:
         raise NotImplementedError
 
     def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
-        """`loss`, `accuracy` and `num_tokens` of one evaluation batch."""
-        raise NotImplementedError
-
-    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy on the labelled positions: comparable across stages."""
         x, y = batch
         logits, _ = model(x)

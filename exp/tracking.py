@@ -1,10 +1,9 @@
-"""MLflow tracking on a background thread: the training step never waits on MLflow or the network."""
+"""MLflow tracking from a separate process: the training step never waits on MLflow or the network."""
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import queue
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from exp import mlflow_worker
 from exp.loop import Callback, TrainState
 from exp.mlflow_worker import RUN_MARKER, experiment_id_for
 
@@ -73,33 +73,17 @@ class MlflowTracker(Callback):
             "tags": {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
             "params": flat_params(cfg),
         }
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
-        self._ctx, self._inbox, self._outbox, self._proc = ctx, ctx.Queue(), ctx.Queue(), None
         self._run_id: str | None = None
         self._started = self._done = False
+        worker = mlflow_worker.take(self.uri)  # prestarted by train.py while the trainer was starting, or new
+        self._inbox, self._outbox, self._proc = worker.inbox, worker.outbox, worker.process
+        self._inbox.put(("settings", self._settings))
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
-        self._start()
         self._poll(until="started", timeout=START_TIMEOUT_S)
         return self._run_id
-
-    def on_step_end(self, state: TrainState, loss: float) -> None:
-        if self._proc is None:  # after the first step: MLflow's start-up (~2 s of CPU) does not delay it
-            self._start()
-
-    def _start(self) -> None:
-        if self._proc is None:
-            from exp import mlflow_worker
-
-            self._proc = self._ctx.Process(
-                target=mlflow_worker.main,
-                args=(self._settings, self._inbox, self._outbox),
-                name="mlflow-tracker",
-                daemon=True,
-            )
-            self._proc.start()
 
     def _send(self, item: tuple) -> None:
         self._inbox.put(item)
@@ -154,7 +138,6 @@ class MlflowTracker(Callback):
         self._send(("artifact", str(path), artifact_path))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
-        self._start()  # a run that failed before its first step is still recorded
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest
         if self.checkpoints:
             refs = self.run_dir / "checkpoints.json"

@@ -235,3 +235,70 @@ def test_sigkilled_run_is_reconciled_and_resume_continues_the_same_run_without_d
     assert proc.returncode == 0
     assert client.get_run(old_id).info.status == "KILLED"
     assert summary(run_dir)["mlflow_run_id"] != old_id
+
+
+def _session_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_run_uses_the_prestarted_worker_at_idle_priority_and_finishes(store, tmp_path, make_cfg):
+    from exp import mlflow_worker
+    from exp.loop import TrainState
+    from exp.tracking import MlflowTracker
+
+    cfg = make_cfg("tracking=mlflow", f"tracking.uri={store}")
+    mlflow_worker.prestart(cfg)
+    prestarted = mlflow_worker._prestarted
+    assert prestarted is not None and prestarted.process.is_alive()
+    if hasattr(os, "SCHED_IDLE"):
+        assert os.sched_getscheduler(prestarted.process.pid) == os.SCHED_IDLE
+    tracker = MlflowTracker(store, experiment="prestart", cfg=cfg, run_dir=tmp_path)
+    assert tracker._proc is prestarted.process and mlflow_worker._prestarted is None  # claimed, not a second one
+    tracker.on_log(TrainState(step=1), {"train/loss": 2.5})
+    tracker.on_train_end(TrainState(step=1), "FINISHED")
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "train/loss")] == [2.5]
+    assert not prestarted.process.is_alive()
+
+
+def test_nothing_is_prestarted_without_mlflow_on_this_rank_or_for_a_dry_run(store, make_cfg, monkeypatch):
+    from exp import mlflow_worker
+
+    for overrides, env in (
+        (["tracking=none"], {}),
+        (["tracking=mlflow", f"tracking.uri={store}", "dry_run=true"], {}),
+        (["tracking=mlflow", f"tracking.uri={store}"], {"RANK": "1"}),
+    ):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        mlflow_worker.prestart(make_cfg(*overrides))
+        assert mlflow_worker._prestarted is None, overrides
+
+
+def test_a_refused_config_exits_at_once_and_leaves_no_worker_behind(tmp_path):
+    """The worker is launched before validation; a run that never claims it must not wait on it or leak it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_train.__globals__["ROOT"])}
+    cmd = [
+        sys.executable,
+        str(run_train.__globals__["ROOT"] / "train.py"),
+        *BASE,
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "+optimizer.lrr=0.1",
+    ]
+    started = time.time()
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "optimizer.lrr" in stderr, stderr[-2000:]
+    assert time.time() - started < 60
+    deadline = time.time() + 5
+    while _session_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _session_alive(proc.pid), "a process of the run outlived it"
+    assert not (tmp_path / "mlflow.db").exists()  # no run was created for a refused config
