@@ -23,7 +23,7 @@ def tiny_model(seed=0):
     return GPT(vocab_size=32, seq_len=16, n_layer=2, n_head=2, d_model=32)
 
 
-def stage(**kw):
+def stage(cls=Pretrain, **kw):
     base = dict(
         name="pretrain",
         num_steps=4,
@@ -33,7 +33,7 @@ def stage(**kw):
         eval_every_n_steps=2,
         num_eval_batches=1,
     )
-    return Pretrain(**{**base, **kw})
+    return cls(**{**base, **kw})
 
 
 def fixed_batches(num_rows, seed=1):
@@ -150,17 +150,7 @@ class CountingPretrain(Pretrain):
 
 
 def test_accuracy_is_measured_only_on_the_step_that_closes_a_log_interval():
-    base = dict(
-        name="pretrain",
-        num_steps=5,
-        batch_size_per_gpu=8,
-        learning_rate=1e-2,
-        log_every_n_steps=2,
-        eval_every_n_steps=100,
-        num_eval_batches=1,
-        gradient_accumulation_steps=2,
-    )
-    st = CountingPretrain(**base)
+    st = stage(CountingPretrain, num_steps=5, eval_every_n_steps=100, gradient_accumulation_steps=2)
     rec = Recorder()
     run_loop(st, [rec])
     # 5 steps x 2 micro-batches; the last micro-batch of steps 2, 4 and 5 (the last step always logs)
