@@ -89,6 +89,7 @@ class MetricsFile(Callback):
     def __init__(self, path: Path, keep_until_step: int = 0):
         self.path = Path(path)
         self.keep_until_step = keep_until_step
+        self._file = None
 
     def on_train_start(self, state: TrainState) -> None:
         """Drop lines past the step this run starts from, so a resumed run's record has no duplicate steps."""
@@ -100,8 +101,14 @@ class MetricsFile(Callback):
         tmp.replace(self.path)
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._file is None:  # kept open between lines; line-buffered, so each line reaches the OS at once
+            self._file = self.path.open("a", buffering=1)
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._write(state.step, metrics)

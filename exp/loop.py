@@ -257,7 +257,9 @@ def _interval_metrics(
     interval: _Interval, state: TrainState, lr: float, samples_per_step: int, rt: Runtime, dist: Dist
 ):
     n, seconds = interval.num_steps, max(interval.seconds, 1e-9)
-    loss_sum, inputs = dist.sum(torch.tensor([interval.loss, float(interval.num_inputs)])).tolist()
+    loss_sum, inputs = interval.loss, interval.num_inputs
+    if dist.enabled:
+        loss_sum, inputs = dist.sum(torch.tensor([loss_sum, float(inputs)])).tolist()
     mean_loss = loss_sum / (n * dist.world_size)
     return {
         "train/loss": mean_loss,
