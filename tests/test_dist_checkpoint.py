@@ -1,7 +1,9 @@
 """Sharded checkpoints from real 2-process gloo FSDP2 jobs: exact resume, world-size guard, consolidation, export."""
 
 import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
@@ -26,6 +28,12 @@ SIZES = dict(vocab_size=64, seq_len=16, n_layer=2, n_head=2, d_model=32)
 CONFIG = OmegaConf.to_yaml(
     OmegaConf.create({"data": {"vocab_size": 64}, "model": {"_target_": "exp.model.GPT", **SIZES}, "seed": 0})
 )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build(sharded: bool):
@@ -66,10 +74,10 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
 
 
-def worker(rank: int, store: str, root: str, phase: str) -> None:
+def worker(rank: int, port: int, root: str, phase: str) -> None:
     torch.set_num_threads(1)
-    # A file rendezvous: a free TCP port picked beforehand can be taken by another process before the bind.
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model, opt, sched = build(sharded=True)
         out = {}
@@ -103,7 +111,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     root = base / "checkpoints"
     for phase in ("save", "resume"):
-        mp.spawn(worker, args=(str(base / f"{phase}.store"), str(root), phase), nprocs=WORLD, join=True)
+        mp.spawn(worker, args=(free_port(), str(root), phase), nprocs=WORLD, join=True)
     return root, {(p, r): torch.load(base / f"{p}_{r}.pt") for p in ("save", "resume") for r in range(WORLD)}
 
 
