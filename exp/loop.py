@@ -221,7 +221,7 @@ def train(
         interval.add(loss, grad_norm, out["num_inputs"], out["metrics"])
 
         last = state.step == stage.num_steps
-        if state.step % stage.log_every_n_steps == 0 or last:
+        if closes_interval:
             interval.pause()
             metrics = _interval_metrics(interval, state, lr, samples_per_step, rt, dist)
             state.train_seconds += interval.seconds
