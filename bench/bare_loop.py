@@ -65,6 +65,45 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch
     return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
 
+class BareLoop:
+    """The plain loop: AdamW over decay / no-decay groups, warmup-cosine LambdaLR, clipping, the loss read
+    every step. `run(steps)` trains that many steps and returns the time each one ended."""
+
+    def __init__(
+        self, model, tokens: np.ndarray, *, batch_size: int, num_steps: int, lr: float, betas, eps: float,
+        weight_decay: float, warmup_steps: int, warmup_ratio: float, lr_decay_ratio: float, max_grad_norm: float,
+        seed: int,
+    ):  # fmt: skip
+        self.model, self.tokens, self.batch_size, self.max_grad_norm = model, tokens, batch_size, max_grad_norm
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_lambda(num_steps, warmup_steps, warmup_ratio, lr_decay_ratio)
+        )
+        # Same generator and seeding as the framework's sampler, so both sides see the same windows.
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0])))
+        self.seq_len = model.seq_len
+        self.max_start = len(tokens) - self.seq_len - 1
+        self.losses: list[float] = []
+
+    def run(self, steps: int) -> list[float]:
+        step_ends = []
+        for _ in range(steps):
+            starts = self.rng.integers(0, self.max_start, size=self.batch_size, endpoint=True)
+            x, y = windows(self.tokens, starts, self.seq_len)
+            self.optimizer.zero_grad(set_to_none=True)
+            _, loss = self.model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.losses.append(loss.item())  # read every step, as the framework does to stop on a NaN at once
+            self.optimizer.step()
+            self.scheduler.step()
+            step_ends.append(time.perf_counter())
+        return step_ends
+
+
 def main() -> None:
     """Train, evaluate once at the end (untimed), and write the measurements."""
     args = parse_args()
@@ -76,34 +115,18 @@ def main() -> None:
     train = np.memmap(args.train_bin, dtype=np.uint16, mode="r")
     val = np.memmap(args.val_bin, dtype=np.uint16, mode="r")
     model = GPT(**model_kwargs)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), eps=args.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_lambda(args.num_steps, args.warmup_steps, args.warmup_ratio, args.lr_decay_ratio)
-    )
-    # Same generator and seeding as the framework's sampler, so both sides see the same windows.
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([args.seed, 0])))
-    max_start = len(train) - seq_len - 1
+    loop = BareLoop(
+        model, train, batch_size=args.batch_size, num_steps=args.num_steps, lr=args.lr, betas=args.betas,
+        eps=args.eps, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        warmup_ratio=args.warmup_ratio, lr_decay_ratio=args.lr_decay_ratio, max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+    )  # fmt: skip
 
-    step_ends = []
-    losses = []
-    first_step_time = None
     start = time.perf_counter()
-    for _ in range(args.num_steps):
-        starts = rng.integers(0, max_start, size=args.batch_size, endpoint=True)
-        x, y = windows(train, starts, seq_len)
-        optimizer.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        losses.append(loss.item())  # read every step, as the framework does to stop on a NaN at once
-        optimizer.step()
-        scheduler.step()
-        step_ends.append(time.perf_counter())
-        if first_step_time is None:
-            first_step_time = time.time()
+    step_ends = loop.run(1)
+    first_step_time = time.time()
+    step_ends += loop.run(args.num_steps - 1)
+    losses = loop.losses
 
     # Stamps, not per-step sums: the time between one step's end and the next step's start counts too.
     bounds = [start, *step_ends]

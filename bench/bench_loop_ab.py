@@ -35,14 +35,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bare_loop import cosine_lambda, windows  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bare_loop import BareLoop  # noqa: E402  (bench/ is on sys.path when run as a script)
 from bench_loop import CONFIGS, TARGET_STEP_OVERHEAD_MS, TARGET_TPS_RATIO  # noqa: E402
+
+from exp.loop import Callback  # noqa: E402
 
 CHUNKS = {"tiny-small": (200, 30), "gpt_tiny": (20, 15)}  # steps per chunk, rounds
 
 
 def build(config, num_steps: int, work: Path):
-    """Stage, model, data and schedule settings from the framework's composed config."""
+    """The validated config, model, data and schedule settings from the framework's composed config."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
@@ -70,69 +72,35 @@ def build(config, num_steps: int, work: Path):
     model = instantiate(cfg.model)
     scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    return valid.stage, model, data, np.memmap(train_bin, dtype=np.uint16, mode="r"), scheduler, optimizer, cfg
-
-
-class Bare:
-    """bench/bare_loop.py's loop, a chunk at a time."""
-
-    def __init__(self, model, tokens, stage, sched: dict, opt: dict, seed: int, num_steps: int):
-        self.model, self.tokens, self.stage = model, tokens, stage
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        self.opt = torch.optim.AdamW(groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"])
-        lam = cosine_lambda(num_steps, sched["warmup_steps"], sched["warmup_ratio"], sched["lr_decay_ratio"])
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lam)
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0])))
-        self.seq_len = model.seq_len
-        self.max_start = len(tokens) - self.seq_len - 1
-        self.losses: list[float] = []
-
-    def run(self, steps: int) -> list[float]:
-        stamps = []
-        for _ in range(steps):
-            starts = self.rng.integers(0, self.max_start, size=self.stage.batch_size_per_gpu, endpoint=True)
-            x, y = windows(self.tokens, starts, self.seq_len)
-            self.opt.zero_grad(set_to_none=True)
-            _, loss = self.model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.stage.max_grad_norm)
-            self.losses.append(loss.item())
-            self.opt.step()
-            self.sched.step()
-            stamps.append(time.perf_counter())
-        return stamps
+    return valid, model, data, np.memmap(train_bin, dtype=np.uint16, mode="r"), scheduler, optimizer, cfg
 
 
 class Framework:
     """exp.loop.train with a run's callbacks, a chunk at a time (the stage's num_steps moves with the chunk)."""
 
-    def __init__(self, model, data, stage, cfg, work: Path):
+    def __init__(self, model, data, valid, cfg, work: Path):
         from hydra.utils import instantiate
 
         from exp import hardware, loop
         from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, MetricsFile
-        from exp.config import validate
         from exp.faults import EarlyStopping, FaultGuard, StopSignals
         from exp.optim import build_optimizer
 
+        stage, run = valid.stage, valid.run
         self.loop, self.model, self.stage = loop, model, stage
         self.rt = hardware.Runtime(device=torch.device("cpu"), dtype=torch.float32)
         self.opt = build_optimizer(instantiate(cfg.optimizer), model, device=self.rt.device)
         self.sched = instantiate(cfg.scheduler)(self.opt)
         self.batches = data.train_sampler(stage.batch_size_per_gpu, seed=cfg.seed)
         self.val = data.val_batches(stage.batch_size_per_gpu, 1)
-        run = validate(cfg).run
         self.guard = FaultGuard(run.nan, rollback=lambda st, f: False, on_event=lambda st, m: None)
         self.stamps = Stamps()
-        self.log = ConsoleLog(stage.num_steps)
         self.callbacks = [
             FirstStepClock(),
             StopSignals(),
             EarlyStopping(run.early_stopping),
             Checkpointer(every_n_steps=0, keep_last=1, keep_best=False, save=lambda st: work, rotate=lambda k, p: None),
-            self.log,
+            ConsoleLog(stage.num_steps),
             MetricsFile(work / "metrics.jsonl"),
             self.stamps,
         ]
@@ -152,19 +120,12 @@ class Framework:
         return self.stamps.stamps
 
 
-class Stamps:
+class Stamps(Callback):
     """The time and loss of every step's end."""
-
-    should_stop = False
 
     def __init__(self):
         self.stamps: list[float] = []
         self.losses: list[float] = []
-
-    def __getattr__(self, name):  # every other hook: nothing
-        if name.startswith("on_"):
-            return lambda *a, **k: None
-        raise AttributeError(name)
 
     def on_step_end(self, state, loss: float) -> None:
         self.stamps.append(time.perf_counter())
@@ -179,9 +140,15 @@ def chunk_ms(stamps: list[float]) -> float:
 def bench(config, work: Path) -> dict:
     steps, rounds = CHUNKS[config.name]
     total = steps * (rounds + 1)
-    stage, model, data, tokens, sched, opt, cfg = build(config, total, work)
-    bare = Bare(copy.deepcopy(model), tokens, stage, sched, opt, cfg.seed, total)
-    fw = Framework(copy.deepcopy(model), data, stage, cfg, work)
+    valid, model, data, tokens, sched, opt, cfg = build(config, total, work)
+    stage = valid.stage
+    bare = BareLoop(
+        copy.deepcopy(model), tokens, batch_size=stage.batch_size_per_gpu, num_steps=total, lr=opt["lr"],
+        betas=opt["betas"], eps=opt["eps"], weight_decay=opt["weight_decay"], warmup_steps=sched["warmup_steps"],
+        warmup_ratio=sched["warmup_ratio"], lr_decay_ratio=sched["lr_decay_ratio"],
+        max_grad_norm=stage.max_grad_norm, seed=cfg.seed,
+    )  # fmt: skip
+    fw = Framework(copy.deepcopy(model), data, valid, cfg, work)
     bare.run(steps), fw.run(steps)  # warm-up chunk, not counted
     pairs = []
     for rnd in range(rounds):
