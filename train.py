@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from exp.config import run_cli
+from exp.cli import run_cli
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

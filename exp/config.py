@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import shutil
 import sys
+import tempfile
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +112,14 @@ class Validated:
     hardware: object  # exp.hardware.Hardware
 
 
-def validate(cfg: DictConfig) -> Validated:
-    """Check every key, type, value and interpolation; raise ConfigError naming the first problem."""
+def validate(cfg: DictConfig, node: bool = True) -> Validated:
+    """Check every key, type, value and interpolation; raise ConfigError naming the first problem.
+
+    With `node` (the default), also that this machine has the device and dtype asked for. A launcher that
+    submits jobs to other machines (SLURM) validates without it: each job checks its own node at start.
+    """
     _check_resolvable(cfg)
+    _link_stage_values(cfg)
     known = set(GROUPS) | {f.name for f in dataclasses.fields(RunConfig)}
     for key in cfg:
         if key not in known:
@@ -132,10 +139,59 @@ def validate(cfg: DictConfig) -> Validated:
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"callbacks.{name}: needs a _target_ (an exp.loop.Callback subclass)")
         _check_signature(f"callbacks.{name}", node)
-    _guard("hardware", lambda: hardware.torch_dtype(stage.dtype))
+    if node:
+        _guard("hardware", lambda: hardware.check_node(stage.dtype))
+    else:
+        from exp.hardware import check_dtype_name
+
+        _guard("stage", lambda: check_dtype_name(stage.dtype or hardware.dtype))
     _check_writable("checkpoint.dir", cfg.checkpoint.dir)
     _check_buildable(cfg, stage)
     return Validated(run=run, stage=stage, hardware=hardware)
+
+
+# optimizer keys that follow the stage's recipe (`lr: ${stage.learning_rate}`): one value, recorded once
+STAGE_LINKS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+
+
+def _link_stage_values(cfg: DictConfig) -> None:
+    """Make optimizer.lr and stage.learning_rate (and weight decay) one value, in place.
+
+    `optimizer.lr=1e-3` on its own sets the stage's value too (MLflow records stage.learning_rate, the
+    optimizer follows it); both set to different values is an error naming both.
+    """
+    optimizer, stage = cfg.get("optimizer"), cfg.get("stage")
+    if not isinstance(optimizer, DictConfig) or not isinstance(stage, DictConfig):
+        return
+    given = _command_line_keys()
+    for opt_key, stage_key in STAGE_LINKS.items():
+        if opt_key not in optimizer or stage_key not in stage or OmegaConf.is_interpolation(optimizer, opt_key):
+            continue
+        value, recipe = optimizer[opt_key], stage[stage_key]
+        if value == recipe:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"optimizer.{opt_key}={value!r} must be a number")
+        if value < 0 or (opt_key == "lr" and value == 0):  # named as typed, not as the stage key it sets
+            raise ConfigError(f"optimizer.{opt_key}={value} must be {'> 0' if opt_key == 'lr' else '>= 0'}")
+        if f"stage.{stage_key}" in given:
+            raise ConfigError(
+                f"optimizer.{opt_key}={value} and stage.{stage_key}={recipe} disagree: set one of them "
+                f"(optimizer.{opt_key} follows stage.{stage_key})"
+            )
+        stage[stage_key] = value
+        optimizer[opt_key] = f"${{stage.{stage_key}}}"
+
+
+def _command_line_keys() -> set[str]:
+    """The keys set by this job's overrides (command line or sweep point); empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # not under Hydra (a config built in code)
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
 def _check_resolvable(cfg: DictConfig) -> None:
@@ -174,6 +230,7 @@ def _check_signature(group: str, node: DictConfig) -> None:
     except Exception as e:  # hydra wraps import errors of every kind
         raise ConfigError(f"{group}._target_={node._target_!r} cannot be imported: {first_line(e)}") from None
     params = inspect.signature(target).parameters
+    hints = _hints(target)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in node:
         if key in INSTANTIATE_KEYS:
@@ -192,17 +249,81 @@ def _check_signature(group: str, node: DictConfig) -> None:
             and (isinstance(value, bool) or not isinstance(value, (int, float)))
         ):
             raise ConfigError(f"{group}.{key}={value!r} must be a number")
+        problem = _type_problem(hints.get(key), OmegaConf.to_container(node, resolve=True)[key])
+        if problem:
+            raise ConfigError(f"{group}.{key}={_show(node, key)} must be {problem}")
+
+
+def _hints(target) -> dict:
+    """The target's parameter annotations, as types; {} where they cannot be evaluated."""
+    try:
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # forward references to names the target's module does not define: no checks
+        return {}
+
+
+def _type_problem(hint, value) -> str | None:
+    """What `value` should be to fit the annotation `hint` (numbers, flags, fixed-length tuples), or None.
+
+    Only what a constructor would fail on obscurely is checked: a string where a number goes fails deep
+    inside it as "unsupported operand type(s)", a short tuple as "list index out of range".
+    """
+    if hint is None or value is None and _optional(hint):
+        return None
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    numbers = [o for o in options if o in (int, float)]
+    if numbers and all(o in (int, float, type(None)) or _is_tensor(o) for o in options):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "an integer" if numbers == [int] else "a number"
+        if numbers == [int] and not isinstance(value, int):
+            return "an integer"
+    origin = typing.get_origin(hint)
+    if origin is tuple and (args := typing.get_args(hint)) and Ellipsis not in args:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return f"a list of {len(args)} values, e.g. [{', '.join('...' for _ in args)}]"
+        for arg, item in zip(args, value, strict=True):
+            if _type_problem(arg, item):
+                return f"a list of {len(args)} numbers"
+    return None
+
+
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _optional(hint) -> bool:
+    return _is_union(hint) and type(None) in typing.get_args(hint)
+
+
+def _is_tensor(hint) -> bool:
+    return getattr(hint, "__name__", "") == "Tensor"
+
+
+def _show(node: DictConfig, key: str) -> str:
+    value = OmegaConf.to_container(node, resolve=True)[key]
+    return (
+        str(value).replace(" ", "")
+        if isinstance(value, list)
+        else repr(value)
+        if isinstance(value, str)
+        else str(value)
+    )
 
 
 def _check_writable(key: str, path: str) -> None:
-    """The nearest existing ancestor of `path` must be a writable directory."""
+    """The nearest existing ancestor of `path` must be a directory this process can create a folder in.
+
+    Tried, not asked: os.access says yes to root everywhere, also on read-only and pseudo filesystems.
+    """
     probe = Path(path).expanduser().absolute()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"{key}={path} cannot be created: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path} is not writable ({probe} refuses writes)")
+    try:
+        tempfile.TemporaryDirectory(dir=probe, prefix=".exp-write-check-").cleanup()
+    except OSError as e:
+        raise ConfigError(f"{key}={path} is not writable ({probe}: {e.strerror or first_line(e)})") from None
 
 
 def _check_buildable(cfg: DictConfig, stage=None) -> None:
@@ -267,16 +388,6 @@ def job_started() -> None:
     _job_started = True
 
 
-def run_cli(main: Callable) -> None:
-    """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2.
-
-    `resume=auto` / `resume=PATH` on the command line are short for `resume.path=...`: `resume` is a node
-    (it also holds allow_config_change), and Hydra cannot assign a string to a node.
-    """
-    sys.argv = [f"resume.path={a[len('resume=') :]}" if a.startswith("resume=") else a for a in sys.argv]
-    try:
-        main()
-    except SystemExit as e:
-        if e.code == 1 and not _job_started:
-            sys.exit(CONFIG_ERROR_EXIT)
-        raise
+def job_has_started() -> bool:
+    """Whether a job started in this process (an exit 1 before it is one of Hydra's compose errors)."""
+    return _job_started

@@ -91,11 +91,22 @@ class EarlyStopping(Callback):
             return
         self.bad_evals += 1
         if self.bad_evals >= self.cfg.patience:
-            log.info(
-                f"early stopping at step {state.step}: val loss has not improved on {self.best:.4f} "
-                f"for {self.bad_evals} evaluations"
+            self.stop_reason = (
+                f"early stopping at step {state.step}: val loss has not improved on {self.best:.4f} by "
+                f"early_stopping.min_delta={self.cfg.min_delta:g} for {self.bad_evals} evaluations "
+                f"(early_stopping.patience={self.cfg.patience})"
             )
+            log.info(self.stop_reason)
             self.should_stop = True
+
+    def state_dict(self) -> dict:
+        """The best loss and the evaluations since: a resumed run keeps counting its patience."""
+        return {"best": None if math.isinf(self.best) else self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        best = state.get("best")
+        self.best = math.inf if best is None else float(best)
+        self.bad_evals = int(state.get("bad_evals", 0))
 
 
 class StopSignals(Callback):
@@ -124,6 +135,7 @@ class StopSignals(Callback):
         self.received = signum
         self.should_stop = True
         what = "preemption or time limit" if signum == signal.SIGUSR2 else signal.Signals(signum).name
+        self.stop_reason = f"{what} ({signal.Signals(signum).name})"
         log.warning(f"{what} ({signal.Signals(signum).name}): stopping after this step and saving a checkpoint")
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ class Hardware:
             raise ValueError(f"hardware.matmul_precision={self.matmul_precision!r} must be highest, high or medium")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"hardware.num_threads={self.num_threads} must be >= 1")
-        resolve_device(self.device)
+        parse_device(self.device)  # whether the device exists is the node's business: check_node()
         if self.distributed not in ("none", "ddp", "fsdp"):
             raise ValueError(f"hardware.distributed={self.distributed!r} must be none, ddp or fsdp")
 
@@ -39,25 +40,50 @@ class Hardware:
         """The training dtype for `name` (a stage's dtype; `auto` picks the best this device has)."""
         return resolve_dtype(name or self.dtype, self.torch_device())
 
+    def check_node(self, dtype: str | None = None) -> None:
+        """Raise ValueError when this machine lacks the device or the dtype asked for.
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; anything asked for that is not here raises."""
+        A property of the node a job runs on, not of the config: a SLURM sweep submitted from a login node
+        without a GPU is checked here when each job starts, on its GPU node.
+        """
+        self.torch_dtype(dtype)
+
+
+def parse_device(name: str) -> torch.device | None:
+    """The device a name stands for (None for auto), without asking whether this machine has it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"hardware.device={name!r} is not a device name (auto, cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"hardware.device={name} but no CUDA device is available (use hardware=cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"hardware.device={name} but only {torch.cuda.device_count()} CUDA devices exist")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"hardware.device={name} but MPS is not available")
-    elif device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"hardware.device={name!r}: only cpu, cuda and mps are supported")
     return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; anything asked for that is not here raises."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = f"on {socket.gethostname()}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"hardware.device={name} but no CUDA device is available {where} (use hardware=cpu or auto)"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"hardware.device={name} but only {torch.cuda.device_count()} CUDA devices exist {where}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"hardware.device={name} but MPS is not available {where}")
+    return device
+
+
+def check_dtype_name(name: str) -> None:
+    """A dtype name exp knows (auto, float32, bfloat16, float16), whatever the device."""
+    if name != "auto" and name not in DTYPES:
+        raise ValueError(f"stage.dtype={name!r} must be one of auto, {', '.join(DTYPES)}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -22,10 +22,29 @@ from exp.files import write_json
 
 log = logging.getLogger("exp")
 MANIFEST = "sweep.json"
+_launched: list[Path] = []  # sweep directories this process launched into (exp.cli reports their failures)
+
+
+def launched_sweeps() -> list[Path]:
+    """The sweep directories this process launched trials into, in order, each once."""
+    return list(dict.fromkeys(_launched))
+
+
+def failed_trials_message(sweep_dir: Path) -> str | None:
+    """`N of M trials FAILED` and where to look, or None when none failed."""
+    manifest = read_manifest(sweep_dir) or {"trials": {}}
+    trials = manifest["trials"].values()
+    failed = sum(t.get("status") == "FAILED" for t in trials)
+    if not failed:
+        return None
+    return f"{failed} of {len(trials)} trials FAILED: python -m exp.sweep status {sweep_dir}"
 
 
 class ValidatedSweep:
     """Validates every point of a batch in this process, records the batch, then hands it to the launcher."""
+
+    # whether the jobs run on this machine, so that its device and dtype are theirs to check here
+    jobs_run_here = True
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -44,6 +63,7 @@ class ValidatedSweep:
                 "status": "PENDING",
             }
         write_manifest(sweep_dir, manifest)
+        _launched.append(sweep_dir)
         try:
             results = super().launch(job_overrides, initial_job_idx)
         finally:
@@ -69,7 +89,7 @@ class ValidatedSweep:
                     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the task config resolves as in the job
                     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
                     task.run_dir = str(run_dir)
-                    config.validate(task)
+                    config.validate(task, node=self.jobs_run_here)
                 except config.ConfigError as e:
                     refuse(sweep_dir, f"{label}: {e}")
                 except Exception as e:  # a point that does not even compose

@@ -28,13 +28,29 @@ class TrainState:
     train_loss: float | None = None  # mean over the last log interval
     val_loss: float | None = None  # the last evaluation's
     best_val_loss: float = math.inf
+    best_step: int | None = None  # the step whose evaluation gave best_val_loss
     initial_val_loss: float | None = None  # before the first step, when the stage evaluates at start
+    # each process's first step (compilation, allocator and cache warm-up), left out of steady-state throughput
+    warmup_seconds: float = 0.0
+    warmup_tokens: int = 0
 
 
 class Callback:
-    """Hooks the loop calls; subclasses override what they need. Setting should_stop ends the run cleanly."""
+    """Hooks the loop calls; subclasses override what they need.
+
+    Setting should_stop ends the run cleanly after the step (stop_reason says why, in summary.json and
+    MLflow). A callback whose state must survive a resume returns it from state_dict() (JSON values);
+    the checkpoint stores it and load_state_dict() gets it back.
+    """
 
     should_stop: bool = False
+    stop_reason: str | None = None
+
+    def state_dict(self) -> dict | None:
+        """JSON-serialisable state to keep in checkpoints; None: nothing to keep."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None: ...
 
     def on_build(self, model, optimizer, scheduler) -> None:
         """Once the training objects exist (before any resume restores them)."""
@@ -197,7 +213,9 @@ def train(
             cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
     interval = _Interval()
     samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
+    first_step = True
     while state.step < stage.num_steps:
+        started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         closes_interval = (state.step + 1) % stage.log_every_n_steps == 0 or state.step + 1 == stage.num_steps
         out = train_step(stage, model, optimizer, batches, rt, scaler, diagnostics=closes_interval)
@@ -217,6 +235,10 @@ def train(
 
         state.step += 1
         state.tokens_seen += out["num_inputs"] * dist.world_size
+        if first_step:
+            first_step = False
+            state.warmup_seconds += time.perf_counter() - started
+            state.warmup_tokens += out["num_inputs"] * dist.world_size
         state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
         interval.add(loss, grad_norm, out["num_inputs"], out["metrics"])
 
@@ -233,7 +255,8 @@ def train(
             interval.pause()
             val = evaluate(stage, model, val_batches, rt, dist)
             state.val_loss = val["loss"]
-            state.best_val_loss = min(state.best_val_loss, val["loss"])
+            if val["loss"] < state.best_val_loss:
+                state.best_val_loss, state.best_step = val["loss"], state.step
             for cb in callbacks:
                 cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
             interval.resume()

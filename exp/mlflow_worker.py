@@ -21,6 +21,8 @@ import queue
 import signal
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
@@ -47,9 +49,10 @@ def prestart(cfg) -> None:
     """Launch the worker for the run `cfg` is about to start, if it tracks to MLflow from this process."""
     global _prestarted
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    tracking = cfg.get("tracking") or {}
+    tracking = cfg.get("tracking")
     if (
-        _prestarted is None
+        isinstance(tracking, DictConfig)  # anything else is refused by validation, one line, right after
+        and _prestarted is None
         and rank == "0"
         and str(tracking.get("_target_", "")).endswith("MlflowTracker")
         and not cfg.get("dry_run")
@@ -218,7 +221,7 @@ class _Worker:
 
     def handle(self, items: list) -> bool:
         """Log a batch of messages; True once the run has ended."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         metrics, done = [], False
         for item in items:
@@ -229,6 +232,12 @@ class _Worker:
                     for k, v in values.items()
                     if step > self.skip_until.get(k, -1)
                 ]
+            elif item[0] == "tags":
+                self._call(
+                    lambda tags=item[1]: self.client.log_batch(
+                        self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
+                    )
+                )
             elif item[0] == "artifact":
                 self._flush(metrics)
                 metrics = []

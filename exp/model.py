@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -262,8 +263,16 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        stop_token_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy decoding."""
+        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy decoding.
+
+        A row that emits one of stop_token_ids is finished: the stop token stays in it and its later
+        positions repeat it. Generation ends early once every row is finished (for B=1: right after the
+        stop token), so the result can be shorter than T + max_new_tokens.
+        """
+        stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=idx.dtype, device=idx.device)
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
         was_training = self.training
         self.eval()  # sampling with dropout active is never intended
         try:
@@ -279,7 +288,12 @@ class GPT(nn.Module):
                         logits = logits.masked_fill(logits < kth, float("-inf"))
                     probs = F.softmax(logits, dim=-1)
                     nxt = torch.multinomial(probs, num_samples=1, generator=generator)
+                if stops.numel():
+                    nxt = torch.where(done, idx[:, -1:], nxt)  # a finished row repeats its stop token
+                    done |= torch.isin(nxt, stops)
                 idx = torch.cat((idx, nxt), dim=1)
+                if stops.numel() and bool(done.all()):
+                    break
         finally:
             self.train(was_training)
         return idx

@@ -25,7 +25,7 @@ def run_pipeline(cfg: DictConfig) -> float:
     try:
         compose_stages(cfg)  # every stage is composed and validated before the first one trains
     except config.ConfigError as e:
-        config.exit_on_config_error(e)
+        config.exit_on_config_error(e, run_dir=cfg.run_dir)  # the root dir goes too if Hydra's files are all in it
     root.mkdir(parents=True, exist_ok=True)
     user = _stage_overrides()
     stages = list(cfg.pipeline.stages.items())
@@ -51,17 +51,24 @@ def run_pipeline(cfg: DictConfig) -> float:
         status = "KILLED" if e.code in (130, 143) else "FAILED"
         raise
     finally:
-        _write_summary(root, results, status)
+        _write_summary(root, results, status, parent)
         parent.end(status)
     return results[stages[-1][0]]["val_loss"]
 
 
 def compose_stages(cfg: DictConfig) -> dict[str, DictConfig]:
-    """Each stage's config, validated (a teacher not trained yet is checked through its model config)."""
+    """Each stage's config, validated (a teacher not trained yet is checked through its model config).
+
+    Validation includes each stage's data check (records parsed, token ids and lengths checked), so
+    bad data in the last stage stops the pipeline before the first stage trains.
+    """
     root, user, composed = Path(cfg.run_dir), _stage_overrides(), {}
     for name, spec in cfg.pipeline.stages.items():
         composed[name] = _compose_stage(root, name, spec, user, composed, for_validation=True)
-        config.validate(composed[name])
+        try:
+            config.validate(composed[name])
+        except config.ConfigError as e:  # the same key can be fine in one stage and wrong in another
+            raise config.ConfigError(f"{e} (pipeline stage {name})") from None
     return composed
 
 
@@ -123,9 +130,12 @@ def _finished(stage_dir: Path) -> dict | None:
     return summary if summary.get("status") == "FINISHED" and summary["step"] == summary["num_steps"] else None
 
 
-def _write_summary(root: Path, results: dict, status: str) -> None:
+def _write_summary(root: Path, results: dict, status: str, parent: _ParentRun) -> None:
+    """summary.json: each stage's result, and the MLflow parent run as a single run's summary names its run."""
     summary = {
         "status": status,
+        "mlflow_tracking_uri": parent.uri,
+        "mlflow_run_id": parent.run_id,
         "stages": {
             n: {k: s.get(k) for k in ("status", "step", "val_loss", "initial_val_loss", "checkpoint", "mlflow_run_id")}
             for n, s in results.items()
@@ -143,6 +153,7 @@ class _ParentRun:
 
     def __init__(self, client=None, run_id: str | None = None):
         self.client, self.run_id = client, run_id
+        self.uri: str | None = client.tracking_uri if client is not None else None
 
     def end(self, status: str) -> None:
         if self.client is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from exp.checkpoint import (
 )
 from exp.faults import EarlyStopping, FaultGuard, StopSignals
 from exp.files import write_json
-from exp.optim import build_optimizer
+from exp.optim import build_optimizer, hyperparameters, resume_with_changes
 from exp.tracking import NullTracker
 
 log = logging.getLogger("exp")
@@ -65,6 +66,8 @@ def train(cfg: DictConfig) -> float:
     try:
         valid = config.validate(cfg)
     except config.ConfigError as e:
+        if in_sweep():  # the launcher validated this point; what fails now is this node's (no GPU, no bf16)
+            return fail_at_start(cfg, e)
         config.exit_on_config_error(e, run_dir=OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False))
     if valid.run.dry_run:
         from exp.plan import format_plan, make_plan
@@ -106,8 +109,11 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         found = find_resume_checkpoint(run.resume, ckpt_root) if dist.is_main else None
         resume_from = Path(found) if (found := dist.broadcast_str(str(found or ""))) else None
         resumed = read_trainer_state(resume_from) if resume_from else {}
+        saved_cfg, current_cfg, changes = {}, {}, {}
         if resume_from:
-            check_config_change(resume_from / "config.yaml", cfg, run.resume.allow_config_change)
+            saved_cfg, current_cfg, changes = check_config_change(
+                resume_from / "config.yaml", cfg, run.resume.allow_config_change
+            )
     except config.ConfigError as e:
         config.exit_on_config_error(e)
     except CheckpointError as e:
@@ -117,8 +123,9 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     make_tracker = instantiate(cfg.tracking) if dist.is_main else NullTracker  # only rank 0 talks to MLflow
     tracker = make_tracker(cfg=cfg, run_dir=run_dir, resume_run_id=resumed.get("mlflow_run_id"))
     signals, clock = StopSignals(), FirstStepClock()
-    callbacks = [clock, signals, EarlyStopping(run.early_stopping)]
-    callbacks += [instantiate(node) for node in cfg.callbacks.values()]
+    stateful = {"early_stopping": EarlyStopping(run.early_stopping)}  # kept in checkpoints (Callback.state_dict)
+    stateful |= {f"callbacks.{name}": instantiate(node) for name, node in cfg.callbacks.items()}
+    callbacks = [clock, signals, *stateful.values()]
     status, summary = "FAILED", None
     try:
         rt = hardware.setup(valid.hardware, stage.dtype, dist.local_rank)
@@ -150,6 +157,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         for cb in callbacks:
             cb.on_build(model, optimizer, scheduler)
         if resume_from:
+            configured = hyperparameters(optimizer)  # this config's settings, before the checkpoint's replace them
             try:
                 restored = _loader(sharded)(
                     resume_from, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler
@@ -157,15 +165,27 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             except CheckpointError as e:
                 _exit(f"error: cannot resume from {resume_from}: {e}", 2)
             batches.load_state_dict(restored["sampler"])
-            log.info(f"resumed from {resume_from} at step {state.step}")
+            for name, values in restored.get("callbacks", {}).items():
+                if name in stateful:
+                    stateful[name].load_state_dict(values)
+            resumed_lr = ""
+            if changes:
+                before, after = resume_with_changes(
+                    optimizer, scheduler, configured, saved_cfg, current_cfg, state.step
+                )
+                resumed_lr = f" | lr {before:.3e} -> {after:.3e} (changed: {', '.join(changes)})"
+            log.info(f"resumed from {resume_from} at step {state.step}{resumed_lr}")
         step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
         step_model = torch.compile(step_model) if rt.compile else step_model
         config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+        if changes and dist.is_main:
+            record_config_changes(run_dir, tracker, state.step, changes)
 
         def save(st: loop.TrainState) -> Path:
             trainer_state = {
                 "state": _state_to_dict(st),
                 "sampler": batches.state_dict(),
+                "callbacks": {k: v for k, cb in stateful.items() if (v := cb.state_dict()) is not None},
                 "seed": run.seed,
                 "mlflow_run_id": tracker.run_id,
                 "mlflow_tracking_uri": tracker.uri,
@@ -198,21 +218,21 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             for group in optimizer.param_groups:
                 group["lr"] *= lr_factor
             scheduler.base_lrs = [lr * lr_factor for lr in scheduler.base_lrs]
+            checkpointer.follow(st)  # the best checkpoint is the one the restored state knows
             return True
 
         def rotate(keep: int, protect: set) -> None:
             if dist.is_main:
                 rotate_checkpoints(ckpt_root, keep, protect)
 
-        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(save=save, rotate=rotate, listeners=[tracker])
+        # every callback hears of checkpoints and faults (the list is read at call time: the tracker joins below)
+        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(save=save, rotate=rotate, listeners=callbacks)
         if resume_from:
             checkpointer.last_path, checkpointer.last_step = resume_from, state.step
         metrics_file = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=state.step)
         reporters = [ConsoleLog(stage.num_steps), metrics_file, ProgressBar(stage.num_steps)] if dist.is_main else []
         callbacks += [checkpointer, *reporters]
-        guard = FaultGuard(
-            run.nan, rollback, on_event=lambda st, m: [cb.on_fault(st, m) for cb in (*reporters, tracker)]
-        )
+        guard = FaultGuard(run.nan, rollback, on_event=lambda st, m: [cb.on_fault(st, m) for cb in callbacks])
         log.info(
             f"run dir {run_dir} | {model.num_params():,} parameters | {rt.device} {rt.dtype} "
             f"| {stage.num_steps} steps of {stage.samples_per_step} x {cfg.data.seq_len} tokens"
@@ -237,6 +257,9 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
 
         final = checkpointer.save(state)
         status = "KILLED" if signals.received else "FINISHED"  # a preempted job is KILLED until requeued
+        stop_reason = next((cb.stop_reason for cb in callbacks if cb.should_stop and cb.stop_reason), None)
+        if stop_reason and dist.is_main:
+            tracker.set_tags({"stop_reason": stop_reason, "stopped_at_step": str(state.step)})
         if not dist.is_main:
             return state.val_loss
         sample = None
@@ -259,11 +282,15 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             num_skipped_steps=guard.num_skipped,
             num_rollbacks=guard.num_rollbacks,
             data=data_info,
+            stop_reason=stop_reason,
+            compiled=rt.compile,
         )
         _log_run_artifacts(run_dir, tracker)
         log.info(
             f"{status.lower()}: step {state.step} | val loss {_fmt(state.val_loss)} "
-            f"| {summary['tokens_per_s']:,.0f} tok/s | checkpoint {final} | summary {run_dir / 'summary.json'}"
+            f"| {summary['tokens_per_s']:,.0f} tok/s"
+            + (f" (compile {summary['compile_seconds']:.1f} s)" if summary["compile_seconds"] is not None else "")
+            + f" | checkpoint {final} | summary {run_dir / 'summary.json'}"
         )
     except KeyboardInterrupt:
         status = "KILLED"
@@ -274,7 +301,8 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         else:
             log.exception(f"training failed: {e}")
         if dist.is_main:
-            write_failure_summary(run_dir, state, stage, tracker, f"{type(e).__name__}: {config.first_line(e)}")
+            error = f"{type(e).__name__}: {config.first_line(e)}"
+            write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
         if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
             return float("nan")
         if isinstance(e, loop.TrainingFailed):
@@ -318,27 +346,44 @@ def find_resume_checkpoint(resume: config.ResumeConfig, ckpt_root: Path) -> Path
     raise config.ConfigError(f"resume.path={path} holds no valid checkpoint")
 
 
-def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> None:
-    """Refuse to resume with a different config (listing the keys) unless resume.allow_config_change=true."""
-    saved = _flat(OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True))
-    current = _flat(OmegaConf.to_container(cfg, resolve=True))
-    changed = [
-        k
+def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> tuple[dict, dict, dict]:
+    """Refuse to resume with a different config (listing the keys) unless resume.allow_config_change=true.
+
+    Returns the checkpoint's and this run's resolved configs and the changed keys as {key: (old, new)}.
+    """
+    saved_tree = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True)
+    current_tree = OmegaConf.to_container(cfg, resolve=True)
+    saved, current = _flat(saved_tree), _flat(current_tree)
+    changed = {
+        k: (saved.get(k), current.get(k))
         for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k) and not k.startswith(RESUME_IGNORES)
-    ]
+    }
     if not changed:
-        return
-    listing = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in changed[:8])
+        return saved_tree, current_tree, {}
+    listing = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(changed.items())[:8])
     if len(changed) > 8:
         listing += f" and {len(changed) - 8} more"
     if allowed:
         log.warning(f"resuming with a changed config: {listing}")
-        return
+        return saved_tree, current_tree, changed
     raise config.ConfigError(
         f"config differs from the checkpoint's {saved_yaml}: {listing}; "
         "set resume.allow_config_change=true to resume anyway"
     )
+
+
+def record_config_changes(run_dir: Path, tracker, step: int, changes: dict) -> None:
+    """Keys changed at a resume (old -> new), in config_changes.json and on the MLflow run: MLflow params
+    keep the first launch's values (they cannot change), so this record says which ones stopped being true."""
+    path = run_dir / "config_changes.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history = [h for h in history if h["step"] < step]  # a resume from an older checkpoint rewrites what followed
+    history.append({"step": step, "changes": {k: [old, new] for k, (old, new) in changes.items()}})
+    write_json(path, history)
+    listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    tracker.set_tags({"config_changed": "true", f"config_changes.step_{step}": listing})
+    tracker.log_artifact(path)
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -391,14 +436,36 @@ def in_sweep() -> bool:
         return False
 
 
-def write_failure_summary(run_dir: Path, state: loop.TrainState, stage, tracker, error: str) -> None:
+def fail_at_start(cfg: DictConfig, error: config.ConfigError) -> float:
+    """A sweep job whose node cannot run its point: one line, FAILED in summary.json (so in sweep.json) and in
+    MLflow, and NaN for the sweeper, which goes on with the other trials."""
+    message = f"config error: {error}"
+    print(message, file=sys.stderr, flush=True)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir)
+    except Exception as e:  # the record in summary.json does not depend on MLflow
+        log.warning(f"MLflow: {config.first_line(e)}")
+        tracker = NullTracker()
+    state = loop.TrainState()
+    stage_name, num_steps = OmegaConf.select(cfg, "stage.name"), OmegaConf.select(cfg, "stage.num_steps")
+    write_failure_summary(run_dir, state, tracker, f"ConfigError: {error}", stage_name=stage_name, num_steps=num_steps)
+    tracker.set_tags({"error": message})
+    tracker.on_train_end(state, "FAILED")
+    return float("nan")
+
+
+def write_failure_summary(
+    run_dir: Path, state: loop.TrainState, tracker, error: str, *, stage_name: str, num_steps: int
+) -> None:
     """summary.json of a failed run: where it stopped and why."""
     summary = {
         "status": "FAILED",
         "error": error,
-        "stage": stage.name,
+        "stage": stage_name,
         "step": state.step,
-        "num_steps": stage.num_steps,
+        "num_steps": num_steps,
         "val_loss": state.val_loss,
         "run_dir": str(run_dir.resolve()),
         "mlflow_tracking_uri": tracker.uri,
@@ -465,8 +532,22 @@ def write_summary(
     num_skipped_steps: int = 0,
     num_rollbacks: int = 0,
     data: dict | None = None,
+    stop_reason: str | None = None,
+    compiled: bool = False,
 ) -> dict:
-    """summary.json: final metrics and where to find the run's record and weights, written atomically."""
+    """summary.json: final metrics and where to find the run's record and weights, written atomically.
+
+    tokens_per_s is the steady state: each process's first step (compilation with hardware.compile=true,
+    warm-up otherwise) is left out and reported as first_step_seconds (compile_seconds when compiling).
+    """
+    steady_tokens = state.tokens_seen - state.warmup_tokens
+    steady_seconds = state.train_seconds - state.warmup_seconds
+    steady = steady_tokens > 0 and steady_seconds > 0
+    tokens_per_s = steady_tokens / steady_seconds if steady else state.tokens_seen / max(state.train_seconds, 1e-9)
+    # what the first steps took beyond their tokens at the steady rate: compilation, when compiling
+    compile_seconds = (
+        max(0.0, state.warmup_seconds - state.warmup_tokens / tokens_per_s) if compiled and steady else None
+    )
     summary = {
         "status": status,
         "stage": stage.name,
@@ -478,13 +559,16 @@ def write_summary(
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
         "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
         "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
-        "tokens_per_s": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "tokens_per_s": tokens_per_s,
         "train_seconds": state.train_seconds,
+        "first_step_seconds": state.warmup_seconds,  # summed over the processes that trained this run
+        "compile_seconds": compile_seconds,
         "wall_seconds": wall_seconds,
         "first_step_time": first_step_time,  # Unix time the first step of this process finished
         "num_params": model.num_params(),
         "num_skipped_steps": num_skipped_steps,
         "num_rollbacks": num_rollbacks,
+        "stop_reason": stop_reason,  # why training ended before num_steps (early stopping, a signal), or null
         "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
         "best_checkpoint": str(best_checkpoint.resolve()) if best_checkpoint else None,
         "run_dir": str(run_dir.resolve()),

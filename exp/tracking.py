@@ -41,6 +41,9 @@ class NullTracker(Callback):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
 
 class MlflowTracker(Callback):
     """Records one run: params from the resolved config, tags, metrics with their step, artifacts, status.
@@ -136,6 +139,9 @@ class MlflowTracker(Callback):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._send(("artifact", str(path), artifact_path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send(("tags", {k[:MAX_KEY]: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest

@@ -99,6 +99,7 @@ node_state() { sinfo -h -n localhost -o %T 2>/dev/null; }
 # idle, mixed, allocated, completing... but not down/drained/unknown or not responding (*).
 node_ready() { node_state | grep -qxE 'idle|mixed|allocated|completing'; }
 sacct_answers() { sacct -n -X -S now -o JobID; }
+node_has_gpus() { sinfo -h -n localhost -o %G | grep -q 'gpu:2'; }
 # A node drained by an earlier mishap (a job whose processes could not be killed: "Kill task
 # failed") stays drained across restarts. This is a scratch cluster: say why, and resume it.
 node_ready_or_resume() {
@@ -122,7 +123,7 @@ summary() {
 # --- fast path: already up --------------------------------------------------------------------
 
 if alive mariadbd && alive slurmdbd && alive slurmctld && alive slurmd \
-    && munge_works && node_ready && sacct_answers >/dev/null 2>&1; then
+    && munge_works && node_ready && node_has_gpus && sacct_answers >/dev/null 2>&1; then
     summary
     exit 0
 fi
@@ -258,8 +259,25 @@ render() {
 (umask 077 && render "$TEMPLATES/slurmdbd.conf.in" >"$CONF_DIR/slurmdbd.conf")
 chown root:root "$CONF_DIR/slurmdbd.conf"
 chmod 600 "$CONF_DIR/slurmdbd.conf"
-render "$TEMPLATES/slurm.conf.in" >"$CONF_DIR/slurm.conf"
-chmod 644 "$CONF_DIR/slurm.conf"
+# Two fake GPU devices: gres.conf must name files that exist (a Count without File= drains the node).
+for i in 0 1; do : >"$STATE/fakegpu$i"; done
+echo "NodeName=localhost Name=gpu File=$STATE/fakegpu[0-1]" >"$CONF_DIR/gres.conf.new"
+render "$TEMPLATES/slurm.conf.in" >"$CONF_DIR/slurm.conf.new"
+# A cluster already running on another configuration (one from before the fake GPUs) is restarted on this one.
+if ! cmp -s "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf" || ! cmp -s "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"; then
+    for name in slurmd slurmctld; do
+        if alive "$name"; then
+            log "configuration changed: restarting $name"
+            pid=$(cat "$PIDS/$name.pid")
+            kill -TERM "$pid"
+            wait_gone=$(($(date +%s) + TIMEOUT))
+            while [[ -d /proc/$pid ]] && (($(date +%s) < wait_gone)); do sleep 0.1; done
+        fi
+    done
+fi
+mv "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"
+mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
+chmod 644 "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
 
 # --- 5. daemons: slurmdbd, then slurmctld, then slurmd ----------------------------------------
 
@@ -285,6 +303,7 @@ if ! alive slurmd; then
     launch slurmd "$LOGS/slurmd.out" slurmd -D -N localhost
 fi
 wait_until slurmd "$LOGS/slurmd.log" "node localhost to be idle" node_ready_or_resume
+wait_until slurmd "$LOGS/slurmd.log" "node localhost to offer its 2 fake GPUs" node_has_gpus
 wait_until slurmdbd "$LOGS/slurmdbd.log" "sacct to answer" sacct_answers
 
 summary

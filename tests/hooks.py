@@ -89,3 +89,57 @@ class SleepEachStep(Callback):
 
     def on_step_end(self, state, loss):
         time.sleep(self.seconds)
+
+
+class RecordHooks(Callback):
+    """Appends every hook it receives to a JSON-lines file: which documented hooks reach a user's callback."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def _record(self, hook: str, state, **extra):
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"hook": hook, "step": state.step if state is not None else None, **extra}) + "\n")
+
+    def on_build(self, model, optimizer, scheduler):
+        self._record("on_build", None)
+
+    def on_train_start(self, state):
+        self._record("on_train_start", state)
+
+    def on_step_end(self, state, loss):
+        self._record("on_step_end", state)
+
+    def on_log(self, state, metrics):
+        self._record("on_log", state)
+
+    def on_eval_end(self, state, metrics):
+        self._record("on_eval_end", state)
+
+    def on_checkpoint(self, state, path):
+        self._record("on_checkpoint", state, path=str(path))
+
+    def on_fault(self, state, metrics):
+        self._record("on_fault", state, metrics=metrics)
+
+    def on_train_end(self, state, status):
+        self._record("on_train_end", state, status=status)
+
+
+class NoiseWeightsAt(Callback):
+    """Adds Gaussian noise of a given scale to every parameter after a chosen step: later evaluations get worse."""
+
+    def __init__(self, step: int, scale: float = 1.0):
+        self.step, self.scale = step, scale
+
+    def on_build(self, model, optimizer, scheduler):
+        self.model = model
+
+    def on_step_end(self, state, loss):
+        if state.step == self.step:
+            generator = torch.Generator().manual_seed(self.step)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator) * self.scale)

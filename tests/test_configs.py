@@ -3,6 +3,7 @@
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from exp.config import ConfigError, validate
 from exp.optim import build_optimizer
@@ -26,7 +27,7 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
     if (group, option) == ("stage", "midtrain"):
         extra = [f"stage.teacher.path={make_export(tmp_path / 'teacher')}"]
     if (group, option) == ("data", "sft_jsonl"):
-        (tmp_path / "chat.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+        (tmp_path / "chat.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 2)
         extra = [f"data.path={tmp_path / 'chat.jsonl'}"]
     if group == "pipeline":  # a pipeline is checked stage by stage, each a full config of its own
         from exp.pipeline import compose_stages
@@ -93,6 +94,11 @@ def test_optimizer_betas_reach_torch_as_plain_list(make_cfg):
         ("stage.num_steps=${stage.nope}", "stage.nope"),
         ("scheduler=exponential stage.lr_decay_ratio=0", "lr_decay_ratio"),
         ("scheduler=wsd scheduler.decay_shape=zigzag", "decay_shape"),
+        ("model.d_model=abc", "model.d_model='abc' must be an integer"),
+        ("model.n_layer=2.5", "model.n_layer=2.5 must be an integer"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9] must be a list of 2 values"),
+        ("optimizer.betas=[0.9,x]", "optimizer.betas=[0.9,'x'] must be a list of 2 numbers"),
+        ("checkpoint.dir=/proc/exp-checkpoints", "checkpoint.dir=/proc/exp-checkpoints is not writable"),
     ],
 )
 def test_bad_value_fails_naming_the_key(make_cfg, override, key):
@@ -102,3 +108,16 @@ def test_bad_value_fails_naming_the_key(make_cfg, override, key):
     message = str(info.value)
     assert key in message, message
     assert "\n" not in message
+
+
+def test_optimizer_lr_alone_sets_the_stage_learning_rate_so_they_cannot_disagree(make_cfg):
+    cfg = make_cfg("optimizer.lr=1e-3", "optimizer.weight_decay=0.05")
+    validate(cfg)
+    assert cfg.stage.learning_rate == 1e-3 and cfg.optimizer.lr == 1e-3  # one value, recorded as stage.*
+    assert OmegaConf.is_interpolation(cfg.optimizer, "lr") and cfg.stage.weight_decay == 0.05
+
+
+def test_optimizer_lr_and_stage_learning_rate_set_apart_are_refused(make_cfg):
+    cfg = make_cfg("optimizer.lr=1e-3", "stage.learning_rate=2e-3")
+    with pytest.raises(ConfigError, match=r"optimizer.lr=0.001 and stage.learning_rate=0.002 disagree"):
+        validate(cfg)

@@ -14,6 +14,8 @@ from exp.data.corpus import pystdlib_corpus, split_value, write_token_files
 from exp.data.prepare import main as prepare_main
 from exp.data.tokenizer import EOT, VOCAB_SIZE, ByteTokenizer
 
+from .conftest import TINY, run_train
+
 
 @pytest.fixture(scope="session")
 def stdlib_dir(tmp_path_factory):
@@ -97,6 +99,22 @@ def test_write_token_files_tops_val_up_to_min_tokens(tmp_path):
     assert meta["num_train_tokens"] + meta["num_val_tokens"] == 5000
 
 
+def test_write_token_files_splits_a_single_document_by_tokens(tmp_path):
+    text = bytes(range(32, 127)) * 100  # 9,500 bytes + EOT
+    meta = write_token_files([("one.txt", text)], tmp_path / "out", 0.1, min_val_tokens=0)
+    train, val = read_split(tmp_path / "out")
+    assert train.tolist() + val.tolist() == [*text, EOT]  # the document in order: head to train, tail to val
+    assert len(val) == meta["num_val_tokens"] == 951 and len(train) == meta["num_train_tokens"] == 8550
+    assert meta["split"] == "tokens" and meta["num_documents"] == 1 and meta["num_val_documents"] == 0
+    assert meta["max_token_id"] == EOT and corpus.is_complete(tmp_path / "out")
+    # val is topped up to min_val_tokens as with documents, and a one-byte document still gives both files a token
+    assert write_token_files([("one.txt", text)], tmp_path / "min", 0.01)["num_val_tokens"] == corpus.MIN_VAL_TOKENS
+    tiny = write_token_files([("t", b"x")], tmp_path / "tiny", 0.01)
+    assert (tiny["num_train_tokens"], tiny["num_val_tokens"]) == (1, 1)
+    many = write_token_files([("a", b"aa"), ("b", [300 - 40, 1])], tmp_path / "many", 0.5)
+    assert many["split"] == "documents" and many["max_token_id"] == 260
+
+
 def test_write_token_files_atomic(tmp_path, monkeypatch):
     out = tmp_path / "corpus"
     stale = tmp_path / f"corpus.tmp-{os.getpid()}"
@@ -114,8 +132,8 @@ def test_write_token_files_atomic(tmp_path, monkeypatch):
         write_token_files(boom(), tmp_path / "other", 0.5)
     # the failed build leaves neither an output dir nor its temporary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
-    with pytest.raises(ValueError, match="at least 2"):
-        write_token_files([("a", b"aa")], tmp_path / "one", 0.5)
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        write_token_files([("a", b"")], tmp_path / "none", 0.5)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     with pytest.raises(FileExistsError):
@@ -261,6 +279,22 @@ def test_prepare_cli_and_memmap(tmp_path, capsys):
     assert explicit.val_batches(2, 1)[0][0].shape == (2, 8)
 
 
+def test_prepare_single_file_splits_by_tokens_and_trains(tmp_path, capsys):
+    book = tmp_path / "book.txt"  # one file, like tiny Shakespeare: once refused as "need at least 2 documents"
+    book.write_text("To be, or not to be, that is the question.\n" * 1200)
+    out = tmp_path / "tokens"
+    assert prepare_main([str(book), "--out", str(out), "--val-fraction", "0.1"]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("prepared 1 document: split by tokens, last 10% to val: 46440 train / 5161 val tokens")
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        *TINY, "data=memmap", f"data.path={out}", "stage.num_steps=2", f"hydra.run.dir={run_dir}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["val_loss"] > 0
+
+
 def test_prepare_bad_json_line(tmp_path, capsys):
     bad = tmp_path / "data.jsonl"
     bad.write_text('{"text": "ok"}\n' * 16 + "{not json\n")
@@ -294,6 +328,72 @@ def test_data_targets_validate(tmp_path):
     # constructors touch nothing on disk
     PyStdlib(seq_len=8, cache_dir=str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def write_tokens(path, tokens, dtype=np.uint16):
+    np.asarray(tokens, dtype=dtype).tofile(path)
+    return path
+
+
+def test_memmap_check_finds_token_ids_and_short_files(tmp_path):
+    d = tmp_path / "raw"
+    d.mkdir()
+    write_tokens(d / "train.bin", np.arange(1000) % 264)
+    write_tokens(d / "val.bin", [*range(100), 300])
+    with pytest.raises(DataError, match=r"^data\.path=.*raw/val\.bin holds token id 300 >= data\.vocab_size=264 "):
+        Memmap(path=str(d), seq_len=32).check()
+    Memmap(path=str(d), seq_len=32, vocab_size=301).check()
+    write_tokens(d / "val.bin", range(20))
+    with pytest.raises(
+        DataError, match=r"^data\.path=.*raw/val\.bin holds 20 tokens, fewer than one window of data\.seq_len=32"
+    ):
+        Memmap(path=str(d), seq_len=32).check()
+    Memmap(path=str(d), seq_len=19).check()  # 20 tokens are exactly one window of 19 + 1
+    write_tokens(tmp_path / "big.bin", [5, 70000, 6] * 20, np.uint32)
+    with pytest.raises(DataError, match=r"^data\.path=.*big\.bin holds token id 70000 >= data\.vocab_size=50304"):
+        Memmap(str(tmp_path / "big.bin"), 8, 50304, val_path=str(d / "val.bin"), dtype="uint32").check()
+
+
+def test_memmap_check_trusts_meta_only_while_it_describes_the_files(tmp_path):
+    out = tmp_path / "prepared"
+    write_token_files([("a", b"a" * 500), ("b", b"b" * 500)], out, 0.5)
+    assert json.loads((out / "meta.json").read_text())["max_token_id"] == EOT
+    Memmap(path=str(out), seq_len=32).check()
+    with open(out / "train.bin", "ab") as f:  # tokens appended after prepare: meta.json no longer matches
+        f.write(np.array([400], dtype=np.uint16).tobytes())
+    with pytest.raises(DataError, match=r"train\.bin holds token id 400 >= data\.vocab_size=264"):
+        Memmap(path=str(out), seq_len=32).check()
+
+
+def test_memmap_directory_with_val_path_is_named_a_directory(tmp_path):
+    write_tokens(tmp_path / "val.bin", range(100))
+    with pytest.raises(
+        DataError,
+        match=r"^data\.path=.* is a directory; with data\.val_path set, data\.path must be the train token file$",
+    ):
+        Memmap(path=str(tmp_path), val_path=str(tmp_path / "val.bin"), seq_len=8).check()
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["data.path=raw"], "data.path=raw/train.bin holds token id 300 >= data.vocab_size=264"),
+        (["data.path=short"], "data.path=short/val.bin holds 10 tokens, fewer than one window of data.seq_len=32"),
+        (["data.path=short", "data.val_path=short/val.bin"], "data.path=short is a directory; with data.val_path set"),
+    ],
+    ids=["token-id", "short-val", "directory"],
+)
+def test_bad_token_files_exit_2_in_validation_and_write_nothing(tmp_path, overrides, needle):
+    for name, train, val in (("raw", [*range(200), 300], range(100)), ("short", range(200), range(10))):
+        (tmp_path / name).mkdir()
+        write_tokens(tmp_path / name / "train.bin", train)
+        write_tokens(tmp_path / name / "val.bin", val)
+    run_dir = tmp_path / "run"
+    proc = run_train(*TINY, "data=memmap", *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not run_dir.exists()
 
 
 def test_pystdlib_target(stdlib_dir):

@@ -151,7 +151,7 @@ MID = W + (N - 1 - W) // 2
 
 # Expected multipliers at step indices 0, W-1, W, MID, N-1 and well past the end.
 BOUNDARY = {
-    "constant": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+    "constant": [1 / W, 1.0, 1.0, 1.0, 1.0, 1.0],
     "linear_warmup": [1 / W, 1.0, 1.0, 1.0, 1.0, 1.0],
     "linear": [1 / W, 1.0, 1.0, (1 + R) / 2, R, R],
     "linear_to_zero": [1 / W, 1.0, 1.0, 0.5, 0.0, 0.0],
@@ -167,8 +167,7 @@ def test_schedule_boundaries(name):
     got = optim.multipliers(sched, [i + 1 for i in INDICES])
     assert got == pytest.approx(BOUNDARY[name], rel=1e-12, abs=1e-15)
     # Exactness at the ends is part of the contract, not just closeness.
-    if name != "constant":
-        assert got[1] == 1.0 and got[2] == 1.0
+    assert got[1] == 1.0 and got[2] == 1.0
     assert got[4] == BOUNDARY[name][4] and got[5] == BOUNDARY[name][5]
 
     lrs = _lrs(name, N, N + 11, warmup_steps=W, lr_decay_ratio=R)

@@ -50,6 +50,29 @@ def test_pipeline_runs_three_nested_stages_and_sft_improves_completion_loss(tmp_
     assert kids["student"].data.params["stage.teacher.path"] == str(run_dir / "teacher")
     assert kids["sft"].data.params["stage.init_from"] == str(run_dir / "student")
     assert "val/loss" in kids["sft"].data.metrics
+    # the pipeline's summary.json names its parent run as a single run's names its run
+    assert summary["mlflow_run_id"] == parent.info.run_id == parent_id
+    assert summary["mlflow_tracking_uri"] == store
+    found = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert found.data.tags["run_dir"] == str(run_dir.resolve())
+    assert {n: s["mlflow_run_id"] for n, s in summary["stages"].items()} == {n: r.info.run_id for n, r in kids.items()}
+
+
+def test_bad_data_in_the_last_stage_exits_2_before_any_stage_trains(tmp_path):
+    # prompts longer than model.seq_len=64: every SFT example would be dropped, which once failed the third stage
+    # after the first two had trained; validation now reads each stage's data before the first one starts
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"prompt": c * 100, "response": "r"}) + "\n" for c in "pq"))
+    run_dir = tmp_path / "pipe"
+    sft_data = "pipeline.stages.sft.extra=['data=sft_jsonl','data.path=chat.jsonl','data.val_path=chat.jsonl']"
+    proc = run_train(*TINY_PIPELINE, "tracking=none", sft_data, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        "config error: data.path=chat.jsonl: all 2 train examples were dropped at data.seq_len=64"
+    )
+    assert lines[0].endswith("(pipeline stage sft)")
+    assert not run_dir.exists()  # no stage ran, and the pipeline's own directory is gone too
 
 
 @pytest.mark.slow

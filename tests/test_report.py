@@ -233,7 +233,9 @@ def test_rerun_failed_reruns_only_the_failed_trial_of_a_real_sweep(tmp_path, cap
         f"hydra.sweep.dir={sweep_dir}",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # every trial ran; one FAILED, so the sweep exits 1 with one line saying where to look
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"1 of 2 trials FAILED: python -m exp.sweep status {sweep_dir}"
     assert report.main([str(sweep_dir)]) == 0
     header, first, second = table_rows(capsys.readouterr().out)[:3]
     assert first[:3] == ["1", "1", "100"] and first[-1] == "FINISHED"
@@ -249,13 +251,13 @@ def test_rerun_failed_reruns_only_the_failed_trial_of_a_real_sweep(tmp_path, cap
         text=True,
         timeout=120,
     )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.returncode == 1, rerun.stderr[-3000:]  # the rerun trial FAILED again
     said = [line for line in rerun.stdout.splitlines() if line.startswith("trial ")]
     assert said[0].startswith("trial 0 (FAILED) -> ") and all(line.startswith("trial 0") for line in said)
     assert failed.stat().st_mtime_ns > before[failed]  # rerun: the poison is in its overrides, so FAILED again
     assert all(p.stat().st_mtime_ns == t for p, t in before.items() if p != failed)
     manifest = json.loads((sweep_dir / "sweep.json").read_text())
     (relaunch,) = manifest["relaunches"]
-    assert relaunch["mode"] == "rerun-failed" and relaunch["trials"] == [0] and relaunch["returncodes"] == [0]
+    assert relaunch["mode"] == "rerun-failed" and relaunch["trials"] == [0] and relaunch["returncodes"] == [1]
     assert f"hydra.sweep.subdir={sweep_dir / '0'}" in relaunch["commands"][0]
     assert [manifest["trials"][n]["status"] for n in ("0", "1")] == ["FAILED", "FINISHED"]

@@ -40,7 +40,8 @@ def train(run_dir, *overrides):
 def final_state(run_dir) -> dict:
     folder = run_dir / "checkpoints" / f"step_{NUM_STEPS:08d}"
     trainer = json.loads((folder / "trainer_state.json").read_text())
-    trainer["state"].pop("train_seconds")  # wall-clock time, the one thing allowed to differ
+    for key in ("train_seconds", "warmup_seconds", "warmup_tokens"):  # wall-clock time and per-process first
+        trainer["state"].pop(key)  # steps: the only things allowed to differ
     state = {
         "model": load_file(folder / "model.safetensors"),
         "optimizer": load_file(folder / "optimizer.safetensors"),

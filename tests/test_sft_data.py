@@ -27,7 +27,7 @@ from exp.data.sft import (
 )
 from exp.data.tokenizer import EOT, PAD, ByteTokenizer
 
-from .conftest import compose_train
+from .conftest import TINY, compose_train, run_train
 
 SYS, USER, ASSISTANT, END = (ByteTokenizer.specials[f"<|{n}|>"] for n in ("system", "user", "assistant", "end"))
 X = -100
@@ -127,12 +127,49 @@ def test_bad_records_name_what_is_wrong():
 def test_jsonl_errors_name_file_and_line(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(json.dumps(qa(1)) + "\n\n{not json\n")
-    with pytest.raises(SFTDataError, match=r"bad\.jsonl:3: not valid JSON"):
-        SFTJsonl(str(bad_json), seq_len=32).examples()
+    with pytest.raises(SFTDataError, match=r"^data\.path=.*bad\.jsonl:3: not valid JSON"):
+        SFTJsonl(str(bad_json), seq_len=32).check()  # found in validation, not when the run reads the data
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [qa(1), {"text": "x", "label": 1}])
     with pytest.raises(SFTDataError, match=r"unknown\.jsonl:2: no recognisable format in keys \[label, text\]"):
         SFTJsonl(str(unknown), seq_len=32).examples()
+    good = write_jsonl(tmp_path / "good.jsonl", [qa(1), qa(2)])
+    with pytest.raises(SFTDataError, match=r"^data\.val_path=.*unknown\.jsonl:2: no recognisable format"):
+        SFTJsonl(str(good), seq_len=32, val_path=str(unknown)).check()
     assert issubclass(SFTDataError, ValueError) and issubclass(SFTDataError, DataError)
+
+
+def test_check_rereads_a_file_that_changed(tmp_path):
+    f = write_jsonl(tmp_path / "chat.jsonl", [qa(i) for i in range(4)])
+    SFTJsonl(str(f), seq_len=32).check()
+    SFTJsonl(str(f), seq_len=32).check()  # remembered as passed for this size and mtime, not for the path
+    with open(f, "a") as out:
+        out.write("{not json\n")
+    with pytest.raises(SFTDataError, match=r"chat\.jsonl:5: not valid JSON"):
+        SFTJsonl(str(f), seq_len=32).check()
+
+
+@pytest.mark.parametrize(
+    "lines,needle",
+    [
+        ([json.dumps(qa(1)), json.dumps(qa(2)), "{oops"], "chat.jsonl:3: not valid JSON ("),
+        ([json.dumps(qa(1)), json.dumps({"a": 1, "b": 2})], "chat.jsonl:2: no recognisable format in keys [a, b]"),
+        (
+            [json.dumps({"prompt": "p" * 40, "response": "r"})] * 4,
+            "all 4 train examples were dropped at data.seq_len=32",
+        ),
+    ],
+    ids=["not-json", "no-format", "all-dropped"],
+)
+def test_bad_sft_data_exits_2_in_validation_and_writes_nothing(tmp_path, lines, needle):
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    overrides = ["stage=sft", "data=sft_jsonl", "data.path=chat.jsonl", "data.val_path=chat.jsonl"]
+    proc = run_train(*TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines_out = proc.stderr.strip().splitlines()
+    assert len(lines_out) == 1 and lines_out[0].startswith("config error: data.path=chat.jsonl"), proc.stderr
+    assert needle in lines_out[0]
+    assert not run_dir.exists()
 
 
 def test_check_names_the_key(tmp_path):
@@ -217,9 +254,23 @@ def test_truncation_and_dropping_are_counted():
 
 
 def test_all_dropped_is_a_data_error(tmp_path):
-    f = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "p" * 50, "response": "r"}] * 2)
-    with pytest.raises(DataError, match="data.seq_len=8: all 2 train examples were dropped"):
-        SFTJsonl(str(f), seq_len=8, val_path=str(f)).stats()
+    f = write_jsonl(
+        tmp_path / "chat.jsonl", [{"prompt": "p" * 50, "response": "r"}, {"prompt": "p" * 60, "response": "r"}]
+    )
+    message = (
+        r"^data\.path=.*chat\.jsonl: all 2 train examples were dropped at data\.seq_len=8 "
+        r"\(their prompts alone fill the window; the shortest needs seq_len >= 53\): use a larger model\.seq_len$"
+    )
+    with pytest.raises(DataError, match=message):
+        SFTJsonl(str(f), seq_len=8, val_path=str(f)).check()
+    with pytest.raises(DataError, match="all 2 train examples were dropped at data.seq_len=52 "):
+        SFTJsonl(str(f), seq_len=52, val_path=str(f)).stats()
+    kept = SFTJsonl(str(f), seq_len=53, val_path=str(f))  # the length the message asked for keeps one
+    kept.check()
+    assert kept.stats()["num_train_examples"] == 1
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "p" * 50, "response": "r"}])
+    with pytest.raises(DataError, match=r"^data\.val_path=.*val\.jsonl: all 1 val examples were dropped"):
+        SFTJsonl(str(write_jsonl(tmp_path / "short.jsonl", [qa(1)])), seq_len=16, val_path=str(val)).check()
 
 
 # sampler
@@ -405,6 +456,18 @@ def test_stdlib_set_splits_by_file_and_is_cached(tmp_path, monkeypatch):
     assert pystdlib_sft(tmp_path / "cache", root=root) != out and len(calls) > built
     limited = SFTPyStdlib(seq_len=256, cache_dir=str(tmp_path / "cache"), root=str(root), max_examples=2)
     assert limited.stats()["num_train_examples"] == 2
+
+
+def test_stdlib_check_uses_the_cache_and_finds_a_seq_len_that_drops_everything(tmp_path, monkeypatch):
+    root = fake_stdlib(tmp_path / "lib")
+    pystdlib_sft(tmp_path / "cache", root=root)
+    calls = []
+    real = sft_module.function_pairs
+    monkeypatch.setattr(sft_module, "function_pairs", lambda *a: calls.append(1) or real(*a))
+    SFTPyStdlib(seq_len=256, cache_dir=str(tmp_path / "cache"), root=str(root)).check()
+    assert not calls  # the cached set is read, not rebuilt
+    with pytest.raises(DataError, match=r"the stdlib SFT set \(.*train\.jsonl\): all \d+ train examples were dropped"):
+        SFTPyStdlib(seq_len=8, cache_dir=str(tmp_path / "cache"), root=str(root)).check()
 
 
 def test_stdlib_check_names_the_key(tmp_path):

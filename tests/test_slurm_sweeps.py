@@ -52,7 +52,8 @@ def test_grid_on_slurm_with_a_failing_trial_records_both(tmp_path):
         cwd=tmp_path,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # all trials ran, one FAILED
+    assert proc.stderr.strip().splitlines()[-1] == f"1 of 2 trials FAILED: python -m exp.sweep status {sweep}"
     by_num = trials(sweep)
     assert by_num["0"]["status"] == "FAILED" and "TrainingFailed" in by_num["0"]["error"]
     assert by_num["1"]["status"] == "FINISHED" and by_num["1"]["val_loss"] > 0
@@ -65,6 +66,38 @@ def test_grid_on_slurm_with_a_failing_trial_records_both(tmp_path):
     assert finished.data.tags["mlflow.parentRunId"] == parent
     assert finished.data.tags["slurm_job_id"] == by_num["1"]["slurm_job_id"]
     assert (sweep / ".submitit").is_dir()  # submitit's logs stay inside the sweep
+
+
+def test_gpu_sweep_from_a_machine_without_a_gpu_is_submitted_and_fails_on_its_node(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        "-m",
+        "hardware=slurm_gpu",  # device=cuda, bfloat16, compile: none of it exists here or on the node
+        *TINY,
+        "stage.num_steps=4",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "stage.learning_rate=1e-3,2e-3",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    # submitted (not refused in this GPU-less process), with the GPU request
+    scripts = list((sweep / ".submitit").rglob("*_submission.sh"))
+    assert scripts and all("#SBATCH --gpus-per-node=1" in p.read_text() for p in scripts)
+    # failed on the node, each trial with the one-line CUDA message, and the sweep says so
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"2 of 2 trials FAILED: python -m exp.sweep status {sweep}"
+    client = MlflowClient(tracking_uri=store)
+    for trial in trials(sweep).values():
+        assert trial["status"] == "FAILED" and trial["slurm_job_id"]
+        assert "hardware.device=cuda but no CUDA device is available on" in trial["error"]
+        assert client.get_run(trial["mlflow_run_id"]).info.status == "FAILED"
+    for log in (sweep / ".submitit").rglob("*_log.err"):  # each job's stderr: the one line, no traceback
+        said = [line for line in log.read_text().splitlines() if "CUDA" in line or "Traceback" in line]
+        assert len(said) == 1 and said[0].startswith("config error: hardware.device=cuda but no CUDA device")
 
 
 def _squeue(job: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ __all__ = [
     "TokenData",
     "WindowSampler",
     "eval_batches",
+    "max_token_id",
     "pystdlib_corpus",
     "write_token_files",
 ]
@@ -32,6 +33,20 @@ _DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 
 class DataError(ValueError):
     """A data config that cannot work; the message names the config key and path."""
+
+
+_MAX_IDS: dict[tuple, int] = {}  # (path, size, mtime_ns, dtype) -> largest token id
+
+
+def max_token_id(path: Path, dtype: np.dtype, chunk: int = 1 << 24) -> int:
+    """Largest token id in a token file, read in chunks so memory stays flat; remembered per file version."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, dtype.str)
+    if key not in _MAX_IDS:  # a sweep validates each point, and the run checks again: scan each file once
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+        _MAX_IDS[key] = max(int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk))
+        del tokens
+    return _MAX_IDS[key]
 
 
 class TokenData:
@@ -155,7 +170,7 @@ class Memmap(TokenData):
         return ("data.path", p / "train.bin"), ("data.path", p / "val.bin")
 
     def check(self) -> None:
-        """Paths exist, dtype is uint16/uint32, file sizes are whole tokens, vocab_size fits."""
+        """Paths, dtype, whole-token sizes, meta.json, one window per file, every token id below vocab_size."""
         if self.vocab_size <= 0:
             raise DataError(f"data.vocab_size={self.vocab_size} must be > 0")
         if self.dtype is None:
@@ -166,24 +181,54 @@ class Memmap(TokenData):
             raise DataError(f"data.path={Path(self.path).expanduser()} does not exist")
         resolved = self._resolve()
         for key, f in resolved:
+            if f.is_dir() and self.val_path is not None:
+                need = f"{key} must be the {'train' if key == 'data.path' else 'val'} token file"
+                raise DataError(f"{key}={f} is a directory; with data.val_path set, {need}")
             if not f.is_file():
-                raise DataError(f"{key}={f} does not exist")
+                raise DataError(f"{key}={f} {'is not a file' if f.exists() else 'does not exist'}")
         for key, f in resolved:
             size = f.stat().st_size
             if size == 0 or size % self.dtype.itemsize:
                 raise DataError(f"{key}={f} has {size} bytes, not a positive multiple of {self.dtype_name}")
+        meta = self._meta(resolved[0][1])
+        for key, f in resolved:
+            num_tokens = f.stat().st_size // self.dtype.itemsize
+            if num_tokens < self.seq_len + 1:  # the samplers cut windows of seq_len inputs plus one target
+                raise DataError(
+                    f"{key}={f} holds {num_tokens} tokens, fewer than one window of data.seq_len={self.seq_len} + 1 "
+                    "(use a smaller model.seq_len, or more data)"
+                )
+        if meta is not None and meta.get("max_token_id", self.vocab_size) < self.vocab_size:
+            return  # prepare.py recorded the largest id and the sizes still match: no need to read the files
+        for key, f in resolved:
+            largest = max_token_id(f, self.dtype)
+            if largest >= self.vocab_size:  # the embedding lookup would fail mid-run with an IndexError
+                raise DataError(
+                    f"{key}={f} holds token id {largest} >= data.vocab_size={self.vocab_size} "
+                    f"(set data.vocab_size={largest + 1} or more if that is the tokenizer's size)"
+                )
+
+    def _meta(self, train: Path) -> dict | None:
+        """prepare.py's meta.json while its sizes match the files, else None; refuses a dtype or vocab it denies."""
+        meta_path = train.parent / "meta.json"
+        if self.val_path is not None or not meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as e:
+            raise DataError(f"data.path={meta_path} is not valid JSON ({e})") from None
+        if meta.get("dtype", self.dtype_name) != self.dtype_name:
+            raise DataError(f"data.dtype={self.dtype_name} but {meta_path} says {meta['dtype']}")
+        if meta.get("vocab_size", 0) > self.vocab_size:
+            raise DataError(f"data.vocab_size={self.vocab_size} but {meta_path} says {meta['vocab_size']}")
+        sizes = [meta.get(f"num_{split}_tokens") for split in ("train", "val")]
+        actual = [(train.parent / f"{split}.bin").stat().st_size // self.dtype.itemsize for split in ("train", "val")]
+        return meta if sizes == actual else None
 
     def files(self) -> tuple[Path, Path]:
-        """The checked (train, val) paths; a prepare.py meta.json must agree with dtype and vocab_size."""
+        """The checked (train, val) paths."""
         self.check()
         (_, train), (_, val) = self._resolve()
-        meta_path = train.parent / "meta.json"
-        if self.val_path is None and meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("dtype", self.dtype_name) != self.dtype_name:
-                raise DataError(f"data.dtype={self.dtype_name} but {meta_path} says {meta['dtype']}")
-            if meta.get("vocab_size", 0) > self.vocab_size:
-                raise DataError(f"data.vocab_size={self.vocab_size} but {meta_path} says {meta['vocab_size']}")
         return train, val
 
     def describe(self) -> dict:

@@ -66,6 +66,20 @@ def _check_writable_target(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a token corpus; refusing to replace it")
 
 
+def _split_tail(tmp: Path, name: str, num_val: int) -> tuple[int, int]:
+    """Rewrite the one document in tmp/name as train.bin (its head) and val.bin (its last num_val tokens)."""
+    src = np.memmap(tmp / name, dtype="<u2", mode="r")
+    cut = len(src) - max(1, min(num_val, len(src) - 1))  # each side keeps a token
+    with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.new", "wb") as fval:
+        ftrain.write(src[:cut])  # memmap slices go to the file without a copy
+        fval.write(src[cut:])
+    total = len(src)
+    del src
+    os.replace(tmp / "train.new", tmp / "train.bin")
+    os.replace(tmp / "val.new", tmp / "val.bin")
+    return cut, total - cut
+
+
 def write_token_files(
     docs: Iterable[tuple[str, TokenLike]],
     out_dir: str | Path,
@@ -79,8 +93,10 @@ def write_token_files(
 
     Split is per document: split_value(name) < val_fraction goes to val; then, while val holds fewer
     than max(val_fraction * all tokens, min(min_val_tokens, half the tokens)), train documents move
-    over in split_value order (train keeps at least one), so val is never empty.
-    Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict.
+    over in split_value order (train keeps at least one), so val is never empty. A single document
+    is split by tokens instead: the last that many tokens go to val (meta "split": "tokens").
+    Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict,
+    which records the largest token id so readers can trust it instead of scanning the files.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -97,12 +113,14 @@ def write_token_files(
     content = hashlib.sha256()
     try:
         num_val = num_val_docs = num_train = 0
+        max_id = EOT
         train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
         with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
             for name, doc in docs:
-                data = _as_tokens(doc, vocab_size).tobytes()
-                if not data:
+                arr = _as_tokens(doc, vocab_size)
+                if not arr.size:
                     continue  # empty documents would only add lone EOTs
+                max_id, data = max(max_id, int(arr.max())), arr.tobytes()
                 content.update(name.encode("utf-8") + b"\0" + data)
                 n, key = len(data) // 2 + 1, split_value(name)
                 if key < val_fraction:
@@ -113,12 +131,15 @@ def write_token_files(
                     train_docs.append((key, num_train, n))
                     num_train += n
         num_docs = len(train_docs) + num_val_docs
-        if num_docs < 2:
-            raise ValueError(f"need at least 2 non-empty documents to split train/val by document, got {num_docs}")
+        if num_docs == 0:
+            raise ValueError("no non-empty documents to write")
         # hash split alone gives val_fraction of the *documents*; top up to that share of the tokens,
         # and to min_val_tokens unless that would take more than half of a small corpus
         total = num_train + num_val
         target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
+        if num_docs == 1:  # one file (tiny Shakespeare): nothing to split by document, so split its tokens
+            num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target)
+            num_val_docs, train_docs = 0, []
         moved: set[int] = set()
         for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
             if (num_val_docs and num_val >= target) or len(moved) == len(train_docs) - 1:
@@ -142,6 +163,8 @@ def write_token_files(
             "num_val_tokens": num_val,
             "num_documents": num_docs,
             "num_val_documents": num_val_docs,
+            "split": "tokens" if num_docs == 1 else "documents",
+            "max_token_id": max_id,
             "val_fraction": val_fraction,
             "sources": sources or f"sha256:{content.hexdigest()}",
         }

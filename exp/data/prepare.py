@@ -1,4 +1,7 @@
-"""CLI: byte-tokenize text files, folders and JSONL into train.bin/val.bin for data=memmap."""
+"""CLI: byte-tokenize text files, folders and JSONL into train.bin/val.bin for data=memmap.
+
+Several documents are split by document; a single one (one text file) by tokens, its tail going to val.
+"""
 
 from __future__ import annotations
 
@@ -77,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PrepareError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"prepared {meta['num_documents']} documents ({meta['num_val_documents']} val): "
-        f"{meta['num_train_tokens']} train / {meta['num_val_tokens']} val tokens "
-        f"-> {Path(args.out).absolute()}"
-    )
+    train, val = meta["num_train_tokens"], meta["num_val_tokens"]
+    if meta["split"] == "tokens":  # one document: its tail is val, so say so rather than "0 val documents"
+        split = f"1 document: split by tokens, last {100 * val / (train + val):.3g}% to val"
+    else:
+        split = f"{meta['num_documents']} documents ({meta['num_val_documents']} val)"
+    print(f"prepared {split}: {train} train / {val} val tokens -> {Path(args.out).absolute()}")
     return 0
 
 

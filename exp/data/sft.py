@@ -351,6 +351,9 @@ def _holdout(items: list, key: Sequence[float], fraction: float) -> tuple[list, 
     return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
 
 
+_CHECKED: set[tuple] = set()  # SFTData._check_key() of data that passed check() in this process
+
+
 class SFTData:
     """Base: (train, val) conversations as (x, y) batches of seq_len, with the pretraining data interface.
 
@@ -378,7 +381,23 @@ class SFTData:
         return self.seq_len + 1
 
     def check(self) -> None:
-        """Cheap validation; raises DataError naming the config key."""
+        """Sources exist, every record parses, each split keeps an example at seq_len; raises DataError.
+
+        This reads and tokenizes the data (a fraction of a second for the stdlib set): bad records and
+        a seq_len that drops everything are found in validation, before a run (or a pipeline) starts.
+        """
+        self.check_sources()
+        key = self._check_key()
+        if key not in _CHECKED:  # a sweep validates every point, and a run validates again: read once
+            self.examples()
+            _CHECKED.add(key)
+
+    def check_sources(self) -> None:
+        """Cheap checks that the sources can be read at all; raises DataError naming the config key."""
+
+    def source(self, split: str) -> str:
+        """Where a split's records come from, as the config key and value, for error messages."""
+        return f"data ({split})"
 
     def conversations(self) -> tuple[list[list[Turn]], list[list[Turn]]]:
         """(train, val) conversations, read from the sources."""
@@ -387,18 +406,34 @@ class SFTData:
     def examples(self) -> tuple[Examples, Examples]:
         """(train, val) tokenized examples, read on first use."""
         if self._data is None:
-            self.check()
+            self.check_sources()
             splits, counts = [], {}
             for split, convs in zip(("train", "val"), self.conversations(), strict=True):
                 ex, counts[split] = fit_examples(map(encode_arrays, convs), self.row_len)
                 if not len(ex):
-                    raise DataError(
-                        f"data.seq_len={self.seq_len}: all {len(convs)} {split} examples were dropped "
-                        "(their prompts alone fill seq_len + 1 tokens)"
-                    )
+                    raise DataError(self._all_dropped(split, convs))
                 splits.append(ex)
             self._data, self._counts = tuple(splits), counts
         return self._data
+
+    def _all_dropped(self, split: str, convs: list[list[Turn]]) -> str:
+        """The error for a split whose every example lost its targets to the seq_len cut."""
+        if not convs:
+            return f"{self.source(split)}: no {split} records"
+        # the first target sits at the first label after position 0; seq_len must reach it (x = ids[:-1])
+        needed = min(int(np.flatnonzero(y[1:] != IGNORE_INDEX)[0]) + 1 for _, y in map(encode_arrays, convs))
+        return (
+            f"{self.source(split)}: all {len(convs)} {split} examples were dropped at data.seq_len={self.seq_len} "
+            f"(their prompts alone fill the window; the shortest needs seq_len >= {needed}): use a larger model.seq_len"
+        )
+
+    def _check_key(self) -> tuple:
+        """What a passed check() depends on: the settings, and the size and mtime of local source files."""
+        settings = sorted((k, repr(v)) for k, v in vars(self).items() if not k.startswith("_") and k != "set_dir")
+        return (type(self).__name__, *settings, *self._source_files())
+
+    def _source_files(self) -> list[tuple]:
+        return []
 
     def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleSampler:
         """Shuffled training batches for this rank."""
@@ -472,7 +507,7 @@ class SFTJsonl(SFTData):
         self.val_split = None if val_split is None else str(val_split)
         self.val_fraction = float(val_fraction)
 
-    def check(self) -> None:
+    def check_sources(self) -> None:
         """Files exist (or `datasets` is installed for hf: sources)."""
         for key, source in (("data.path", self.path), ("data.val_path", self.val_path)):
             if source is None:
@@ -490,14 +525,32 @@ class SFTJsonl(SFTData):
             if not p.is_file():
                 raise DataError(f"{key}={p} is not a file (a JSONL file, or hf:NAME for a Hugging Face dataset)")
 
+    def source(self, split: str) -> str:
+        """data.path or data.val_path, with the hf split or held-out share that val is."""
+        if split == "train":
+            return f"data.path={self.path}" + (f" (split {self.split})" if self.path.startswith("hf:") else "")
+        if self.val_path is not None:
+            return f"data.val_path={self.val_path}" + (
+                f" (split {self.val_split or 'validation'})" if self.val_path.startswith("hf:") else ""
+            )
+        if self.path.startswith("hf:") and self.val_split is not None:
+            return f"data.path={self.path} (split {self.val_split})"
+        return f"data.path={self.path} (held-out records)"
+
     def conversations(self) -> tuple[list[list[Turn]], list[list[Turn]]]:
         """(train, val) conversations from the configured sources."""
-        load = lambda source, split: load_conversations(read_records(source, split), self.format, self.fields)
-        train = load(self.path, self.split)
+
+        def load(key: str, source: str, split: str) -> list:
+            try:
+                return load_conversations(read_records(source, split), self.format, self.fields)
+            except SFTDataError as e:  # `file:line: what`, led by the key that names the file
+                raise SFTDataError(f"{key}={e}") from None
+
+        train = load("data.path", self.path, self.split)
         if self.val_path is not None:
-            val = load(self.val_path, self.val_split or "validation")
+            val = load("data.val_path", self.val_path, self.val_split or "validation")
         elif self.path.startswith("hf:") and self.val_split is not None:
-            val = load(self.path, self.val_split)
+            val = load("data.path", self.path, self.val_split)
         else:
             keys = [split_value(json.dumps(r, sort_keys=True, default=str)) for _, r, _ in train]
             try:
@@ -505,6 +558,10 @@ class SFTJsonl(SFTData):
             except ValueError as e:
                 raise DataError(f"data.path={self.path}: {e}; set data.val_path") from None
         return [t for _, _, t in train], [t for _, _, t in val]
+
+    def _source_files(self) -> list[tuple]:
+        local = [Path(s).expanduser().resolve() for s in (self.path, self.val_path) if s and not s.startswith("hf:")]
+        return [(str(p), st.st_size, st.st_mtime_ns) for p in local for st in [p.stat()]]
 
     def describe(self) -> dict:
         """Base description plus sources and format."""
@@ -663,13 +720,18 @@ class SFTPyStdlib(SFTData):
         self.root = None if root is None else str(root)
         self.set_dir: Path | None = None
 
-    def check(self) -> None:
+    def check_sources(self) -> None:
         """cache_dir must not be an existing non-directory; root, if given, must be a directory."""
         p = Path(self.cache_dir).expanduser()
         if p.exists() and not p.is_dir():
             raise DataError(f"data.cache_dir={p} exists and is not a directory")
         if self.root is not None and not Path(self.root).is_dir():
             raise DataError(f"data.root={self.root} is not a directory")
+
+    def source(self, split: str) -> str:
+        """The cached set's file for the split."""
+        where = self.set_dir / f"{split}.jsonl" if self.set_dir is not None else self.cache_dir
+        return f"the stdlib SFT set ({where})"
 
     def conversations(self) -> tuple[list[list[Turn]], list[list[Turn]]]:
         """(train, val) pairs from the cached set, built on first use (a few seconds)."""

@@ -22,6 +22,8 @@ class LocalLauncher(ValidatedSweep, _SubmititLocal):
 class SlurmLauncher(ValidatedSweep, _SubmititSlurm):
     """Submits the points as a SLURM job array through submitit (`hydra/launcher=exp_slurm`, `hardware=slurm_*`)."""
 
+    jobs_run_here = False  # a GPU job submitted from a login node without one: each job checks its node
+
     def _preflight(self, sweep_dir: Path) -> None:
         if shutil.which("sbatch") is None:
             refuse(

@@ -1,0 +1,52 @@
+"""Exit codes of train.py in one place: 2 for bad input before anything runs, 1 for a sweep with failed trials."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from exp import config, launch
+
+FAILED_TRIALS_EXIT = 1
+
+
+def run_cli(main: Callable) -> None:
+    """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2, and a sweep
+    whose trials all ran but some FAILED exits 1 with one line saying how many and where to look.
+
+    `resume=auto` / `resume=PATH` on the command line are short for `resume.path=...`: `resume` is a node
+    (it also holds allow_config_change), and Hydra cannot assign a string to a node.
+    """
+    sys.argv = [f"resume.path={a[len('resume=') :]}" if a.startswith("resume=") else a for a in sys.argv]
+    saved = _saved_run_config(sys.argv)
+    if saved is not None:  # its config.yaml is the composed result: no groups, so `tracking=none` becomes a string
+        print(
+            f"config error: {saved} is a run's saved config (composed, no config groups); "
+            f"repeat that run with: python -m exp.repeat {saved.parent} [OVERRIDES...]",
+            file=sys.stderr,
+        )
+        sys.exit(config.CONFIG_ERROR_EXIT)
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not config.job_has_started():
+            sys.exit(config.CONFIG_ERROR_EXIT)
+        raise
+    for sweep_dir in launch.launched_sweeps():
+        message = launch.failed_trials_message(sweep_dir)
+        if message:
+            print(message, file=sys.stderr)
+            sys.exit(FAILED_TRIALS_EXIT)
+
+
+def _saved_run_config(argv: list[str]) -> Path | None:
+    """The .hydra folder of a past run given as -cp/--config-path (relative to train.py) or -cd/--config-dir."""
+    for i, arg in enumerate(argv[1:], start=1):
+        name, eq, value = arg.partition("=")
+        if name in ("-cp", "--config-path", "-cd", "--config-dir"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            for path in ((Path(argv[0]).resolve().parent / value).resolve(), Path(value).resolve()):
+                if (path / "overrides.yaml").is_file() and (path / "config.yaml").is_file():
+                    return path
+    return None
