@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -82,57 +80,6 @@ class FirstStepClock(Callback):
     def on_step_end(self, state: TrainState, loss: float) -> None:
         if self.first_step_time is None:
             self.first_step_time = time.time()
-
-
-class MetricsFile(Callback):
-    """Every logged metric as one JSON line per step in the run directory: the record that needs no server."""
-
-    def __init__(self, path: Path, keep_until_step: int = 0):
-        self.path = Path(path)
-        self.keep_until_step = keep_until_step
-        self._file = None
-
-    def on_train_start(self, state: TrainState) -> None:
-        """Drop lines past the step this run starts from, so a resumed run's record has no duplicate steps."""
-        if not self.path.exists():
-            return
-        kept = [m for m in read_metrics(self.path) if m["step"] <= self.keep_until_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        tmp.replace(self.path)
-
-    def _write(self, step: int, metrics: dict[str, float]) -> None:
-        if self._file is None:  # kept open between lines; line-buffered, so each line reaches the OS at once
-            self._file = self.path.open("a", buffering=1)
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    def on_train_end(self, state: TrainState, status: str) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._write(state.step, metrics)
-
-    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._write(state.step, metrics)
-
-    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._write(state.step, metrics)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl file (a line torn by a killed process is skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 class Checkpointer(Callback):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import fcntl
 import hashlib
 import json
 import math
@@ -11,7 +10,6 @@ import os
 import random
 import re
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
+
+from exp.rundir import fsync, publish_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -168,15 +168,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    # Directories too: a file's name (and a rename) is durable only once its directory is synced.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_leftover(path: Path) -> bool:
     return path.is_dir() and re.fullmatch(r"\.step_\d{8,}\.(tmp|trash)-\d+", path.name) is not None
 
@@ -199,7 +190,7 @@ def save_checkpoint(
     root = Path(root)
     if not root.is_dir():
         root.mkdir(parents=True)
-        _fsync(root.parent)
+        fsync(root.parent)
     name = checkpoint_name(step)
     final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
     # JSON first: an unserialisable value fails before hundreds of MB are written.
@@ -224,30 +215,11 @@ def save_checkpoint(
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        publish(tmp, final, before_rename)
+        publish_dir(tmp, final, before_rename)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def publish(tmp: Path, final: Path, before_rename=None) -> None:
-    """fsync a finished temporary folder, rename it to its final name, fsync the parent: the one atomic step."""
-    for p in tmp.rglob("*"):
-        _fsync(p)
-    _fsync(tmp)
-    if before_rename is not None:
-        before_rename(tmp)
-    if final.exists():
-        # Same step saved again (a resumed run): the old folder steps aside, the new one takes its name.
-        trash = final.parent / f".{final.name}.trash-{os.getpid()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        _fsync(final.parent)
-        shutil.rmtree(trash)
-    else:
-        os.rename(tmp, final)
-        _fsync(final.parent)
 
 
 def verify_checkpoint(path) -> dict:
@@ -423,42 +395,5 @@ def rotate_checkpoints(root, keep_last: int, protect: set[Path] = frozenset()) -
         shutil.rmtree(trash)
         deleted.append(path)
     if deleted:
-        _fsync(Path(root))
+        fsync(Path(root))
     return deleted
-
-
-class RunLock:
-    """Exclusive flock on run_dir/.lock for as long as the context is open; a second holder is refused."""
-
-    def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise CheckpointError naming the current holder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise CheckpointError(f"run directory {self.run_dir} is in use by {holder} (lock {self.path})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Drop the lock; the file stays, since unlinking it would race with the next holder."""
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()

@@ -18,6 +18,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from exp.text import first_line
+
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = 2
@@ -357,12 +359,6 @@ def _named(group: str, error: BaseException) -> str:
     msg = first_line(error)
     head = msg.split("=", 1)[0].split(":", 1)[0]
     return msg if "." in head and " " not in head else f"{group}: {msg}"
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when empty)."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def exit_on_config_error(error: ConfigError, run_dir: str | None = None) -> None:

@@ -28,16 +28,15 @@ from exp.checkpoint import (
     MANIFEST,
     RNG_KEY,
     CheckpointError,
-    _fsync,
     _is_leftover,
     _json_text,
     _sha256,
     capture_rng,
     checkpoint_name,
     load_run_state,
-    publish,
     verify_checkpoint,
 )
+from exp.rundir import fsync, publish_dir
 
 DCP_DIR = "dcp"
 _SHARDED_TMP = re.compile(r"\.step_\d{8,}\.tmp-sharded")
@@ -107,7 +106,7 @@ def save_sharded(
             texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")
         if not root.is_dir():
             root.mkdir(parents=True)
-            _fsync(root.parent)
+            fsync(root.parent)
         # One writer per root (RunLock), so temp and trash folders here are debris from a crashed save.
         for p in root.iterdir():
             if _is_leftover(p) or (p.is_dir() and _SHARDED_TMP.fullmatch(p.name)):
@@ -138,7 +137,7 @@ def save_sharded(
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            publish(tmp, final)
+            publish_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from exp.checkpoint import (
     verify_checkpoint,
 )
 from exp.model import GPT
+from exp.rundir import atomic_file, write_atomic, write_json
 
 # config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built.
 ALLOWED_TARGETS: dict[str, type[nn.Module]] = {"exp.model.GPT": GPT}
@@ -145,15 +145,10 @@ def export_checkpoint(checkpoint, out) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     info = {"source": str(source.resolve()), "step": step, "num_params": sum(p.numel() for p in model.parameters())}
     # Each file appears whole or not at all: written beside its final name, then renamed over it.
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    save_model(model, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, out / "model.safetensors")
-    for name, text in (
-        ("config.yaml", OmegaConf.to_yaml(OmegaConf.create(model_cfg))),
-        ("export.json", json.dumps(info, indent=2) + "\n"),
-    ):
-        (out / f".{name}.tmp-{os.getpid()}").write_text(text)
-        os.replace(out / f".{name}.tmp-{os.getpid()}", out / name)
+    with atomic_file(out / "model.safetensors") as tmp:
+        save_model(model, str(tmp), metadata={"step": str(step)})
+    write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(model_cfg)))
+    write_json(out / "export.json", info)
     return out
 
 

@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
-from exp.files import write_json
+from exp.rundir import read_summary, write_json
+from exp.text import first_line
 
 log = logging.getLogger("exp")
 MANIFEST = "sweep.json"
@@ -93,7 +94,7 @@ class ValidatedSweep:
                 except config.ConfigError as e:
                     refuse(sweep_dir, f"{label}: {e}")
                 except Exception as e:  # a point that does not even compose
-                    refuse(sweep_dir, f"{label}: {config.first_line(e)}")
+                    refuse(sweep_dir, f"{label}: {first_line(e)}")
                 run_dirs.append(run_dir)
                 tracked = "parent_run_id" in task.tracking
         finally:
@@ -111,7 +112,7 @@ class ValidatedSweep:
             return open_parent_run(self.config, sweep_dir, kind="sweep")
         except Exception as e:
             log.warning(
-                f"MLflow at {self.config.tracking.uri} is unavailable ({config.first_line(e)}); "
+                f"MLflow at {self.config.tracking.uri} is unavailable ({first_line(e)}); "
                 "trials are tracked without a parent run"
             )
             return None
@@ -159,29 +160,23 @@ def mark_unsubmitted(sweep_dir: Path) -> None:
     write_manifest(sweep_dir, manifest)
 
 
+# what sweep.json keeps of each trial's summary.json
+SUMMARY_KEYS = ("status", "val_loss", "step", "num_steps", "tokens_per_s", "mlflow_run_id", "slurm_job_id", "error")
+
+
+def refresh_trial(trial: dict, run_dir) -> None:
+    """A trial's status, losses, MLflow run and SLURM job, from its run directory."""
+    summary = read_summary(run_dir)
+    if summary is not None:
+        trial.update({k: summary.get(k) for k in SUMMARY_KEYS})
+    elif (Path(run_dir) / "metrics.jsonl").exists():
+        trial["status"] = "RUNNING"  # started, no summary yet: running, or killed without one
+
+
 def refresh_manifest(sweep_dir) -> dict:
-    """Each trial's status, losses, MLflow run and SLURM job from its run directory; written back."""
+    """Each trial refreshed from its run directory (refresh_trial); written back."""
     manifest = read_manifest(sweep_dir)
     for trial in manifest["trials"].values():
-        summary_path = Path(trial["run_dir"]) / "summary.json"
-        if summary_path.exists():
-            summary = json.loads(summary_path.read_text())
-            trial.update(
-                {
-                    k: summary.get(k)
-                    for k in (
-                        "status",
-                        "val_loss",
-                        "step",
-                        "num_steps",
-                        "tokens_per_s",
-                        "mlflow_run_id",
-                        "slurm_job_id",
-                        "error",
-                    )
-                }
-            )
-        elif (Path(trial["run_dir"]) / "metrics.jsonl").exists():
-            trial["status"] = "RUNNING"  # started, no summary yet: running, or killed without one
+        refresh_trial(trial, trial["run_dir"])
     write_manifest(sweep_dir, manifest)
     return manifest

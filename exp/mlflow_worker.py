@@ -23,6 +23,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from exp.rundir import write_json
+from exp.text import first_line
+
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
@@ -137,7 +140,7 @@ def main(inbox, outbox, uri: str = "") -> None:
     try:
         worker.start()
     except Exception as e:
-        worker.fail(f"MLflow at {settings['uri']} is unavailable ({_first_line(e)}); metrics stay in metrics.jsonl")
+        worker.fail(f"MLflow at {settings['uri']} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
     outbox.put(("started", worker.run_id))
     while True:
         try:
@@ -204,7 +207,7 @@ class _Worker:
         except Exception as e:
             self.warn(
                 f"MLflow run {self.s['resume_run_id']} of the checkpoint is not in {self.s['uri']} "
-                f"({_first_line(e)}); starting a new run"
+                f"({first_line(e)}); starting a new run"
             )
             return False
         for key in run.data.metrics:
@@ -217,7 +220,7 @@ class _Worker:
 
     def _write_marker(self) -> None:
         marker = Path(self.s["run_dir"]) / RUN_MARKER
-        marker.write_text(json.dumps({"tracking_uri": self.s["uri"], "run_id": self.run_id}) + "\n")
+        write_json(marker, {"tracking_uri": self.s["uri"], "run_id": self.run_id})
 
     def handle(self, items: list) -> bool:
         """Log a batch of messages; True once the run has ended."""
@@ -263,7 +266,7 @@ class _Worker:
             fn()
         except Exception as e:
             self.fail(
-                f"MLflow at {self.s['uri']} stopped answering ({_first_line(e)}); "
+                f"MLflow at {self.s['uri']} stopped answering ({first_line(e)}); "
                 "the rest of this run's metrics stay in metrics.jsonl"
             )
 
@@ -285,8 +288,3 @@ def experiment_id_for(client, uri: str, name: str, artifact_location: str | None
     if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
         location = Path(artifact_location).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__

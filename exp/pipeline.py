@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
-from exp.files import write_json
+from exp.rundir import read_summary, write_summary
 
 log = logging.getLogger("exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -42,7 +41,7 @@ def run_pipeline(cfg: DictConfig) -> float:
             log.info(f"pipeline: stage {name} in {stage_dir}")
             stage_cfg = _compose_stage(root, name, spec, user, results, parent_run_id=parent.run_id)
             train(stage_cfg)
-            results[name] = json.loads((stage_dir / "summary.json").read_text())
+            results[name] = read_summary(stage_dir)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -123,10 +122,9 @@ def _compose_stage(
 
 
 def _finished(stage_dir: Path) -> dict | None:
-    path = stage_dir / "summary.json"
-    if not path.exists():
+    summary = read_summary(stage_dir)
+    if summary is None:
         return None
-    summary = json.loads(path.read_text())
     return summary if summary.get("status") == "FINISHED" and summary["step"] == summary["num_steps"] else None
 
 
@@ -145,7 +143,7 @@ def _write_summary(root: Path, results: dict, status: str, parent: _ParentRun) -
     if last.get("initial_val_loss") is not None:  # what the last stage (SFT) gained on held-out data
         summary["final_stage_val_loss_before"] = last["initial_val_loss"]
         summary["final_stage_val_loss_after"] = last["val_loss"]
-    write_json(root / "summary.json", summary)
+    write_summary(root, summary)
 
 
 class _ParentRun:

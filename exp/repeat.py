@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from exp.config import CONFIG_ERROR_EXIT
+from exp.text import first_line
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train.py"
@@ -90,7 +91,7 @@ def load_run(path: str | Path) -> Recorded:
     try:
         overrides = yaml.safe_load(overrides_file.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise RepeatError(f"{overrides_file}: unreadable ({_first_line(e)})") from None
+        raise RepeatError(f"{overrides_file}: unreadable ({first_line(e)})") from None
     overrides = [] if overrides is None else overrides
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise RepeatError(f"{overrides_file}: not a list of overrides")
@@ -308,11 +309,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  = python {shlex.quote(str(TRAIN))} {shlex.join(p.argv)}", flush=True)
     sys.argv = [str(TRAIN), *p.argv]
     runpy.run_path(str(TRAIN), run_name="__main__")  # train.py itself: @hydra.main under exp.cli.run_cli
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -11,8 +10,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exp.callbacks import read_metrics
-from exp.sweep import SweepError, is_sweep_dir, load_sweep, read_summary, trials_of
+from exp.rundir import plot_run, pyplot, read_metrics, read_summary
+from exp.sweep import SweepError, is_sweep_dir, load_sweep, trials_of
+from exp.text import first_line, fmt_loss
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 MAX_LEGEND = 15  # more curves than this are drawn but left out of the legend
@@ -22,43 +22,6 @@ RUN_SPECIFIC_PARAMS = ("run_dir", "checkpoint.dir", "tracking.parent_run_id", "r
 
 class ReportError(Exception):
     """What to report cannot be found; the message is the one line the user sees."""
-
-
-def plot_run(metrics_path: Path, out: Path) -> Path | None:
-    """A PNG of train/val loss and the learning rate against step; None when nothing was logged."""
-    rows = read_metrics(metrics_path)
-    train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
-    if not train:
-        return None
-    plt = _pyplot()
-    val = [(m["step"], m["val/loss"]) for m in rows if "val/loss" in m]
-    lr = [(m["step"], m["train/lr"]) for m in rows if "train/lr" in m]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    ax_loss.plot(*zip(*train, strict=True), label="train/loss")
-    if val:
-        ax_loss.plot(*zip(*val, strict=True), "o-", label="val/loss")
-    ax_loss.set_ylabel("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-    ax_lr.plot(*zip(*lr, strict=True), color="tab:green")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
-    fig.suptitle(Path(metrics_path).parent.name, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on clusters
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --- trials -----------------------------------------------------------------------------------------
@@ -155,7 +118,7 @@ def experiment_trials(name: str, uri: str) -> list[Trial]:
     try:
         experiment = client.get_experiment_by_name(name)
     except Exception as e:
-        raise ReportError(f"MLflow at {uri}: {_first_line(e)}") from None
+        raise ReportError(f"MLflow at {uri}: {first_line(e)}") from None
     if experiment is None:
         raise ReportError(f"{name}: no such directory, and no MLflow experiment of that name at {uri}")
     runs = [
@@ -212,15 +175,15 @@ def format_table(trials: list[Trial], keys: list[str]) -> str:
     rows, position = [header], 0
     for t in rank(trials):
         position += t.ranked
-        status = t.status + (f": {_first_line(t.error)}" if t.error else "")
+        status = t.status + (f": {first_line(t.error)}" if t.error else "")
         rows.append(
             [
                 str(position) if t.ranked else "-",
                 t.num,
                 *(_short_value(t.params.get(k, "")) for k in keys),
-                _fmt(t.train_loss),
-                _fmt(t.val_loss),
-                _fmt(t.best_val_loss),
+                fmt_loss(t.train_loss),
+                fmt_loss(t.val_loss),
+                fmt_loss(t.best_val_loss),
                 f"{t.tokens_per_s:,.0f}" if _finite(t.tokens_per_s) else "-",
                 status,
             ]
@@ -236,7 +199,7 @@ def format_table(trials: list[Trial], keys: list[str]) -> str:
 
 def plot_sweep(trials: list[Trial], keys: list[str], out: Path, param_panels: list[str], title: str = "") -> list[str]:
     """Val-loss curves of every trial (best highlighted) and final val loss per `param_panels` key; the panels drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     ranked = rank(trials)
     best = ranked[0] if ranked and ranked[0].ranked else None
     short = short_keys(keys)
@@ -329,7 +292,7 @@ def report_trials(trials: list[Trial], keys: list[str], out: Path, optuna: bool,
 
 def report_run(run_dir: Path, out: Path | None) -> int:
     """Print a run's summary.json and write its plot."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir) or {}
     width = max(map(len, summary))
     for key, value in summary.items():
         if isinstance(value, dict):
@@ -385,10 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_dir_summary(run_dir: str | None) -> dict:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()) if run_dir else {}
-    except (OSError, ValueError):
-        return {}
+    return (read_summary(run_dir) if run_dir else None) or {}
 
 
 def _number(value) -> float | None:
@@ -412,15 +372,6 @@ def _short_value(value: str) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if _finite(value) else "-"
-
-
-def _first_line(error) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _num_key(num: str):

@@ -18,12 +18,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from exp import config, hardware, loop
+from exp import config, hardware, loop, rundir
 from exp import dist as exp_dist
-from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, MetricsFile, ProgressBar
+from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, ProgressBar
 from exp.checkpoint import (
     CheckpointError,
-    RunLock,
     checkpoint_name,
     latest_valid_checkpoint,
     list_checkpoints,
@@ -34,8 +33,9 @@ from exp.checkpoint import (
     verify_checkpoint,
 )
 from exp.faults import EarlyStopping, FaultGuard, StopSignals
-from exp.files import write_json
 from exp.optim import build_optimizer, hyperparameters, resume_with_changes
+from exp.rundir import MetricsFile, RunDirInUse, RunLock, plot_run, write_json
+from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker
 
 log = logging.getLogger("exp")
@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> float:
     try:
         lock = RunLock(run_dir) if dist.is_main else contextlib.nullcontext()
         lock.__enter__()
-    except CheckpointError as e:
+    except RunDirInUse as e:
         _exit(f"error: {e}", 1)
     try:
         return _train(cfg, valid, run_dir, dist)
@@ -287,7 +287,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         )
         _log_run_artifacts(run_dir, tracker)
         log.info(
-            f"{status.lower()}: step {state.step} | val loss {_fmt(state.val_loss)} "
+            f"{status.lower()}: step {state.step} | val loss {fmt_loss(state.val_loss, 'n/a')} "
             f"| {summary['tokens_per_s']:,.0f} tok/s"
             + (f" (compile {summary['compile_seconds']:.1f} s)" if summary["compile_seconds"] is not None else "")
             + f" | checkpoint {final} | summary {run_dir / 'summary.json'}"
@@ -301,7 +301,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         else:
             log.exception(f"training failed: {e}")
         if dist.is_main:
-            error = f"{type(e).__name__}: {config.first_line(e)}"
+            error = f"{type(e).__name__}: {first_line(e)}"
             write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
         if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
             return float("nan")
@@ -407,8 +407,6 @@ def _state_from_dict(values: dict) -> loop.TrainState:
 
 
 def _log_run_artifacts(run_dir: Path, tracker) -> None:
-    from exp.report import plot_run
-
     plot = plot_run(run_dir / "metrics.jsonl", run_dir / "metrics.png")
     for path in (run_dir / "summary.json", run_dir / "metrics.jsonl", plot):
         if path is not None:
@@ -446,7 +444,7 @@ def fail_at_start(cfg: DictConfig, error: config.ConfigError) -> float:
     try:
         tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir)
     except Exception as e:  # the record in summary.json does not depend on MLflow
-        log.warning(f"MLflow: {config.first_line(e)}")
+        log.warning(f"MLflow: {first_line(e)}")
         tracker = NullTracker()
     state = loop.TrainState()
     stage_name, num_steps = OmegaConf.select(cfg, "stage.name"), OmegaConf.select(cfg, "stage.num_steps")
@@ -472,11 +470,7 @@ def write_failure_summary(
         "mlflow_run_id": tracker.run_id,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    write_json(run_dir / "summary.json", summary)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    rundir.write_summary(run_dir, summary)
 
 
 def _signal_name(signum: int) -> str:
@@ -578,5 +572,5 @@ def write_summary(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
     }
-    write_json(run_dir / "summary.json", summary)
+    rundir.write_summary(run_dir, summary)
     return summary

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
-import math
 import os
 import shlex
 import shutil
@@ -17,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from exp.launch import MANIFEST, read_manifest, refresh_manifest, write_manifest
+from exp.launch import MANIFEST, read_manifest, refresh_manifest, refresh_trial, write_manifest
+from exp.text import fmt_loss
 
-SUMMARY_KEYS = ("status", "val_loss", "step", "num_steps", "tokens_per_s", "mlflow_run_id", "slurm_job_id", "error")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -66,11 +64,7 @@ def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
     for trial in manifest["trials"].values():
         run_dir = resolve_run_dir(sweep_dir, trial, launch_cwd)
         trial["run_dir"] = str(run_dir)
-        summary = read_summary(run_dir)
-        if summary:
-            trial.update({k: summary.get(k) for k in SUMMARY_KEYS})
-        elif (run_dir / "metrics.jsonl").exists():
-            trial["status"] = "RUNNING"  # started, no summary: running, or killed before writing one
+        refresh_trial(trial, run_dir)
     if not manifest["trials"]:
         raise SweepError(f"{sweep_dir}: the sweep has no trials")
     return manifest
@@ -79,14 +73,6 @@ def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
 def trials_of(manifest: dict) -> list[dict]:
     """The trials in job order."""
     return sorted(manifest["trials"].values(), key=lambda t: int(t["num"]))
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "summary.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or torn by a killed writer
-        return None
 
 
 def resolve_run_dir(sweep_dir: Path, trial: dict, launch_cwd: Path | None) -> Path:
@@ -246,7 +232,7 @@ def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = Fa
     _record(sweep_dir, manifest, record)
     for c, code in zip(commands, codes, strict=True):
         trial = manifest["trials"][str(c["num"])]
-        print(f"trial {c['num']}: {trial['status']} (val loss {_fmt(trial.get('val_loss'))}, exit {code})")
+        print(f"trial {c['num']}: {trial['status']} (val loss {fmt_loss(trial.get('val_loss'))}, exit {code})")
     print(_counts(manifest))
     return 0 if all(code == 0 for code in codes) else 1
 
@@ -269,7 +255,7 @@ def status(sweep_dir: Path) -> int:
             [
                 str(t["num"]),
                 t["status"],
-                _fmt(t.get("val_loss")),
+                fmt_loss(t.get("val_loss")),
                 t["run_dir"],
                 t.get("slurm_job_id") or "-",
                 t.get("mlflow_run_id") or "-",
@@ -288,10 +274,6 @@ def status(sweep_dir: Path) -> int:
 def _counts(manifest: dict) -> str:
     counts = Counter(t["status"] for t in manifest["trials"].values())
     return f"{sum(counts.values())} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-
-
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from exp import mlflow_worker
 from exp.loop import Callback, TrainState
 from exp.mlflow_worker import RUN_MARKER, experiment_id_for
+from exp.rundir import write_json
 
 log = logging.getLogger("exp")
 
@@ -147,7 +148,7 @@ class MlflowTracker(Callback):
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest
         if self.checkpoints:
             refs = self.run_dir / "checkpoints.json"
-            refs.write_text(json.dumps(self.checkpoints, indent=2) + "\n")
+            write_json(refs, self.checkpoints)
             self.log_artifact(refs)
             final = Path(self.checkpoints[-1]["path"])
             if status == "FINISHED" and (final / "model.safetensors").exists():  # the final weights, uploaded
@@ -186,7 +187,7 @@ def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline"):
     else:
         tags["sweep_dir"] = tags["sweep_id"] = str(Path(run_dir).resolve())
     run = client.create_run(experiment_id, run_name=f"{kind}-{Path(run_dir).name}", tags=tags)
-    marker.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}) + "\n")
+    write_json(marker, {"tracking_uri": uri, "run_id": run.info.run_id})
     return client, run.info.run_id
 
 

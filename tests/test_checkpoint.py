@@ -5,7 +5,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from exp import checkpoint as ckpt
 from exp import optim
 from exp.checkpoint import (
     CheckpointError,
-    RunLock,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -30,6 +28,7 @@ from exp.checkpoint import (
     verify_checkpoint,
 )
 from exp.model import GPT
+from exp.rundir import RunLock
 
 from .conftest import ROOT
 
@@ -284,8 +283,10 @@ import sys, time
 from pathlib import Path
 import torch
 from exp import optim
-from exp.checkpoint import RunLock, save_checkpoint
+from exp.checkpoint import save_checkpoint
+from exp.rundir import RunLock
 from exp.model import GPT
+from exp.rundir import RunLock
 
 root = Path(sys.argv[1])
 lock = RunLock(root.parent).acquire()
@@ -390,28 +391,3 @@ def test_unwrap_strips_compile_and_data_parallel():
     model = make()[0]
     wrapped = torch.nn.DataParallel(torch.compile(model))
     assert ckpt.unwrap(wrapped) is model and ckpt.unwrap(model) is model
-
-
-LOCKER = """
-import sys
-from exp.checkpoint import CheckpointError, RunLock
-try:
-    RunLock(sys.argv[1]).acquire()
-except CheckpointError as e:
-    print(e)
-    sys.exit(3)
-"""
-
-
-def test_run_lock_refuses_second_holder_and_can_be_retaken(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    holder = f"host={socket.gethostname()} pid={os.getpid()}"
-    with RunLock(tmp_path):
-        assert (tmp_path / ".lock").read_text().strip() == holder
-        r = subprocess.run([sys.executable, "-c", LOCKER, str(tmp_path)], capture_output=True, text=True, env=env)
-        assert r.returncode == 3, r.stderr
-        assert r.stdout.strip() == f"run directory {tmp_path} is in use by {holder} (lock {tmp_path / '.lock'})"
-        with pytest.raises(CheckpointError, match="is in use by"):
-            RunLock(tmp_path).acquire()  # flock is per open file, so this process is refused too
-    with RunLock(tmp_path):
-        pass

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exp.callbacks import read_metrics
+from exp.rundir import read_metrics
 
 from .conftest import ROOT, run_train
 

@@ -11,11 +11,11 @@ import time
 import pytest
 
 import exp.run
-from exp.callbacks import read_metrics
 from exp.checkpoint import verify_checkpoint
 from exp.config import NanConfig
 from exp.faults import FaultGuard
 from exp.loop import TrainingFailed, TrainState
+from exp.rundir import read_metrics
 
 from .conftest import ROOT, TINY, compose_train, run_train
 

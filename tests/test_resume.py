@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import exp.checkpoint
 import exp.run
-from exp.callbacks import read_metrics
 from exp.data.batches import WindowSampler
+from exp.rundir import read_metrics
 
 from .conftest import TINY, compose_train
 

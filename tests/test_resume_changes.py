@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import exp.run
-from exp.callbacks import read_metrics
+from exp.rundir import read_metrics
 
 from .conftest import TINY, compose_train
 

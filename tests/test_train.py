@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from exp.callbacks import read_metrics
+from exp.rundir import read_metrics
 
 from .conftest import TINY, run_train
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exp.rundir import publish_dir
+
 from .tokenizer import EOT, VOCAB_SIZE
 
 FORMAT_VERSION = 1
@@ -51,14 +53,6 @@ def _as_tokens(doc: TokenLike, vocab_size: int) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{arr.min()}, {arr.max()}]")
     return arr.astype("<u2")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_writable_target(out_dir: Path) -> None:
@@ -169,18 +163,8 @@ def write_token_files(
             "sources": sources or f"sha256:{content.hexdigest()}",
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for f in ("train.bin", "val.bin", "meta.json"):
-            _fsync_path(tmp / f)
-        _fsync_path(tmp)
         _check_writable_target(out_dir)  # it may have appeared while we were writing
-        if out_dir.exists():  # a previous corpus: swap it out, then drop it
-            old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-        _fsync_path(out_dir.parent)
+        publish_dir(tmp, out_dir)  # a previous corpus steps aside and is dropped
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

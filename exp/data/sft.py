@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from exp.losses import IGNORE_INDEX
+from exp.rundir import publish_dir
 
 from . import DataError
 from .corpus import split_value, stdlib_fingerprint, stdlib_sources
@@ -680,7 +681,7 @@ def pystdlib_sft(cache_dir: str | Path, val_fraction: float = 0.05, *, root: str
             _write_jsonl(tmp / "train.jsonl", train)
             _write_jsonl(tmp / "val.jsonl", val)
             _write_jsonl(tmp / "meta.json", [meta])
-            os.replace(tmp, out)
+            publish_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,8 +7,8 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher as _HydraB
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 
-from exp import config
 from exp.launch import ValidatedSweep, mark_unsubmitted, refuse
+from exp.text import first_line
 
 
 class BasicLauncher(ValidatedSweep, _HydraBasicLauncher):
@@ -39,7 +39,7 @@ class SlurmLauncher(ValidatedSweep, _SubmititSlurm):
             text = str(e)
             if "sbatch" not in text and "Submission" not in text:
                 raise
-            detail = next((line for line in text.splitlines() if "error" in line.lower()), config.first_line(e))
+            detail = next((line for line in text.splitlines() if "error" in line.lower()), first_line(e))
             mark_unsubmitted(Path(str(self.config.hydra.sweep.dir)))
             print(f"error: SLURM refused the job array: {detail.strip()}", flush=True)
             raise SystemExit(2) from None

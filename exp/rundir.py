@@ -1,0 +1,230 @@
+"""The run directory: its lock, summary.json (the one writer and reader), metrics.jsonl, the run's plot,
+and the one atomic file writer every other writer in exp calls.
+
+    <run dir>/.lock  summary.json  metrics.jsonl  metrics.png  config_changes.json  .hydra/  checkpoints/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from exp.events import Callback, TrainState
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+PLOT = "metrics.png"
+
+
+class RunDirInUse(RuntimeError):
+    """Another process holds the run directory's lock; the message names it."""
+
+
+@contextlib.contextmanager
+def atomic_file(path) -> Iterator[Path]:
+    """A temporary sibling to write `path` through; renamed over it when the block ends without an error,
+    so a reader never sees half a file (and a crash leaves the old one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path, data: str | bytes) -> Path:
+    """`data` written to `path` through atomic_file."""
+    with atomic_file(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+    return Path(path)
+
+
+def fsync(path) -> None:
+    """Flush a file or directory to disk; a name (and a rename) is durable only once its directory is synced."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_dir(tmp: Path, final: Path, before_rename: Callable[[Path], None] | None = None) -> None:
+    """The one atomic step for a folder (checkpoint, corpus, SFT set) built under a temporary name: fsync it,
+    rename it to its final name (an existing one steps aside first and is deleted after), fsync the parent."""
+    for p in tmp.rglob("*"):
+        fsync(p)
+    fsync(tmp)
+    if before_rename is not None:
+        before_rename(tmp)
+    if final.exists():
+        trash = final.parent / f".{final.name}.trash-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        fsync(final.parent)
+        shutil.rmtree(trash)
+    else:
+        os.rename(tmp, final)
+        fsync(final.parent)
+
+
+def write_json(path, obj) -> Path:
+    """JSON, indented, written atomically."""
+    return write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path) -> dict | list | None:
+    """A JSON file's content, or None when it is absent or torn (a killed writer without write_atomic)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_summary(run_dir, summary: dict) -> Path:
+    """summary.json of a run or pipeline: status, losses, where its record and weights are."""
+    return write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(run_dir) -> dict | None:
+    """A run directory's summary.json, or None before it has one."""
+    summary = read_json(Path(run_dir) / SUMMARY)
+    return summary if isinstance(summary, dict) else None
+
+
+def has_summary(run_dir) -> bool:
+    return (Path(run_dir) / SUMMARY).is_file()
+
+
+class RunLock:
+    """Exclusive flock on run_dir/.lock for as long as the context is open; a second holder is refused."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise RunDirInUse naming the current holder."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirInUse(f"run directory {self.run_dir} is in use by {holder} (lock {self.path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host={socket.gethostname()} pid={os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Drop the lock; the file stays, since unlinking it would race with the next holder."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class MetricsFile(Callback):
+    """Every logged metric as one JSON line per step in the run directory: the record that needs no server."""
+
+    def __init__(self, path: Path, keep_until_step: int = 0):
+        self.path = Path(path)
+        self.keep_until_step = keep_until_step
+        self._file = None
+
+    def on_train_start(self, state: TrainState) -> None:
+        """Drop lines past the step this run starts from, so a resumed run's record has no duplicate steps."""
+        if not self.path.exists():
+            return
+        kept = [m for m in read_metrics(self.path) if m["step"] <= self.keep_until_step]
+        write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        if self._file is None:  # kept open between lines; line-buffered, so each line reaches the OS at once
+            self._file = self.path.open("a", buffering=1)
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl file (a line torn by a killed process is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_run(metrics_path: Path, out: Path) -> Path | None:
+    """A PNG of train/val loss and the learning rate against step; None when nothing was logged."""
+    rows = read_metrics(metrics_path)
+    train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
+    if not train:
+        return None
+    plt = pyplot()
+    val = [(m["step"], m["val/loss"]) for m in rows if "val/loss" in m]
+    lr = [(m["step"], m["train/lr"]) for m in rows if "train/lr" in m]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    ax_loss.plot(*zip(*train, strict=True), label="train/loss")
+    if val:
+        ax_loss.plot(*zip(*val, strict=True), "o-", label="val/loss")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_lr.plot(*zip(*lr, strict=True), color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(Path(metrics_path).parent.name, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on clusters), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters
+    import matplotlib.pyplot as plt
+
+    return plt
