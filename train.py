@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from exp.cli import run_cli
+from exp.cli import run_cli, run_job
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -11,9 +11,7 @@ def main(cfg: DictConfig) -> float:
     from exp.mlflow_worker import prestart
 
     prestart(cfg)  # MLflow's start-up runs beside the trainer's (importing torch, building the model)
-    from exp.run import train  # torch is imported only once a job runs, not for --help or --cfg
-
-    return train(cfg)
+    return run_job(cfg)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,17 @@ from exp import config, launch
 FAILED_TRIALS_EXIT = 1
 
 
+def run_job(cfg) -> float:
+    """The job train.py's Hydra app runs: a pipeline of stages, or one run; returns the final val loss."""
+    from exp import run  # torch is imported only once a job runs, not for --help or --cfg
+
+    if cfg.get("pipeline"):
+        from exp.pipeline import run_pipeline
+
+        return run_pipeline(cfg, train=run.train)
+    return run.train(cfg)
+
+
 def run_cli(main: Callable) -> None:
     """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2, and a sweep
     whose trials all ran but some FAILED exits 1 with one line saying how many and where to look.

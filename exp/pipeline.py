@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -16,9 +17,9 @@ log = logging.getLogger("exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def run_pipeline(cfg: DictConfig) -> float:
-    """Run the stages in order, skipping finished ones; returns the last stage's validation loss."""
-    from exp.run import train  # exp.run imports this module's caller; keep the import here
+def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], float]) -> float:
+    """Run the stages in order with `train` (exp.run.train), skipping finished ones; returns the last stage's
+    validation loss."""
 
     root = Path(cfg.run_dir)
     try:

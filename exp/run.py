@@ -59,10 +59,6 @@ RESUME_IGNORES = (
 def train(cfg: DictConfig) -> float:
     """Validate, build, train, evaluate, sample and summarise one run; return the final validation loss."""
     config.job_started()
-    if cfg.get("pipeline"):
-        from exp.pipeline import run_pipeline
-
-        return run_pipeline(cfg)
     try:
         valid = config.validate(cfg)
     except config.ConfigError as e:
