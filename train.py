@@ -8,7 +8,7 @@ from exp.cli import run_cli, run_job
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from exp.mlflow_worker import prestart
+    from exp.tracking import prestart
 
     prestart(cfg)  # MLflow's start-up runs beside the trainer's (importing torch, building the model)
     return run_job(cfg)

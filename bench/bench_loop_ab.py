@@ -82,9 +82,11 @@ class Framework:
         from hydra.utils import instantiate
 
         from exp import hardware, loop
-        from exp.callbacks import Checkpointer, ConsoleLog, FirstStepClock, MetricsFile
+        from exp.callbacks import ConsoleLog, FirstStepClock
+        from exp.checkpoint import Checkpointer
         from exp.faults import EarlyStopping, FaultGuard, StopSignals
         from exp.optim import build_optimizer
+        from exp.rundir import MetricsFile
 
         stage, run = valid.stage, valid.run
         self.loop, self.model, self.stage = loop, model, stage
@@ -99,7 +101,7 @@ class Framework:
             FirstStepClock(),
             StopSignals(),
             EarlyStopping(run.early_stopping),
-            Checkpointer(every_n_steps=0, keep_last=1, keep_best=False, save=lambda st: work, rotate=lambda k, p: None),
+            Checkpointer(every_n_steps=0, keep_last=1, keep_best=False, dir=str(work / "checkpoints")),  # never saves
             ConsoleLog(stage.num_steps),
             MetricsFile(work / "metrics.jsonl"),
             self.stamps,
@@ -113,10 +115,8 @@ class Framework:
         self.stamps.stamps = []
         stage = copy.copy(self.stage)
         stage.num_steps = self.state.step + steps
-        self.loop.train(
-            stage, self.model, self.opt, self.sched, self.batches, self.val, self.rt, self.callbacks, self.state,
-            guard=self.guard,
-        )  # fmt: skip
+        trained = self.loop.Trained(stage, self.model, self.opt, self.sched, self.rt)
+        self.loop.train(trained, self.batches, self.val, self.callbacks, self.state, guard=self.guard)
         return self.stamps.stamps
 
 

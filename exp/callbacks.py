@@ -1,13 +1,11 @@
-"""Small callbacks every run uses: the console log, the progress bar and the metrics file."""
+"""Small callbacks every run uses: the console log, the progress bar and the first-step clock."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from pathlib import Path
 
-from exp.checkpoint import checkpoint_name
 from exp.loop import Callback, TrainState
 
 log = logging.getLogger("exp")
@@ -80,63 +78,3 @@ class FirstStepClock(Callback):
     def on_step_end(self, state: TrainState, loss: float) -> None:
         if self.first_step_time is None:
             self.first_step_time = time.time()
-
-
-class Checkpointer(Callback):
-    """Saves every `every_n_steps`, whenever val loss reaches a new best (`keep_best`), and when training ends;
-    keeps the newest `keep_last` plus the best. `save(state) -> Path` does the writing (exp.checkpoint)."""
-
-    def __init__(
-        self,
-        every_n_steps: int = 100,
-        keep_last: int = 3,
-        keep_best: bool = True,
-        dir: str = "checkpoints",
-        *,
-        save=None,
-        rotate=None,
-        listeners=(),
-    ):
-        if every_n_steps < 0 or keep_last < 0:
-            raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
-        self.every_n_steps, self.keep_last, self.keep_best, self.dir = every_n_steps, keep_last, keep_best, Path(dir)
-        self._save, self._rotate = save, rotate
-        self.listeners = listeners  # read at each save: a run adds callbacks (the tracker) after building this
-        self.last_path: Path | None = None
-        self.last_step: int | None = None
-        self.best_path: Path | None = None
-        self.best_loss = float("inf")
-        self._evaluated_at: int | None = None
-
-    def on_train_start(self, state: TrainState) -> None:
-        self.follow(state)
-
-    def follow(self, state: TrainState) -> None:
-        """Take the best checkpoint from the state (a resumed or rolled-back run), so rotation spares it."""
-        best = self.dir / checkpoint_name(state.best_step) if state.best_step is not None else None
-        if self.keep_best and best is not None and best.is_dir():
-            self.best_path, self.best_loss = best, state.best_val_loss
-        else:
-            self.best_path, self.best_loss = None, state.best_val_loss
-
-    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._evaluated_at = state.step
-
-    def on_step_end(self, state: TrainState, loss: float) -> None:
-        new_best = self.keep_best and self._evaluated_at == state.step and state.best_step == state.step
-        if new_best or (self.every_n_steps and state.step % self.every_n_steps == 0):
-            self.save(state)
-        if new_best:
-            self.best_path, self.best_loss = self.last_path, state.best_val_loss
-
-    def save(self, state: TrainState) -> Path:
-        """Save now (once per step) and rotate; tells the listeners (the tracker records the reference)."""
-        if self.last_step == state.step:
-            return self.last_path
-        path = self._save(state)
-        self.last_path, self.last_step = path, state.step
-        protect = {self.best_path} if self.best_path else set()
-        self._rotate(self.keep_last, protect | {path})
-        for cb in self.listeners:
-            cb.on_checkpoint(state, path)
-        return path

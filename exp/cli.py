@@ -6,7 +6,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from exp import config, launch
+from omegaconf import OmegaConf
+
+from exp import config, rundir
+from exp.errors import ConfigError, ExpError
+from exp.sweep import launch
 
 FAILED_TRIALS_EXIT = 1
 
@@ -15,11 +19,17 @@ def run_job(cfg) -> float:
     """The job train.py's Hydra app runs: a pipeline of stages, or one run; returns the final val loss."""
     from exp import run  # torch is imported only once a job runs, not for --help or --cfg
 
-    if cfg.get("pipeline"):
-        from exp.pipeline import run_pipeline
+    try:
+        if cfg.get("pipeline"):
+            from exp.pipeline import run_pipeline
 
-        return run_pipeline(cfg, train=run.train)
-    return run.train(cfg)
+            return run_pipeline(cfg, train=run.train)
+        return run.train(cfg)
+    except ExpError as e:  # one line and the error's exit status: bad input 2, training failed 1, a signal 128+N
+        print(e.line(), file=sys.stderr, flush=True)
+        if isinstance(e, ConfigError):  # nothing of the run is kept: only what Hydra wrote before the job
+            rundir.discard_untouched(OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False))
+        raise SystemExit(e.exit_code) from None
 
 
 def run_cli(main: Callable) -> None:

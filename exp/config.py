@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import shutil
-import sys
 import tempfile
 import types
 import typing
@@ -14,19 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from exp.errors import ConfigError
 from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
-CONFIG_ERROR_EXIT = 2
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key."""
+CONFIG_ERROR_EXIT = ConfigError.exit_code
 
 
 @dataclass(kw_only=True)
@@ -340,7 +336,10 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
     dummy = torch.nn.Parameter(torch.zeros(1))
     optimizer = _guard("optimizer", lambda: instantiate(cfg.optimizer)([dummy]))
     _guard("scheduler", lambda: instantiate(cfg.scheduler)(optimizer))
+    from exp.data import check_data_source
+
     data = _guard("data", lambda: instantiate(cfg.data))
+    _guard("data", lambda: check_data_source(data))  # a plain Dataset given as data: say what to use instead
     _guard("data", data.check)
 
 
@@ -350,7 +349,7 @@ def _guard(group: str, build: Callable):
     except ConfigError:
         raise
     except Exception as e:
-        cause = e.__cause__ if type(e).__name__ == "InstantiationException" and e.__cause__ else e
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ else e
         raise ConfigError(_named(group, cause)) from None
 
 
@@ -359,20 +358,6 @@ def _named(group: str, error: BaseException) -> str:
     msg = first_line(error)
     head = msg.split("=", 1)[0].split(":", 1)[0]
     return msg if "." in head and " " not in head else f"{group}: {msg}"
-
-
-def exit_on_config_error(error: ConfigError, run_dir: str | None = None) -> None:
-    """One line on stderr, exit 2, and no run directory left behind holding only what Hydra wrote into it."""
-    print(f"config error: {error}", file=sys.stderr)
-    discard_untouched_run_dir(run_dir)
-    sys.exit(CONFIG_ERROR_EXIT)
-
-
-def discard_untouched_run_dir(run_dir: str | None) -> None:
-    """Remove a run directory that holds only what Hydra put there before the job ran."""
-    path = Path(run_dir) if run_dir else None
-    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 _job_started = False

@@ -9,7 +9,8 @@ from collections import deque
 from collections.abc import Callable
 
 from exp.config import EarlyStoppingConfig, NanConfig
-from exp.loop import Callback, TrainingFailed, TrainState, nonfinite_message
+from exp.errors import TrainingFailed
+from exp.loop import Callback, TrainState, nonfinite_message
 
 log = logging.getLogger("exp")
 

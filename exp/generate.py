@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-from exp.checkpoint import CheckpointError
+from exp.checkpoint import CheckpointError, load_model_for_inference
+from exp.checkpoint.weights import ALLOW_TARGET_HELP
 from exp.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
-from exp.export import load_model_for_inference
 from exp.hardware import resolve_device
+from exp.model.protocol import generate, model_spec
 
 
 def generate_text(
@@ -41,13 +42,13 @@ def generate_text(
     stop_ids = [tokenizer.EOT] if stop_at_eot else []
     kw = dict(temperature=temperature, top_k=top_k, generator=generator, stop_token_ids=stop_ids)
     if not stop:
-        new = model.generate(idx, max_new_tokens, **kw)[0, len(ids) :].tolist()
+        new = generate(model, idx, max_new_tokens, **kw)[0, len(ids) :].tolist()
         return prompt + tokenizer.decode(new[:-1] if new and new[-1] in stop_ids else new)
     # One token per call draws the same tokens as one call for all of them (one sample per step from
     # the same generator); in between, the continuation is decoded incrementally and searched.
     text = _StopText(stop)
     for _ in range(max_new_tokens):
-        idx = model.generate(idx, 1, **kw)
+        idx = generate(model, idx, 1, **kw)
         token = int(idx[0, -1])
         if token in stop_ids or text.add(token):
             break
@@ -107,16 +108,18 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX", help=ALLOW_TARGET_HELP)
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         parser.error("--max-new-tokens, --temperature and --top-k must be >= 0")
     if "" in args.stop:
         parser.error("--stop needs a non-empty string")
     try:
-        model, _ = load_model_for_inference(args.checkpoint, device=resolve_device(args.device))
-        if model.vocab_size != ByteTokenizer.vocab_size:
+        model, _ = load_model_for_inference(args.checkpoint, resolve_device(args.device), allow=args.allow_target)
+        vocab_size, _ = model_spec(model)
+        if vocab_size != ByteTokenizer.vocab_size:
             raise CheckpointError(
-                f"{args.checkpoint}: model vocab_size={model.vocab_size} does not match the byte tokenizer's "
+                f"{args.checkpoint}: model vocab_size={vocab_size} does not match the byte tokenizer's "
                 f"{ByteTokenizer.vocab_size}; this model was trained on other tokens"
             )
         text = generate_text(

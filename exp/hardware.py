@@ -122,10 +122,6 @@ class Runtime:
             return torch.amp.GradScaler(self.device.type)
         return None
 
-    def synchronize(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def peak_memory_mb(self) -> float:
         """Peak accelerator memory, or the process's peak RSS on CPU."""
         if self.device.type == "cuda":

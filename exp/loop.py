@@ -5,20 +5,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from exp.dist import Dist, grad_sync
+from exp.errors import TrainingFailed
 from exp.events import Callback, Events, TrainState  # noqa: F401  (Callback: users subclass exp.loop.Callback)
 from exp.hardware import Runtime
 
 SINGLE = Dist()
 
 EMA_BETA = 0.9  # smoothing of the per-step loss reported as train/loss_ema
-
-
-class TrainingFailed(RuntimeError):
-    """Training cannot go on; the message says why and what to change."""
 
 
 class FailFast:
@@ -98,21 +97,19 @@ def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) 
 
 
 class _Interval:
-    """One log interval's steps; the stage metrics stay on the device, one tensor per step, until it is read."""
+    """One log interval's steps: sums of their losses, norms, inputs and seconds; the stage metrics stay on the
+    device, one tensor per step, until the interval is read."""
 
     def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.num_steps, self.loss, self.grad_norm, self.num_inputs = 0, 0.0, 0.0, 0
+        self.num_steps, self.loss, self.grad_norm, self.num_inputs, self.seconds = 0, 0.0, 0.0, 0, 0.0
         self.steps: list[dict[str, torch.Tensor]] = []
-        self.seconds, self.started = 0.0, time.perf_counter()
 
-    def add(self, loss: float, grad_norm: float, num_inputs: int, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, loss: float, grad_norm: float, num_inputs: int, metrics: dict[str, torch.Tensor], seconds: float):
         self.num_steps += 1
         self.loss += loss
         self.grad_norm += grad_norm
         self.num_inputs += num_inputs
+        self.seconds += seconds
         if metrics:
             self.steps.append(metrics)
 
@@ -128,90 +125,97 @@ class _Interval:
                 out[f"train/{key}"] = value.item()
         return out
 
-    def pause(self):
-        self.seconds += time.perf_counter() - self.started
 
-    def resume(self):
-        self.started = time.perf_counter()
+@dataclass
+class Trained:
+    """The objects one run trains and where: what the loop, the Checkpointer and the fault guard share."""
+
+    stage: object  # an exp.stages.Stage: the recipe (num_steps, intervals, ...) and train_step/eval_step
+    model: nn.Module  # as built: what checkpoints save and samples come from
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    rt: Runtime
+    scaler: torch.amp.GradScaler | None = None
+    dist: Dist = field(default_factory=Dist)
+    step_model: nn.Module | None = None  # what steps run through (DDP-wrapped, compiled); None: the model
+
+    @property
+    def stepped(self) -> nn.Module:
+        return self.model if self.step_model is None else self.step_model
 
 
 def train(
-    stage,
-    model,
-    optimizer,
-    scheduler,
+    t: Trained,
     batches: Iterator,
     val_batches: list,
-    rt: Runtime,
-    callbacks: list[Callback],
+    events: Events | Iterable[Callback],
     state: TrainState,
-    scaler=None,
     guard=None,
-    dist: Dist = SINGLE,
 ) -> TrainState:
-    """Run optimizer steps from state.step to stage.num_steps, logging and evaluating on the stage's intervals."""
-    guard = guard or FailFast()
+    """Run optimizer steps from state.step to the stage's num_steps, logging and evaluating on its intervals.
+
+    Only the steps are timed (train_seconds, tokens/s): evaluation and the callbacks' work are not training.
+    """
+    events = events if isinstance(events, Events) else Events(list(events))
+    guard, stage = guard or FailFast(), t.stage
     if state.step == 0 and getattr(stage, "eval_at_start", False):
-        val = evaluate(stage, model, val_batches, rt, dist)
+        val = evaluate(stage, t.stepped, val_batches, t.rt, t.dist)
         state.initial_val_loss = val["loss"]
-        for cb in callbacks:
-            cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
-    interval = _Interval()
-    samples_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps
-    first_step = True
+        events.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
+    interval, first_step = _Interval(), True
     while state.step < stage.num_steps:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
         closes_interval = (state.step + 1) % stage.log_every_n_steps == 0 or state.step + 1 == stage.num_steps
-        out = train_step(stage, model, optimizer, batches, rt, scaler, diagnostics=closes_interval)
-        loss, grad_norm = _read_back(out["loss"], out["grad_norm"])
-        # with fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers its scale
-        finite = math.isfinite(loss) and (scaler is not None or math.isfinite(grad_norm))
-        if guard.should_skip(state, loss, grad_norm, finite):
-            optimizer.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        step = _step(t, batches, state, guard, diagnostics=closes_interval)
+        if step is None:  # the guard skipped it
             continue
-        lr = optimizer.param_groups[0]["lr"]
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-
+        seconds = time.perf_counter() - started
+        loss, grad_norm, lr, out = step
+        num_inputs = out["num_inputs"] * t.dist.world_size
         state.step += 1
-        state.tokens_seen += out["num_inputs"] * dist.world_size
-        if first_step:
+        state.tokens_seen += num_inputs
+        if first_step:  # compilation and warm-up: left out of the steady-state throughput
             first_step = False
-            state.warmup_seconds += time.perf_counter() - started
-            state.warmup_tokens += out["num_inputs"] * dist.world_size
+            state.warmup_seconds += seconds
+            state.warmup_tokens += num_inputs
         state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
-        interval.add(loss, grad_norm, out["num_inputs"], out["metrics"])
-
-        last = state.step == stage.num_steps
+        interval.add(loss, grad_norm, out["num_inputs"], out["metrics"], seconds)
         if closes_interval:
-            interval.pause()
-            metrics = _interval_metrics(interval, state, lr, samples_per_step, rt, dist)
+            metrics = _interval_metrics(interval, state, lr, t)
             state.train_seconds += interval.seconds
             state.train_loss = metrics["train/loss"]
-            for cb in callbacks:
-                cb.on_log(state, metrics)
-            interval.reset()
-        if state.step % stage.eval_every_n_steps == 0 or last:
-            interval.pause()
-            val = evaluate(stage, model, val_batches, rt, dist)
+            events.on_log(state, metrics)
+            interval = _Interval()
+        if state.step % stage.eval_every_n_steps == 0 or state.step == stage.num_steps:
+            val = evaluate(stage, t.stepped, val_batches, t.rt, t.dist)
             state.val_loss = val["loss"]
             if val["loss"] < state.best_val_loss:
                 state.best_val_loss, state.best_step = val["loss"], state.step
-            for cb in callbacks:
-                cb.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
-            interval.resume()
-        interval.pause()  # checkpoint saves and other step-end work do not count as training time
-        for cb in callbacks:
-            cb.on_step_end(state, loss)
-        interval.resume()
-        if dist.any(any(cb.should_stop for cb in callbacks)):  # every rank stops at the same step
+            events.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
+        events.on_step_end(state, loss)
+        if t.dist.any(events.should_stop):  # every rank stops at the same step
             break
     return state
+
+
+def _step(t: Trained, batches: Iterator, state: TrainState, guard, diagnostics: bool):
+    """One optimizer step: (loss, grad norm, the lr it ran at, train_step's output), or None when skipped."""
+    t.optimizer.zero_grad(set_to_none=True)
+    out = train_step(t.stage, t.stepped, t.optimizer, batches, t.rt, t.scaler, diagnostics=diagnostics)
+    loss, grad_norm = _read_back(out["loss"], out["grad_norm"])
+    # with fp16 loss scaling an inf gradient is routine: the scaler skips that update and lowers its scale
+    finite = math.isfinite(loss) and (t.scaler is not None or math.isfinite(grad_norm))
+    if guard.should_skip(state, loss, grad_norm, finite):
+        t.optimizer.zero_grad(set_to_none=True)
+        return None
+    lr = t.optimizer.param_groups[0]["lr"]
+    if t.scaler is not None:
+        t.scaler.step(t.optimizer)  # skips the update itself when fp16 gradients overflowed
+        t.scaler.update()
+    else:
+        t.optimizer.step()
+    t.scheduler.step()
+    return loss, grad_norm, lr, out
 
 
 def _read_back(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
@@ -221,10 +225,9 @@ def _read_back(loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, floa
     return tuple(torch.stack([loss.float(), grad_norm.float()]).tolist())
 
 
-def _interval_metrics(
-    interval: _Interval, state: TrainState, lr: float, samples_per_step: int, rt: Runtime, dist: Dist
-):
-    n, seconds = interval.num_steps, max(interval.seconds, 1e-9)
+def _interval_metrics(interval: _Interval, state: TrainState, lr: float, t: Trained) -> dict[str, float]:
+    n, seconds, dist = interval.num_steps, max(interval.seconds, 1e-9), t.dist
+    samples_per_step = t.stage.batch_size_per_gpu * t.stage.gradient_accumulation_steps
     loss_sum, inputs = interval.loss, interval.num_inputs
     if dist.enabled:
         loss_sum, inputs = dist.sum(torch.tensor([loss_sum, float(inputs)])).tolist()
@@ -240,6 +243,6 @@ def _interval_metrics(
         "perf/tokens_per_s_per_rank": interval.num_inputs / seconds,
         "perf/samples_per_s": n * samples_per_step * dist.world_size / seconds,
         "perf/step_ms": 1000 * seconds / n,
-        "perf/peak_memory_mb": rt.peak_memory_mb(),
+        "perf/peak_memory_mb": t.rt.peak_memory_mb(),
         "progress/tokens_seen": state.tokens_seen,
     }

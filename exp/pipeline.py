@@ -11,7 +11,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
+from exp.errors import Stopped
 from exp.rundir import read_summary, write_summary
+from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -22,14 +24,11 @@ def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], float]) -> float
     validation loss."""
 
     root = Path(cfg.run_dir)
-    try:
-        compose_stages(cfg)  # every stage is composed and validated before the first one trains
-    except config.ConfigError as e:
-        config.exit_on_config_error(e, run_dir=cfg.run_dir)  # the root dir goes too if Hydra's files are all in it
+    compose_stages(cfg)  # every stage is composed and validated before the first one trains
     root.mkdir(parents=True, exist_ok=True)
     user = _stage_overrides()
     stages = list(cfg.pipeline.stages.items())
-    parent = _parent_run(cfg, root)
+    parent = open_parent_run(cfg, root, kind="pipeline")
     status, results = "FAILED", {}
     try:
         for name, spec in stages:
@@ -47,8 +46,8 @@ def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], float]) -> float
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except SystemExit as e:
-        status = "KILLED" if e.code in (130, 143) else "FAILED"
+    except Stopped:
+        status = "KILLED"
         raise
     finally:
         _write_summary(root, results, status, parent)
@@ -129,7 +128,7 @@ def _finished(stage_dir: Path) -> dict | None:
     return summary if summary.get("status") == "FINISHED" and summary["step"] == summary["num_steps"] else None
 
 
-def _write_summary(root: Path, results: dict, status: str, parent: _ParentRun) -> None:
+def _write_summary(root: Path, results: dict, status: str, parent: ParentRun) -> None:
     """summary.json: each stage's result, and the MLflow parent run as a single run's summary names its run."""
     summary = {
         "status": status,
@@ -145,31 +144,3 @@ def _write_summary(root: Path, results: dict, status: str, parent: _ParentRun) -
         summary["final_stage_val_loss_before"] = last["initial_val_loss"]
         summary["final_stage_val_loss_after"] = last["val_loss"]
     write_summary(root, summary)
-
-
-class _ParentRun:
-    """The MLflow run the stages nest under; re-running the pipeline reopens it."""
-
-    def __init__(self, client=None, run_id: str | None = None):
-        self.client, self.run_id = client, run_id
-        self.uri: str | None = client.tracking_uri if client is not None else None
-
-    def end(self, status: str) -> None:
-        if self.client is not None:
-            try:
-                self.client.set_terminated(self.run_id, status)
-            except Exception as e:
-                log.warning(f"could not close the pipeline's MLflow run {self.run_id}: {e}")
-
-
-def _parent_run(cfg: DictConfig, root: Path) -> _ParentRun:
-    if not cfg.tracking._target_.endswith("MlflowTracker"):
-        return _ParentRun()
-    from exp.tracking import open_parent_run
-
-    try:
-        client, run_id = open_parent_run(cfg, root)
-    except Exception as e:
-        log.warning(f"MLflow at {cfg.tracking.uri} is unavailable ({e}); the stages are tracked without a parent")
-        return _ParentRun()
-    return _ParentRun(client, run_id)

@@ -8,6 +8,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from exp.model.protocol import declared, flops_per_token, model_spec, num_params
+
 # Optimizer state tensors kept per parameter (exp_avg/exp_avg_sq, momentum buffer, square average).
 STATE_PER_PARAM = {"AdamW": 2, "Adam": 2, "SGD": 1, "RMSprop": 1}
 
@@ -20,7 +22,7 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
     seq_len = cfg.data.seq_len
     tokens_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps * world_size * seq_len
     total_tokens = tokens_per_step * stage.num_steps
-    num_params = model.num_params()
+    n_params = num_params(model)
     device = hardware.torch_device()
     dtype = hardware.torch_dtype(stage.dtype)
 
@@ -28,9 +30,9 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
     num_states = STATE_PER_PARAM.get(optimizer_name, 2)
     if optimizer_name == "SGD" and not cfg.optimizer.get("momentum"):
         num_states = 0
-    weights = grads = num_params * 4  # fp32 master weights and gradients; autocast keeps them fp32
-    optimizer_state = num_states * num_params * 4
-    activations = _activation_bytes(cfg.model, stage.batch_size_per_gpu, seq_len, dtype)
+    weights = grads = n_params * 4  # fp32 master weights and gradients; autocast keeps them fp32
+    optimizer_state = num_states * n_params * 4
+    activations, layers_known = _activation_bytes(model, stage.batch_size_per_gpu, seq_len, dtype)
 
     dummy = torch.nn.Parameter(torch.zeros(1))
     base_lr = float(cfg.optimizer.lr)
@@ -45,13 +47,13 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "compile": hardware.compile,
-        "num_params": num_params,
-        "num_params_non_embedding": model.num_params(exclude_embeddings=True),
+        "num_params": n_params,
+        "num_params_non_embedding": num_params(model, exclude_embeddings=True),
         "world_size": world_size,
         "tokens_per_step": tokens_per_step,
         "num_steps": stage.num_steps,
         "total_tokens": total_tokens,
-        "train_flops": model.flops_per_token() * total_tokens,
+        "train_flops": flops_per_token(model, seq_len) * total_tokens,
         "memory_bytes": {
             "weights": weights,
             "gradients": grads,
@@ -59,19 +61,24 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
             "activations": activations,
             "total": weights + grads + optimizer_state + activations,
         },
+        "activations_of_layers": layers_known,  # False: the model declares no layers, only logits counted
         "lr_at_step": lr_at,
     }
 
 
-def _activation_bytes(model_cfg, batch_size: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Stored activations for backward (Korthikanti et al. 2022, no recompute) plus the fp32 logits."""
-    d, n_layer, n_head = model_cfg.d_model, model_cfg.n_layer, model_cfg.n_head
+def _activation_bytes(model, batch_size: int, seq_len: int, dtype: torch.dtype) -> tuple[int, bool]:
+    """Stored activations for backward (Korthikanti et al. 2022, no recompute) plus the fp32 logits, and
+    whether the layers were counted: only for a model that declares n_layer, d_model and n_head."""
+    d, n_layer, n_head = (declared(model, k) for k in ("d_model", "n_layer", "n_head"))
+    vocab_size, _ = model_spec(model)
+    logits = 3 * batch_size * seq_len * (vocab_size or 0) * 4  # logits, their fp32 copy and gradient
+    if not (d and n_layer and n_head):
+        return int(logits), False
     half = dtype in (torch.bfloat16, torch.float16)
     per_layer = seq_len * batch_size * d * (34 + 5 * n_head * seq_len / d) * (1 if half else 2)
-    if model_cfg.get("activation_checkpointing"):
+    if declared(model, "activation_checkpointing"):
         per_layer = seq_len * batch_size * d * (2 if half else 4)  # only each block's input is kept
-    logits = 3 * batch_size * seq_len * model_cfg.vocab_size * 4  # logits, their fp32 copy and gradient
-    return int(n_layer * per_layer + logits)
+    return int(n_layer * per_layer + logits), True
 
 
 def format_plan(plan: dict) -> str:
@@ -87,7 +94,8 @@ def format_plan(plan: dict) -> str:
         f"  total tokens      {plan['total_tokens']:,}",
         f"  training FLOPs    {plan['train_flops']:.3e}",
         f"  memory estimate   {_mb(mem['total'])} = weights {_mb(mem['weights'])} + gradients "
-        f"{_mb(mem['gradients'])} + optimizer {_mb(mem['optimizer'])} + activations {_mb(mem['activations'])}",
+        f"{_mb(mem['gradients'])} + optimizer {_mb(mem['optimizer'])} + activations {_mb(mem['activations'])}"
+        + ("" if plan["activations_of_layers"] else " (logits only: the model declares no n_layer/d_model/n_head)"),
         "  learning rate     " + ", ".join(f"step {s}: {lr:.3g}" for s, lr in plan["lr_at_step"].items()),
     ]
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from exp.errors import ExpError
 from exp.events import Callback, TrainState
 
 SUMMARY = "summary.json"
@@ -22,7 +23,7 @@ METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
 
 
-class RunDirInUse(RuntimeError):
+class RunDirInUse(ExpError, RuntimeError):
     """Another process holds the run directory's lock; the message names it."""
 
 
@@ -89,6 +90,13 @@ def read_json(path) -> dict | list | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def discard_untouched(run_dir) -> None:
+    """Remove a run directory that holds only what Hydra put there before the job ran (bad input, a dry run)."""
+    path = Path(run_dir) if run_dir else None
+    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_summary(run_dir, summary: dict) -> Path:

@@ -69,16 +69,16 @@ class StallCheckpointAt(Callback):
         self.step, self.seconds = step, seconds
 
     def on_build(self, model, optimizer, scheduler):
-        import exp.run
+        import exp.checkpoint.checkpointer as checkpointer
 
-        original = exp.run.save_checkpoint
+        original = checkpointer.save_checkpoint  # the Checkpointer looks it up at each save
 
         def stalled(root, step, **kwargs):
             if step == self.step:
                 kwargs["before_rename"] = lambda tmp: time.sleep(self.seconds)
             return original(root, step, **kwargs)
 
-        exp.run.save_checkpoint = stalled
+        checkpointer.save_checkpoint = stalled
 
 
 class SleepEachStep(Callback):

@@ -11,7 +11,13 @@ from exp.optim import build_optimizer
 from .conftest import CONF_DIR, compose_train, make_export
 
 OPTIONS = [(g.name, f.stem) for g in sorted(CONF_DIR.iterdir()) if g.is_dir() for f in sorted(g.glob("*.yaml"))]
-NEEDS = {("data", "memmap"): ["data.path=."], ("hardware", "gpu"): None, ("hardware", "slurm_gpu"): None}
+NEEDS = {
+    ("data", "memmap"): ["data.path=."],
+    ("hardware", "gpu"): None,
+    ("hardware", "slurm_gpu"): None,
+    ("model", "custom"): ["model._target_=tests.test_extend_model.TinyLM"],
+    ("data", "torch_dataset"): ["+data.dataset._target_=tests.test_extend_data.MyDataset", "data.vocab_size=48"],
+}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -24,7 +30,7 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
                 validate(make_cfg(f"{group}={option}"))
             return
         extra = []
-    if (group, option) == ("stage", "midtrain"):
+    if (group, option) in (("stage", "midtrain"), ("stage", "distill")):
         extra = [f"stage.teacher.path={make_export(tmp_path / 'teacher')}"]
     if (group, option) == ("data", "sft_jsonl"):
         (tmp_path / "chat.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 2)

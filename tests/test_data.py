@@ -25,10 +25,10 @@ def stdlib_dir(tmp_path_factory):
 
 @pytest.fixture
 def build_count(monkeypatch):
-    """Counts write_token_files calls made by pystdlib_corpus."""
+    """Counts the corpus builds (write_token_dir calls) made by pystdlib_corpus."""
     calls = []
-    real = corpus.write_token_files
-    monkeypatch.setattr(corpus, "write_token_files", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = corpus.write_token_dir
+    monkeypatch.setattr(corpus, "write_token_dir", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -16,11 +16,13 @@ from exp.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
     list_checkpoints,
+    load_model_for_inference,
     load_model_weights,
+    locate_model,
     rotate_checkpoints,
     verify_checkpoint,
 )
-from exp.dist_checkpoint import consolidate, is_sharded, load_sharded, save_sharded
+from exp.checkpoint.sharded import consolidate, is_sharded, load_sharded, save_sharded
 from exp.model import GPT
 
 WORLD = 2
@@ -190,13 +192,13 @@ def test_export_consolidates(runs, tmp_path, capsys):
     assert export.main([str(path), str(tmp_path / "out")]) == 0
     assert "exported step 3" in capsys.readouterr().out
     for source in (tmp_path / "out", path):  # export folder, sharded checkpoint
-        model, cfg = export.load_model_for_inference(source)
+        model, cfg = load_model_for_inference(source)
         assert cfg["vocab_size"] == 64 and model.lm_head.weight is model.tok_emb.weight
         assert torch.equal(logits(model), logits(expected))
-    newest, _ = export.load_model_for_inference(root.parent)  # a run directory: its newest checkpoint
+    newest, _ = load_model_for_inference(root.parent)  # a run directory: its newest checkpoint
     assert torch.equal(newest.tok_emb.weight, consolidate(root / "step_00000006")["tok_emb.weight"])
     # stage.init_from's route: a weights file that load_model_weights takes.
-    weights, _ = export.locate_model(path)
+    weights, _ = locate_model(path)
     model = GPT(**SIZES)
     load_model_weights(weights, model)
     assert torch.equal(logits(model), logits(expected))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import exp.run
+import exp.cli
 from exp.checkpoint import verify_checkpoint
 from exp.config import NanConfig
 from exp.faults import FaultGuard
@@ -30,7 +30,7 @@ BASE = [
 
 
 def train(run_dir, *overrides):
-    return exp.run.train(compose_train(*BASE, *overrides, run_dir=run_dir))
+    return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
 
 
 def summary(run_dir):

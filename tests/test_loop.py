@@ -108,7 +108,7 @@ def run_loop(st, callbacks, model=None, batches=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     batches = batches or itertools.repeat(fixed_batches(st.batch_size_per_gpu))
     val = [fixed_batches(4, seed=9)]
-    return loop.train(st, model, opt, sched, batches, val, CPU, callbacks, loop.TrainState())
+    return loop.train(loop.Trained(st, model, opt, sched, CPU), batches, val, callbacks, loop.TrainState())
 
 
 def test_callbacks_are_called_on_their_intervals():
@@ -228,18 +228,8 @@ def test_mixed_precision_trains_with_fp32_master_weights(dtype):
     scaler = rt.grad_scaler()
     assert (scaler is not None) == (dtype is torch.float16)
     rec = Recorder()
-    loop.train(
-        st,
-        model,
-        opt,
-        sched,
-        itertools.repeat(fixed_batches(8)),
-        [fixed_batches(4)],
-        rt,
-        [rec],
-        loop.TrainState(),
-        scaler=scaler,
-    )
+    trained = loop.Trained(st, model, opt, sched, rt, scaler)
+    loop.train(trained, itertools.repeat(fixed_batches(8)), [fixed_batches(4)], [rec], loop.TrainState())
     losses = [e[2]["train/loss"] for e in rec.events if e[0] == "log"]
     assert losses[-1] < losses[0]
     assert all(p.dtype is torch.float32 for p in model.parameters())

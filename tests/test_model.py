@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import exp.model as model_mod
+import exp.model.gpt as model_mod
 from exp.model import GPT, RMSNorm, apply_rope, rope_cache
 
 V, T, L, H, D = 64, 16, 2, 4, 32

@@ -1,4 +1,4 @@
-"""Tests for the mixture-of-experts MLP (exp.moe) and its use in exp.model.GPT."""
+"""Tests for the mixture-of-experts MLP (exp.model.moe) and its use in exp.model.GPT."""
 
 import inspect
 import math
@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from exp.model import GPT, SwiGLU
-from exp.moe import MoEMLP, router_stats
+from exp.model.moe import MoEMLP, router_stats
 
 V, T, L, H, D, C = 64, 16, 2, 4, 32, 4
 HIDDEN = 128  # default SwiGLU width for D=32

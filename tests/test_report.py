@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from exp import report, sweep
+from exp.sweep import cli as sweep
+from exp.sweep import report
 
 from .conftest import ROOT, run_train
 

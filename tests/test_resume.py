@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import exp.checkpoint
-import exp.run
+import exp.checkpoint.format
+import exp.cli
 from exp.data.batches import WindowSampler
 from exp.rundir import read_metrics
 
@@ -30,9 +30,9 @@ BASE = [
 
 
 def train(run_dir, *overrides):
-    """exp.run.train in this process; a stop by signal or interrupt is part of the scenario, not a failure."""
+    """train.py's job in this process; a stop by signal or interrupt is part of the scenario, not a failure."""
     try:
-        return exp.run.train(compose_train(*BASE, *overrides, run_dir=run_dir))
+        return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
     except (SystemExit, KeyboardInterrupt):
         return None
 
@@ -111,7 +111,7 @@ def test_resumed_run_is_bit_identical(straight, tmp_path, k, stop):
 
 def _keep_one_generator(get, set_):
     """restore_rng as it is, except that one generator keeps the state it had."""
-    original = exp.checkpoint.restore_rng
+    original = exp.checkpoint.format.restore_rng
 
     def restore(state):
         kept = get()
@@ -123,13 +123,13 @@ def _keep_one_generator(get, set_):
 
 UNRESTORED = {
     "python_rng": lambda mp: mp.setattr(
-        exp.checkpoint, "restore_rng", _keep_one_generator(random.getstate, random.setstate)
+        exp.checkpoint.format, "restore_rng", _keep_one_generator(random.getstate, random.setstate)
     ),
     "numpy_rng": lambda mp: mp.setattr(
-        exp.checkpoint, "restore_rng", _keep_one_generator(np.random.get_state, np.random.set_state)
+        exp.checkpoint.format, "restore_rng", _keep_one_generator(np.random.get_state, np.random.set_state)
     ),
     "torch_rng": lambda mp: mp.setattr(
-        exp.checkpoint, "restore_rng", _keep_one_generator(torch.get_rng_state, torch.set_rng_state)
+        exp.checkpoint.format, "restore_rng", _keep_one_generator(torch.get_rng_state, torch.set_rng_state)
     ),
     "scheduler": lambda mp: mp.setattr(torch.optim.lr_scheduler.LambdaLR, "load_state_dict", lambda s, d: None),
     "optimizer": lambda mp: mp.setattr(torch.optim.Optimizer, "load_state_dict", lambda s, d: None),

@@ -10,7 +10,6 @@ import torch
 
 from exp.config import validate
 from exp.data import DataError
-from exp.data import sft as sft_module
 from exp.data.corpus import split_value
 from exp.data.sft import (
     SFTDataError,
@@ -25,6 +24,7 @@ from exp.data.sft import (
     parse_record,
     pystdlib_sft,
 )
+from exp.data.sft import stdlib as sft_stdlib
 from exp.data.tokenizer import EOT, PAD, ByteTokenizer
 
 from .conftest import TINY, compose_train, run_train
@@ -432,8 +432,8 @@ def test_function_pairs_prompt_is_signature_and_docstring():
 def test_stdlib_set_splits_by_file_and_is_cached(tmp_path, monkeypatch):
     root = fake_stdlib(tmp_path / "lib")
     calls = []
-    real = sft_module.function_pairs
-    monkeypatch.setattr(sft_module, "function_pairs", lambda *a: calls.append(1) or real(*a))
+    real = sft_stdlib.function_pairs
+    monkeypatch.setattr(sft_stdlib, "function_pairs", lambda *a: calls.append(1) or real(*a))
     out = pystdlib_sft(tmp_path / "cache", root=root)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_files"] == 9 and meta["num_skipped_files"] == 1  # a.py + m0..m7; broken.py; test/ excluded
@@ -462,8 +462,8 @@ def test_stdlib_check_uses_the_cache_and_finds_a_seq_len_that_drops_everything(t
     root = fake_stdlib(tmp_path / "lib")
     pystdlib_sft(tmp_path / "cache", root=root)
     calls = []
-    real = sft_module.function_pairs
-    monkeypatch.setattr(sft_module, "function_pairs", lambda *a: calls.append(1) or real(*a))
+    real = sft_stdlib.function_pairs
+    monkeypatch.setattr(sft_stdlib, "function_pairs", lambda *a: calls.append(1) or real(*a))
     SFTPyStdlib(seq_len=256, cache_dir=str(tmp_path / "cache"), root=str(root)).check()
     assert not calls  # the cached set is read, not rebuilt
     with pytest.raises(DataError, match=r"the stdlib SFT set \(.*train\.jsonl\): all \d+ train examples were dropped"):

@@ -1,5 +1,6 @@
 """Stage losses against hand-computed values, and the distillation teacher staying frozen and outside the student."""
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 import exp.run
 from exp.config import ConfigError, validate
 from exp.losses import kd_loss
+from exp.stages import Distill
 
 from .conftest import TINY, compose_train, make_export
 
@@ -75,6 +77,18 @@ def test_midtrain_teacher_is_frozen_and_absent_from_the_student(tmp_path):
     logged = [r for r in rows if "train/kd_loss" in r]
     for key in ("train/kd_loss", "train/ce_loss", "train/student_accuracy", "train/teacher_agreement"):
         assert math.isfinite(logged[-1][key]), key
+
+
+def test_distill_and_midtrain_select_the_same_stage(tmp_path):
+    teacher = f"stage.teacher.path={make_export(tmp_path / 'teacher')}"
+    names = ("distill", "midtrain")
+    cfgs = {name: compose_train(*TINY, f"stage={name}", teacher, run_dir=tmp_path / name) for name in names}
+    distill, midtrain = (validate(cfgs[name]).stage for name in names)
+    assert type(distill) is type(midtrain) is Distill
+    assert (distill.name, midtrain.name) == ("distill", "midtrain")  # the run name and metrics say which was asked
+    assert dataclasses.replace(midtrain, name="distill") == distill
+    # checkpoints of stage=midtrain runs saved this target: resuming them compares it with the composed one
+    assert cfgs["midtrain"].stage._target_ == "exp.stages.Midtrain"
 
 
 def test_midtrain_bad_teachers_are_config_errors(tmp_path):

@@ -246,9 +246,9 @@ def _session_alive(pgid: int) -> bool:
 
 
 def test_a_run_uses_the_prestarted_worker_at_idle_priority_and_finishes(store, tmp_path, make_cfg):
-    from exp import mlflow_worker
     from exp.loop import TrainState
     from exp.tracking import MlflowTracker
+    from exp.tracking import worker as mlflow_worker
 
     cfg = make_cfg("tracking=mlflow", f"tracking.uri={store}")
     mlflow_worker.prestart(cfg)
@@ -267,7 +267,7 @@ def test_a_run_uses_the_prestarted_worker_at_idle_priority_and_finishes(store, t
 
 
 def test_nothing_is_prestarted_without_mlflow_on_this_rank_or_for_a_dry_run(store, make_cfg, monkeypatch):
-    from exp import mlflow_worker
+    from exp.tracking import worker as mlflow_worker
 
     for overrides, env in (
         (["tracking=none"], {}),

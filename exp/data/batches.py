@@ -1,4 +1,4 @@
-"""Batches from token arrays: a resumable random-window sampler and fixed evaluation windows."""
+"""Train samplers' shared base, and batches from token arrays: random windows and fixed evaluation windows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+from .protocol import Batch
 
 
 def _check_fits(tokens: np.ndarray, seq_len: int) -> None:
@@ -23,27 +23,61 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
     return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
 
-class WindowSampler:
+class Sampler:
+    """Base of the train samplers: argument checks, iteration, and a JSON state of integer counters.
+
+    `counters` are the position that load_state_dict restores; `fixed` keys must match between the saved
+    sampler and this one (they shape the stream); `kind` names the sampler in the error for a state that
+    lacks keys of this sampler's own (another kind of sampler's: a checkpoint trained on other data).
+    """
+
+    kind = "a sampler"
+    fixed: tuple[str, ...] = ("seed", "world_size")
+    counters: tuple[str, ...] = ("num_batches",)
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_batches = 0
+
+    def __iter__(self) -> Sampler:
+        return self
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position: who drew it (seed, rank, world size) and the counters."""
+        return {k: int(getattr(self, k)) for k in dict.fromkeys(("seed", "rank", "world_size", *self.counters))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from state_dict() of a sampler that agrees on the `fixed` keys."""
+        if not self.state_dict().keys() <= state.keys():
+            raise ValueError(f"sampler state is not {self.kind}'s (the checkpoint was trained on other data)")
+        if any(state[k] != getattr(self, k) for k in self.fixed):
+            raise ValueError(
+                f"sampler state is for rank {state['rank']} of {state['world_size']} with seed {state['seed']}; "
+                f"this sampler is rank {self.rank} of {self.world_size} with seed {self.seed}"
+            )
+        for k in self.counters:
+            setattr(self, k, int(state[k]))
+
+
+class WindowSampler(Sampler):
     """Random (x, y) windows from a token memmap, drawn from a seeded generator whose state saves/restores."""
+
+    kind = "a token-window sampler"
 
     def __init__(
         self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ):
         _check_fits(tokens, seq_len)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        super().__init__(batch_size, seed, rank, world_size)
+        self.tokens, self.seq_len = tokens, seq_len
         self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
         # every rank draws the same global batch of world_size * batch_size windows and keeps its slice: ranks
         # differ, N ranks x batch B see exactly what one process with batch N*B sees, and one state fits all ranks
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed])))
-        self.num_batches = 0
-
-    def __iter__(self) -> WindowSampler:
-        return self
 
     def __next__(self) -> Batch:
         starts = self.rng.integers(0, self.max_start, size=self.batch_size * self.world_size, endpoint=True)
@@ -52,24 +86,13 @@ class WindowSampler:
         return _gather(self.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position: generator state plus counters."""
-        return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_batches": self.num_batches,
-            "bit_generator": copy.deepcopy(self.rng.bit_generator.state),
-        }
+        """Counters plus the generator's state."""
+        return {**super().state_dict(), "bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from state_dict() of any rank; the number of ranks must match (it shapes the global batch)."""
-        if state["world_size"] != self.world_size or state["seed"] != self.seed:
-            raise ValueError(
-                f"sampler state is for {state['world_size']} ranks with seed {state['seed']}; this run "
-                f"has {self.world_size} ranks with seed {self.seed}"
-            )
+        super().load_state_dict(state)
         self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
-        self.num_batches = int(state["num_batches"])
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[Batch]:

@@ -1,13 +1,11 @@
-"""Token corpora on disk: an atomic train/val writer and the cached Python-stdlib default corpus."""
+"""Token corpora on disk: an atomic train/val writer, deterministic splits, and the cached Python-stdlib corpus."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -15,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exp.rundir import publish_dir
-
+from .cache import building, cached
+from .protocol import DataError
 from .tokenizer import EOT, VOCAB_SIZE
 
 FORMAT_VERSION = 1
@@ -29,19 +27,46 @@ MIN_VAL_TOKENS = 4097
 TokenLike = bytes | Sequence[int] | np.ndarray
 
 
-def stdlib_sources(root: str | Path | None = None) -> list[Path]:
-    """Sorted .py files under the stdlib root (default: this interpreter's), minus EXCLUDED_DIRS."""
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+def stdlib_root(root: str | Path | None = None) -> Path:
+    """root, or this interpreter's standard library folder."""
+    return Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_sources(root: Path) -> list[Path]:
+    """Sorted .py files under root, minus EXCLUDED_DIRS; FileNotFoundError if there are none."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in EXCLUDED_DIRS]
         found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    if not found:
+        raise FileNotFoundError(f"no .py sources under {root}")
     return sorted(found)
 
 
 def split_value(name: str) -> float:
     """Deterministic value in [0, 1) from a document name; below val_fraction means validation."""
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def check_val_fraction(val_fraction: float) -> float:
+    """data.val_fraction as a float; DataError unless it lies in (0, 0.5)."""
+    if not 0.0 < float(val_fraction) < 0.5:
+        raise DataError(f"data.val_fraction must be in (0, 0.5), got {val_fraction}")
+    return float(val_fraction)
+
+
+def holdout(keys: Sequence[float] | np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices by key < fraction; each side keeps at least one: with no key below fraction the
+    smallest goes to val, with every key below it the largest stays in train (the last of equal ones)."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 records to hold out validation ones, got {len(keys)}")
+    val = keys < fraction
+    if not val.any():
+        val[np.argmin(keys)] = True
+    if val.all():
+        val[len(keys) - 1 - np.argmax(keys[::-1])] = False
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 def _as_tokens(doc: TokenLike, vocab_size: int) -> np.ndarray:
@@ -92,82 +117,89 @@ def write_token_files(
     Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict,
     which records the largest token id so readers can trust it instead of scanning the files.
     """
+    out_dir = Path(out_dir).expanduser().absolute()
+    _check_writable_target(out_dir)
+    with building(out_dir) as tmp:
+        meta = write_token_dir(
+            tmp, docs, val_fraction, sources=sources, min_val_tokens=min_val_tokens, vocab_size=vocab_size
+        )
+        _check_writable_target(out_dir)  # it may have appeared while we were writing
+    return meta
+
+
+def write_token_dir(
+    tmp: Path,
+    docs: Iterable[tuple[str, TokenLike]],
+    val_fraction: float,
+    *,
+    sources: str | None = None,
+    min_val_tokens: int = MIN_VAL_TOKENS,
+    vocab_size: int = VOCAB_SIZE,
+) -> dict:
+    """write_token_files' content, written into the empty folder tmp (which the caller publishes)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if vocab_size > 2**16:
         raise ValueError(f"vocab_size {vocab_size} does not fit uint16")
-    out_dir = Path(out_dir).expanduser().absolute()
-    _check_writable_target(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left by a crashed earlier process that had our pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     eot = np.array([EOT], dtype="<u2").tobytes()
     content = hashlib.sha256()
-    try:
-        num_val = num_val_docs = num_train = 0
-        max_id = EOT
-        train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
-            for name, doc in docs:
-                arr = _as_tokens(doc, vocab_size)
-                if not arr.size:
-                    continue  # empty documents would only add lone EOTs
-                max_id, data = max(max_id, int(arr.max())), arr.tobytes()
-                content.update(name.encode("utf-8") + b"\0" + data)
-                n, key = len(data) // 2 + 1, split_value(name)
-                if key < val_fraction:
-                    fval.write(data + eot)
-                    num_val, num_val_docs = num_val + n, num_val_docs + 1
-                else:
-                    ftrain.write(data + eot)
-                    train_docs.append((key, num_train, n))
-                    num_train += n
-        num_docs = len(train_docs) + num_val_docs
-        if num_docs == 0:
-            raise ValueError("no non-empty documents to write")
-        # hash split alone gives val_fraction of the *documents*; top up to that share of the tokens,
-        # and to min_val_tokens unless that would take more than half of a small corpus
-        total = num_train + num_val
-        target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
-        if num_docs == 1:  # one file (tiny Shakespeare): nothing to split by document, so split its tokens
-            num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target)
-            num_val_docs, train_docs = 0, []
-        moved: set[int] = set()
-        for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
-            if (num_val_docs and num_val >= target) or len(moved) == len(train_docs) - 1:
-                break
-            moved.add(i)
-            num_val, num_val_docs = num_val + train_docs[i][2], num_val_docs + 1
-        if moved:
-            src = np.memmap(tmp / "train.bin", dtype="<u2", mode="r")
-            with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.bin", "ab") as fval:
-                for i, (_, off, n) in enumerate(train_docs):
-                    (fval if i in moved else ftrain).write(src[off : off + n].tobytes())
-            del src
-            os.replace(tmp / "train.new", tmp / "train.bin")
-            num_train -= sum(train_docs[i][2] for i in moved)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "tokenizer": "byte",
-            "vocab_size": vocab_size,
-            "dtype": "uint16",
-            "num_train_tokens": num_train,
-            "num_val_tokens": num_val,
-            "num_documents": num_docs,
-            "num_val_documents": num_val_docs,
-            "split": "tokens" if num_docs == 1 else "documents",
-            "max_token_id": max_id,
-            "val_fraction": val_fraction,
-            "sources": sources or f"sha256:{content.hexdigest()}",
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _check_writable_target(out_dir)  # it may have appeared while we were writing
-        publish_dir(tmp, out_dir)  # a previous corpus steps aside and is dropped
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    num_val = num_val_docs = num_train = 0
+    max_id = EOT
+    train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+        for name, doc in docs:
+            arr = _as_tokens(doc, vocab_size)
+            if not arr.size:
+                continue  # empty documents would only add lone EOTs
+            max_id, data = max(max_id, int(arr.max())), arr.tobytes()
+            content.update(name.encode("utf-8") + b"\0" + data)
+            n, key = len(data) // 2 + 1, split_value(name)
+            if key < val_fraction:
+                fval.write(data + eot)
+                num_val, num_val_docs = num_val + n, num_val_docs + 1
+            else:
+                ftrain.write(data + eot)
+                train_docs.append((key, num_train, n))
+                num_train += n
+    num_docs = len(train_docs) + num_val_docs
+    if num_docs == 0:
+        raise ValueError("no non-empty documents to write")
+    # hash split alone gives val_fraction of the *documents*; top up to that share of the tokens,
+    # and to min_val_tokens unless that would take more than half of a small corpus
+    total = num_train + num_val
+    target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
+    if num_docs == 1:  # one file (tiny Shakespeare): nothing to split by document, so split its tokens
+        num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target)
+        num_val_docs, train_docs = 0, []
+    moved: set[int] = set()
+    for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
+        if (num_val_docs and num_val >= target) or len(moved) == len(train_docs) - 1:
+            break
+        moved.add(i)
+        num_val, num_val_docs = num_val + train_docs[i][2], num_val_docs + 1
+    if moved:
+        src = np.memmap(tmp / "train.bin", dtype="<u2", mode="r")
+        with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.bin", "ab") as fval:
+            for i, (_, off, n) in enumerate(train_docs):
+                (fval if i in moved else ftrain).write(src[off : off + n].tobytes())
+        del src
+        os.replace(tmp / "train.new", tmp / "train.bin")
+        num_train -= sum(train_docs[i][2] for i in moved)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "byte",
+        "vocab_size": vocab_size,
+        "dtype": "uint16",
+        "num_train_tokens": num_train,
+        "num_val_tokens": num_val,
+        "num_documents": num_docs,
+        "num_val_documents": num_val_docs,
+        "split": "tokens" if num_docs == 1 else "documents",
+        "max_token_id": max_id,
+        "val_fraction": val_fraction,
+        "sources": sources or f"sha256:{content.hexdigest()}",
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -193,23 +225,9 @@ def stdlib_fingerprint(sources: list[Path], root: Path, val_fraction: float) -> 
 
 def pystdlib_corpus(cache_dir: str | Path, val_fraction: float = 0.005, *, root: str | Path | None = None) -> Path:
     """Directory with train.bin/val.bin of the stdlib sources (or root's), built once per fingerprint."""
-    cache_dir = Path(cache_dir).expanduser()
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / "pystdlib.lock", "a") as lock:
-        # exclusive for check + build: concurrent jobs wait, then find the finished corpus
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        sources = stdlib_sources(root)
-        if not sources:
-            raise FileNotFoundError(f"no .py sources under {root}")
-        fingerprint = stdlib_fingerprint(sources, root, val_fraction)
-        out = cache_dir / f"pystdlib-{fingerprint[:16]}"
-        if is_complete(out):
-            return out
-        for stale in cache_dir.glob(f"{out.name}.*-*"):  # .tmp-/.old- of crashed builders; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
-        docs = ((p.relative_to(root).as_posix(), p.read_bytes()) for p in sources)
-        write_token_files(docs, out, val_fraction, sources=fingerprint)
-        return out
+    root = stdlib_root(root)
+    sources = stdlib_sources(root)
+    fingerprint = stdlib_fingerprint(sources, root, val_fraction)
+    docs = ((p.relative_to(root).as_posix(), p.read_bytes()) for p in sources)
+    build = lambda tmp: write_token_dir(tmp, docs, val_fraction, sources=fingerprint)
+    return cached(cache_dir, "pystdlib", fingerprint, build, complete=is_complete)

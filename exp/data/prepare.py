@@ -6,12 +6,12 @@ Several documents are split by document; a single one (one text file) by tokens,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .corpus import write_token_files
+from .sft.sources import read_jsonl
 from .tokenizer import ByteTokenizer
 
 DEFAULT_EXTS = ".txt,.md,.rst,.py,.jsonl"
@@ -21,21 +21,13 @@ class PrepareError(Exception):
     """An input problem, reported as one line naming the file (and line)."""
 
 
-def _jsonl_docs(path: Path, name: str, field: str) -> Iterator[tuple[str, bytes]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
-                raise PrepareError(f"{name}:{lineno}: not valid JSON ({msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise PrepareError(f"{name}:{lineno}: no field {field!r}")
-            if not isinstance(obj[field], str):
-                raise PrepareError(f"{name}:{lineno}: field {field!r} is {type(obj[field]).__name__}, not a string")
-            yield f"{name}:{lineno}", obj[field].encode("utf-8")
+def _jsonl_docs(path: Path, field: str) -> Iterator[tuple[str, bytes]]:
+    for where, obj in read_jsonl(path):  # `file:line: not valid JSON (...)` for a line that is not
+        if not isinstance(obj, dict) or field not in obj:
+            raise PrepareError(f"{where}: no field {field!r}")
+        if not isinstance(obj[field], str):
+            raise PrepareError(f"{where}: field {field!r} is {type(obj[field]).__name__}, not a string")
+        yield where, obj[field].encode("utf-8")
 
 
 def iter_documents(inputs: list[str], exts: set[str], field: str) -> Iterator[tuple[str, bytes]]:
@@ -51,11 +43,10 @@ def iter_documents(inputs: list[str], exts: set[str], field: str) -> Iterator[tu
             if p.resolve() in seen:  # a file named directly and again inside a folder counts once
                 continue
             seen.add(p.resolve())
-            name = p.as_posix()
             if p.suffix.lower() == ".jsonl":
-                yield from _jsonl_docs(p, name, field)
+                yield from _jsonl_docs(p, field)
             else:
-                yield name, p.read_bytes()
+                yield p.as_posix(), p.read_bytes()
 
 
 def main(argv: list[str] | None = None) -> int:

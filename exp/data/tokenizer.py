@@ -21,6 +21,14 @@ PAD = 257
 VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
+def check_byte_vocab(vocab_size: int) -> int:
+    """VOCAB_SIZE, if that is what data.vocab_size says: the key exists so that model configs can interpolate
+    ${data.vocab_size}, and byte-tokenized data takes no other size."""
+    if int(vocab_size) != VOCAB_SIZE:
+        raise ValueError(f"data.vocab_size={vocab_size} must be {VOCAB_SIZE}, the byte tokenizer's size")
+    return VOCAB_SIZE
+
+
 class ByteTokenizer:
     """UTF-8 bytes as token ids, plus special tokens that only exist as ids (never parsed from text)."""
 

@@ -3,88 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm with a learned 1-D scale."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise over the last dimension."""
-        # Statistics in fp32 so bf16/fp16 activations do not lose precision in the mean of squares.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
-
-
-def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return cos, sin tables of shape (seq_len, head_dim // 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by position using the half-split (GPT-NeoX) pairing; cos/sin are (T, D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
-
-
-class Attention(nn.Module):
-    """Causal self-attention with rotary embeddings and grouped-query key/value heads."""
-
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, dropout: float):
-        super().__init__()
-        self.n_head, self.n_kv_head = n_head, n_kv_head
-        self.head_dim = d_model // n_head
-        # Fused projection; rows are [q: n_head heads | k: n_kv_head heads | v: n_kv_head heads].
-        self.qkv = nn.Linear(d_model, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.dropout = dropout
-        self.resid_drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model)."""
-        B, T, C = x.shape
-        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if nkv != nh:
-            # Query head h reads key/value head h // (nh // nkv).
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.proj(y))
-
-
-class SwiGLU(nn.Module):
-    """Gated MLP: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, d_model: int, hidden: int, dropout: float):
-        super().__init__()
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_model) -> (B, T, d_model)."""
-        return self.drop(self.down(F.silu(self.gate(x)) * self.up(x)))
+from exp.model.layers import Attention, RMSNorm, SwiGLU, rope_cache
+from exp.model.moe import MoEMLP
+from exp.model.protocol import sample
 
 
 class Block(nn.Module):
@@ -96,8 +23,6 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_head, n_kv_head, dropout)
         self.mlp_norm = RMSNorm(d_model, norm_eps)
         if num_experts:
-            from exp.moe import MoEMLP  # here, not at the top: exp.moe imports SwiGLU from this module
-
             self.mlp = MoEMLP(d_model, mlp_hidden, num_experts, top_k, dropout)
         else:
             self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
@@ -234,15 +159,15 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token (PaLM): 6 * N + 12 * n_layer * d_model * seq_len."""
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (PaLM): 6 * N + 12 * n_layer * d_model * seq_len (default: self.seq_len)."""
         # N counts every weight used in a matmul: non-embedding weights plus the output head; the input
         # embedding lookup performs no FLOPs. The second term is the attention score/value matmuls.
         n = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel()
         if self.num_experts:
             # A token runs through only top_k of the experts (the router counts in full).
             n -= self.n_layer * (self.num_experts - self.top_k) * 3 * self.d_model * self.mlp_hidden
-        return 6 * n + 12 * self.n_layer * self.d_model * self.seq_len
+        return 6 * n + 12 * self.n_layer * self.d_model * (seq_len or self.seq_len)
 
     def router_losses(self) -> dict[str, torch.Tensor]:
         """Router losses of the last forward summed over layers, their weighted sum and usage; {} if dense."""
@@ -255,45 +180,7 @@ class GPT(nn.Module):
         weighted = sum(self.router_coefs[f"{k}_coef"] * v for k, v in out.items())
         return {"router_loss": weighted, **out, "expert_usage": torch.stack([s.f for s in stats]).mean(0)}
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        stop_token_ids: Iterable[int] | None = None,
-    ) -> torch.Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy decoding.
-
-        A row that emits one of stop_token_ids is finished: the stop token stays in it and its later
-        positions repeat it. Generation ends early once every row is finished (for B=1: right after the
-        stop token), so the result can be shorter than T + max_new_tokens.
-        """
-        stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=idx.dtype, device=idx.device)
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        was_training = self.training
-        self.eval()  # sampling with dropout active is never intended
-        try:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -self.seq_len :])
-                logits = logits[:, -1, :].float()  # (B, vocab)
-                if temperature == 0:
-                    nxt = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = F.softmax(logits, dim=-1)
-                    nxt = torch.multinomial(probs, num_samples=1, generator=generator)
-                if stops.numel():
-                    nxt = torch.where(done, idx[:, -1:], nxt)  # a finished row repeats its stop token
-                    done |= torch.isin(nxt, stops)
-                idx = torch.cat((idx, nxt), dim=1)
-                if stops.numel() and bool(done.all()):
-                    break
-        finally:
-            self.train(was_training)
-        return idx
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """Append up to max_new_tokens sampled tokens to idx (B, T), each step seeing the last seq_len tokens.
+        options: temperature (0 = greedy), top_k, generator, stop_token_ids (exp.model.protocol.sample)."""
+        return sample(self, idx, max_new_tokens, seq_len=self.seq_len, **options)

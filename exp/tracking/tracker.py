@@ -1,4 +1,5 @@
-"""MLflow tracking from a separate process: the training step never waits on MLflow or the network."""
+"""The trainer's side of tracking: MlflowTracker hands everything to a separate process (exp.tracking.worker),
+so the training step never waits on MLflow or the network; NullTracker (tracking=none) records nothing."""
 
 from __future__ import annotations
 
@@ -13,16 +14,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from exp import mlflow_worker
-from exp.loop import Callback, TrainState
-from exp.mlflow_worker import RUN_MARKER, experiment_id_for
+from exp.events import Callback, TrainState
 from exp.rundir import write_json
+from exp.tracking.worker import MAX_KEY, Artifact, Done, End, Metrics, Settings, Started, Tags, Warn, absolute_uri, take
 
 log = logging.getLogger("exp")
 
 MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value's length
-MAX_KEY = 250
-BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 START_TIMEOUT_S = 60.0
 CLOSE_TIMEOUT_S = 30.0  # how long the end of a run waits for MLflow before leaving the rest in metrics.jsonl
 
@@ -49,7 +47,7 @@ class NullTracker(Callback):
 class MlflowTracker(Callback):
     """Records one run: params from the resolved config, tags, metrics with their step, artifacts, status.
 
-    MLflow lives in a child process (exp.mlflow_worker) fed by a queue: its import (over a second, 120 MB)
+    MLflow lives in a child process (exp.tracking.worker) fed by a queue: its import (over a second, 120 MB)
     and every call to the store or server happen beside training, never inside a step, and share no GIL.
     """
 
@@ -64,38 +62,39 @@ class MlflowTracker(Callback):
         run_dir: Path,
         resume_run_id: str | None = None,
     ):
-        self.uri = _absolute_sqlite(uri)
+        self.uri = absolute_uri(uri)
         self.run_dir = Path(run_dir)
         self.checkpoints: list[dict] = []
-        self._settings = {
-            "uri": self.uri,
-            "experiment": experiment,
-            "artifact_location": artifact_location,
-            "parent_run_id": parent_run_id,
-            "resume_run_id": resume_run_id,
-            "run_dir": str(self.run_dir),
-            "tags": {k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
-            "params": flat_params(cfg),
-        }
         self._run_id: str | None = None
         self._started = self._done = False
-        worker = mlflow_worker.take(self.uri)  # prestarted by train.py while the trainer was starting, or new
-        self._inbox, self._outbox, self._proc = worker.inbox, worker.outbox, worker.process
-        self._inbox.put(("settings", self._settings))
+        handle = take(self.uri)  # prestarted by train.py while the trainer was starting, or new
+        self._inbox, self._outbox, self._proc = handle.inbox, handle.outbox, handle.process
+        self._inbox.put(
+            Settings(
+                uri=self.uri,
+                experiment=experiment,
+                artifact_location=artifact_location,
+                parent_run_id=parent_run_id,
+                resume_run_id=resume_run_id,
+                run_dir=str(self.run_dir),
+                tags={k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
+                params=flat_params(cfg),
+            )
+        )
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
-        self._poll(until="started", timeout=START_TIMEOUT_S)
+        self._poll(until=Started, timeout=START_TIMEOUT_S)
         return self._run_id
 
-    def _send(self, item: tuple) -> None:
-        self._inbox.put(item)
+    def _send(self, message: Metrics | Tags | Artifact | End) -> None:
+        self._inbox.put(message)
         self._poll()
 
-    def _poll(self, until: str | None = None, timeout: float = 0.0) -> None:
+    def _poll(self, until: type[Started] | type[Done] | None = None, timeout: float = 0.0) -> None:
         """Log the worker's warnings; with `until`, wait (up to timeout) for that message."""
-        if (until == "started" and self._started) or (until == "done" and self._done):
+        if (until is Started and self._started) or (until is Done and self._done):
             return
         deadline = time.monotonic() + timeout
         while True:
@@ -107,23 +106,23 @@ class MlflowTracker(Callback):
                 )
             except queue.Empty:
                 return
-            if message[0] == "warning":
-                log.warning(message[1])
-            elif message[0] == "started":
-                self._started, self._run_id = True, message[1]
-            elif message[0] == "done":
+            if isinstance(message, Warn):
+                log.warning(message.message)
+            elif isinstance(message, Started):
+                self._started, self._run_id = True, message.run_id
+            elif isinstance(message, Done):
                 self._done = True
-            if until and message[0] == until:
+            if until is not None and isinstance(message, until):
                 return
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._send(("metrics", state.step, time.time(), metrics))
+        self._send(Metrics(state.step, time.time(), metrics))
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._send(("metrics", state.step, time.time(), metrics))
+        self._send(Metrics(state.step, time.time(), metrics))
 
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
-        self._send(("metrics", state.step, time.time(), metrics))
+        self._send(Metrics(state.step, time.time(), metrics))
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         """Checkpoints are recorded by reference (path, step, bytes, SHA-256), never uploaded."""
@@ -139,10 +138,10 @@ class MlflowTracker(Callback):
         ]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._send(("artifact", str(path), artifact_path))
+        self._send(Artifact(str(path), artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._send(("tags", {k[:MAX_KEY]: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}))
+        self._send(Tags({k[:MAX_KEY]: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest
@@ -154,9 +153,9 @@ class MlflowTracker(Callback):
             if status == "FINISHED" and (final / "model.safetensors").exists():  # the final weights, uploaded
                 self.log_artifact(final / "model.safetensors", "model")
                 self.log_artifact(final / "config.yaml", "model")
-        self._send(("end", status))
-        self._poll(until="started", timeout=START_TIMEOUT_S)
-        self._poll(until="done", timeout=CLOSE_TIMEOUT_S)
+        self._send(End(status))
+        self._poll(until=Started, timeout=START_TIMEOUT_S)
+        self._poll(until=Done, timeout=CLOSE_TIMEOUT_S)
         if not self._done:
             log.warning(
                 f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run; "
@@ -164,31 +163,6 @@ class MlflowTracker(Callback):
             )
             self._proc.kill()
         self._proc.join(10)
-
-
-def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline"):
-    """(client, run id) of a pipeline's or sweep's parent run: reopened when run_dir has one, else created."""
-    from mlflow.tracking import MlflowClient
-
-    uri = _absolute_sqlite(cfg.tracking.uri)
-    client = MlflowClient(tracking_uri=uri)
-    marker = Path(run_dir) / RUN_MARKER
-    if marker.exists():
-        run_id = json.loads(marker.read_text()).get("run_id")
-        try:
-            client.update_run(run_id, status="RUNNING")
-            return client, run_id
-        except Exception:  # gone from this store: start a new parent
-            pass
-    experiment_id = experiment_id_for(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
-    tags = {"run_dir": str(Path(run_dir).resolve()), "host": platform.node(), "kind": kind}
-    if kind == "pipeline":
-        tags["pipeline"] = ",".join(cfg.pipeline.stages.keys())
-    else:
-        tags["sweep_dir"] = tags["sweep_id"] = str(Path(run_dir).resolve())
-    run = client.create_run(experiment_id, run_name=f"{kind}-{Path(run_dir).name}", tags=tags)
-    write_json(marker, {"tracking_uri": uri, "run_id": run.info.run_id})
-    return client, run.info.run_id
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
@@ -240,7 +214,7 @@ def run_tags(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
 
 def git_state() -> tuple[str | None, bool]:
     """(commit, dirty) of the code that is running, or (None, False) outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
@@ -256,15 +230,3 @@ def git_state() -> tuple[str | None, bool]:
     except (OSError, subprocess.SubprocessError):
         return None, False
     return commit, bool(status.strip())
-
-
-def _absolute_sqlite(uri: str) -> str:
-    """A relative sqlite path is made absolute (and its folder created) so every process finds the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        path = Path(uri[len(prefix) :]).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
-    if uri.startswith(prefix):
-        Path(uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
-    return uri

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from exp.checkpoint import (
+from exp.checkpoint.format import (
     FORMAT_VERSION,
     MANIFEST,
     RNG_KEY,

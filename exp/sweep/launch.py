@@ -1,28 +1,27 @@
-"""Sweep launching: every point validated before anything is submitted, a manifest, an MLflow parent run.
+"""Launching a sweep: every point validated before anything is submitted, sweep.json, an MLflow parent run.
 
-The launchers (hydra_plugins/exp_launcher: Hydra only loads plugins from that namespace) are Hydra's basic
-launcher and the submitit launchers (local, SLURM) with this layer in front of `launch`, selected by
+Hydra loads launchers only from the hydra_plugins namespace: hydra_plugins/exp_launcher puts these classes in
+front of Hydra's basic launcher and submitit's (local, SLURM), selected by
 `hydra/launcher=exp_basic|exp_local|exp_slurm`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import time
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from exp import config
-from exp.rundir import read_summary, write_json
+from exp.sweep.manifest import mark_unsubmitted, new_manifest, read_manifest, refresh_manifest, write_manifest
 from exp.text import first_line
+from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
-MANIFEST = "sweep.json"
 _launched: list[Path] = []  # sweep directories this process launched into (exp.cli reports their failures)
 
 
@@ -52,10 +51,16 @@ class ValidatedSweep:
         run_dirs, tracked = self._validate(job_overrides, initial_job_idx, sweep_dir)
         self._preflight(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent = self._parent_run(sweep_dir) if tracked else None
-        if parent is not None:
-            job_overrides = [[*o, f"tracking.parent_run_id={parent[1]}"] for o in job_overrides]
-        manifest = read_manifest(sweep_dir) or new_manifest(sweep_dir, self.config, parent)
+        parent = open_parent_run(self.config, sweep_dir, kind="sweep") if tracked else ParentRun(kind="sweep")
+        if parent.run_id is not None:
+            job_overrides = [[*o, f"tracking.parent_run_id={parent.run_id}"] for o in job_overrides]
+        manifest = read_manifest(sweep_dir) or new_manifest(
+            sweep_dir,
+            overrides=HydraConfig.get().overrides.task,
+            launcher=str(self.config.hydra.launcher._target_),
+            tracking_uri=str(self.config.tracking.uri) if parent.run_id is not None else None,
+            parent_run_id=parent.run_id,
+        )
         for i, overrides in enumerate(job_overrides):
             manifest["trials"][str(initial_job_idx + i)] = {
                 "num": initial_job_idx + i,
@@ -69,8 +74,7 @@ class ValidatedSweep:
             results = super().launch(job_overrides, initial_job_idx)
         finally:
             manifest = refresh_manifest(sweep_dir)
-            if parent is not None:
-                parent[0].set_terminated(parent[1], "FINISHED")
+            parent.end("FINISHED")
         failed = [t for t in manifest["trials"].values() if t["status"] == "FAILED"]
         for trial in failed:
             log.error(f"trial #{trial['num']} ({' '.join(trial['overrides'])}) FAILED: {trial.get('error')}")
@@ -105,17 +109,45 @@ class ValidatedSweep:
     def _preflight(self, sweep_dir: Path) -> None:
         """Launcher-specific checks that must fail before anything is submitted."""
 
-    def _parent_run(self, sweep_dir: Path):
-        from exp.tracking import open_parent_run
+
+class SlurmSweep(ValidatedSweep):
+    """A sweep submitted as one SLURM job array: sbatch must exist here, and a request sbatch refuses (partition,
+    resources) ends with what it said, exit 2, and the batch's trials NOT_SUBMITTED."""
+
+    jobs_run_here = False  # a GPU job submitted from a login node without one: each job checks its node
+
+    def _preflight(self, sweep_dir: Path) -> None:
+        if shutil.which("sbatch") is None:
+            refuse(
+                sweep_dir,
+                "hydra/launcher=exp_slurm needs Slurm's sbatch, which is not on this machine; "
+                "hydra/launcher=exp_local runs the same jobs here",
+            )
+
+    def launch(self, job_overrides, initial_job_idx):
+        from submitit.core.utils import FailedJobError, FailedSubmissionError
 
         try:
-            return open_parent_run(self.config, sweep_dir, kind="sweep")
-        except Exception as e:
-            log.warning(
-                f"MLflow at {self.config.tracking.uri} is unavailable ({first_line(e)}); "
-                "trials are tracked without a parent run"
-            )
-            return None
+            return super().launch(job_overrides, initial_job_idx)
+        except (FailedJobError, FailedSubmissionError) as e:
+            if not _refused_submission(e):  # a job that failed after it was submitted
+                raise
+            text = str(e)
+            detail = next((line for line in text.splitlines() if "error" in line.lower()), first_line(e))
+            mark_unsubmitted(Path(str(self.config.hydra.sweep.dir)))
+            print(f"error: SLURM refused the job array: {detail.strip()}", flush=True)
+            raise SystemExit(2) from None
+
+
+def _refused_submission(error: Exception) -> bool:
+    """Whether submitit's error is sbatch's refusal: its output unreadable (FailedSubmissionError), or sbatch
+    exiting non-zero (FailedJobError raised from the CalledProcessError of the sbatch command)."""
+    from submitit.core.utils import FailedSubmissionError
+
+    if isinstance(error, FailedSubmissionError):
+        return True
+    cause = error.__cause__
+    return isinstance(cause, subprocess.CalledProcessError) and Path(str(cause.cmd[0])).name == "sbatch"
 
 
 def refuse(sweep_dir: Path, message: str) -> None:
@@ -124,59 +156,3 @@ def refuse(sweep_dir: Path, message: str) -> None:
     if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
         shutil.rmtree(sweep_dir, ignore_errors=True)
     raise SystemExit(config.CONFIG_ERROR_EXIT)
-
-
-# --- the manifest -----------------------------------------------------------------------------------
-
-
-def new_manifest(sweep_dir: Path, cfg: DictConfig, parent) -> dict:
-    hydra_cfg = HydraConfig.get()
-    return {
-        "sweep_dir": str(sweep_dir.resolve()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "overrides": list(hydra_cfg.overrides.task),
-        "launcher": str(cfg.hydra.launcher._target_),
-        "mlflow_tracking_uri": str(cfg.tracking.uri) if parent else None,
-        "mlflow_parent_run_id": parent[1] if parent else None,
-        "trials": {},
-    }
-
-
-def read_manifest(sweep_dir) -> dict | None:
-    path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_manifest(sweep_dir, manifest: dict) -> None:
-    write_json(Path(sweep_dir) / MANIFEST, manifest)
-
-
-def mark_unsubmitted(sweep_dir: Path) -> None:
-    """Trials of a batch the scheduler refused are NOT_SUBMITTED, not PENDING."""
-    manifest = read_manifest(sweep_dir)
-    for trial in manifest["trials"].values():
-        if trial["status"] == "PENDING":
-            trial["status"] = "NOT_SUBMITTED"
-    write_manifest(sweep_dir, manifest)
-
-
-# what sweep.json keeps of each trial's summary.json
-SUMMARY_KEYS = ("status", "val_loss", "step", "num_steps", "tokens_per_s", "mlflow_run_id", "slurm_job_id", "error")
-
-
-def refresh_trial(trial: dict, run_dir) -> None:
-    """A trial's status, losses, MLflow run and SLURM job, from its run directory."""
-    summary = read_summary(run_dir)
-    if summary is not None:
-        trial.update({k: summary.get(k) for k in SUMMARY_KEYS})
-    elif (Path(run_dir) / "metrics.jsonl").exists():
-        trial["status"] = "RUNNING"  # started, no summary yet: running, or killed without one
-
-
-def refresh_manifest(sweep_dir) -> dict:
-    """Each trial refreshed from its run directory (refresh_trial); written back."""
-    manifest = read_manifest(sweep_dir)
-    for trial in manifest["trials"].values():
-        refresh_trial(trial, trial["run_dir"])
-    write_manifest(sweep_dir, manifest)
-    return manifest

@@ -1,8 +1,8 @@
 """The MLflow side of tracking, run in its own process: no import of torch here, no GIL shared with training.
 
-The trainer sends ("settings", {...}) once, then ("metrics", step, unix_time, {key: value}),
-("artifact", path, artifact_path) and ("end", status) through `inbox`; this process answers
-("started", run_id or None), ("warning", message) and ("done",) in `outbox`.
+The trainer sends one Settings, then Metrics, Tags and Artifact messages and one End through `inbox`; this
+process answers Started (the run id, or None), Warn and Done in `outbox`. The messages are the small dataclasses
+below, pickled over the multiprocessing queues.
 
 The process imports MLflow (over a second of CPU) before its settings arrive, so `prestart` can launch it
 while the trainer itself is still starting (importing torch, building the model): the two start-ups share
@@ -19,6 +19,7 @@ import multiprocessing.util  # registers its exit handler now, so that ours (bel
 import os
 import queue
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -29,6 +30,74 @@ from exp.text import first_line
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
 RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
+
+
+# --- the messages -----------------------------------------------------------------------------------
+# trainer -> worker
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run to record, sent once, first: its store, experiment, parent, the run to reopen, tags and params."""
+
+    uri: str
+    experiment: str
+    artifact_location: str | None
+    parent_run_id: str | None
+    resume_run_id: str | None
+    run_dir: str
+    tags: dict[str, str]
+    params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    step: int
+    time: float  # unix time, seconds
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Tags:
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    artifact_path: str | None = None
+
+
+@dataclass(frozen=True)
+class End:
+    """The run's last message: close it with this status."""
+
+    status: str
+
+
+# worker -> trainer
+
+
+@dataclass(frozen=True)
+class Started:
+    """The run exists (created or reopened); run_id None when MLflow was unavailable."""
+
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class Warn:
+    """A line for the trainer's log."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The End was handled: everything before it is in MLflow, or was given up on with a Warn."""
+
+
+# --- the process, as the trainer holds it --------------------------------------------------------------
 
 
 class Handle:
@@ -100,6 +169,9 @@ def _yield_cpu(pid: int) -> None:
             pass
 
 
+# --- the process itself --------------------------------------------------------------------------------
+
+
 def _import_store(uri: str) -> None:
     """Import the code of the store `uri` names (half a second for SQLAlchemy's), touching no store."""
     try:
@@ -134,14 +206,14 @@ def main(inbox, outbox, uri: str = "") -> None:
             if os.getppid() != trainer:
                 return
             continue
-        if message[0] == "settings":
-            settings = message[1]
+        if isinstance(message, Settings):
+            settings = message
     worker = _Worker(settings, outbox)
     try:
         worker.start()
     except Exception as e:
-        worker.fail(f"MLflow at {settings['uri']} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
-    outbox.put(("started", worker.run_id))
+        worker.fail(f"MLflow at {settings.uri} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
+    outbox.put(Started(worker.run_id))
     while True:
         try:
             items = [inbox.get(timeout=1.0)]
@@ -152,12 +224,12 @@ def main(inbox, outbox, uri: str = "") -> None:
         while not inbox.empty():  # batch whatever has queued up since the last call
             items.append(inbox.get_nowait())
         if worker.handle(items):
-            outbox.put(("done",))
+            outbox.put(Done())
             return
 
 
 class _Worker:
-    def __init__(self, settings: dict, outbox):
+    def __init__(self, settings: Settings, outbox):
         self.s, self.outbox = settings, outbox
         self.client = self.run_id = self.failed = None
         self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
@@ -167,35 +239,35 @@ class _Worker:
         from mlflow.tracking import MlflowClient
 
         s = self.s
-        self.client = MlflowClient(tracking_uri=s["uri"])
+        self.client = MlflowClient(tracking_uri=s.uri)
         self._reconcile_previous()
-        if s["resume_run_id"] and self._reopen():
+        if s.resume_run_id and self._reopen():
             return
-        experiment_id = experiment_id_for(self.client, s["uri"], s["experiment"], s["artifact_location"])
-        tags = dict(s["tags"])
-        if s["parent_run_id"]:
-            tags["mlflow.parentRunId"] = s["parent_run_id"]
+        experiment_id = experiment_id_for(self.client, s.uri, s.experiment, s.artifact_location)
+        tags = dict(s.tags)
+        if s.parent_run_id:
+            tags["mlflow.parentRunId"] = s.parent_run_id
         run = self.client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
         self.run_id = run.info.run_id
         self._write_marker()
-        params = [Param(k[:MAX_KEY], v) for k, v in s["params"].items()]
+        params = [Param(k[:MAX_KEY], v) for k, v in s.params.items()]
         for i in range(0, len(params), BATCH["params"]):
             self.client.log_batch(self.run_id, params=params[i : i + BATCH["params"]])
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.source.name", "train.py")])
 
     def _reconcile_previous(self) -> None:
         """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
-        marker = Path(self.s["run_dir"]) / RUN_MARKER
+        marker = Path(self.s.run_dir) / RUN_MARKER
         if not marker.exists():
             return
         previous = json.loads(marker.read_text()).get("run_id")
-        if not previous or previous == self.s["resume_run_id"]:
+        if not previous or previous == self.s.resume_run_id:
             return
         try:
             if self.client.get_run(previous).info.status == "RUNNING":
                 self.client.set_terminated(previous, "KILLED")
                 self.warn(
-                    f"MLflow run {previous} of {self.s['run_dir']} was left RUNNING by a killed process; marked KILLED"
+                    f"MLflow run {previous} of {self.s.run_dir} was left RUNNING by a killed process; marked KILLED"
                 )
         except Exception:  # another store, or the run was deleted: nothing to reconcile here
             pass
@@ -203,10 +275,10 @@ class _Worker:
     def _reopen(self) -> bool:
         """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
         try:
-            run = self.client.get_run(self.s["resume_run_id"])
+            run = self.client.get_run(self.s.resume_run_id)
         except Exception as e:
             self.warn(
-                f"MLflow run {self.s['resume_run_id']} of the checkpoint is not in {self.s['uri']} "
+                f"MLflow run {self.s.resume_run_id} of the checkpoint is not in {self.s.uri} "
                 f"({first_line(e)}); starting a new run"
             )
             return False
@@ -219,8 +291,7 @@ class _Worker:
         return True
 
     def _write_marker(self) -> None:
-        marker = Path(self.s["run_dir"]) / RUN_MARKER
-        write_json(marker, {"tracking_uri": self.s["uri"], "run_id": self.run_id})
+        write_json(Path(self.s.run_dir) / RUN_MARKER, {"tracking_uri": self.s.uri, "run_id": self.run_id})
 
     def handle(self, items: list) -> bool:
         """Log a batch of messages; True once the run has ended."""
@@ -228,28 +299,28 @@ class _Worker:
 
         metrics, done = [], False
         for item in items:
-            if item[0] == "metrics":
-                _, step, stamp, values = item
-                metrics += [
-                    Metric(k, float(v), int(stamp * 1000), step)
-                    for k, v in values.items()
-                    if step > self.skip_until.get(k, -1)
-                ]
-            elif item[0] == "tags":
-                self._call(
-                    lambda tags=item[1]: self.client.log_batch(
-                        self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
+            match item:
+                case Metrics(step=step, time=stamp, values=values):
+                    metrics += [
+                        Metric(k, float(v), int(stamp * 1000), step)
+                        for k, v in values.items()
+                        if step > self.skip_until.get(k, -1)
+                    ]
+                case Tags(tags=tags):
+                    self._call(
+                        lambda tags=tags: self.client.log_batch(
+                            self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
+                        )
                     )
-                )
-            elif item[0] == "artifact":
-                self._flush(metrics)
-                metrics = []
-                self._call(lambda p=item[1], a=item[2]: self.client.log_artifact(self.run_id, p, a))
-            elif item[0] == "end":
-                self._flush(metrics)
-                metrics = []
-                self._call(lambda status=item[1]: self.client.set_terminated(self.run_id, status))
-                done = True
+                case Artifact(path=path, artifact_path=artifact_path):
+                    self._flush(metrics)
+                    metrics = []
+                    self._call(lambda p=path, a=artifact_path: self.client.log_artifact(self.run_id, p, a))
+                case End(status=status):
+                    self._flush(metrics)
+                    metrics = []
+                    self._call(lambda status=status: self.client.set_terminated(self.run_id, status))
+                    done = True
         self._flush(metrics)
         return done
 
@@ -266,7 +337,7 @@ class _Worker:
             fn()
         except Exception as e:
             self.fail(
-                f"MLflow at {self.s['uri']} stopped answering ({first_line(e)}); "
+                f"MLflow at {self.s.uri} stopped answering ({first_line(e)}); "
                 "the rest of this run's metrics stay in metrics.jsonl"
             )
 
@@ -276,7 +347,10 @@ class _Worker:
             self.warn(message)
 
     def warn(self, message: str) -> None:
-        self.outbox.put(("warning", message))
+        self.outbox.put(Warn(message))
+
+
+# --- the store, shared with the trainer's side and parent runs ------------------------------------------
 
 
 def experiment_id_for(client, uri: str, name: str, artifact_location: str | None) -> str:
@@ -288,3 +362,15 @@ def experiment_id_for(client, uri: str, name: str, artifact_location: str | None
     if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
         location = Path(artifact_location).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative sqlite path is made absolute (and its folder created) so every process finds the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        path = Path(uri[len(prefix) :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    if uri.startswith(prefix):
+        Path(uri[len(prefix) :]).parent.mkdir(parents=True, exist_ok=True)
+    return uri

@@ -13,93 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-from exp.launch import MANIFEST, read_manifest, refresh_manifest, refresh_trial, write_manifest
+from exp.sweep.manifest import SweepError, hydra_config, load_sweep, trials_of, write_manifest
 from exp.text import fmt_loss
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-class SweepError(Exception):
-    """Not a usable sweep directory; the message is the one line the user sees."""
-
-
-# --- reading a sweep ---------------------------------------------------------------------------------
-
-
-def is_sweep_dir(path: Path) -> bool:
-    """sweep.json (exp's launchers), or Hydra's multirun.yaml / Optuna's results next to numbered run dirs."""
-    path = Path(path)
-    return (path / MANIFEST).exists() or (
-        ((path / "multirun.yaml").exists() or (path / "optimization_results.yaml").exists()) and bool(_numbered(path))
-    )
-
-
-def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
-    """The manifest with every trial refreshed from its run dir (written back when `write` and possible)."""
-    sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
-        raise SweepError(f"{sweep_dir}: no such directory")
-    if not is_sweep_dir(sweep_dir):
-        raise SweepError(f"{sweep_dir} is not a sweep directory (no {MANIFEST}, multirun.yaml or numbered run dirs)")
-    manifest = None
-    if (sweep_dir / MANIFEST).exists():
-        try:
-            manifest = refresh_manifest(sweep_dir) if write else read_manifest(sweep_dir)
-        except OSError:  # a read-only sweep dir still reports
-            manifest = read_manifest(sweep_dir)
-    if manifest is None:  # launched without exp's launchers: the numbered run dirs are the trials
-        manifest = {"sweep_dir": str(sweep_dir.resolve()), "trials": {}}
-        for path in _numbered(sweep_dir):
-            overrides = path / ".hydra" / "overrides.yaml"
-            manifest["trials"][path.name] = {
-                "num": int(path.name),
-                "overrides": (yaml.safe_load(overrides.read_text()) or []) if overrides.exists() else [],
-                "run_dir": str(path),
-                "status": "PENDING",
-            }
-    launch_cwd = hydra_config(sweep_dir).get("runtime", {}).get("cwd")
-    launch_cwd = Path(launch_cwd) if launch_cwd else None
-    for trial in manifest["trials"].values():
-        run_dir = resolve_run_dir(sweep_dir, trial, launch_cwd)
-        trial["run_dir"] = str(run_dir)
-        refresh_trial(trial, run_dir)
-    if not manifest["trials"]:
-        raise SweepError(f"{sweep_dir}: the sweep has no trials")
-    return manifest
-
-
-def trials_of(manifest: dict) -> list[dict]:
-    """The trials in job order."""
-    return sorted(manifest["trials"].values(), key=lambda t: int(t["num"]))
-
-
-def resolve_run_dir(sweep_dir: Path, trial: dict, launch_cwd: Path | None) -> Path:
-    """A trial's run dir; a relative one (hydra.sweep.dir was relative) is relative to where the sweep was launched."""
-    recorded = Path(trial["run_dir"])
-    if recorded.is_absolute():
-        return recorded
-    candidates = [(launch_cwd or Path.cwd()) / recorded, Path.cwd() / recorded, sweep_dir / str(trial["num"])]
-    return next((c.resolve() for c in candidates if c.exists()), candidates[0].resolve())
-
-
-def hydra_config(sweep_dir: Path, manifest: dict | None = None) -> dict:
-    """The sweep's `hydra` node, unresolved: multirun.yaml, else a trial's .hydra/hydra.yaml (Optuna writes none)."""
-    sources = [Path(sweep_dir) / "multirun.yaml"]
-    if manifest:
-        sources += [Path(t["run_dir"]) / ".hydra" / "hydra.yaml" for t in trials_of(manifest)]
-    sources += [p / ".hydra" / "hydra.yaml" for p in _numbered(Path(sweep_dir))]
-    for path in sources:
-        if path.exists():
-            return (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
-    return {}
-
-
-def _numbered(path: Path) -> list[Path]:
-    if not path.is_dir():
-        return []
-    return sorted((p for p in path.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- relaunching ------------------------------------------------------------------------------------
@@ -292,7 +209,3 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exp.model import SwiGLU
+from exp.model.layers import SwiGLU
 
 
 @dataclass(frozen=True)

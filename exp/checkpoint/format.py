@@ -32,7 +32,7 @@ REQUIRED_FILES = (
     "trainer_state.json",
     "config.yaml",
 )
-# A sharded checkpoint (exp.dist_checkpoint) keeps model and optimizer as DCP shards under dcp/ instead.
+# A sharded checkpoint (exp.checkpoint.sharded) keeps model and optimizer as DCP shards under dcp/ instead.
 SHARDED_REQUIRED_FILES = ("dcp/.metadata", "scheduler.json", "trainer_state.json", "config.yaml")
 RNG_KEY = "rng"  # reserved key in trainer_state.json
 _STEP_DIR = re.compile(r"step_(\d{8,})")

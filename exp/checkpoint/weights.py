@@ -1,0 +1,171 @@
+"""Weights for inference, `stage.init_from` and teachers: find a checkpoint, run directory or export
+folder, build its (allowlisted) model class, load the weights; sharded checkpoints consolidate here."""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import save_model
+from torch import nn
+
+from exp.checkpoint.format import (
+    MANIFEST,
+    CheckpointError,
+    _sha256,
+    latest_valid_checkpoint,
+    load_model_weights,
+    verify_checkpoint,
+)
+from exp.model import GPT
+
+# config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built, and the
+# nn.Module classes of the packages a user allows (allowed_prefixes).
+ALLOWED_TARGETS: dict[str, type[nn.Module]] = {"exp.model.GPT": GPT}
+ALLOW_ENV = "EXP_ALLOWED_TARGETS"  # comma-separated, like --allow-target: my_pkg. or my_pkg.models.MyLM
+ALLOW_TARGET_HELP = (  # --allow-target of the CLIs that build a model from a config.yaml
+    "also build the model classes of this package (my_pkg.) or this class (my_pkg.models.MyLM) when a "
+    f"config.yaml names them; exp's own are always allowed (repeatable; the {ALLOW_ENV} environment "
+    "variable adds comma-separated ones)"
+)
+
+
+def allowed_prefixes(allow=()) -> tuple[str, ...]:
+    """The packages (my_pkg.) or classes (my_pkg.models.MyLM) allowed beyond exp's own: `allow` (the CLIs'
+    --allow-target) and the EXP_ALLOWED_TARGETS environment variable, read here only."""
+    given = [*allow, *os.environ.get(ALLOW_ENV, "").split(",")]
+    return tuple(p.strip().rstrip(".") for p in given if p.strip().rstrip("."))
+
+
+def model_class(target, source, allow=()) -> type[nn.Module]:
+    """The nn.Module class `target` names, if allowed; nothing is imported for a target that is not."""
+    if target in ALLOWED_TARGETS:
+        return ALLOWED_TARGETS[target]
+    name = target if isinstance(target, str) else ""
+    if not any(name == p or name.startswith(p + ".") for p in allowed_prefixes(allow)):
+        package = name.rpartition(".")[0] or name or "PACKAGE"
+        raise CheckpointError(
+            f"{source}: model _target_ {target!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_TARGETS))}); "
+            f"if you trust that code, allow it with --allow-target {package}. (python -m exp.export, exp.generate) "
+            f"or {ALLOW_ENV}={package}."
+        )
+    module, _, attr = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot import model _target_ {target!r} ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{source}: model _target_ {target!r} is not an nn.Module class")
+    return cls
+
+
+def find_checkpoint(path, warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) -> Path:
+    """A checkpoint folder as given, or a run directory's newest valid one under run_dir/checkpoints/."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / MANIFEST).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        found = latest_valid_checkpoint(path / "checkpoints", warn=warn)
+        if found is None:
+            raise CheckpointError(f"run directory {path} has no valid checkpoint under {path / 'checkpoints'}")
+        return found
+    raise CheckpointError(f"{path} is neither a checkpoint folder (no {MANIFEST}) nor a run directory")
+
+
+def read_model_config(config_file, node: str | None = "model") -> dict:
+    """The resolved model node (node=None: the whole file) of a config.yaml, as a plain dict."""
+    config_file = Path(config_file)
+    try:
+        cfg = OmegaConf.load(config_file)
+        model_cfg = cfg.get(node) if node else cfg
+        if model_cfg is None:
+            raise CheckpointError(f"{config_file}: has no {node!r} node")
+        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    except (OSError, OmegaConfBaseException, ValueError) as e:
+        msg = " ".join(str(e).split())  # OmegaConf errors span lines; the CLI prints one
+        raise CheckpointError(f"{config_file}: cannot read the model config ({msg})") from None
+    if not isinstance(model_cfg, dict):
+        raise CheckpointError(f"{config_file}: the model config is not a mapping")
+    return model_cfg
+
+
+def build_model(model_cfg: dict, source, allow=()) -> nn.Module:
+    """Construct an allowed model class (model_class) from its config; every value is passed as plain data
+    (a nested `_target_` arrives as a dict, never instantiated)."""
+    target = model_cfg.get("_target_")
+    cls = model_class(target, source, allow)
+    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_")}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot build {target} ({e})") from None
+
+
+def _find_model(path) -> tuple[Path, dict]:
+    """(model.safetensors, or a sharded checkpoint folder, and the resolved model config) of path."""
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() and not (path / MANIFEST).exists():
+        return path / "model.safetensors", read_model_config(path / "config.yaml", None)  # an export folder
+    path = find_checkpoint(path)
+    sharded = verify_checkpoint(path).get("sharded") is True
+    model_cfg = read_model_config(path / "config.yaml", "model")
+    return (path if sharded else path / "model.safetensors"), model_cfg
+
+
+def _load_consolidated(checkpoint: Path, model: nn.Module) -> None:
+    """Load a (verified) sharded checkpoint's consolidated weights into model; tied weights stay tied."""
+    from exp.checkpoint.sharded import consolidate  # here: torch.distributed.checkpoint adds ~0.6 s to every import
+
+    try:
+        model.load_state_dict(consolidate(checkpoint, verify=False), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint / 'dcp'}: does not fit the model of its config.yaml ({e})") from None
+
+
+# Consolidated weights files written this process, by checkpoint and manifest, so a second lookup reuses one.
+_consolidated: dict[tuple[Path, str], Path] = {}
+
+
+def _consolidated_file(checkpoint: Path, model_cfg: dict, allow=()) -> Path:
+    key = (checkpoint.resolve(), _sha256(checkpoint / MANIFEST))
+    if key not in _consolidated or not _consolidated[key].is_file():
+        model = build_model(model_cfg, checkpoint / "config.yaml", allow)
+        _load_consolidated(checkpoint, model)
+        folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        save_model(model, str(folder / "model.safetensors"))
+        _consolidated[key] = folder / "model.safetensors"
+    return _consolidated[key]
+
+
+def locate_model(path, allow=()) -> tuple[Path, dict]:
+    """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
+    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first.
+    weights, model_cfg = _find_model(path)
+    if weights.is_dir():
+        weights = _consolidated_file(weights, model_cfg, allow)
+    return weights, model_cfg
+
+
+def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, dict]:
+    """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder.
+    `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes)."""
+    weights, model_cfg = _find_model(path)
+    config_file = (weights if weights.is_dir() else weights.parent) / "config.yaml"
+    with torch.device(device):
+        model = build_model(model_cfg, config_file, allow)
+    if weights.is_dir():
+        _load_consolidated(weights, model)  # sharded: straight from the shards, no temporary file
+    else:
+        load_model_weights(weights, model)
+    return model.eval(), model_cfg

@@ -1,0 +1,81 @@
+"""The MLflow run a pipeline's stages or a sweep's trials nest under (their `tracking.parent_run_id`).
+
+One implementation for both: exp.pipeline opens one per pipeline directory, exp.sweep.launch one per sweep
+directory. The directory's mlflow_run.json names it, so launching into the same directory again (a rerun pipeline,
+the next batch of a sweep, `python -m exp.sweep resume`) reopens the same run instead of starting another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from exp.rundir import write_json
+from exp.text import first_line
+from exp.tracking.worker import RUN_MARKER, absolute_uri, experiment_id_for
+
+log = logging.getLogger("exp")
+MEMBERS = {"pipeline": "stages", "sweep": "trials"}
+
+
+class ParentRun:
+    """An open parent run; without one (tracking=none, MLflow unavailable) run_id and uri are None and end() does
+    nothing, so callers need no branch of their own."""
+
+    def __init__(self, client=None, run_id: str | None = None, kind: str = "pipeline"):
+        self.client, self.run_id, self.kind = client, run_id, kind
+        self.uri: str | None = client.tracking_uri if client is not None else None
+
+    def end(self, status: str) -> None:
+        """Close the run with `status` (FINISHED, FAILED, KILLED); a store that fails here costs one warning."""
+        if self.client is None:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status)
+        except Exception as e:
+            log.warning(f"could not close the {self.kind}'s MLflow run {self.run_id}: {first_line(e)}")
+
+
+def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline") -> ParentRun:
+    """The parent run of the pipeline (kind="pipeline") or sweep (kind="sweep") in run_dir: reopened when run_dir
+    has one, else created. None open (ParentRun() without a run) when the tracker nests no runs (its config has no
+    parent_run_id: tracking=none) or MLflow is unavailable, which costs one warning."""
+    if "parent_run_id" not in cfg.tracking:
+        return ParentRun(kind=kind)
+    try:
+        client, run_id = _open(cfg, Path(run_dir), kind)
+    except Exception as e:
+        log.warning(
+            f"MLflow at {cfg.tracking.uri} is unavailable ({first_line(e)}); "
+            f"the {MEMBERS[kind]} are tracked without a parent run"
+        )
+        return ParentRun(kind=kind)
+    return ParentRun(client, run_id, kind)
+
+
+def _open(cfg: DictConfig, run_dir: Path, kind: str):
+    from mlflow.tracking import MlflowClient
+
+    uri = absolute_uri(cfg.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    marker = run_dir / RUN_MARKER
+    if marker.exists():
+        run_id = json.loads(marker.read_text()).get("run_id")
+        try:
+            client.update_run(run_id, status="RUNNING")
+            return client, run_id
+        except Exception:  # gone from this store: start a new parent
+            pass
+    experiment_id = experiment_id_for(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
+    tags = {"run_dir": str(run_dir.resolve()), "host": platform.node(), "kind": kind}
+    if kind == "pipeline":
+        tags["pipeline"] = ",".join(cfg.pipeline.stages.keys())
+    else:
+        tags["sweep_dir"] = tags["sweep_id"] = str(run_dir.resolve())
+    run = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags=tags)
+    write_json(marker, {"tracking_uri": uri, "run_id": run.info.run_id})
+    return client, run.info.run_id
