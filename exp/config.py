@@ -153,7 +153,8 @@ STAGE_LINKS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
 
 
 def _link_stage_values(cfg: DictConfig) -> None:
-    """Make optimizer.lr and stage.learning_rate (and weight decay) one value, in place.
+    """Make optimizer.lr and stage.learning_rate one value, in place (and weight decay, when
+    optimizer.weight_decay is given on the command line).
 
     `optimizer.lr=1e-3` on its own sets the stage's value too (MLflow records stage.learning_rate, the
     optimizer follows it); both set to different values is an error naming both.
@@ -165,6 +166,8 @@ def _link_stage_values(cfg: DictConfig) -> None:
     for opt_key, stage_key in STAGE_LINKS.items():
         if opt_key not in optimizer or stage_key not in stage or OmegaConf.is_interpolation(optimizer, opt_key):
             continue
+        if opt_key != "lr" and f"optimizer.{opt_key}" not in given:
+            continue  # an optimizer that sets its own (adam's weight_decay: 0.0) keeps it, as its file says
         value, recipe = optimizer[opt_key], stage[stage_key]
         if value == recipe:
             continue

@@ -174,6 +174,7 @@ def train(
         num_inputs = out["num_inputs"] * t.dist.world_size
         state.step += 1
         state.tokens_seen += num_inputs
+        state.train_seconds += seconds  # per step, so a run stopped mid-interval keeps its tokens' time
         if first_step:  # compilation and warm-up: left out of the steady-state throughput
             first_step = False
             state.warmup_seconds += seconds
@@ -182,7 +183,6 @@ def train(
         interval.add(loss, grad_norm, out["num_inputs"], out["metrics"], seconds)
         if closes_interval:
             metrics = _interval_metrics(interval, state, lr, t)
-            state.train_seconds += interval.seconds
             state.train_loss = metrics["train/loss"]
             events.on_log(state, metrics)
             interval = _Interval()

@@ -345,14 +345,16 @@ def resume_with_changes(
     ``step`` is the number of steps already trained. Returns the next step's learning rate before and after.
     """
     lr_before = optimizer.param_groups[0]["lr"]
-    level = lr_before / scheduler.base_lrs[0] if scheduler.base_lrs[0] else 1.0  # the saved schedule's multiplier
+    base_lrs = getattr(scheduler, "base_lrs", None)  # SequentialLR, ReduceLROnPlateau, ... have none
+    level = lr_before / base_lrs[0] if base_lrs and base_lrs[0] else 1.0  # the saved schedule's multiplier
     old, new = saved.get("optimizer", {}), current.get("optimizer", {})
     for key in sorted(set(old) | set(new)):
         if key.startswith("_") or old.get(key) == new.get(key):
             continue
         if key == "lr":
             ratio = float(new["lr"]) / float(old["lr"])  # a rollback's reduction, already in base_lrs, stays
-            scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+            if base_lrs is not None:
+                scheduler.base_lrs = [lr * ratio for lr in base_lrs]
             for group in optimizer.param_groups:
                 group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
             continue

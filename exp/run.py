@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from exp import config, hardware, loop, rundir
 from exp import dist as exp_dist
 from exp.callbacks import ConsoleLog, FirstStepClock, ProgressBar
-from exp.checkpoint import Checkpointer, ResumePoint, find_resume, load_model_weights, locate_model
+from exp.checkpoint import Checkpointer, find_resume, load_model_weights, locate_model
 from exp.errors import ConfigError, ExpError, Stopped
 from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, StopSignals
@@ -78,7 +78,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     events = Events([clock, signals, *stateful.values()])
     state, status, stage = point.state if point else TrainState(), "FAILED", valid.stage
     try:
-        built = build(cfg, valid, dist)
+        built = build(cfg, valid, dist, init_weights=point is None)
         events.on_build(built.trained.model, built.trained.optimizer, built.trained.scheduler)
         checkpointer: Checkpointer = instantiate(cfg.checkpoint)(
             trained=built.trained,
@@ -88,8 +88,9 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             stateful=stateful,
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             seed=run.seed,
+            run_dir=str(run_dir),
         )
-        state = restore(point, checkpointer, built, stage)
+        state = checkpointer.restore(point) if point is not None else TrainState()
         reporters = [ConsoleLog(stage.num_steps), ProgressBar(stage.num_steps)]
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
         events.add(checkpointer, *(reporters if dist.is_main else []))
@@ -121,7 +122,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         if tracker not in events.callbacks:
             events.add(tracker)
         events.on_train_end(state, status)
-    if signals.received:
+    if signals.received and dist.is_main:  # other ranks end quietly: rank 0 requeues or reports the stop
         if signals.preempted:
             signals.hand_over()  # submitit requeues the job and exits; the requeued job resumes from the checkpoint
         name = signal.Signals(signals.received).name
@@ -155,8 +156,9 @@ class Built:
     data_info: dict
 
 
-def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist) -> Built:
-    """Hardware, seed, data, model (sharded or wrapped as the strategy wants), optimizer, scheduler, scaler."""
+def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_weights: bool = True) -> Built:
+    """Hardware, seed, data, model (stage.init_from's weights unless resuming; sharded or wrapped as the
+    strategy wants), optimizer, scheduler, scaler."""
     stage, run = valid.stage, valid.run
     rt = hardware.setup(valid.hardware, stage.dtype, dist.local_rank)
     seed_everything(run.seed)
@@ -174,21 +176,14 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist) -> Buil
     data_info = data.describe() | (data.stats() if hasattr(data, "stats") else {})
     log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
     stage.setup(model, rt)
+    if init_weights and stage.init_from:
+        weights, _ = locate_model(stage.init_from)
+        load_model_weights(weights, model)
+        log.info(f"initialised from {weights}")
     step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
     step_model = torch.compile(step_model) if rt.compile else step_model
     trained = loop.Trained(stage, model, optimizer, scheduler, rt, rt.grad_scaler(), dist, step_model)
     return Built(trained, batches, val_batches, data, data_info)
-
-
-def restore(point: ResumePoint | None, checkpointer: Checkpointer, built: Built, stage) -> TrainState:
-    """The state training starts from: a checkpoint's, or step 0 (from stage.init_from's weights if set)."""
-    if point is not None:
-        return checkpointer.restore(point)
-    if stage.init_from:
-        weights, _ = locate_model(stage.init_from)
-        load_model_weights(weights, built.trained.model)
-        log.info(f"initialised from {weights}")
-    return TrainState()
 
 
 def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run) -> None:
@@ -253,6 +248,8 @@ def fail_at_start(cfg: DictConfig, error: ConfigError) -> float:
     MLflow, and NaN for the sweeper, which goes on with the other trials."""
     message = error.line()
     print(message, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":  # one record per trial: rank 0's
+        return float("nan")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:

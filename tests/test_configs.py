@@ -127,3 +127,9 @@ def test_optimizer_lr_and_stage_learning_rate_set_apart_are_refused(make_cfg):
     cfg = make_cfg("optimizer.lr=1e-3", "stage.learning_rate=2e-3")
     with pytest.raises(ConfigError, match=r"optimizer.lr=0.001 and stage.learning_rate=0.002 disagree"):
         validate(cfg)
+
+
+def test_an_optimizer_with_its_own_weight_decay_keeps_it_beside_the_stage_value(make_cfg):
+    cfg = make_cfg("optimizer=adam", "stage.weight_decay=0.1")  # adam.yaml: weight_decay 0.0 (coupled L2)
+    validate(cfg)
+    assert cfg.optimizer.weight_decay == 0.0 and cfg.stage.weight_decay == 0.1

@@ -177,3 +177,15 @@ def test_a_user_callback_receives_every_documented_hook(tmp_path):
     assert saved and saved[0].endswith("step_00000004")
     faults = [e["metrics"] for e in events if e["hook"] == "on_fault"]
     assert any("faults/skipped_steps" in m for m in faults) and any("faults/rollbacks" in m for m in faults)
+
+
+def test_a_rollback_to_the_checkpoint_resumed_from_keeps_the_changed_learning_rate(tmp_path):
+    run_dir = tmp_path / "run"
+    constant = ["scheduler=constant", "stage.warmup_ratio=0", "checkpoint.every_n_steps=4"]
+    train(run_dir, *constant, "stage.num_steps=4", "stage.learning_rate=1e-3")
+    poison = ["+callbacks.p._target_=tests.hooks.PoisonWeightsAt", "+callbacks.p.step=5", "nan.max_consecutive=0"]
+    longer = ["stage.num_steps=8", "stage.learning_rate=2e-3", "resume.allow_config_change=true"]
+    train(run_dir, *constant, *longer, *poison, "checkpoint.every_n_steps=100")
+    assert json.loads((run_dir / "summary.json").read_text())["num_rollbacks"] == 1
+    # rolled back to step 4, written at lr 1e-3: the resumed config's 2e-3 still holds, halved by the rollback
+    assert lrs(run_dir)[8] == pytest.approx(2e-3 * 0.5)

@@ -22,6 +22,7 @@ from exp.checkpoint.format import (
     save_checkpoint,
     verify_checkpoint,
 )
+from exp.config import STAGE_LINKS
 from exp.errors import ConfigError, ResumeError
 from exp.events import Callback, Events, TrainState
 from exp.optim import hyperparameters, resume_with_changes
@@ -115,6 +116,9 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> tup
         for k in sorted(set(saved) | set(current))
         if saved.get(k) != current.get(k) and not k.startswith(RESUME_IGNORES)
     }
+    for opt_key, stage_key in STAGE_LINKS.items():  # a checkpoint from before the link: what trained is the same
+        if f"optimizer.{opt_key}" in saved and f"optimizer.{opt_key}" not in changed:
+            changed.pop(f"stage.{stage_key}", None)
     if not changed:
         return saved_tree, current_tree, {}
     listing = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(changed.items())[:8])
@@ -175,6 +179,7 @@ class Checkpointer(Callback):
         stateful: dict[str, Callback] | None = None,
         config_yaml: str = "",
         seed: int = 0,
+        run_dir: str | None = None,
     ):
         if every_n_steps < 0 or keep_last < 0:
             raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
@@ -182,6 +187,8 @@ class Checkpointer(Callback):
         self.trained, self.sampler, self.tracker = trained, sampler, tracker
         self.events = events if events is not None else Events()
         self.stateful, self.config_yaml, self.seed = stateful or {}, config_yaml, seed
+        self.run_dir = Path(run_dir) if run_dir is not None else self.dir.parent
+        self._resumed: tuple[ResumePoint, list[dict], int] | None = None  # re-applied after a rollback to it
         self.sharded = trained is not None and trained.dist.strategy == "fsdp" and trained.dist.enabled
         self.last_path: Path | None = None
         self.last_step: int | None = None
@@ -209,16 +216,18 @@ class Checkpointer(Callback):
                 t.optimizer, t.scheduler, configured, point.saved_cfg, point.current_cfg, state.step
             )
             changed = f" | lr {before:.3e} -> {after:.3e} (changed: {', '.join(point.changes)})"
+            self._resumed = (point, configured, state.step)
             if t.dist.is_main:
                 self._record_changes(state.step, point.changes)
         log.info(f"resumed from {point.path} at step {state.step}{changed}")
         self.last_path, self.last_step = point.path, state.step
+        self.follow(state, point.path.parent)  # resumed from another run dir: its best checkpoint counts too
         return state
 
     def _record_changes(self, step: int, changes: dict) -> None:
         """Keys changed at a resume (old -> new), in config_changes.json and on the MLflow run: MLflow params
         keep the first launch's values (they cannot change), so this record says which stopped being true."""
-        path = self.dir.parent / CONFIG_CHANGES
+        path = self.run_dir / CONFIG_CHANGES
         history = [h for h in (read_json(path) or []) if h["step"] < step]  # resumed earlier: rewrite what followed
         history.append({"step": step, "changes": {k: [old, new] for k, (old, new) in changes.items()}})
         write_json(path, history)
@@ -237,12 +246,19 @@ class Checkpointer(Callback):
     # --- the loop's hooks -----------------------------------------------------------------------------
 
     def on_train_start(self, state: TrainState) -> None:
-        self.follow(state)
+        if self.best_path is None:  # restore() may have found it in the run dir resumed from
+            self.follow(state)
 
-    def follow(self, state: TrainState) -> None:
-        """Take the best checkpoint from the state (a resumed or rolled-back run), so rotation spares it."""
-        best = self.dir / checkpoint_name(state.best_step) if state.best_step is not None else None
-        self.best_path = best if self.keep_best and best is not None and best.is_dir() else None
+    def follow(self, state: TrainState, *elsewhere: Path) -> None:
+        """Take the best checkpoint from the state (a resumed or rolled-back run), so rotation spares it; a run
+        resumed from another run directory finds it there."""
+        self.best_path = None
+        if not self.keep_best or state.best_step is None:
+            return
+        for root in (self.dir, *elsewhere):
+            if (root / checkpoint_name(state.best_step)).is_dir():
+                self.best_path = root / checkpoint_name(state.best_step)
+                return
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._evaluated_at = state.step
@@ -265,7 +281,8 @@ class Checkpointer(Callback):
         if self.trained.dist.is_main:
             protect = {self.best_path} if self.best_path else set()
             rotate_checkpoints(self.dir, self.keep_last, protect | {path})
-        self.events.on_checkpoint(state, path)
+        if self.trained.dist.is_main or self.sharded:  # DDP: only rank 0 wrote it
+            self.events.on_checkpoint(state, path)
         return path
 
     def _write(self, state: TrainState) -> Path:
@@ -308,6 +325,9 @@ class Checkpointer(Callback):
         back = self._load(Path(found))
         for key, value in dataclasses.asdict(state_from_dict(back["state"])).items():
             setattr(state, key, value)
+        if self._resumed is not None and state.step <= self._resumed[2]:  # written under the config before resuming
+            point, configured, _ = self._resumed
+            resume_with_changes(t.optimizer, t.scheduler, configured, point.saved_cfg, point.current_cfg, state.step)
         for group in t.optimizer.param_groups:
             group["lr"] *= lr_factor
         t.scheduler.base_lrs = [lr * lr_factor for lr in t.scheduler.base_lrs]
