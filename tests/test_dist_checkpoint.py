@@ -113,7 +113,19 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     root = base / "checkpoints"
     for phase in ("save", "resume"):
-        mp.spawn(worker, args=(free_port(), str(root), phase), nprocs=WORLD, join=True)
+        written = lambda: all((base / f"{phase}_{r}.pt").exists() for r in range(WORLD))  # noqa: B023
+        for attempt in (1, 2):
+            try:
+                mp.spawn(worker, args=(free_port(), str(root), phase), nprocs=WORLD, join=True)
+            except mp.ProcessExitedException:
+                # gloo sometimes aborts a rank while tearing down, after its work is written (seen in about 1 run
+                # of 5 on this 2-core machine): the outputs are what the tests check. A rank that died before
+                # writing (its port taken between free_port() and the rendezvous) runs the phase again, once.
+                if not written():
+                    if attempt == 2:
+                        raise
+                    continue
+            break
     return root, {(p, r): torch.load(base / f"{p}_{r}.pt") for p in ("save", "resume") for r in range(WORLD)}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .cache import building, cached
 from .protocol import DataError
-from .tokenizer import EOT, VOCAB_SIZE
+from .tokenizer import EOT, VOCAB_SIZE, ByteTokenizer
 
 FORMAT_VERSION = 1
 # Directories skipped under the stdlib root: third-party packages, and test suites / IDLE, whose
@@ -69,15 +69,31 @@ def holdout(keys: Sequence[float] | np.ndarray, fraction: float) -> tuple[np.nda
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
-def _as_tokens(doc: TokenLike, vocab_size: int) -> np.ndarray:
+def token_dtype(vocab_size: int) -> str:
+    """The token files' dtype for a vocabulary: "uint16" while every id fits in it, else "uint32"."""
+    if not 0 < vocab_size <= 2**32:
+        raise ValueError(f"vocab_size {vocab_size} must be in [1, 2**32]")
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+_LE = {"uint16": "<u2", "uint32": "<u4"}
+
+
+def byte_tokenizer_meta() -> dict:
+    """meta.json's "tokenizer" entry for byte tokens (there is no tokenizer.json to fingerprint)."""
+    specials = dict(ByteTokenizer.specials)
+    return {"kind": "bytes", "vocab_size": VOCAB_SIZE, "special_tokens": specials, "fingerprint": None}
+
+
+def _as_tokens(doc: TokenLike, vocab_size: int, le: str = "<u2") -> np.ndarray:
     if isinstance(doc, bytes | bytearray | memoryview):
-        return np.frombuffer(doc, dtype=np.uint8).astype("<u2")
+        return np.frombuffer(doc, dtype=np.uint8).astype(le)
     arr = np.asarray(doc)
     if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"a document must be bytes or a 1-D integer sequence, got {arr.dtype} {arr.shape}")
     if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{arr.min()}, {arr.max()}]")
-    return arr.astype("<u2")
+    return arr.astype(le)
 
 
 def _check_writable_target(out_dir: Path) -> None:
@@ -85,9 +101,9 @@ def _check_writable_target(out_dir: Path) -> None:
         raise FileExistsError(f"{out_dir} exists and is not a token corpus; refusing to replace it")
 
 
-def _split_tail(tmp: Path, name: str, num_val: int) -> tuple[int, int]:
+def _split_tail(tmp: Path, name: str, num_val: int, le: str = "<u2") -> tuple[int, int]:
     """Rewrite the one document in tmp/name as train.bin (its head) and val.bin (its last num_val tokens)."""
-    src = np.memmap(tmp / name, dtype="<u2", mode="r")
+    src = np.memmap(tmp / name, dtype=le, mode="r")
     cut = len(src) - max(1, min(num_val, len(src) - 1))  # each side keeps a token
     with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.new", "wb") as fval:
         ftrain.write(src[:cut])  # memmap slices go to the file without a copy
@@ -107,6 +123,9 @@ def write_token_files(
     sources: str | None = None,
     min_val_tokens: int = MIN_VAL_TOKENS,
     vocab_size: int = VOCAB_SIZE,
+    eot: int = EOT,
+    tokenizer: dict | None = None,
+    tokenizer_json: bytes | None = None,
 ) -> dict:
     """Write (name, tokens) documents, each followed by EOT, to train.bin/val.bin/meta.json atomically.
 
@@ -116,13 +135,25 @@ def write_token_files(
     is split by tokens instead: the last that many tokens go to val (meta "split": "tokens").
     Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict,
     which records the largest token id so readers can trust it instead of scanning the files.
+    Files hold uint16 while vocab_size fits it, else uint32 (meta "dtype"); `eot` separates documents,
+    `tokenizer` is meta's description of the tokenizer (byte tokens when None), and `tokenizer_json`,
+    if given, is written alongside as tokenizer.json.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     _check_writable_target(out_dir)
     with building(out_dir) as tmp:
         meta = write_token_dir(
-            tmp, docs, val_fraction, sources=sources, min_val_tokens=min_val_tokens, vocab_size=vocab_size
+            tmp,
+            docs,
+            val_fraction,
+            sources=sources,
+            min_val_tokens=min_val_tokens,
+            vocab_size=vocab_size,
+            eot=eot,
+            tokenizer=tokenizer,
         )
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_bytes(tokenizer_json)
         _check_writable_target(out_dir)  # it may have appeared while we were writing
     return meta
 
@@ -135,25 +166,30 @@ def write_token_dir(
     sources: str | None = None,
     min_val_tokens: int = MIN_VAL_TOKENS,
     vocab_size: int = VOCAB_SIZE,
+    eot: int = EOT,
+    tokenizer: dict | None = None,
 ) -> dict:
     """write_token_files' content, written into the empty folder tmp (which the caller publishes)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if vocab_size > 2**16:
-        raise ValueError(f"vocab_size {vocab_size} does not fit uint16")
-    eot = np.array([EOT], dtype="<u2").tobytes()
+    dtype = token_dtype(vocab_size)
+    le = _LE[dtype]
+    itemsize = np.dtype(le).itemsize
+    if not 0 <= eot < vocab_size:
+        raise ValueError(f"end-of-text id {eot} outside the vocabulary [0, {vocab_size})")
+    max_id = eot
+    eot = np.array([eot], dtype=le).tobytes()
     content = hashlib.sha256()
     num_val = num_val_docs = num_train = 0
-    max_id = EOT
     train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
     with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
         for name, doc in docs:
-            arr = _as_tokens(doc, vocab_size)
+            arr = _as_tokens(doc, vocab_size, le)
             if not arr.size:
                 continue  # empty documents would only add lone EOTs
             max_id, data = max(max_id, int(arr.max())), arr.tobytes()
             content.update(name.encode("utf-8") + b"\0" + data)
-            n, key = len(data) // 2 + 1, split_value(name)
+            n, key = len(data) // itemsize + 1, split_value(name)
             if key < val_fraction:
                 fval.write(data + eot)
                 num_val, num_val_docs = num_val + n, num_val_docs + 1
@@ -169,7 +205,7 @@ def write_token_dir(
     total = num_train + num_val
     target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
     if num_docs == 1:  # one file (tiny Shakespeare): nothing to split by document, so split its tokens
-        num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target)
+        num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target, le)
         num_val_docs, train_docs = 0, []
     moved: set[int] = set()
     for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
@@ -178,7 +214,7 @@ def write_token_dir(
         moved.add(i)
         num_val, num_val_docs = num_val + train_docs[i][2], num_val_docs + 1
     if moved:
-        src = np.memmap(tmp / "train.bin", dtype="<u2", mode="r")
+        src = np.memmap(tmp / "train.bin", dtype=le, mode="r")
         with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.bin", "ab") as fval:
             for i, (_, off, n) in enumerate(train_docs):
                 (fval if i in moved else ftrain).write(src[off : off + n].tobytes())
@@ -187,9 +223,9 @@ def write_token_dir(
         num_train -= sum(train_docs[i][2] for i in moved)
     meta = {
         "format_version": FORMAT_VERSION,
-        "tokenizer": "byte",
+        "tokenizer": tokenizer if tokenizer is not None else byte_tokenizer_meta(),
         "vocab_size": vocab_size,
-        "dtype": "uint16",
+        "dtype": dtype,
         "num_train_tokens": num_train,
         "num_val_tokens": num_val,
         "num_documents": num_docs,
@@ -207,9 +243,10 @@ def is_complete(corpus_dir: Path) -> bool:
     """True if corpus_dir has meta.json and bin files whose sizes match it."""
     try:
         meta = json.loads((corpus_dir / "meta.json").read_text())
-        return (corpus_dir / "train.bin").stat().st_size == 2 * meta["num_train_tokens"] and (
+        size = np.dtype(meta.get("dtype", "uint16")).itemsize
+        return (corpus_dir / "train.bin").stat().st_size == size * meta["num_train_tokens"] and (
             corpus_dir / "val.bin"
-        ).stat().st_size == 2 * meta["num_val_tokens"]
+        ).stat().st_size == size * meta["num_val_tokens"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -150,6 +150,7 @@ class Memmap(TokenData):
             raise DataError(f"data.vocab_size={self.vocab_size} must be > 0")
         if self.dtype is None:
             raise DataError(f"data.dtype={self.dtype_name} must be one of {', '.join(_DTYPES)}")
+        self._follow_meta_dtype()
         if self.vocab_size > np.iinfo(self.dtype).max + 1:
             raise DataError(f"data.vocab_size={self.vocab_size} does not fit data.dtype={self.dtype_name}")
         if not Path(self.path).expanduser().exists():
@@ -182,6 +183,20 @@ class Memmap(TokenData):
                     f"{key}={f} holds token id {largest} >= data.vocab_size={self.vocab_size} "
                     f"(set data.vocab_size={largest + 1} or more if that is the tokenizer's size)"
                 )
+
+    def _follow_meta_dtype(self) -> None:
+        """A prepared folder's meta.json names its files' dtype (uint32 past 65536 ids): read them as that,
+        whatever data.dtype says; data.dtype is for token files without meta.json."""
+        meta_path = Path(self.path).expanduser() / "meta.json"
+        if self.val_path is not None or not meta_path.is_file():
+            return
+        try:
+            name = json.loads(meta_path.read_text()).get("dtype", self.dtype_name)
+        except (ValueError, AttributeError):
+            return  # _meta reports a broken meta.json
+        if name not in _DTYPES:
+            raise DataError(f"{meta_path} says dtype {name!r}; data=memmap reads {', '.join(_DTYPES)}")
+        self.dtype_name, self.dtype = name, _DTYPES[name]
 
     def _meta(self, train: Path) -> dict | None:
         """prepare.py's meta.json while its sizes match the files, else None; refuses a dtype or vocab it denies."""
