@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from exp.checkpoint.format import (
+    MANIFEST,
     CheckpointError,
     checkpoint_name,
     latest_valid_checkpoint,
@@ -90,7 +91,7 @@ def _find(resume, root: Path) -> Path | None:
     if resume.path == "auto":
         return latest_valid_checkpoint(root, warn=log.warning)
     path = Path(resume.path).expanduser()
-    if (path / "manifest.json").exists() or (path / "trainer_state.json").exists():
+    if (path / MANIFEST).exists() or (path / "trainer_state.json").exists():
         try:
             verify_checkpoint(path)
         except CheckpointError as e:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
+from exp.model.protocol import inner as unwrap  # strip DDP and torch.compile wrappers before saving
 from exp.rundir import fsync, publish_dir
 
 FORMAT_VERSION = 1
@@ -41,18 +42,6 @@ _HASH_CHUNK = 1 << 24
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, incompatible with the model, or its run directory is locked."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under any DDP/DataParallel (.module) and torch.compile (._orig_mod) wrappers."""
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, wrappers):
-            model = model.module
-        else:
-            return model
 
 
 def checkpoint_name(step: int) -> str:

@@ -120,12 +120,8 @@ def write_token_files(
     out_dir: str | Path,
     val_fraction: float,
     *,
-    sources: str | None = None,
-    min_val_tokens: int = MIN_VAL_TOKENS,
-    vocab_size: int = VOCAB_SIZE,
-    eot: int = EOT,
-    tokenizer: dict | None = None,
     tokenizer_json: bytes | None = None,
+    **options,
 ) -> dict:
     """Write (name, tokens) documents, each followed by EOT, to train.bin/val.bin/meta.json atomically.
 
@@ -136,22 +132,13 @@ def write_token_files(
     Everything is built in `<out_dir>.tmp-<pid>` and renamed into place; returns the meta dict,
     which records the largest token id so readers can trust it instead of scanning the files.
     Files hold uint16 while vocab_size fits it, else uint32 (meta "dtype"); `eot` separates documents,
-    `tokenizer` is meta's description of the tokenizer (byte tokens when None), and `tokenizer_json`,
-    if given, is written alongside as tokenizer.json.
+    `tokenizer` is meta's description of the tokenizer (byte tokens when None): `options` are
+    write_token_dir's. `tokenizer_json`, if given, is written alongside as tokenizer.json.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     _check_writable_target(out_dir)
     with building(out_dir) as tmp:
-        meta = write_token_dir(
-            tmp,
-            docs,
-            val_fraction,
-            sources=sources,
-            min_val_tokens=min_val_tokens,
-            vocab_size=vocab_size,
-            eot=eot,
-            tokenizer=tokenizer,
-        )
+        meta = write_token_dir(tmp, docs, val_fraction, **options)  # sources, min_val_tokens, vocab_size, ...
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_bytes(tokenizer_json)
         _check_writable_target(out_dir)  # it may have appeared while we were writing

@@ -39,9 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 def inner(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile and DDP wrappers."""
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The plain module under any DDP/DataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def declared(model: nn.Module, name: str):
