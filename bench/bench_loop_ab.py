@@ -50,7 +50,7 @@ def build(config, num_steps: int, work: Path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf, open_dict
 
-    from exp.config import validate
+    from exp.config import component, validate
 
     overrides = [
         *config.overrides,
@@ -69,7 +69,7 @@ def build(config, num_steps: int, work: Path):
     data = instantiate(cfg.data)
     train_bin, _ = data.files()
     torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.model)
+    model = instantiate(component(cfg, "model"))
     scheduler = OmegaConf.to_container(cfg.scheduler, resolve=True)
     optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
     return valid, model, data, np.memmap(train_bin, dtype=np.uint16, mode="r"), scheduler, optimizer, cfg
@@ -84,6 +84,7 @@ class Framework:
         from exp import hardware, loop
         from exp.callbacks import ConsoleLog, FirstStepClock
         from exp.checkpoint import Checkpointer
+        from exp.config import component
         from exp.faults import EarlyStopping, FaultGuard, StopSignals
         from exp.optim import build_optimizer
         from exp.rundir import MetricsFile
@@ -91,7 +92,7 @@ class Framework:
         stage, run = valid.stage, valid.run
         self.loop, self.model, self.stage = loop, model, stage
         self.rt = hardware.Runtime(device=torch.device("cpu"), dtype=torch.float32)
-        self.opt = build_optimizer(instantiate(cfg.optimizer), model, device=self.rt.device)
+        self.opt = build_optimizer(instantiate(component(cfg, "optimizer")), model, device=self.rt.device)
         self.sched = instantiate(cfg.scheduler)(self.opt)
         self.batches = data.train_sampler(stage.batch_size_per_gpu, seed=cfg.seed)
         self.val = data.val_batches(stage.batch_size_per_gpu, 1)

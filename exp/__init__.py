@@ -1,0 +1,5 @@
+"""exp: a Hydra-composed experiment framework for training language models."""
+
+from exp import resolvers as _resolvers
+
+_resolvers.register()

@@ -16,8 +16,8 @@ class ConsoleLog(Callback):
 
     EXTRA = ("train/kd_loss", "train/ce_loss", "train/teacher_agreement", "train/router_loss")
 
-    def __init__(self, num_steps: int):
-        self.num_steps = num_steps
+    def __init__(self, num_steps: int, show_epoch: bool = False):
+        self.num_steps, self.show_epoch = num_steps, show_epoch  # the epoch: when the run counts in epochs
         self.width = len(str(num_steps))
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
@@ -29,6 +29,7 @@ class ConsoleLog(Callback):
             + (f" | acc {accuracy:.3f}" if accuracy is not None else "")
             + f" | grad {metrics['train/grad_norm']:.3f} | lr {metrics['train/lr']:.2e} "
             f"| {metrics['perf/tokens_per_s']:,.0f} tok/s"
+            + (f" | epoch {metrics['progress/epoch']:.2f}" if self.show_epoch and "progress/epoch" in metrics else "")
         )
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:

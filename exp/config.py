@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import os
 import tempfile
 import types
 import typing
@@ -21,6 +23,8 @@ from exp.errors import ConfigError
 from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
+# keys exp reads itself, not parameters of the group's _target_: component() leaves them out of what is built
+EXP_KEYS = {"model": ("freeze",), "optimizer": ("param_groups",)}
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = ConfigError.exit_code
 
@@ -73,6 +77,28 @@ class EarlyStoppingConfig:
 
 
 @dataclass(kw_only=True)
+class LRFindConfig:
+    """The `lr_find` node (`lr_find=true` is short for lr_find.enabled=true): an LR range test instead of the run."""
+
+    enabled: bool = False
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    num_steps: int = 100  # at most; the test stops once the smoothed loss diverges
+    smoothing: float = 0.05  # weight of each new loss in the smoothed (bias-corrected EMA) loss
+    diverge: float = 4.0  # stop when the smoothed loss exceeds this times its lowest value
+
+    def __post_init__(self):
+        if not 0 < self.min_lr < self.max_lr:
+            raise ValueError(f"lr_find.min_lr={self.min_lr} and lr_find.max_lr={self.max_lr} need 0 < min < max")
+        if self.num_steps < 5:
+            raise ValueError(f"lr_find.num_steps={self.num_steps} must be >= 5")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"lr_find.smoothing={self.smoothing} must be in (0, 1]")
+        if self.diverge <= 1:
+            raise ValueError(f"lr_find.diverge={self.diverge} must be > 1")
+
+
+@dataclass(kw_only=True)
 class ResumeConfig:
     """Where a run continues from."""
 
@@ -99,6 +125,7 @@ class RunConfig:
     early_stopping: EarlyStoppingConfig = dataclasses.field(default_factory=EarlyStoppingConfig)
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    lr_find: LRFindConfig = dataclasses.field(default_factory=LRFindConfig)
 
 
 @dataclass
@@ -118,6 +145,7 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     """
     _check_resolvable(cfg)
     _link_stage_values(cfg)
+    _derive_num_steps(cfg)
     known = set(GROUPS) | {f.name for f in dataclasses.fields(RunConfig)}
     for key in cfg:
         if key not in known:
@@ -128,6 +156,8 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     run_node = OmegaConf.masked_copy(cfg, [f.name for f in dataclasses.fields(RunConfig) if f.name in cfg])
     if "resume" in run_node and not isinstance(run_node.resume, DictConfig):  # resume=auto is resume.path=auto
         run_node.resume = {"path": run_node.resume}
+    if "lr_find" in run_node and not isinstance(run_node.lr_find, DictConfig):  # lr_find=true
+        run_node.lr_find = {"enabled": run_node.lr_find}
     run = _typed("", RunConfig, run_node)
     stage = _typed("stage", get_object(cfg.stage._target_), _without_meta(cfg.stage))
     hardware = _typed("hardware", get_object(cfg.hardware._target_), _without_meta(cfg.hardware))
@@ -148,10 +178,6 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     return Validated(run=run, stage=stage, hardware=hardware)
 
 
-# optimizer keys that follow the stage's recipe (`lr: ${stage.learning_rate}`): one value, recorded once
-STAGE_LINKS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
-
-
 def _link_stage_values(cfg: DictConfig) -> None:
     """Make optimizer.lr and stage.learning_rate one value, in place (and weight decay, when
     optimizer.weight_decay is given on the command line).
@@ -159,6 +185,8 @@ def _link_stage_values(cfg: DictConfig) -> None:
     `optimizer.lr=1e-3` on its own sets the stage's value too (MLflow records stage.learning_rate, the
     optimizer follows it); both set to different values is an error naming both.
     """
+    from exp.optim import STAGE_LINKS
+
     optimizer, stage = cfg.get("optimizer"), cfg.get("stage")
     if not isinstance(optimizer, DictConfig) or not isinstance(stage, DictConfig):
         return
@@ -182,6 +210,32 @@ def _link_stage_values(cfg: DictConfig) -> None:
             )
         stage[stage_key] = value
         optimizer[opt_key] = f"${{stage.{stage_key}}}"
+
+
+def _derive_num_steps(cfg: DictConfig) -> None:
+    """stage.num_epochs given: set stage.num_steps, in place, to the steps that many passes over the training
+    data take (the data's epoch_size() samples per pass; all ranks' batches per step, WORLD_SIZE ranks)."""
+    stage = cfg.get("stage")
+    if not isinstance(stage, DictConfig) or stage.get("num_epochs") is None:
+        return
+    epochs = stage.num_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
+        raise ConfigError(f"stage.num_epochs={epochs!r} must be a number > 0, or null")
+    if "stage.num_steps" in _command_line_keys():
+        raise ConfigError(
+            f"stage.num_steps={stage.num_steps} and stage.num_epochs={epochs} are both set: set one of them "
+            "(the other is derived)"
+        )
+    data = _guard("data", lambda: instantiate(cfg.data))
+    if not hasattr(data, "epoch_size"):
+        raise ConfigError(
+            f"stage.num_epochs: {cfg.data._target_} has no epoch size (no epoch_size()): set stage.num_steps"
+        )
+    _guard("data", data.check)
+    size = _guard("data", data.epoch_size)
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps * world
+    stage.num_steps = max(1, math.ceil(epochs * size / per_step))
 
 
 def _command_line_keys() -> set[str]:
@@ -224,6 +278,14 @@ def _typed(group: str, schema: type, node: DictConfig):
         raise ConfigError(_named(group, e)) from None
 
 
+def component(cfg: DictConfig, group: str) -> DictConfig:
+    """cfg[group] as its _target_ is built: without the keys exp reads itself (EXP_KEYS), resolved."""
+    node, own = cfg[group], EXP_KEYS.get(group, ())
+    if not any(k in node for k in own):
+        return node
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in own})
+
+
 def _check_signature(group: str, node: DictConfig) -> None:
     """Keys of a `_target_` group must be parameters of the target, with numbers where numbers are expected."""
     try:
@@ -234,7 +296,7 @@ def _check_signature(group: str, node: DictConfig) -> None:
     hints = _hints(target)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in node:
-        if key in INSTANTIATE_KEYS:
+        if key in INSTANTIATE_KEYS or key in EXP_KEYS.get(group, ()):
             continue
         if key not in params and not takes_any:
             raise ConfigError(
@@ -333,17 +395,47 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
     import torch
 
     with torch.device("meta"):
-        _guard("model", lambda: instantiate(cfg.model))
-    if stage is not None:
-        _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
+        model = _guard("model", lambda: instantiate(component(cfg, "model")))
+    _check_groups(cfg, model)
     dummy = torch.nn.Parameter(torch.zeros(1))
-    optimizer = _guard("optimizer", lambda: instantiate(cfg.optimizer)([dummy]))
+    optimizer = _guard("optimizer", lambda: instantiate(component(cfg, "optimizer"))([dummy]))
     _guard("scheduler", lambda: instantiate(cfg.scheduler)(optimizer))
     from exp.data import check_data_source
 
     data = _guard("data", lambda: instantiate(cfg.data))
     _guard("data", lambda: check_data_source(data))  # a plain Dataset given as data: say what to use instead
     _guard("data", data.check)
+    if stage is not None:  # the stage's weights (init_from, a teacher) after the data: the tokenizer says most
+        _check_tokenizers(stage, _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None))
+        _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
+
+
+def _check_tokenizers(stage, tokenizer) -> None:
+    """Weights a stage starts from (init_from, a teacher) must come from the data's tokenizer."""
+    from exp.checkpoint import check_tokenizer
+
+    for key, path in (("stage.init_from", getattr(stage, "init_from", None)), ("stage.teacher.path", _teacher(stage))):
+        if path:
+            _guard("stage", lambda key=key, path=path: check_tokenizer(tokenizer, path, f"{key}={path}"))
+
+
+def _teacher(stage) -> str | None:
+    teacher = getattr(stage, "teacher", None)
+    return getattr(teacher, "path", None)
+
+
+def _check_groups(cfg: DictConfig, model) -> None:
+    """model.freeze and optimizer.param_groups, tried on the (meta) model: a pattern matching nothing is named."""
+    from exp.optim import freeze, group_rules, param_groups
+
+    freeze_patterns = OmegaConf.to_container(cfg.model, resolve=True).get("freeze") or []
+    rules = OmegaConf.to_container(cfg.optimizer, resolve=True).get("param_groups") or []
+    if not isinstance(freeze_patterns, list) or not all(isinstance(p, str) for p in freeze_patterns):
+        raise ConfigError(f"model.freeze={freeze_patterns!r} must be a list of regular expressions")
+    if not isinstance(rules, list):
+        raise ConfigError(f"optimizer.param_groups={rules!r} must be a list of {{match: REGEX, lr_mult: X}}")
+    _guard("model", lambda: freeze(model, freeze_patterns))
+    _guard("optimizer", lambda: param_groups(model, 0.0, group_rules(rules)))
 
 
 def _guard(group: str, build: Callable):

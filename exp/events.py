@@ -29,12 +29,14 @@ class Callback:
     """Hooks the loop calls; subclasses override what they need.
 
     Setting should_stop ends the run cleanly after the step (stop_reason says why, in summary.json and
-    MLflow). A callback whose state must survive a resume returns it from state_dict() (JSON values);
+    MLflow); stop_status, when set, is the status the run then ends with instead of FINISHED (a pruned
+    sweep trial: PRUNED). A callback whose state must survive a resume returns it from state_dict() (JSON values);
     the checkpoint stores it and load_state_dict() gets it back.
     """
 
     should_stop: bool = False
     stop_reason: str | None = None
+    stop_status: str | None = None
 
     def state_dict(self) -> dict | None:
         """JSON-serialisable state to keep in checkpoints; None: nothing to keep."""
@@ -81,6 +83,10 @@ class Events(Callback):
     @property
     def stop_reason(self) -> str | None:
         return next((cb.stop_reason for cb in self.callbacks if cb.should_stop and cb.stop_reason), None)
+
+    @property
+    def stop_status(self) -> str | None:
+        return next((cb.stop_status for cb in self.callbacks if cb.should_stop and cb.stop_status), None)
 
     def on_build(self, model, optimizer, scheduler) -> None:
         for cb in self.callbacks:

@@ -1,4 +1,5 @@
-"""Export a checkpoint's weights and model config for inference: python -m exp.export CHECKPOINT OUT."""
+"""Export a checkpoint's weights and model config for inference: python -m exp.export CHECKPOINT OUT;
+--format hf writes a folder Hugging Face transformers loads as a causal LM (exp.export_hf)."""
 
 from __future__ import annotations
 
@@ -10,25 +11,44 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from safetensors.torch import save_model
 
-from exp.checkpoint import MANIFEST, CheckpointError, find_checkpoint, load_model_for_inference
+from exp.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    find_checkpoint,
+    load_model_for_inference,
+    saved_tokenizer,
+    tokenizer_entry,
+)
 from exp.checkpoint.weights import ALLOW_TARGET_HELP
+from exp.data.tokenizer import TOKENIZER_FILE
+from exp.export_hf import DTYPES, export_hf
 from exp.model.protocol import num_params
 from exp.rundir import atomic_file, write_atomic, write_json
 
 
-def export_checkpoint(checkpoint, out, allow=()) -> Path:
-    """Write out/model.safetensors, out/config.yaml (resolved model node) and out/export.json.
-    `allow`: model packages or classes to build besides exp's own (--allow-target)."""
+def export_checkpoint(checkpoint, out, allow=(), format="exp", dtype=None, tokenizer=None) -> Path:
+    """Write out/model.safetensors, out/config.yaml (resolved model node), the checkpoint's tokenizer.json (if it
+    has one) and out/export.json (which names the tokenizer: byte tokens without the file).
+    `allow`: model packages or classes to build besides exp's own (--allow-target).
+    format="hf": a transformers folder instead (exp.export_hf.export_hf, with `dtype` and `tokenizer`)."""
     source = find_checkpoint(checkpoint)
     model, model_cfg = load_model_for_inference(source, allow=allow)
     step = json.loads((source / MANIFEST).read_text())["step"]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     info = {"source": str(source.resolve()), "step": step, "num_params": num_params(model)}
+    if format == "hf":
+        return export_hf(model, model_cfg, source, out, info, dtype=dtype, tokenizer=tokenizer)
+    if dtype is not None or tokenizer is not None:
+        raise CheckpointError("--dtype and --tokenizer go with --format hf")
+    saved = saved_tokenizer(source)  # read before anything is written: a missing tokenizer.json stops here
+    info["tokenizer"] = tokenizer_entry(saved)
+    out.mkdir(parents=True, exist_ok=True)
     # Each file appears whole or not at all: written beside its final name, then renamed over it.
     with atomic_file(out / "model.safetensors") as tmp:
         save_model(model, str(tmp), metadata={"step": str(step)})
     write_atomic(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(model_cfg)))
+    if saved is not None and saved.to_json() is not None:
+        write_atomic(out / TOKENIZER_FILE, saved.to_json())
     write_json(out / "export.json", info)
     return out
 
@@ -39,14 +59,29 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXXX, sharded or not) or run directory")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX", help=ALLOW_TARGET_HELP)
+    parser.add_argument(
+        "--format",
+        choices=("exp", "hf"),
+        default="exp",
+        help="exp: exp's own files (default); hf: config.json, model.safetensors, tokenizer files for transformers",
+    )
+    parser.add_argument("--dtype", help=f"hf: weights saved as {'|'.join(DTYPES)} (default: as trained)")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="hf: tokenizer.json (or a folder holding one) to ship; default: the checkpoint's, else byte tokens",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, allow=args.allow_target)
+        out = export_checkpoint(
+            args.checkpoint, args.out, args.allow_target, format=args.format, dtype=args.dtype, tokenizer=args.tokenizer
+        )
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = json.loads((out / "export.json").read_text())
-    print(f"exported step {info['step']} ({info['num_params']:,} parameters) from {info['source']} to {out}")
+    fmt = f" as transformers {info['dtype']}" if info.get("format") == "hf" else ""
+    print(f"exported step {info['step']} ({info['num_params']:,} parameters) from {info['source']} to {out}{fmt}")
     return 0
 
 

@@ -6,9 +6,11 @@ import os
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from exp.config import component
 from exp.model.protocol import declared, flops_per_token, model_spec, num_params
+from exp.optim import freeze, group_rules, param_groups
 
 # Optimizer state tensors kept per parameter (exp_avg/exp_avg_sq, momentum buffer, square average).
 STATE_PER_PARAM = {"AdamW": 2, "Adam": 2, "SGD": 1, "RMSprop": 1}
@@ -17,12 +19,23 @@ STATE_PER_PARAM = {"AdamW": 2, "Adam": 2, "SGD": 1, "RMSprop": 1}
 def make_plan(cfg: DictConfig, stage, hardware) -> dict:
     """Everything the plan reports, computed with the model on the meta device."""
     with torch.device("meta"):
-        model = instantiate(cfg.model)
+        model = instantiate(component(cfg, "model"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     seq_len = cfg.data.seq_len
     tokens_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps * world_size * seq_len
     total_tokens = tokens_per_step * stage.num_steps
     n_params = num_params(model)
+    options = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    frozen = freeze(model, cfg.model.get("freeze"))
+    groups = [
+        {
+            "name": g["name"],
+            "num_params": sum(p.numel() for p in g["params"]),
+            "lr_mult": g["lr_mult"],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in param_groups(model, options.get("weight_decay", 0.0), group_rules(options.get("param_groups")))
+    ]
     device = hardware.torch_device()
     dtype = hardware.torch_dtype(stage.dtype)
 
@@ -36,7 +49,7 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
 
     dummy = torch.nn.Parameter(torch.zeros(1))
     base_lr = float(cfg.optimizer.lr)
-    optimizer = instantiate(cfg.optimizer)([dummy])
+    optimizer = instantiate(component(cfg, "optimizer"))([dummy])
     scheduler = instantiate(cfg.scheduler)(optimizer)
     milestones = sorted(
         {1, *(max(1, round(stage.num_steps * f)) for f in (0.1, 0.25, 0.5, 0.75, 0.9)), stage.num_steps}
@@ -52,6 +65,9 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
         "world_size": world_size,
         "tokens_per_step": tokens_per_step,
         "num_steps": stage.num_steps,
+        "param_groups": groups,  # the optimizer's groups: name, parameter count, lr multiplier, weight decay
+        "num_frozen_tensors": frozen,
+        "num_epochs": stage.num_epochs,  # num_steps was derived from it (exp.config)
         "total_tokens": total_tokens,
         "train_flops": flops_per_token(model, seq_len) * total_tokens,
         "memory_bytes": {
@@ -90,12 +106,19 @@ def format_plan(plan: dict) -> str:
         f"  parameters        {plan['num_params']:,} ({plan['num_params_non_embedding']:,} non-embedding)",
         f"  tokens per step   {plan['tokens_per_step']:,} (micro-batch x accumulation x world size "
         f"{plan['world_size']} x sequence length)",
-        f"  steps             {plan['num_steps']:,}",
+        f"  steps             {plan['num_steps']:,}"
+        + (f" (stage.num_epochs={plan['num_epochs']:g}, derived)" if plan.get("num_epochs") else ""),
         f"  total tokens      {plan['total_tokens']:,}",
         f"  training FLOPs    {plan['train_flops']:.3e}",
         f"  memory estimate   {_mb(mem['total'])} = weights {_mb(mem['weights'])} + gradients "
         f"{_mb(mem['gradients'])} + optimizer {_mb(mem['optimizer'])} + activations {_mb(mem['activations'])}"
         + ("" if plan["activations_of_layers"] else " (logits only: the model declares no n_layer/d_model/n_head)"),
+        "  optimizer groups  "
+        + "; ".join(
+            f"{g['name']}: {g['num_params']:,} params, lr x{g['lr_mult']:g}, wd {g['weight_decay']:g}"
+            for g in plan["param_groups"]
+        )
+        + (f" ({plan['num_frozen_tensors']} frozen tensors: model.freeze)" if plan["num_frozen_tensors"] else ""),
         "  learning rate     " + ", ".join(f"step {s}: {lr:.3g}" for s, lr in plan["lr_at_step"].items()),
     ]
     return "\n".join(lines)

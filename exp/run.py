@@ -21,12 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 from exp import config, hardware, loop, rundir
 from exp import dist as exp_dist
 from exp.callbacks import ConsoleLog, FirstStepClock, ProgressBar
-from exp.checkpoint import Checkpointer, find_resume, load_model_weights, locate_model
-from exp.errors import ConfigError, ExpError, Stopped
+from exp.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_tokenizer,
+    find_resume,
+    load_model_weights,
+    locate_model,
+)
+from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
-from exp.faults import EarlyStopping, FaultGuard, StopSignals
+from exp.faults import EarlyStopping, FaultGuard, SaveOnSignal, StopSignals
 from exp.model.protocol import generate, num_params
-from exp.optim import build_optimizer
+from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
 from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker
@@ -61,6 +68,8 @@ def train(cfg: DictConfig) -> float:
     try:
         run_dir = _open_run_dir(valid.run.run_dir, dist)
         with RunLock(run_dir) if dist.is_main else contextlib.nullcontext():
+            if valid.run.lr_find.enabled:
+                return find_lr(cfg, valid, run_dir, dist)
             return _train(cfg, valid, run_dir, dist)
     finally:
         exp_dist.shutdown()
@@ -69,6 +78,8 @@ def train(cfg: DictConfig) -> float:
 def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:
     started, run = time.perf_counter(), valid.run
     point = find_resume(cfg, run.resume, dist)
+    if point is not None:
+        check_resume_tokenizer(cfg, point)
     tracker = (instantiate(cfg.tracking) if dist.is_main else NullTracker)(  # only rank 0 talks to MLflow
         cfg=cfg, run_dir=run_dir, resume_run_id=point.trainer_state.get("mlflow_run_id") if point else None
     )
@@ -89,11 +100,13 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             seed=run.seed,
             run_dir=str(run_dir),
+            tokenizer=built.tokenizer,
         )
         state = checkpointer.restore(point) if point is not None else TrainState()
-        reporters = [ConsoleLog(stage.num_steps), ProgressBar(stage.num_steps)]
+        reporters = [ConsoleLog(stage.num_steps, stage.num_epochs is not None), ProgressBar(stage.num_steps)]
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
-        events.add(checkpointer, *(reporters if dist.is_main else []))
+        saver = [] if dist.enabled else [SaveOnSignal(checkpointer.save)]  # SIGUSR1: save now, keep training
+        events.add(checkpointer, *saver, *(reporters if dist.is_main else []))
         guard = FaultGuard(run.nan, checkpointer.rollback, on_event=events.on_fault)
         t = built.trained
         log.info(
@@ -104,7 +117,8 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         events.add(tracker)  # after on_train_start: the tracker has started its run since it was built
         state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)
         final = checkpointer.save(state)
-        status = "KILLED" if signals.received else "FINISHED"  # a preempted job is KILLED until requeued
+        # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
+        status = "KILLED" if signals.received else (events.stop_status or "FINISHED")
         if dist.is_main:
             finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run)
     except KeyboardInterrupt:
@@ -133,6 +147,58 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     return state.val_loss
 
 
+def find_lr(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:
+    """lr_find=true: the LR range test (exp.lr_find) from the configured init, instead of training. It writes
+    lr_find.json and lr_find.png (also to MLflow, with the curve as lr_find/* metrics), summary.json unless the
+    directory already holds a run's, no checkpoint; returns the suggested learning rate (NaN without one)."""
+    from exp.lr_find import plot, run_range_test
+
+    tracker = instantiate(cfg.tracking)(cfg=cfg, run_dir=run_dir) if dist.is_main else NullTracker()
+    state, status, stage = TrainState(), "FAILED", valid.stage
+    try:
+        built = build(cfg, valid, dist)
+        result = run_range_test(built.trained, built.batches, valid.run.lr_find)
+        state.step, status = len(result.lrs), "FINISHED"
+        if dist.is_main:
+            for i, (lr, loss, smooth) in enumerate(zip(result.lrs, result.losses, result.smoothed, strict=True)):
+                tracker.on_log(
+                    TrainState(step=i + 1), {"lr_find/lr": lr, "lr_find/loss": loss, "lr_find/smoothed": smooth}
+                )
+            rundir.write_json(run_dir / "lr_find.json", result.to_dict())
+            png = plot(result, run_dir / "lr_find.png")
+            for path in (run_dir / "lr_find.json", png):
+                tracker.log_artifact(path)
+            suggestion = result.suggestion
+            tracker.set_tags({"lr_find.suggested_learning_rate": f"{suggestion:.3g}" if suggestion else "none"})
+            if not (run_dir / rundir.SUMMARY).exists():  # a run's own summary.json stays as it is
+                rundir.write_summary(
+                    run_dir,
+                    {
+                        "status": status,
+                        "kind": "lr_find",
+                        "stage": stage.name,
+                        "step": state.step,
+                        "suggested_learning_rate": suggestion,
+                        "method": result.method,
+                        "stopped": result.stopped,
+                        "run_dir": str(run_dir.resolve()),
+                        "mlflow_tracking_uri": tracker.uri,
+                        "mlflow_run_id": tracker.run_id,
+                    },
+                )
+            said = f"stage.learning_rate={suggestion:.3g}" if suggestion else "no learning rate"
+            print(f"lr_find: {len(result.lrs)} steps, {result.stopped}; suggested {said}: {result.method}; plot {png}")
+        return result.suggestion if result.suggestion is not None else float("nan")
+    except Exception as e:
+        log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"lr_find failed: {e}")
+        if dist.is_main:
+            error = f"{type(e).__name__}: {first_line(e)}"
+            write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
+        raise
+    finally:
+        tracker.on_train_end(state, status)
+
+
 def _open_run_dir(configured: str, dist: exp_dist.Dist) -> Path:
     """Rank 0's run directory, created: every rank composed the config itself, and a time-stamped name can differ
     by a second between them."""
@@ -154,6 +220,7 @@ class Built:
     val_batches: list
     data: object
     data_info: dict
+    tokenizer: object = None  # the data's (exp.data.tokenizer), or None when unknown
 
 
 def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_weights: bool = True) -> Built:
@@ -163,10 +230,12 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     rt = hardware.setup(valid.hardware, stage.dtype, dist.local_rank)
     seed_everything(run.seed)
     data = instantiate(cfg.data)
-    model = instantiate(cfg.model).to(rt.device)
+    model = instantiate(config.component(cfg, "model")).to(rt.device)
+    freeze(model, cfg.model.get("freeze"))  # before wrapping: frozen parameters get no gradients, no optimizer state
     if dist.strategy == "fsdp" and dist.enabled:  # FSDP shards before the optimizer exists: it holds only shards
         model = exp_dist.wrap(model, dist, rt.dtype)
-    optimizer = build_optimizer(instantiate(cfg.optimizer), model, device=rt.device)
+    rules = group_rules(OmegaConf.to_container(cfg.optimizer, resolve=True).get("param_groups"))
+    optimizer = build_optimizer(instantiate(config.component(cfg, "optimizer")), model, rt.device, rules=rules)
     scheduler = instantiate(cfg.scheduler)(optimizer)
     batches = data.train_sampler(stage.batch_size_per_gpu, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
     val_batches = [
@@ -174,6 +243,7 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
         for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
     ]
     data_info = data.describe() | (data.stats() if hasattr(data, "stats") else {})
+    stage.epoch_size = data.epoch_size() if hasattr(data, "epoch_size") else None  # progress/epoch in the logs
     log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
     stage.setup(model, rt)
     if init_weights and stage.init_from:
@@ -183,7 +253,20 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
     step_model = torch.compile(step_model) if rt.compile else step_model
     trained = loop.Trained(stage, model, optimizer, scheduler, rt, rt.grad_scaler(), dist, step_model)
-    return Built(trained, batches, val_batches, data, data_info)
+    return Built(trained, batches, val_batches, data, data_info, tokenizer_of(data))
+
+
+def tokenizer_of(data):
+    """The data's tokenizer (DataSource.tokenizer, optional), or None."""
+    return data.tokenizer() if hasattr(data, "tokenizer") else None
+
+
+def check_resume_tokenizer(cfg: DictConfig, point) -> None:
+    """A checkpoint trained with another tokenizer than the data's is not resumed (ResumeError, exit 2)."""
+    try:
+        check_tokenizer(tokenizer_of(instantiate(cfg.data)), point.path, f"resume from {point.path}")
+    except CheckpointError as e:
+        raise ResumeError(str(e)) from None
 
 
 def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run) -> None:
@@ -194,7 +277,7 @@ def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, s
         tracker.set_tags({"stop_reason": stop_reason, "stopped_at_step": str(state.step)})
     sample = None
     if status == "FINISHED" and not checkpointer.sharded:  # a sharded model has no whole copy here to sample
-        sample = generate_sample(t.model, run.sample, built.data.vocab_size, t.rt)
+        sample = generate_sample(t.model, run.sample, built.tokenizer, t.rt)
     if sample is not None:
         log.info(f"sample:\n{run.sample.prompt}{sample}")
     summary = write_summary(
@@ -290,14 +373,11 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def generate_sample(model, sample, vocab_size: int, rt: hardware.Runtime) -> str | None:
+def generate_sample(model, sample, tokenizer, rt: hardware.Runtime) -> str | None:
     """Text continued from sample.prompt by the trained model (ending at end-of-text); None when the data has
-    no byte tokenizer."""
-    from exp.data.tokenizer import EOT, VOCAB_SIZE, ByteTokenizer
-
-    if sample.max_new_tokens == 0 or vocab_size != VOCAB_SIZE:
+    no tokenizer."""
+    if sample.max_new_tokens == 0 or tokenizer is None:
         return None
-    tokenizer = ByteTokenizer()
     prompt = torch.tensor([tokenizer.encode(sample.prompt) or [tokenizer.EOT]], device=rt.device)
     generator = torch.Generator(rt.device).manual_seed(0)
     model.eval()
@@ -309,10 +389,11 @@ def generate_sample(model, sample, vocab_size: int, rt: hardware.Runtime) -> str
             temperature=sample.temperature,
             top_k=sample.top_k,
             generator=generator,
-            stop_token_ids=[EOT],
+            stop_token_ids=[tokenizer.EOT],
+            vocab_limit=tokenizer.vocab_size,
         )
     model.train()
-    return tokenizer.decode([i for i in out[0, prompt.size(1) :].tolist() if i != EOT])
+    return tokenizer.decode([i for i in out[0, prompt.size(1) :].tolist() if i != tokenizer.EOT])
 
 
 def write_summary(

@@ -22,6 +22,7 @@ class StageConfig:
     name: str
     num_steps: int
     batch_size_per_gpu: int
+    num_epochs: float | None = None  # instead of num_steps, for finite data: exp.config derives num_steps
     learning_rate: float
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -56,6 +57,7 @@ class StageConfig:
             (self.eval_every_n_steps > 0, "eval_every_n_steps", "must be > 0"),
             (self.num_eval_batches > 0, "num_eval_batches", "must be > 0"),
             (self.init_from is None or Path(self.init_from).exists(), "init_from", "does not exist"),
+            (self.num_epochs is None or self.num_epochs > 0, "num_epochs", "must be > 0 or null"),
         ]
         for ok, key, rule in checks:
             if not ok:
@@ -178,8 +180,8 @@ class Distill(StageConfig):
         teacher_cfg = self._teacher_config()
         source = f"stage.teacher.path={self.teacher.path}" if self.teacher.path else "stage.teacher.model"
         model_class(teacher_cfg.get("_target_"), source)  # an unallowed teacher class is refused now, not in setup
-        teacher_vocab = teacher_cfg.get("vocab_size")
-        if teacher_vocab != model_cfg.get("vocab_size"):
+        teacher_vocab, student_vocab = teacher_cfg.get("vocab_size"), model_cfg.get("vocab_size")
+        if teacher_vocab != student_vocab:
             raise ValueError(
                 f"{source}: the teacher's vocab_size {teacher_vocab} differs from the student's "
                 f"{model_cfg.get('vocab_size')}; distillation needs one vocabulary"

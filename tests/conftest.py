@@ -1,6 +1,8 @@
 """Shared fixtures: one torch thread, and the real config composed through Hydra's compose API."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+JSON_SOURCES = os.path.dirname(json.__file__)
 # Small enough that an end-to-end run takes a second or two on one core.
 TINY = [
     "model=gpt_tiny",
@@ -92,3 +95,14 @@ def make_export(path: Path, **model_kw) -> Path:
     save_model(model, str(path / "model.safetensors"))
     (path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few small, real text files (the json package's sources) and a file of special-token strings."""
+    d = tmp_path_factory.mktemp("src")
+    for name in sorted(os.listdir(JSON_SOURCES)):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(JSON_SOURCES, name), d / name)
+    (d / "specials.txt").write_text("a <|endoftext|> literal and caf\u00e9 \u2603 stay text\n" * 40)
+    return d

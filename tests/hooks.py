@@ -143,3 +143,18 @@ class NoiseWeightsAt(Callback):
             with torch.no_grad():
                 for p in self.model.parameters():
                     p.add_(torch.randn(p.shape, generator=generator) * self.scale)
+
+
+class RaiseAboveLr(Callback):
+    """Raises at the first step when the learning rate is above `max_lr`: a sweep point that breaks training."""
+
+    def __init__(self, max_lr: float):
+        self.max_lr = max_lr
+
+    def on_build(self, model, optimizer, scheduler):
+        self.optimizer = optimizer
+
+    def on_step_end(self, state, loss):
+        lr = max(g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups)
+        if lr > self.max_lr:
+            raise RuntimeError(f"learning rate {lr:g} is above {self.max_lr:g}")

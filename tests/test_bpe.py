@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,18 +14,6 @@ from exp.data.corpus import write_token_files
 from exp.data.prepare import main as prepare_main
 
 from .conftest import ROOT, TINY, run_train
-
-STDLIB = os.path.dirname(json.__file__)  # a few small, real text files
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("src")
-    for name in sorted(os.listdir(STDLIB)):
-        if name.endswith(".py"):
-            shutil.copy(os.path.join(STDLIB, name), d / name)
-    (d / "specials.txt").write_text("a <|endoftext|> literal and caf\u00e9 \u2603 stay text\n" * 40)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +100,6 @@ def test_train_runs_on_bpe_tokens(bpe_dir, tmp_path):
         *TINY,
         "data=memmap",
         f"data.path={bpe_dir}",
-        "data.vocab_size=512",
         "stage.num_steps=2",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from exp.config import ConfigError, validate
+from exp.config import ConfigError, component, validate
 from exp.optim import build_optimizer
 
 from .conftest import CONF_DIR, compose_train, make_export
@@ -47,7 +47,7 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
         extra = [f"data.path={tmp_path}"]
     cfg = make_cfg(f"{group}={option}", *extra)
     validate(cfg)
-    node = cfg[group]
+    node = component(cfg, group)  # without exp's own keys (model.freeze, optimizer.param_groups)
     with torch.device("meta"):
         built = instantiate(node)  # partials too: this still imports the target
     assert built is not None
@@ -74,7 +74,7 @@ def test_stage_fields_drive_optimizer_and_scheduler(make_cfg):
 def test_optimizer_betas_reach_torch_as_plain_list(make_cfg):
     cfg = make_cfg()
     model = torch.nn.Linear(2, 2)
-    opt = build_optimizer(instantiate(cfg.optimizer), model, device=torch.device("cpu"))
+    opt = build_optimizer(instantiate(component(cfg, "optimizer")), model, device=torch.device("cpu"))
     assert type(opt.defaults["betas"]) in (list, tuple)
 
 

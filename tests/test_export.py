@@ -54,7 +54,9 @@ def test_export_gives_identical_logits(tmp_path, capsys):
     assert "exported step 7" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "export.json", "model.safetensors"]
     info = json.loads((out / "export.json").read_text())
-    assert info == {"source": str(path.resolve()), "step": 7, "num_params": model.num_params()}
+    byte_tokens = {"kind": "bytes", "fingerprint": "bytes", "vocab_size": 264}  # no tokenizer.json to carry
+    expected = {"source": str(path.resolve()), "step": 7, "num_params": model.num_params(), "tokenizer": byte_tokens}
+    assert info == expected
     assert OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) == {**MODEL, "vocab_size": 264}
     assert not any(k.startswith("state.") for k in load_file(out / "model.safetensors"))  # weights only
 

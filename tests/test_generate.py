@@ -109,7 +109,7 @@ def test_incremental_decoding_matches_the_tokenizer():
     pool = [*range(256), *"é€😀".encode() * 10, EOT, EOT + 5]
     for _ in range(500):
         tokens = [rng.choice(pool) for _ in range(rng.randint(0, 12))]
-        text = _StopText([])
+        text = _StopText([], ByteTokenizer())
         for t in tokens:
             assert not text.add(t)
         assert text.result() == ByteTokenizer().decode(tokens)

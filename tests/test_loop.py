@@ -8,6 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from exp import hardware, loop
+from exp.config import component
 from exp.losses import lm_loss
 from exp.model import GPT
 from exp.optim import build_optimizer
@@ -201,7 +202,7 @@ SCHEDULERS = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
 def test_every_optimizer_and_scheduler_take_a_step(make_cfg, optimizer, scheduler):
     cfg = make_cfg(f"optimizer={optimizer}", f"scheduler={scheduler}", "stage.num_steps=10", "stage.warmup_steps=2")
     model = tiny_model()
-    opt = build_optimizer(instantiate(cfg.optimizer), model, device=torch.device("cpu"))
+    opt = build_optimizer(instantiate(component(cfg, "optimizer")), model, device=torch.device("cpu"))
     sched = instantiate(cfg.scheduler)(opt)
     before = [p.detach().clone() for p in model.parameters()]
     lrs = []

@@ -242,9 +242,9 @@ def test_overfits_single_batch_with_router_loss():
 def test_config_keys_are_constructor_parameters():
     cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "gpt_moe_tiny.yaml")
     params = inspect.signature(GPT).parameters
-    assert set(cfg) - {"_target_"} <= set(params)
+    assert set(cfg) - {"_target_", "freeze"} <= set(params)  # freeze: exp's own key (exp.config.EXP_KEYS)
     assert cfg.num_experts == 4 and cfg.top_k == 2
-    kw = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "vocab_size")}
+    kw = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "vocab_size", "freeze")}
     with torch.device("meta"):
         model = GPT(vocab_size=264, **kw)
     assert model.num_experts == 4 and model.router_coefs["z_loss_coef"] == cfg.z_loss_coef

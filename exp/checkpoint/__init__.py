@@ -24,10 +24,13 @@ from exp.checkpoint.format import (
 from exp.checkpoint.weights import (
     ALLOWED_TARGETS,
     build_model,
+    check_tokenizer,
     find_checkpoint,
     load_model_for_inference,
     locate_model,
     read_model_config,
+    saved_tokenizer,
+    tokenizer_entry,
 )
 
 __all__ = [
@@ -40,6 +43,9 @@ __all__ = [
     "ResumePoint",
     "find_resume",
     "build_model",
+    "check_tokenizer",
+    "saved_tokenizer",
+    "tokenizer_entry",
     "checkpoint_name",
     "find_checkpoint",
     "latest_valid_checkpoint",

@@ -23,10 +23,11 @@ from exp.checkpoint.format import (
     save_checkpoint,
     verify_checkpoint,
 )
-from exp.config import STAGE_LINKS
+from exp.checkpoint.weights import tokenizer_entry
+from exp.data.tokenizer import TOKENIZER_FILE
 from exp.errors import ConfigError, ResumeError
 from exp.events import Callback, Events, TrainState
-from exp.optim import hyperparameters, resume_with_changes
+from exp.optim import STAGE_LINKS, hyperparameters, resume_with_changes
 from exp.rundir import read_json, write_json
 
 log = logging.getLogger("exp")
@@ -162,8 +163,9 @@ class Checkpointer(Callback):
 
     Built by exp.run as a partial of the `checkpoint` config with the run's objects: `trained`
     (exp.loop.Trained: model, optimizer, scheduler, scaler, dist), the data `sampler`, the `tracker` (its run
-    id goes into trainer_state.json), `events` (told of each save) and the `stateful` callbacks whose
-    state_dict() goes into each checkpoint.
+    id goes into trainer_state.json), `events` (told of each save), the `stateful` callbacks whose
+    state_dict() goes into each checkpoint, and the data's `tokenizer` (its tokenizer.json is saved beside
+    model.safetensors; trainer_state.json names it).
     """
 
     def __init__(
@@ -181,6 +183,7 @@ class Checkpointer(Callback):
         config_yaml: str = "",
         seed: int = 0,
         run_dir: str | None = None,
+        tokenizer=None,
     ):
         if every_n_steps < 0 or keep_last < 0:
             raise ValueError("checkpoint.every_n_steps and checkpoint.keep_last must be >= 0")
@@ -189,6 +192,7 @@ class Checkpointer(Callback):
         self.events = events if events is not None else Events()
         self.stateful, self.config_yaml, self.seed = stateful or {}, config_yaml, seed
         self.run_dir = Path(run_dir) if run_dir is not None else self.dir.parent
+        self.tokenizer = tokenizer
         self._resumed: tuple[ResumePoint, list[dict], int] | None = None  # re-applied after a rollback to it
         self.sharded = trained is not None and trained.dist.strategy == "fsdp" and trained.dist.enabled
         self.last_path: Path | None = None
@@ -301,7 +305,9 @@ class Checkpointer(Callback):
             "seed": self.seed,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.uri,
+            "tokenizer": tokenizer_entry(self.tokenizer),
         }
+        data = self.tokenizer.to_json() if self.tokenizer is not None else None
         return saver(
             self.dir,
             state.step,
@@ -311,6 +317,7 @@ class Checkpointer(Callback):
             scaler=t.scaler,
             trainer_state=trainer_state,
             config_yaml=self.config_yaml,
+            files={TOKENIZER_FILE: data} if data is not None else None,
         )
 
     # --- faults ---------------------------------------------------------------------------------------

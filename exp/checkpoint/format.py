@@ -172,8 +172,10 @@ def save_checkpoint(
     config_yaml: str,
     scaler=None,
     before_rename: Callable[[Path], None] | None = None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path."""
+    """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path; `files` are
+    written into it as they are (tokenizer.json) and listed in the manifest."""
     if RNG_KEY in trainer_state:
         raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
     root = Path(root)
@@ -182,6 +184,7 @@ def save_checkpoint(
         fsync(root.parent)
     name = checkpoint_name(step)
     final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
+    extra_files = dict(files or {})
     # JSON first: an unserialisable value fails before hundreds of MB are written.
     opt_tensors: dict[str, torch.Tensor] = {}
     texts = {
@@ -201,6 +204,8 @@ def save_checkpoint(
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"step": str(step)})
         for fname, text in texts.items():
             (tmp / fname).write_text(text)
+        for fname, data in extra_files.items():
+            (tmp / fname).write_bytes(data)
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")

@@ -88,14 +88,17 @@ def save_sharded(
     trainer_state: dict,
     config_yaml: str,
     scaler=None,
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collective: write root/step_{step:08d}/ (DCP shards of model and optimizer plus JSON state) atomically."""
+    """Collective: write root/step_{step:08d}/ (DCP shards of model and optimizer plus JSON state, and `files` as
+    they are) atomically."""
     if RNG_KEY in trainer_state:
         raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
     root = Path(root)
     name = checkpoint_name(step)
     final, tmp = root / name, root / f".{name}.tmp-sharded"
     texts: dict[str, str] = {}
+    extra_files = dict(files or {})
 
     def prepare() -> None:
         # JSON first, as in exp.checkpoint: an unserialisable value fails before any shard is written.
@@ -127,6 +130,8 @@ def save_sharded(
         try:
             for fname, text in texts.items():
                 (tmp / fname).write_text(text)
+            for fname, data in extra_files.items():
+                (tmp / fname).write_bytes(data)
             entries = sorted(p for p in tmp.rglob("*") if p.is_file())
             files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in entries}
             manifest = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import json
 import os
 import shutil
 import sys
@@ -23,9 +24,11 @@ from exp.checkpoint.format import (
     _sha256,
     latest_valid_checkpoint,
     load_model_weights,
+    read_trainer_state,
     verify_checkpoint,
 )
 from exp.model import GPT
+from exp.text import first_line
 
 # config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built, and the
 # nn.Module classes of the packages a user allows (allowed_prefixes).
@@ -104,7 +107,7 @@ def build_model(model_cfg: dict, source, allow=()) -> nn.Module:
     (a nested `_target_` arrives as a dict, never instantiated)."""
     target = model_cfg.get("_target_")
     cls = model_class(target, source, allow)
-    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_")}
+    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_") and k != "freeze"}  # freeze: exp's key
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -169,3 +172,70 @@ def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, d
     else:
         load_model_weights(weights, model)
     return model.eval(), model_cfg
+
+
+def tokenizer_entry(tokenizer) -> dict | None:
+    """trainer_state.json's and export.json's "tokenizer": kind, fingerprint, vocab_size (None: unknown)."""
+    if tokenizer is None:
+        return None
+    return {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size}
+
+
+def _folder_of(path) -> Path:
+    """The checkpoint or export folder of path (a run directory's newest valid checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file() and not (path / MANIFEST).exists():
+        return path  # an export folder
+    return find_checkpoint(path)
+
+
+def saved_tokenizer(path):
+    """The tokenizer a checkpoint, run directory or export was trained with: its tokenizer.json, byte tokens when
+    its record says so (or, for checkpoints older than that record, when its vocabulary is the byte one), else
+    None. Raises CheckpointError when a tokenizer.json is there but cannot be read."""
+    from exp.data.bpe import tokenizer_in
+    from exp.data.tokenizer import TOKENIZER_FILE, VOCAB_SIZE, ByteTokenizer
+    from exp.resolvers import padded_vocab
+
+    folder = _folder_of(path)
+    if (folder / TOKENIZER_FILE).is_file():
+        try:
+            return tokenizer_in(folder)
+        except (OSError, ValueError, ImportError) as e:
+            raise CheckpointError(f"{folder / TOKENIZER_FILE}: {first_line(e)}") from None
+    if (folder / MANIFEST).exists():
+        record, model_cfg = read_trainer_state(folder), read_model_config(folder / "config.yaml", "model")
+    else:  # an export folder
+        info = folder / "export.json"
+        record = json.loads(info.read_text()) if info.is_file() else {}
+        model_cfg = read_model_config(folder / "config.yaml", None)
+    if "tokenizer" not in record:  # written before tokenizers were recorded: byte models had the byte vocabulary
+        return ByteTokenizer() if model_cfg.get("vocab_size") in (VOCAB_SIZE, padded_vocab(VOCAB_SIZE)) else None
+    entry = record["tokenizer"]
+    if entry is None:
+        return None
+    if entry.get("kind") != "bytes":
+        raise CheckpointError(
+            f"{folder}: was trained with a tokenizer.json of {entry.get('vocab_size')} tokens, "
+            f"but {folder / TOKENIZER_FILE} is missing"
+        )
+    return ByteTokenizer()
+
+
+def check_tokenizer(ours, path, what: str) -> None:
+    """Refuse weights trained with another tokenizer than `ours` (the data's): `what` names the config key.
+    Nothing is said when either side is unknown (token files without a tokenizer)."""
+    if ours is None:
+        return
+    try:
+        theirs = saved_tokenizer(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    if theirs is None or theirs.fingerprint == ours.fingerprint:
+        return
+    name = lambda t: (
+        "byte tokens" if t.kind == "bytes" else f"a tokenizer of {t.vocab_size} tokens ({t.fingerprint[:19]})"
+    )
+    raise CheckpointError(
+        f"{what}: was trained with {name(theirs)}, but this run's data uses {name(ours)}; they must be the same"
+    )

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from .protocol import Batch
+from .protocol import Batch, DataError
 
 
 def _check_fits(tokens: np.ndarray, seq_len: int) -> None:
@@ -61,6 +61,23 @@ class Sampler:
             )
         for k in self.counters:
             setattr(self, k, int(state[k]))
+
+
+def fixed_subset(n: int, max_examples: int | None) -> np.ndarray:
+    """Sorted indices of a fixed pseudo-random subset of at most max_examples of n (data.max_examples): the
+    same for every run and seed, so quick runs compare on the same data."""
+    if max_examples is None or n <= max_examples:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, max_examples, replace=False))
+
+
+def check_max_examples(max_examples) -> int | None:
+    """data.max_examples: a positive count or None."""
+    if max_examples is None:
+        return None
+    if isinstance(max_examples, bool) or int(max_examples) <= 0:
+        raise DataError(f"data.max_examples must be > 0 or null, got {max_examples}")
+    return int(max_examples)
 
 
 class WindowSampler(Sampler):

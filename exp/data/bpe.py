@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import SPECIAL_TOKENS
+from .tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, ByteTokenizer, fingerprint
 
 INSTALL_HINT = "pip install -e '.[hf]'"
 # document separators tried in order when a loaded tokenizer has to name one
@@ -104,3 +104,86 @@ def describe(tok: Any, kind: str, json_bytes: bytes) -> dict:
         "special_tokens": special_tokens(tok),
         "fingerprint": "sha256:" + hashlib.sha256(json_bytes).hexdigest(),
     }
+
+
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")  # the SFT chat template's turn markers
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json with the byte tokenizer's interface (exp.data.tokenizer): what the run's
+    sample, exp.generate, SFT and distillation use, whatever the vocabulary."""
+
+    kind = "file"
+
+    def __init__(self, tok: Any, json_bytes: bytes | None = None):
+        self.tok = tok
+        self._json = json_bytes if json_bytes is not None else tok.to_str().encode("utf-8")
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.specials = special_tokens(tok)
+        self.EOT = eot_id(tok)
+        pad = next((tok.token_to_id(n) for n in PAD_CANDIDATES if tok.token_to_id(n) is not None), None)
+        self.PAD = self.EOT if pad is None else int(pad)
+        self.fingerprint = fingerprint(self._json)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> HFTokenizer:
+        """Load a local tokenizer.json (or a folder holding one)."""
+        f = tokenizer_file(path)
+        return cls(load_tokenizer(f), f.read_bytes())
+
+    def to_json(self) -> bytes:
+        """The tokenizer.json bytes, as loaded: a checkpoint's copy has the same fingerprint."""
+        return self._json
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids; special-token strings inside text stay plain text."""
+        return encode(self.tok, text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ids, special tokens written out."""
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def special(self, name: str) -> int:
+        """Id of a special token, by full string ("<|end|>") or bare name ("end")."""
+        key = name if name.startswith("<") else f"<|{name}|>"
+        if key not in self.specials:
+            raise KeyError(f"unknown special token {name!r}; known: {', '.join(self.specials)}")
+        return self.specials[key]
+
+    def with_chat_tokens(self) -> HFTokenizer:
+        """This tokenizer with the chat template's special tokens added where missing (new ids at the end)."""
+        missing = [t for t in CHAT_TOKENS if t not in self.specials]
+        if not missing:
+            return self
+        tok = load_tokenizer_bytes(self._json)
+        tok.add_special_tokens(missing)
+        return HFTokenizer(tok)
+
+
+def load_tokenizer_bytes(json_bytes: bytes) -> Any:
+    """A tokenizer from tokenizer.json bytes."""
+    return _tokenizers().Tokenizer.from_str(json_bytes.decode("utf-8"))
+
+
+def tokenizer_in(folder) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer a data folder, checkpoint or export holds: its tokenizer.json, or byte tokens without one."""
+    f = Path(folder).expanduser() / TOKENIZER_FILE
+    return HFTokenizer.from_file(f) if f.is_file() else ByteTokenizer()
+
+
+def open_tokenizer(spec) -> ByteTokenizer | HFTokenizer:
+    """A tokenizer named by a config or CLI: "bytes", a tokenizer.json, or a folder holding one (a data folder,
+    a checkpoint, an export); raises FileNotFoundError naming what is missing."""
+    if str(spec) == "bytes":
+        return ByteTokenizer()
+    p = Path(str(spec)).expanduser()
+    if p.is_dir() and not (p / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{p}: no {TOKENIZER_FILE} in this folder")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such tokenizer file or folder")
+    return HFTokenizer.from_file(p)

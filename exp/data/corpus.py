@@ -115,6 +115,65 @@ def _split_tail(tmp: Path, name: str, num_val: int, le: str = "<u2") -> tuple[in
     return cut, total - cut
 
 
+INDEX = "train.idx"  # the writer's temporary index of train documents
+INDEX_DTYPE = np.dtype([("key", "<f8"), ("offset", "<i8"), ("length", "<i8")])
+INDEX_FLUSH = 1 << 16  # index rows buffered before they go to disk
+COPY_CHUNK = 16 << 20  # bytes per read when train.bin is rewritten
+
+
+def _docs_to_move(
+    index: np.ndarray, val_fraction: float, target: int, num_val: int, num_val_docs: int, num_train: int
+) -> np.ndarray:
+    """Rows of the train index that move to val, in index order: the smallest split values first (ties by
+    position) until val holds target tokens and a document, train keeping at least one.
+
+    Only rows with a split value below a bound are gathered and sorted; the bound widens until they suffice,
+    so memory follows the documents that move, not the corpus.
+    """
+    n = len(index)
+    share = min(1.0, 2 * max(target - num_val, 1) / max(num_train, 1) + 64 / n)
+    while True:
+        bound = val_fraction + share * (1.0 - val_fraction) if share < 1.0 else math.inf
+        rows = np.concatenate(
+            [np.flatnonzero(index["key"][i : i + INDEX_FLUSH] < bound) + i for i in range(0, n, INDEX_FLUSH)]
+        )
+        rows = rows[np.argsort(index["key"][rows], kind="stable")]
+        taken, got_val, got_docs = 0, num_val, num_val_docs
+        for length in index["length"][rows]:
+            if (got_docs and got_val >= target) or taken == n - 1:
+                return np.sort(rows[:taken])
+            taken, got_val, got_docs = taken + 1, got_val + int(length), got_docs + 1
+        if (got_docs and got_val >= target) or taken == n - 1 or bound == math.inf:
+            return np.sort(rows[:taken])
+        share *= 4
+
+
+def _copy_range(src: int, dst: int, start: int, stop: int) -> None:
+    """Bytes [start, stop) of file descriptor src appended at dst's position, in the kernel where it can."""
+    while start < stop:
+        try:
+            n = os.copy_file_range(src, dst, stop - start, start)
+        except OSError:  # a filesystem or kernel without it
+            n = os.write(dst, os.pread(src, min(COPY_CHUNK, stop - start), start))
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {start} of {stop}")
+        start += n
+
+
+def _move_to_val(tmp: Path, moved: np.ndarray, itemsize: int) -> None:
+    """Rewrite tmp/train.bin without the moved (offset, length) documents, appending them to val.bin in order."""
+    with open(tmp / "train.bin", "rb", buffering=0) as src, open(tmp / "train.new", "wb", buffering=0) as ftrain:
+        with open(tmp / "val.bin", "r+b", buffering=0) as fval:  # not "ab": copy_file_range refuses O_APPEND
+            fval.seek(0, os.SEEK_END)
+            pos = 0
+            for off, n in zip(moved["offset"].tolist(), moved["length"].tolist(), strict=True):
+                _copy_range(src.fileno(), ftrain.fileno(), pos * itemsize, off * itemsize)
+                _copy_range(src.fileno(), fval.fileno(), off * itemsize, (off + n) * itemsize)
+                pos = off + n
+        _copy_range(src.fileno(), ftrain.fileno(), pos * itemsize, os.fstat(src.fileno()).st_size)
+    os.replace(tmp / "train.new", tmp / "train.bin")
+
+
 def write_token_files(
     docs: Iterable[tuple[str, TokenLike]],
     out_dir: str | Path,
@@ -167,24 +226,31 @@ def write_token_dir(
     max_id = eot
     eot = np.array([eot], dtype=le).tobytes()
     content = hashlib.sha256()
-    num_val = num_val_docs = num_train = 0
-    train_docs: list[tuple[float, int, int]] = []  # (split value, offset, length) in train.bin
-    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval:
+    num_val = num_val_docs = num_train = num_train_docs = 0
+    # (split value, offset, length) of each train document, kept on disk so memory stays flat in corpus size
+    index: list[tuple[float, int, int]] = []
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, open(tmp / INDEX, "wb") as fidx:
         for name, doc in docs:
             arr = _as_tokens(doc, vocab_size, le)
             if not arr.size:
                 continue  # empty documents would only add lone EOTs
-            max_id, data = max(max_id, int(arr.max())), arr.tobytes()
-            content.update(name.encode("utf-8") + b"\0" + data)
-            n, key = len(data) // itemsize + 1, split_value(name)
+            max_id = max(max_id, int(arr.max()))
+            content.update(name.encode("utf-8") + b"\0")
+            content.update(arr)  # the same digest as hashing name, NUL and tokens joined, without the copy
+            n, key = arr.size + 1, split_value(name)
+            out = fval if key < val_fraction else ftrain
+            out.write(arr)
+            out.write(eot)
             if key < val_fraction:
-                fval.write(data + eot)
                 num_val, num_val_docs = num_val + n, num_val_docs + 1
             else:
-                ftrain.write(data + eot)
-                train_docs.append((key, num_train, n))
-                num_train += n
-    num_docs = len(train_docs) + num_val_docs
+                index.append((key, num_train, n))
+                num_train, num_train_docs = num_train + n, num_train_docs + 1
+                if len(index) >= INDEX_FLUSH:
+                    np.array(index, dtype=INDEX_DTYPE).tofile(fidx)
+                    index.clear()
+        np.array(index, dtype=INDEX_DTYPE).tofile(fidx)
+    num_docs = num_train_docs + num_val_docs
     if num_docs == 0:
         raise ValueError("no non-empty documents to write")
     # hash split alone gives val_fraction of the *documents*; top up to that share of the tokens,
@@ -193,21 +259,16 @@ def write_token_dir(
     target = max(math.ceil(val_fraction * total), min(min_val_tokens, total // 2))
     if num_docs == 1:  # one file (tiny Shakespeare): nothing to split by document, so split its tokens
         num_train, num_val = _split_tail(tmp, "val.bin" if num_val_docs else "train.bin", target, le)
-        num_val_docs, train_docs = 0, []
-    moved: set[int] = set()
-    for i in sorted(range(len(train_docs)), key=lambda i: train_docs[i][0]):
-        if (num_val_docs and num_val >= target) or len(moved) == len(train_docs) - 1:
-            break
-        moved.add(i)
-        num_val, num_val_docs = num_val + train_docs[i][2], num_val_docs + 1
-    if moved:
-        src = np.memmap(tmp / "train.bin", dtype=le, mode="r")
-        with open(tmp / "train.new", "wb") as ftrain, open(tmp / "val.bin", "ab") as fval:
-            for i, (_, off, n) in enumerate(train_docs):
-                (fval if i in moved else ftrain).write(src[off : off + n].tobytes())
-        del src
-        os.replace(tmp / "train.new", tmp / "train.bin")
-        num_train -= sum(train_docs[i][2] for i in moved)
+        num_val_docs = 0
+    elif num_train_docs:
+        train_index = np.memmap(tmp / INDEX, dtype=INDEX_DTYPE, mode="r", shape=(num_train_docs,))
+        moved = _docs_to_move(train_index, val_fraction, target, num_val, num_val_docs, num_train)
+        if len(moved):
+            _move_to_val(tmp, train_index[moved], itemsize)
+            num_val, num_val_docs = num_val + int(train_index["length"][moved].sum()), num_val_docs + len(moved)
+            num_train -= int(train_index["length"][moved].sum())
+        del train_index
+    (tmp / INDEX).unlink()
     meta = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer if tokenizer is not None else byte_tokenizer_meta(),

@@ -46,7 +46,9 @@ class DataSource(Protocol):
 
     Constructors take `seq_len` and `vocab_size` (model configs interpolate ${data.seq_len} and
     ${data.vocab_size} from them, and a run reads them back) and stay cheap: no file is opened before
-    check(). Optionally, `stats() -> dict` adds counts (examples, truncation) to the log and summary.json.
+    check(). Optionally, `stats() -> dict` adds counts (examples, truncation) to the log and summary.json, and
+    `tokenizer()` returns the tokenizer that made the ids (exp.data.tokenizer: ByteTokenizer or HFTokenizer) or
+    None: the run's sample, checkpoints and exports use it; without one the run has no end-of-run sample.
     """
 
     seq_len: int

@@ -1,7 +1,14 @@
-"""Byte-level tokenizer: ids 0..255 are raw bytes, 256..263 are special tokens."""
+"""Tokenizers of a run: the byte-level one (ids 0..255 are raw bytes, 256..263 special tokens), or a Hugging Face
+tokenizer.json (exp.data.bpe.HFTokenizer; bpe.tokenizer_in and bpe.open_tokenizer find either) beside the data,
+in checkpoints and in exports.
+
+Both offer: vocab_size, EOT, PAD, specials, encode, decode, special(name), fingerprint and to_json() (None for
+bytes, which need no file).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,6 +26,12 @@ SPECIAL_TOKENS = (
 EOT = 256
 PAD = 257
 VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+TOKENIZER_FILE = "tokenizer.json"  # a Hugging Face tokenizers file: no file means byte tokens
+
+
+def fingerprint(json_bytes: bytes) -> str:
+    """How a tokenizer.json is recognised: the SHA-256 of its bytes."""
+    return "sha256:" + hashlib.sha256(json_bytes).hexdigest()
 
 
 def check_byte_vocab(vocab_size: int) -> int:
@@ -35,7 +48,17 @@ class ByteTokenizer:
     EOT = EOT
     PAD = PAD
     vocab_size = VOCAB_SIZE
+    kind = "bytes"
+    fingerprint = "bytes"
     specials: dict[str, int] = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    def to_json(self) -> None:
+        """Byte tokens need no tokenizer.json."""
+        return None
+
+    def with_chat_tokens(self) -> ByteTokenizer:
+        """The chat template's tokens are among the 8 special ones already."""
+        return self
 
     def encode(self, text: str) -> list[int]:
         """UTF-8 bytes of text; special-token strings in text stay plain bytes."""

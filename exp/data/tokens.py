@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .batches import WindowSampler, eval_batches
+from exp.text import first_line
+
+from .batches import WindowSampler, check_max_examples, eval_batches
 from .cache import check_cache_dir
 from .corpus import check_val_fraction, pystdlib_corpus
 from .protocol import Batch, DataError
-from .tokenizer import VOCAB_SIZE, check_byte_vocab
+from .tokenizer import TOKENIZER_FILE, VOCAB_SIZE, ByteTokenizer, check_byte_vocab
 
 _DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 
@@ -36,11 +38,12 @@ class TokenData:
     name = "tokens"
     dtype: np.dtype | None = _DTYPES["uint16"]
 
-    def __init__(self, seq_len: int, vocab_size: int):
+    def __init__(self, seq_len: int, vocab_size: int, max_examples: int | None = None):
         if int(seq_len) <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         self.seq_len = int(seq_len)
         self.vocab_size = int(vocab_size)
+        self.max_examples = check_max_examples(max_examples)  # train on the first this many windows only
         self._paths: tuple[Path, Path] | None = None
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -59,8 +62,15 @@ class TokenData:
         """(train, val) token memmaps, opened on first use."""
         if self._arrays is None:
             self._paths = self.files()
-            self._arrays = tuple(np.memmap(p, dtype=self.dtype, mode="r") for p in self._paths)
+            train, val = (np.memmap(p, dtype=self.dtype, mode="r") for p in self._paths)
+            if self.max_examples is not None:  # the first max_examples windows of seq_len (+1 for the last target)
+                train = train[: self.max_examples * self.seq_len + 1]
+            self._arrays = train, val
         return self._arrays
+
+    def epoch_size(self) -> int:
+        """Training samples in one pass (stage.num_epochs): the train tokens as windows of seq_len."""
+        return max(1, (len(self.arrays()[0]) - 1) // self.seq_len)
 
     def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> WindowSampler:
         """Random training windows for this rank."""
@@ -70,9 +80,15 @@ class TokenData:
         """Fixed validation windows, identical across calls and runs."""
         return eval_batches(self.arrays()[1], self.seq_len, batch_size, num_batches)
 
+    def tokenizer(self):
+        """The tokenizer that made the tokens, for the sample, checkpoints and exports: bytes here."""
+        return ByteTokenizer()
+
     def describe(self) -> dict:
         """Small dict for logging; paths and token counts once the files are open."""
         out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size}
+        if self.max_examples is not None:
+            out["max_examples"] = self.max_examples
         if self._arrays is not None:
             out.update(
                 train_path=str(self._paths[0]),
@@ -94,8 +110,9 @@ class PyStdlib(TokenData):
         cache_dir: str = "~/.cache/exp",
         val_fraction: float = 0.005,
         vocab_size: int = VOCAB_SIZE,
+        max_examples: int | None = None,
     ):
-        super().__init__(seq_len, check_byte_vocab(vocab_size))
+        super().__init__(seq_len, check_byte_vocab(vocab_size), max_examples)
         self.cache_dir = str(cache_dir)
         self.val_fraction = check_val_fraction(val_fraction)
 
@@ -126,8 +143,9 @@ class Memmap(TokenData):
         vocab_size: int = VOCAB_SIZE,
         val_path: str | None = None,
         dtype: str = "uint16",
+        max_examples: int | None = None,
     ):
-        super().__init__(seq_len, vocab_size)
+        super().__init__(seq_len, vocab_size, max_examples)
         self.path = str(path)
         self.val_path = None if val_path is None else str(val_path)
         self.dtype_name = str(dtype)
@@ -214,6 +232,18 @@ class Memmap(TokenData):
         sizes = [meta.get(f"num_{split}_tokens") for split in ("train", "val")]
         actual = [(train.parent / f"{split}.bin").stat().st_size // self.dtype.itemsize for split in ("train", "val")]
         return meta if sizes == actual else None
+
+    def tokenizer(self):
+        """The folder's tokenizer.json; byte tokens when there is none and the ids fit them; else None (unknown)."""
+        folder = Path(self.path).expanduser()
+        if self.val_path is None and (folder / TOKENIZER_FILE).is_file():
+            from .bpe import tokenizer_in
+
+            try:
+                return tokenizer_in(folder)
+            except (OSError, ValueError, ImportError) as e:
+                raise DataError(f"data.path={folder / TOKENIZER_FILE}: {first_line(e)}") from None
+        return ByteTokenizer() if self.vocab_size == VOCAB_SIZE else None
 
     def files(self) -> tuple[Path, Path]:
         """The checked (train, val) paths."""

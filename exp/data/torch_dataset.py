@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from exp.losses import IGNORE_INDEX
 from exp.text import first_line
 
-from .batches import Sampler
+from .batches import Sampler, check_max_examples, fixed_subset
 from .corpus import check_val_fraction, holdout
 from .protocol import Batch, DataError
 
@@ -81,6 +81,7 @@ class TorchDataset:
         vocab_size: int,
         val_dataset: Dataset | None = None,
         val_fraction: float = 0.05,
+        max_examples: int | None = None,
     ):
         if int(seq_len) <= 0:
             raise DataError(f"data.seq_len must be > 0, got {seq_len}")
@@ -92,6 +93,7 @@ class TorchDataset:
             int(vocab_size),
             check_val_fraction(val_fraction),
         )
+        self.max_examples = check_max_examples(max_examples)  # a fixed subset of the train items, for quick runs
         self._split: tuple[np.ndarray, np.ndarray] | None = None
 
     def _datasets(self) -> list[tuple[str, object]]:
@@ -151,7 +153,13 @@ class TorchDataset:
                 self._split = np.arange(n), np.arange(self._len("data.val_dataset", self.val_dataset))
             else:  # seed 0, not the run's: runs with other seeds are compared on the same items
                 self._split = holdout(np.random.default_rng(0).random(n), self.val_fraction)
+            train, val = self._split
+            self._split = train[fixed_subset(len(train), self.max_examples)], val
         return self._split
+
+    def epoch_size(self) -> int:
+        """Training items in one pass (stage.num_epochs)."""
+        return len(self.splits()[0])
 
     def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> ItemSampler:
         """One row per item, in a seeded order reshuffled each epoch; ranks take slices of one global batch."""
@@ -170,6 +178,12 @@ class TorchDataset:
         picks = val[np.linspace(0, len(val) - 1, num_batches * batch_size).round().astype(np.int64)]
         rows = [self._load(key, ds, int(i))[: self.seq_len + 1] for i in picks]
         return [_collate(rows[b : b + batch_size], self.seq_len) for b in range(0, len(rows), batch_size)]
+
+    def tokenizer(self):
+        """Byte tokens when data.vocab_size is the byte tokenizer's; else unknown (None: no end-of-run sample)."""
+        from .tokenizer import VOCAB_SIZE, ByteTokenizer
+
+        return ByteTokenizer() if self.vocab_size == VOCAB_SIZE else None
 
     def describe(self) -> dict:
         """Small dict for logging: the dataset classes and, once split, the item counts."""

@@ -30,6 +30,7 @@ the user allows (--allow-target my_pkg. on the CLIs, EXP_ALLOWED_TARGETS=my_pkg.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -119,8 +120,12 @@ def router_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
     """idx (B, T) with up to max_new_tokens sampled tokens appended: model.generate(idx, max_new_tokens,
-    **options), else `sample`. options: temperature, top_k, generator, stop_token_ids (see `sample`)."""
+    **options), else `sample`. options: temperature, top_k, generator, stop_token_ids, vocab_limit (see
+    `sample`); a model's own generate that takes no vocab_limit is not given one."""
     if hasattr(model, "generate"):
+        params = inspect.signature(model.generate).parameters.values()
+        if not any(p.name == "vocab_limit" or p.kind is p.VAR_KEYWORD for p in params):
+            options.pop("vocab_limit", None)
         return model.generate(idx, max_new_tokens, **options)
     return sample(model, idx, max_new_tokens, seq_len=declared(model, "seq_len"), **options)
 
@@ -135,9 +140,12 @@ def sample(
     generator: torch.Generator | None = None,
     stop_token_ids: Iterable[int] | None = None,
     seq_len: int | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy decoding.
 
+    vocab_limit: ids at or above it are never drawn (the padding rows of an embedding larger than the
+    tokenizer).
     Each step runs forward over the last seq_len tokens (all of them when seq_len is None). A row that
     emits one of stop_token_ids is finished: the stop token stays in it and its later positions repeat it.
     Generation ends early once every row is finished (for B=1: right after the stop token), so the result
@@ -151,6 +159,8 @@ def sample(
         for _ in range(max_new_tokens):
             logits = logits_of(model(idx if seq_len is None else idx[:, -seq_len:]))
             logits = logits[:, -1, :].float()  # (B, vocab)
+            if vocab_limit is not None and vocab_limit < logits.size(-1):
+                logits[:, vocab_limit:] = float("-inf")
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:

@@ -35,27 +35,12 @@ DROPPED_HYDRA = ("hydra.sweep.", "hydra.run.", "hydra.mode", "hydra.sweeper.", "
 def relaunch_commands(sweep_dir: Path, manifest: dict, trials: list[dict], launch: int) -> list[dict]:
     """One `train.py -m` command per trial that reruns it through the sweep's launcher in its own run dir."""
     hydra = hydra_config(sweep_dir, manifest)
-    runtime, job = hydra.get("runtime", {}), hydra.get("job", {})
-    choices = runtime.get("choices", {})
-    main_conf = next((s["path"] for s in runtime.get("config_sources", []) if s.get("provider") == "main"), None)
-    # the program that composed the sweep, so its conf/ and the trial configs match; this repo's otherwise
-    train_py = Path(main_conf).parent / "train.py" if main_conf else REPO / "train.py"
-    if not train_py.exists():
-        train_py = REPO / "train.py"
-    head = [sys.executable, str(train_py), "-m"]
-    for source in runtime.get("config_sources", []):
-        if source.get("provider") == "command-line" and source.get("schema") == "file":
-            head += ["--config-dir", source["path"]]
-    if job.get("config_name") and job["config_name"] != "config":
-        head += ["--config-name", job["config_name"]]
+    head = train_command(hydra)
     head += [o for o in hydra.get("overrides", {}).get("hydra", []) if not o.lstrip("+~").startswith(DROPPED_HYDRA)]
     # the trial's own overrides already hold its point; the config's search space must not expand it again
     head.append("hydra.sweeper.params=null")
-    if choices.get("hydra/sweeper") == "optuna":
-        head += ["hydra.sweeper.n_trials=1", "hydra.sweeper.n_jobs=1"]
-    cwd = runtime.get("cwd")
-    cwd = cwd if cwd and Path(cwd).is_dir() else os.getcwd()
-    out = []
+    # exp's Optuna sweeper runs the one point of a search space of null as one job, outside the study
+    out, cwd = [], launch_cwd(hydra)
     for trial in trials:
         scratch = Path(sweep_dir).resolve() / ".relaunch" / str(launch) / str(trial["num"])
         command = [
@@ -67,6 +52,58 @@ def relaunch_commands(sweep_dir: Path, manifest: dict, trials: list[dict], launc
         ]
         out.append({"num": trial["num"], "run_dir": trial["run_dir"], "scratch": scratch, "cwd": cwd, "cmd": command})
     return out
+
+
+def train_command(hydra: dict) -> list[str]:
+    """`python train.py -m` with the config dir and name the sweep was composed from."""
+    runtime, job = hydra.get("runtime", {}), hydra.get("job", {})
+    main_conf = next((s["path"] for s in runtime.get("config_sources", []) if s.get("provider") == "main"), None)
+    # the program that composed the sweep, so its conf/ and the trial configs match; this repo's otherwise
+    train_py = Path(main_conf).parent / "train.py" if main_conf else REPO / "train.py"
+    if not train_py.exists():
+        train_py = REPO / "train.py"
+    head = [sys.executable, str(train_py), "-m"]
+    for source in runtime.get("config_sources", []):
+        if source.get("provider") == "command-line" and source.get("schema") == "file":
+            head += ["--config-dir", source["path"]]
+    if job.get("config_name") and job["config_name"] != "config":
+        head += ["--config-name", job["config_name"]]
+    return head
+
+
+def launch_cwd(hydra: dict) -> str:
+    cwd = hydra.get("runtime", {}).get("cwd")
+    return cwd if cwd and Path(cwd).is_dir() else os.getcwd()
+
+
+def is_study(sweep_dir: Path, manifest: dict | None = None) -> bool:
+    """Whether the sweep is an Optuna study of exp's sweeper (exp.sweep.optuna)."""
+    target = str(hydra_config(sweep_dir, manifest).get("sweeper", {}).get("_target_", ""))
+    return "exp_optuna_sweeper" in target or bool((manifest or {}).get("study"))
+
+
+def resume_study(sweep_dir: Path, manifest: dict, dry_run: bool = False) -> int:
+    """An Optuna study: its launching command again, into the same sweep dir. The sweeper finds the study in its
+    storage and continues it (exp.sweep.optuna): ended trials kept, those in flight waited for or rerun from their
+    checkpoints, numbering continued, until the study holds n_trials."""
+    hydra = hydra_config(sweep_dir, manifest)
+    overrides = hydra.get("overrides", {})
+    command = [
+        *train_command(hydra),
+        *(o for o in overrides.get("hydra", []) if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))),
+        *overrides.get("task", []),
+        f"hydra.sweep.dir={Path(sweep_dir).resolve()}",
+    ]
+    holder = in_use(Path(sweep_dir))
+    if holder:
+        print(f"error: the study in {sweep_dir} is still being run by {holder}", file=sys.stderr)
+        return 2
+    cwd = launch_cwd(hydra)
+    print(f"study {manifest.get('study', {}).get('study_name', '')} in {sweep_dir}: " + _counts(manifest))
+    print(f"  cd {shlex.quote(cwd)} && {shlex.join(command)}", flush=True)
+    if dry_run:
+        return 0
+    return subprocess.run(command, cwd=cwd).returncode
 
 
 def is_slurm(sweep_dir: Path, manifest: dict) -> bool:
@@ -99,10 +136,12 @@ def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = Fa
     """Rerun the trials `mode` selects (resume: not FINISHED; rerun-failed: FAILED); 0 when every launch exited 0."""
     sweep_dir = Path(sweep_dir)
     manifest = load_sweep(sweep_dir, write=not dry_run)
+    if mode == "resume" and is_study(sweep_dir, manifest):
+        return resume_study(sweep_dir, manifest, dry_run)
     wanted = [
         t
         for t in trials_of(manifest)
-        if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] != "FINISHED")
+        if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] not in ("FINISHED", "PRUNED"))
     ]
     trials = []
     for trial in wanted:

@@ -7,6 +7,7 @@ front of Hydra's basic launcher and submitit's (local, SLURM), selected by
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
 _launched: list[Path] = []  # sweep directories this process launched into (exp.cli reports their failures)
+# overrides the launcher or sweeper adds to a point, not part of what was tried: left out of sweep.json
+UNRECORDED = ("tracking.parent", "callbacks.optuna")
 
 
 def launched_sweeps() -> list[Path]:
@@ -48,10 +51,29 @@ class ValidatedSweep:
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        job_overrides, parent = self.prepare(job_overrides, initial_job_idx)
+        try:
+            results = super().launch(job_overrides, initial_job_idx)
+        finally:
+            manifest = refresh_manifest(sweep_dir)
+            parent.end("FINISHED")
+        failed = [t for t in manifest["trials"].values() if t["status"] == "FAILED"]
+        for trial in failed:
+            log.error(f"trial #{trial['num']} ({' '.join(trial['overrides'])}) FAILED: {trial.get('error')}")
+        return results
+
+    def prepare(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, parent: ParentRun | None = None
+    ) -> tuple[list[list[str]], ParentRun]:
+        """Validate the points, open (or reuse) the sweep's MLflow parent run and record the points in sweep.json
+        as PENDING; the overrides to launch them with (the parent run's id added) and the parent run."""
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
         run_dirs, tracked = self._validate(job_overrides, initial_job_idx, sweep_dir)
         self._preflight(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent = open_parent_run(self.config, sweep_dir, kind="sweep") if tracked else ParentRun(kind="sweep")
+        if parent is None:
+            parent = open_parent_run(self.config, sweep_dir, kind="sweep") if tracked else ParentRun(kind="sweep")
+        job_overrides = [list(o) for o in job_overrides]
         if parent.run_id is not None:
             job_overrides = [[*o, f"tracking.parent_run_id={parent.run_id}"] for o in job_overrides]
         manifest = read_manifest(sweep_dir) or new_manifest(
@@ -64,21 +86,18 @@ class ValidatedSweep:
         for i, overrides in enumerate(job_overrides):
             manifest["trials"][str(initial_job_idx + i)] = {
                 "num": initial_job_idx + i,
-                "overrides": [o for o in overrides if not o.startswith("tracking.parent")],
+                "overrides": [o for o in overrides if not o.lstrip("+").startswith(UNRECORDED)],
                 "run_dir": str(run_dirs[i]),
                 "status": "PENDING",
             }
         write_manifest(sweep_dir, manifest)
         _launched.append(sweep_dir)
-        try:
-            results = super().launch(job_overrides, initial_job_idx)
-        finally:
-            manifest = refresh_manifest(sweep_dir)
-            parent.end("FINISHED")
-        failed = [t for t in manifest["trials"].values() if t["status"] == "FAILED"]
-        for trial in failed:
-            log.error(f"trial #{trial['num']} ({' '.join(trial['overrides'])}) FAILED: {trial.get('error')}")
-        return results
+        return job_overrides, parent
+
+    def start(self, overrides: Sequence[str], job_idx: int):
+        """Run one prepared point; a handle with done() and results() (JobReturns). Here: in this process, so the
+        point has ended when this returns."""
+        return Ended(super().launch([list(overrides)], job_idx)[0])
 
     def _validate(self, job_overrides, initial_job_idx: int, sweep_dir: Path) -> tuple[list[Path], bool]:
         hydra_config = HydraConfig.instance().cfg
@@ -110,7 +129,54 @@ class ValidatedSweep:
         """Launcher-specific checks that must fail before anything is submitted."""
 
 
-class SlurmSweep(ValidatedSweep):
+class Ended:
+    """A point that ran in this process: done, with its JobReturn."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def done(self) -> bool:
+        return True
+
+    def results(self) -> list:
+        return [self._result]
+
+
+class SubmititSweep(ValidatedSweep):
+    """A launcher in front of submitit's: start() submits one point as its own job and returns at once."""
+
+    _executor = None
+
+    def start(self, overrides: Sequence[str], job_idx: int):
+        from hydra.core.singleton import Singleton
+
+        if self._executor is None:
+            self._executor = self._make_executor()
+        state = Singleton.get_state()
+        return self._executor.submit(self, list(overrides), "hydra.sweep.dir", job_idx, f"job_id_for_{job_idx}", state)
+
+    def _make_executor(self):
+        """The executor submitit's Hydra launcher builds for a batch (BaseSubmititLauncher.launch, which offers no
+        way to get it without submitting the batch): the same folder, requeue limit and resources."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        init_keys = {"submitit_folder", "max_num_timeout"}
+        executor = submitit.AutoExecutor(
+            cluster=self._EXECUTOR,
+            folder=self.params["submitit_folder"],
+            **{f"{self._EXECUTOR}_max_num_timeout": self.params["max_num_timeout"]}
+            if "max_num_timeout" in self.params
+            else {},
+        )
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(
+            **{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k not in init_keys}
+        )
+        return executor
+
+
+class SlurmSweep(SubmititSweep):
     """A sweep submitted as one SLURM job array: sbatch must exist here, and a request sbatch refuses (partition,
     resources) ends with what it said, exit 2, and the batch's trials NOT_SUBMITTED."""
 
@@ -125,17 +191,27 @@ class SlurmSweep(ValidatedSweep):
             )
 
     def launch(self, job_overrides, initial_job_idx):
+        with self._refusal("job array"):
+            return super().launch(job_overrides, initial_job_idx)
+
+    def start(self, overrides, job_idx):
+        with self._refusal("job"):
+            return super().start(overrides, job_idx)
+
+    @contextlib.contextmanager
+    def _refusal(self, what: str):
+        """sbatch refusing the request: what it said, the trials NOT_SUBMITTED, exit 2."""
         from submitit.core.utils import FailedJobError, FailedSubmissionError
 
         try:
-            return super().launch(job_overrides, initial_job_idx)
+            yield
         except (FailedJobError, FailedSubmissionError) as e:
             if not _refused_submission(e):  # a job that failed after it was submitted
                 raise
             text = str(e)
             detail = next((line for line in text.splitlines() if "error" in line.lower()), first_line(e))
             mark_unsubmitted(Path(str(self.config.hydra.sweep.dir)))
-            print(f"error: SLURM refused the job array: {detail.strip()}", flush=True)
+            print(f"error: SLURM refused the {what}: {detail.strip()}", flush=True)
             raise SystemExit(2) from None
 
 

@@ -106,7 +106,50 @@ def sweep_trials(sweep_dir: Path) -> tuple[list[Trial], bool]:
                 curve=val,
             )
         )
-    return trials, (Path(sweep_dir) / "optimization_results.yaml").exists()
+    return trials, (Path(sweep_dir) / "optimization_results.yaml").exists() or bool(manifest.get("study"))
+
+
+# Optuna's own plots of a study (matplotlib), written beside report.png: file name -> plot function
+STUDY_PLOTS = {
+    "optuna_history.png": "plot_optimization_history",
+    "optuna_intermediate.png": "plot_intermediate_values",
+    "optuna_parallel.png": "plot_parallel_coordinate",
+    "optuna_importances.png": "plot_param_importances",
+}
+
+
+def study_plots(sweep_dir: Path, out_dir: Path) -> list[Path]:
+    """Optuna's plots of the sweep's study (exp.sweep.optuna) into out_dir; the files written. A plot the study
+    cannot have yet (parameter importances before two trials completed) is left out with one line."""
+    manifest = load_sweep(sweep_dir, write=False)
+    study_info = manifest.get("study")
+    if not study_info:
+        return []
+    import warnings
+
+    import optuna
+    import optuna.visualization.matplotlib as plots
+
+    from exp.sweep.pruning import open_storage
+
+    plt = pyplot()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name=study_info["study_name"], storage=open_storage(study_info["storage"]))
+    written = []
+    for name, function in STUDY_PLOTS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+                ax = getattr(plots, function)(study)
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+            fig.set_size_inches(max(fig.get_size_inches()[0], 10), max(fig.get_size_inches()[1], 5.5))
+            fig.tight_layout()
+            fig.savefig(Path(out_dir) / name, dpi=100)
+            plt.close(fig)
+            written.append(Path(out_dir) / name)
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            print(f"{name}: not drawn ({first_line(e)})")
+    return written
 
 
 def experiment_trials(name: str, uri: str) -> list[Trial]:
@@ -141,7 +184,7 @@ def experiment_trials(name: str, uri: str) -> list[Trial]:
             Trial(
                 num=run.info.run_name or run.info.run_id[:8],
                 params={k: v for k, v in run.data.params.items() if not k.startswith(RUN_SPECIFIC_PARAMS)},
-                status=run.info.status,
+                status=run.data.tags.get("status", run.info.status),  # PRUNED: KILLED in MLflow, with a tag
                 train_loss=metrics.get("train/loss"),
                 val_loss=metrics.get("val/loss"),
                 best_val_loss=min((v for _, v in curve if _finite(v)), default=None),
@@ -220,6 +263,8 @@ def plot_sweep(trials: list[Trial], keys: list[str], out: Path, param_panels: li
         if t.status != "FINISHED":
             label += f" ({t.status})"
         is_best = t is best
+        if t.status == "PRUNED":  # where the pruner stopped it
+            ax.plot(*t.curve[-1], "x", color=colors(i % colors.N), markersize=9, zorder=3, label="_nolegend_")
         ax.plot(
             *zip(*t.curve, strict=True),
             "-" if t.status == "FINISHED" else "--",
@@ -325,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if path.is_dir() and is_sweep_dir(path):
             trials, optuna = sweep_trials(path)
-            report_trials(trials, varying_keys(trials), args.out or path / "report.png", optuna, str(path))
+            out = args.out or path / "report.png"
+            report_trials(trials, varying_keys(trials), out, optuna, str(path))
+            for plot in study_plots(path, Path(out).parent):
+                print(f"study plot: {plot}")
             return 0
         if path.is_dir() and (path / "summary.json").exists():
             return report_run(path, args.out)

@@ -23,6 +23,7 @@ log = logging.getLogger("exp")
 MAX_PARAM_VALUE = 6000  # MLflow 3's limit on a param value's length
 START_TIMEOUT_S = 60.0
 CLOSE_TIMEOUT_S = 30.0  # how long the end of a run waits for MLflow before leaving the rest in metrics.jsonl
+MLFLOW_STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 
 
 class NullTracker(Callback):
@@ -153,7 +154,9 @@ class MlflowTracker(Callback):
             if status == "FINISHED" and (final / "model.safetensors").exists():  # the final weights, uploaded
                 self.log_artifact(final / "model.safetensors", "model")
                 self.log_artifact(final / "config.yaml", "model")
-        self._send(End(status))
+        if status not in MLFLOW_STATUSES:  # PRUNED: MLflow has no such status; KILLED, with the status as a tag
+            self.set_tags({"status": status})
+        self._send(End(status if status in MLFLOW_STATUSES else "KILLED"))
         self._poll(until=Started, timeout=START_TIMEOUT_S)
         self._poll(until=Done, timeout=CLOSE_TIMEOUT_S)
         if not self._done:

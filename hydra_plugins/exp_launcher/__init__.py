@@ -5,14 +5,14 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher as _HydraB
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocal
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurm
 
-from exp.sweep.launch import SlurmSweep, ValidatedSweep
+from exp.sweep.launch import SlurmSweep, SubmititSweep, ValidatedSweep
 
 
 class BasicLauncher(ValidatedSweep, _HydraBasicLauncher):
     """Runs the points one after another in this process (`hydra/launcher=exp_basic`, the default)."""
 
 
-class LocalLauncher(ValidatedSweep, _SubmititLocal):
+class LocalLauncher(SubmititSweep, _SubmititLocal):
     """Runs the points as local subprocesses through submitit (`hydra/launcher=exp_local`)."""
 
 

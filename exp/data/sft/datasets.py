@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from exp.losses import IGNORE_INDEX
+from exp.text import first_line
 
+from ..batches import check_max_examples, fixed_subset
 from ..cache import check_cache_dir
 from ..corpus import check_val_fraction, holdout, split_value
 from ..protocol import Batch, DataError
-from ..tokenizer import VOCAB_SIZE, check_byte_vocab
+from ..tokenizer import VOCAB_SIZE, ByteTokenizer, check_byte_vocab
 from .examples import Examples, ExampleSampler, fit_examples, make_batch, pack_rows
 from .formats import FORMATS
 from .sources import SFTDataError, load_conversations, read_jsonl, read_records
@@ -33,8 +35,26 @@ class SFTData:
 
     name = "sft"
 
-    def __init__(self, seq_len: int, packing: bool, vocab_size: int):
-        self.vocab_size = check_byte_vocab(vocab_size)
+    def __init__(
+        self,
+        seq_len: int,
+        packing: bool,
+        vocab_size: int,
+        tokenizer: str | None = None,
+        max_examples: int | None = None,
+    ):
+        self.max_examples = check_max_examples(max_examples)  # a fixed subset of each split, for quick runs
+        self.tokenizer_path = None if tokenizer in (None, "bytes") else str(tokenizer)
+        self._tok = None
+        if self.tokenizer_path is None:
+            self.vocab_size = check_byte_vocab(vocab_size)
+        else:
+            self.vocab_size = int(vocab_size)
+            if self.vocab_size != self.tokenizer().vocab_size:
+                raise DataError(
+                    f"data.vocab_size={vocab_size} but data.tokenizer={self.tokenizer_path} has "
+                    f"{self.tokenizer().vocab_size} tokens (chat tokens included): leave data.vocab_size unset"
+                )
         if int(seq_len) <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         self.seq_len, self.packing = int(seq_len), bool(packing)
@@ -42,8 +62,25 @@ class SFTData:
         self._counts: dict[str, dict] | None = None
 
     def __getstate__(self) -> dict:
-        # pickled into launcher jobs: ship the config, not the loaded examples
-        return {**self.__dict__, "_data": None, "_counts": None}
+        # pickled into launcher jobs: ship the config, not the loaded examples or tokenizer
+        return {**self.__dict__, "_data": None, "_counts": None, "_tok": None}
+
+    def tokenizer(self):
+        """The run's tokenizer: bytes, or data.tokenizer's tokenizer.json with the chat tokens added."""
+        if self._tok is None:
+            if self.tokenizer_path is None:
+                self._tok = ByteTokenizer()
+            else:
+                from ..bpe import open_tokenizer
+
+                try:
+                    self._tok = open_tokenizer(self.tokenizer_path).with_chat_tokens()
+                except (OSError, ValueError, ImportError) as e:
+                    raise DataError(f"data.tokenizer={self.tokenizer_path}: {first_line(e)}") from None
+        return self._tok
+
+    def _encode(self, turns):
+        return encode_arrays(turns, self.tokenizer())
 
     @property
     def row_len(self) -> int:
@@ -78,7 +115,8 @@ class SFTData:
             self.check_sources()
             splits, counts = [], {}
             for split, convs in zip(("train", "val"), self.conversations(), strict=True):
-                ex, counts[split] = fit_examples(map(encode_arrays, convs), self.row_len)
+                convs = [convs[i] for i in fixed_subset(len(convs), self.max_examples)]
+                ex, counts[split] = fit_examples(map(self._encode, convs), self.row_len, self.tokenizer().PAD)
                 if not len(ex):
                     raise DataError(self._all_dropped(split, convs))
                 splits.append(ex)
@@ -90,7 +128,7 @@ class SFTData:
         if not convs:
             return f"{self.source(split)}: no {split} records"
         # the first target sits at the first label after position 0; seq_len must reach it (x = ids[:-1])
-        needed = min(int(np.flatnonzero(y[1:] != IGNORE_INDEX)[0]) + 1 for _, y in map(encode_arrays, convs))
+        needed = min(int(np.flatnonzero(y[1:] != IGNORE_INDEX)[0]) + 1 for _, y in map(self._encode, convs))
         return (
             f"{self.source(split)}: all {len(convs)} {split} examples were dropped at data.seq_len={self.seq_len} "
             f"(their prompts alone fill the window; the shortest needs seq_len >= {needed}): use a larger model.seq_len"
@@ -99,10 +137,15 @@ class SFTData:
     def _check_key(self) -> tuple:
         """What a passed check() depends on: the settings, and the size and mtime of local source files."""
         settings = sorted((k, repr(v)) for k, v in vars(self).items() if not k.startswith("_") and k != "set_dir")
-        return (type(self).__name__, *settings, *self._source_files())
+        return (type(self).__name__, *settings, self.tokenizer().fingerprint, *self._source_files())
 
     def _source_files(self) -> list[tuple]:
         return []
+
+    def epoch_size(self) -> int:
+        """Training rows in one pass over the examples (stage.num_epochs): one per example, fewer when packed."""
+        train = self.examples()[0]
+        return len(pack_rows(train.lengths, range(len(train)), self.row_len, self.packing))
 
     def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> ExampleSampler:
         """Shuffled training batches for this rank."""
@@ -134,6 +177,8 @@ class SFTData:
     def describe(self) -> dict:
         """Small dict for logging; counts once the data is loaded."""
         out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size, "packing": self.packing}
+        if self.tokenizer_path is not None:
+            out["tokenizer"] = self.tokenizer_path
         return {**out, **self.stats()} if self._data is not None else out
 
 
@@ -158,8 +203,10 @@ class SFTJsonl(SFTData):
         split: str = "train",
         val_split: str | None = None,
         vocab_size: int = VOCAB_SIZE,
+        tokenizer: str | None = None,
+        max_examples: int | None = None,
     ):
-        super().__init__(seq_len, packing, vocab_size)
+        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples)
         if format not in FORMATS:
             raise DataError(f"data.format={format} must be one of {', '.join(FORMATS)}")
         if isinstance(fields, str):
@@ -183,7 +230,7 @@ class SFTJsonl(SFTData):
                 if importlib.util.find_spec("datasets") is None:
                     raise DataError(
                         f"{key}={source} needs the Hugging Face `datasets` package, "
-                        "which is not installed (pip install datasets)"
+                        "which is not installed (pip install -e '.[hf]')"
                     )
                 continue
             p = Path(source).expanduser()
@@ -254,12 +301,10 @@ class SFTPyStdlib(SFTData):
         max_examples: int | None = None,
         root: str | None = None,
         vocab_size: int = VOCAB_SIZE,
+        tokenizer: str | None = None,
     ):
-        super().__init__(seq_len, packing, vocab_size)
-        if max_examples is not None and int(max_examples) <= 0:
-            raise DataError(f"data.max_examples must be > 0 or null, got {max_examples}")
+        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples)
         self.cache_dir, self.val_fraction = str(cache_dir), check_val_fraction(val_fraction)
-        self.max_examples = None if max_examples is None else int(max_examples)
         self.root = None if root is None else str(root)
         self.set_dir: Path | None = None
 
@@ -279,11 +324,7 @@ class SFTPyStdlib(SFTData):
         self.set_dir = pystdlib_sft(self.cache_dir, self.val_fraction, root=self.root)
         out = []
         for split in ("train", "val"):
-            convs = [t for _, _, t in load_conversations(read_jsonl(self.set_dir / f"{split}.jsonl"))]
-            if self.max_examples is not None and len(convs) > self.max_examples:
-                keep = np.sort(np.random.default_rng(0).choice(len(convs), self.max_examples, replace=False))
-                convs = [convs[i] for i in keep]
-            out.append(convs)
+            out.append([t for _, _, t in load_conversations(read_jsonl(self.set_dir / f"{split}.jsonl"))])
         return out[0], out[1]
 
     def describe(self) -> dict:

@@ -19,9 +19,10 @@ from ..tokenizer import PAD
 class Examples:
     """Tokenized examples stored back to back, each at most one row long."""
 
-    tokens: np.ndarray  # (N,) int16
-    labels: np.ndarray  # (N,) int16, -100 where not a target
+    tokens: np.ndarray  # (N,) int32
+    labels: np.ndarray  # (N,) int32, -100 where not a target
     offsets: np.ndarray  # (n + 1,) int64: example i is [offsets[i], offsets[i + 1])
+    pad: int = PAD  # the tokenizer's <|pad|> id, which fills the rest of a row
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -31,7 +32,9 @@ class Examples:
         return np.diff(self.offsets)
 
 
-def fit_examples(encoded: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int) -> tuple[Examples, dict]:
+def fit_examples(
+    encoded: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int, pad: int = PAD
+) -> tuple[Examples, dict]:
     """Cut examples to row_len tokens, dropping those left without a target; returns them and the counts."""
     ids, labels = [], []
     counts = {"num_examples": 0, "num_dropped": 0, "num_truncated": 0, "num_truncated_tokens": 0}
@@ -49,8 +52,8 @@ def fit_examples(encoded: Iterable[tuple[np.ndarray, np.ndarray]], row_len: int)
     counts["num_examples"] = len(ids)
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
-    ex = Examples(cat(ids), cat(labels), offsets)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    ex = Examples(cat(ids), cat(labels), offsets, pad)
     counts["num_tokens"] = len(ex.tokens)
     counts["num_label_tokens"] = int((ex.labels != IGNORE_INDEX).sum())
     return ex, counts
@@ -73,7 +76,7 @@ def pack_rows(lengths: np.ndarray, order: Iterable[int], row_len: int, packing: 
 
 def make_batch(ex: Examples, rows: Sequence[Sequence[int]], row_len: int) -> Batch:
     """(x, y) int64 (B, row_len - 1): the rows' examples back to back, padded with <|pad|> and -100."""
-    ids = np.full((len(rows), row_len), PAD, dtype=np.int64)
+    ids = np.full((len(rows), row_len), ex.pad, dtype=np.int64)
     labels = np.full((len(rows), row_len), IGNORE_INDEX, dtype=np.int64)
     for b, row in enumerate(rows):
         pos = 0

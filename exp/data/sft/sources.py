@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from .. import hf
 from ..protocol import DataError
 from .formats import parse_record
 from .template import Turn
@@ -29,15 +30,11 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def read_hf(name: str, split: str) -> Iterator[tuple[str, object]]:
-    """(`hf:NAME[split]:row`, record) from a Hugging Face dataset; needs `datasets` installed."""
+    """(`hf:NAME[split]:row`, record) from a Hugging Face dataset (any source exp.data.hf reads); needs `datasets`."""
     try:
-        import datasets
-    except ImportError:
-        raise SFTDataError(
-            f"hf:{name} needs the Hugging Face `datasets` package, which is not installed (pip install datasets)"
-        ) from None
-    for i, record in enumerate(datasets.load_dataset(name, split=split)):
-        yield f"hf:{name}[{split}]:{i}", dict(record)
+        yield from hf.records(f"hf:{name}", split)
+    except hf.HFSourceError as e:  # already led by the source
+        raise SFTDataError(str(e)) from None
 
 
 def read_records(source: str, split: str = "train") -> Iterator[tuple[str, object]]:

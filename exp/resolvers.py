@@ -1,0 +1,58 @@
+"""OmegaConf resolvers the configs use, registered when exp is imported (before Hydra composes a config).
+
+  ${exp_data_vocab:${data.path}}          the vocabulary size a prepared data folder records (meta.json)
+  ${exp_tokenizer_vocab:${data.tokenizer}} a tokenizer's size, chat tokens included ("bytes" or null: 264)
+  ${exp_padded_vocab:${data.vocab_size}}  the model's vocabulary: the tokenizer's rounded up to a multiple of 64
+                                          (when that adds at most 1/16: bytes stay 264)
+
+They never fail on a path that does not exist: the data's own checks name that problem, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+BYTE_VOCAB = 264  # exp.data.tokenizer.VOCAB_SIZE, without importing the data package (torch) here
+
+
+def data_vocab(path) -> int:
+    """meta.json's vocab_size in a prepared data folder; the byte tokenizer's size when there is none."""
+    try:
+        meta = json.loads((Path(str(path)).expanduser() / "meta.json").read_text())
+        return int(meta["vocab_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return BYTE_VOCAB
+
+
+def tokenizer_vocab(spec) -> int:
+    """The vocabulary size of an SFT tokenizer (a tokenizer.json or folder), chat tokens added."""
+    if spec is None or str(spec) == "bytes":
+        return BYTE_VOCAB
+    from exp.data.bpe import open_tokenizer
+
+    try:
+        return open_tokenizer(spec).with_chat_tokens().vocab_size
+    except (OSError, ValueError, ImportError):
+        return BYTE_VOCAB  # the data's check reports the missing or broken tokenizer by its key
+
+
+def padded_vocab(vocab_size, multiple: int = 64) -> int:
+    """vocab_size rounded up to a multiple of 64 for fast matmuls, when that adds at most 1/16 to it: a real
+    vocabulary (50,257 -> 50,304, 1,000 -> 1,024) gains, while a tiny one (the byte tokenizer's 264, which
+    would grow by 21%) only pays for the extra logits and stays as it is."""
+    n = int(vocab_size)
+    padded = -(-n // multiple) * multiple
+    return padded if (padded - n) * 16 <= n else n
+
+
+def register() -> None:
+    for name, fn in (
+        ("exp_data_vocab", data_vocab),
+        ("exp_tokenizer_vocab", tokenizer_vocab),
+        ("exp_padded_vocab", padded_vocab),
+    ):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,626 @@
+"""The HTTP API (FastAPI) and the dashboard's static files: configs, jobs, metrics, checkpoints and sweeps.
+
+Every answer is read from the run directories, sweep manifests and the registry; bad input gets a 4xx with one
+line in `detail`, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Body, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+import exp.serve.configs as configs
+import exp.serve.control as control
+from exp.checkpoint.checkpointer import check_config_change
+from exp.errors import ConfigError
+from exp.rundir import read_summary
+from exp.serve.registry import Registry, new_id, run_id_for
+
+STATIC = Path(__file__).parent / "static"
+ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}$", description="an id the service gave out")]
+CHECKPOINT_ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}-[0-9]{1,12}$", description="JOBID-STEP")]
+Override = Annotated[str, Field(min_length=1, max_length=configs.MAX_OVERRIDE_CHARS)]
+Overrides = Annotated[list[Override], Field(max_length=configs.MAX_OVERRIDES)]
+
+
+@dataclass
+class Settings:
+    """What the operator chooses when starting the service (python -m exp.serve --help)."""
+
+    runs_dir: Path = Path("runs")
+    token: str | None = None  # bearer token every route but /api/health needs, when set
+    allow_targets: tuple[str, ...] = ()  # _target_ prefixes allowed over HTTP beyond exp's own and torch.optim
+    max_body_bytes: int = 64 * 1024
+    poll_s: float = 0.5  # how often the event stream looks for new metric lines
+    extra: dict = field(default_factory=dict)
+
+
+# --- bodies ---------------------------------------------------------------------------------------------------
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConfigIn(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    overrides: Overrides = []
+
+
+class SlurmResources(Strict):
+    partition: str | None = Field(None, max_length=100)
+    account: str | None = Field(None, max_length=100)
+    qos: str | None = Field(None, max_length=100)
+    constraint: str | None = Field(None, max_length=200)
+    cpus_per_task: int | None = Field(None, ge=1, le=1024)
+    mem_gb: int | None = Field(None, ge=1, le=4096)
+    timeout_min: int | None = Field(None, ge=1, le=60 * 24 * 30)
+    gpus_per_node: int | None = Field(None, ge=0, le=64)
+
+
+class StartIn(Strict):
+    config_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,64}$")
+    overrides: Overrides = []  # added after the stored config's, when both are given
+    launcher: Literal["local", "slurm"] = "local"
+    slurm: SlurmResources = SlurmResources()
+
+
+class ResumeIn(Strict):
+    step: int | None = Field(None, ge=0, description="checkpoint step to resume from; the newest valid when absent")
+    overrides: Overrides = []  # allowed changes, e.g. stage.num_steps=600 (needs allow_config_change)
+    allow_config_change: bool = False
+
+
+class SweepIn(Strict):
+    overrides: Overrides = []  # a grid: KEY=a,b,c or range(); each point is validated before the sweep starts
+    launcher: Literal["local", "slurm"] = "local"
+
+
+class Started(BaseModel):
+    job_id: str
+    run_dir: str
+    mlflow_run_id: str | None
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runs_dir = Path(settings.runs_dir).resolve()
+    registry = Registry(runs_dir)
+    launcher = control.Launcher(runs_dir)
+    cache = control.MetricsCache()
+    app = FastAPI(
+        title="exp job service",
+        version="1",
+        description="Compose, launch, watch, steer and resume exp runs and sweeps.",
+    )
+    app.state.settings, app.state.registry, app.state.launcher = settings, registry, launcher
+
+    app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ConfigError)
+    async def config_error(request: Request, e: ConfigError):
+        return JSONResponse({"detail": e.line()}, 422)
+
+    @app.exception_handler(control.Conflict)
+    async def conflict(request: Request, e: control.Conflict):
+        return JSONResponse({"detail": str(e)}, 409)
+
+    def job_or_404(job_id: str) -> dict:
+        job = registry.job(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    def status_of(job: dict) -> dict:
+        return control.job_status(job, launcher, cache)
+
+    # --- service ----------------------------------------------------------------------------------------
+
+    @app.get("/api/health", tags=["service"])
+    def health() -> dict:
+        """Liveness; the only route that needs no token."""
+        return {"ok": True}
+
+    @app.get("/api/options", tags=["service"])
+    def options() -> dict:
+        """The options of every config group in conf/, and the launchers."""
+        return {"groups": configs.group_options(), "launchers": ["local", "slurm"]}
+
+    # --- configs ----------------------------------------------------------------------------------------
+
+    @app.post("/api/training/configs", status_code=201, tags=["configs"])
+    def create_config(body: ConfigIn) -> dict:
+        """Store a named set of overrides once it composes and validates as train.py would (422 with the CLI's
+        line otherwise)."""
+        configs.compose(body.overrides, runs_dir / "serve" / "_validate", settings.allow_targets, node=False)
+        return registry.add_config(body.name, body.overrides)
+
+    @app.get("/api/training/configs", tags=["configs"])
+    def list_configs() -> list[dict]:
+        return registry.configs()
+
+    @app.get("/api/training/configs/{config_id}", tags=["configs"])
+    def get_config(config_id: ID) -> dict:
+        found = registry.config(config_id)
+        if found is None:
+            raise HTTPException(404, f"no config {config_id}")
+        return found
+
+    @app.delete("/api/training/configs/{config_id}", tags=["configs"])
+    def delete_config(config_id: ID) -> dict:
+        if not registry.delete_config(config_id):
+            raise HTTPException(404, f"no config {config_id}")
+        return {"deleted": config_id}
+
+    # --- jobs -------------------------------------------------------------------------------------------
+
+    @app.post("/api/training/jobs/start", status_code=201, tags=["jobs"])
+    def start_job(body: StartIn) -> Started:
+        """Validate and launch a run (locally, or on SLURM with the hardware option's resources)."""
+        overrides = list(body.overrides)
+        if body.config_id is not None:
+            stored = registry.config(body.config_id)
+            if stored is None:
+                raise HTTPException(404, f"no config {body.config_id}")
+            overrides = merge_overrides(stored["overrides"], overrides)
+        job_id = new_id("j")
+        run_dir = runs_dir / "serve" / job_id
+        _, hydra_node = configs.compose(overrides, run_dir, settings.allow_targets, node=body.launcher == "local")
+        process = launch(job_id, overrides, run_dir, body.launcher, body.slurm, hydra_node)
+        registry.add_job(
+            job_id, run_dir, launcher=body.launcher, overrides=overrides, config_id=body.config_id, **process
+        )
+        return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=None)
+
+    def launch(job_id, overrides, run_dir, kind, slurm: SlurmResources, hydra_node) -> dict:
+        if kind == "local":
+            return launcher.start_local(job_id, overrides, run_dir)
+        resources = configs.launcher_defaults(hydra_node) | slurm.model_dump(exclude_none=True)
+        try:
+            return launcher.start_slurm(job_id, overrides, run_dir, resources)
+        except Exception as e:  # no sbatch, a partition SLURM refuses: the client's to fix
+            raise HTTPException(422, f"SLURM refused the job: {str(e).strip().splitlines()[-1][:300]}") from None
+
+    @app.get("/api/training/jobs", tags=["jobs"])
+    def list_jobs(
+        status: Annotated[str | None, Query(max_length=20, description="RUNNING, FINISHED, ...")] = None,
+    ) -> list[dict]:
+        """The jobs this service started and the runs found in the runs directory, newest first."""
+        out = [status_of(job) for job in registry.jobs()]
+        return [j for j in out if status is None or j["status"] == status.upper()]
+
+    @app.get("/api/training/jobs/{job_id}/status", tags=["jobs"])
+    def job_status(job_id: ID) -> JSONResponse:
+        """status as in summary.json, step / num_steps, ETA, last metrics, SLURM job id and state."""
+        return JSONResponse(status_of(job_or_404(job_id)))
+
+    @app.post("/api/training/jobs/{job_id}/stop", status_code=202, tags=["jobs"])
+    def stop_job(job_id: ID) -> dict:
+        """Graceful stop: the run finishes its step, saves a checkpoint and ends KILLED (409 if it has ended)."""
+        job = job_or_404(job_id)
+        control.send(job, status_of(job)["status"], signal.SIGTERM, "stop")
+        registry.mark_stop_requested(job_id)
+        return {"job_id": job_id, "requested": "stop"}
+
+    @app.post("/api/training/jobs/{job_id}/checkpoint", status_code=202, tags=["jobs"])
+    def checkpoint_job(job_id: ID) -> dict:
+        """Save a checkpoint at the next step boundary and keep training."""
+        job = job_or_404(job_id)
+        control.send(job, status_of(job)["status"], signal.SIGUSR1, "checkpoint")
+        return {"job_id": job_id, "requested": "checkpoint"}
+
+    @app.post("/api/training/jobs/{job_id}/resume", status_code=201, tags=["jobs"])
+    def resume_job(job_id: ID, body: Annotated[ResumeIn | None, Body()] = None) -> Started:
+        """Start the job again in its run directory from its newest (or the chosen) checkpoint, optionally with
+        changes such as more steps (allow_config_change)."""
+        body = body or ResumeIn()
+        job = job_or_404(job_id)
+        status = status_of(job)["status"]
+        if status not in control.TERMINAL:
+            raise control.Conflict(f"job {job_id} is {status}: stop it before resuming")
+        run_dir = Path(job["run_dir"])
+        if body.step is None:
+            found = control.checkpoints(run_dir, None)
+            if not found:
+                raise control.Conflict(f"job {job_id} has no checkpoint to resume from")
+            path = Path(found[-1]["path"])
+        else:
+            path = control.checkpoint_dir(run_dir, body.step)
+            if path is None:
+                raise HTTPException(404, f"job {job_id} has no checkpoint at step {body.step}")
+        configs.check_overrides(body.overrides, settings.allow_targets)
+        overrides = merge_overrides(job["overrides"], body.overrides)
+        own = (f"resume.path={path}", f"resume.allow_config_change={str(body.allow_config_change).lower()}")
+        kind = job["launcher"]
+
+        def drift(cfg):  # refused here with the line the run would print, not after a launch
+            check_config_change(path / "config.yaml", cfg, body.allow_config_change)
+
+        _, hydra_node = configs.compose(
+            overrides, run_dir, settings.allow_targets, node=kind == "local", service_overrides=own, check=drift
+        )
+        process = launch(job_id, [*overrides, *own], run_dir, kind, SlurmResources(), hydra_node)
+        registry.relaunched(job_id, launcher=kind, overrides=overrides, **process)
+        return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(run_dir, None))
+
+    @app.get("/api/training/jobs/{job_id}/logs", tags=["jobs"])
+    def job_logs(job_id: ID, tail_bytes: Annotated[int, Query(ge=1, le=1 << 20)] = 16384) -> dict:
+        """The end of the job's console output (train.log for runs started from the command line)."""
+        job = job_or_404(job_id)
+        path = Path(job["log_path"]) if job.get("log_path") else Path(job["run_dir"]) / "train.log"
+        text = control.tail(path, tail_bytes)
+        if job.get("slurm_job_id"):  # SLURM's messages and tracebacks: the job's stderr
+            text += control.tail(path.with_suffix(".err"), tail_bytes)
+        return {"job_id": job_id, "path": str(path), "text": text[-tail_bytes:]}
+
+    # --- metrics ----------------------------------------------------------------------------------------
+
+    @app.get("/api/training/jobs/{job_id}/metrics", tags=["metrics"])
+    def job_metrics(job_id: ID) -> JSONResponse:
+        """The newest value of every metric, each with its step."""
+        job = job_or_404(job_id)
+        return JSONResponse({"job_id": job_id, "metrics": cache.latest(Path(job["run_dir"]))})
+
+    @app.get("/api/training/jobs/{job_id}/metrics/history", tags=["metrics"])
+    def metrics_history(
+        job_id: ID,
+        key: Annotated[list[str] | None, Query(max_length=32)] = None,
+        min_step: Annotated[int | None, Query(ge=0)] = None,
+        max_step: Annotated[int | None, Query(ge=0)] = None,
+        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    ) -> dict:
+        """metrics.jsonl lines, filtered by metric key(s) and step range, paged (offset, limit)."""
+        rows = cache.rows(Path(job_or_404(job_id)["run_dir"]))
+        picked = []
+        for row in rows:
+            if (min_step is not None and row["step"] < min_step) or (max_step is not None and row["step"] > max_step):
+                continue
+            if key:
+                values = {k: row[k] for k in key if k in row}
+                if not values:
+                    continue
+                row = {"step": row["step"], **values}
+            picked.append(row)
+        page = picked[offset : offset + limit]
+        following = offset + limit if offset + limit < len(picked) else None
+        return {"job_id": job_id, "total": len(picked), "offset": offset, "next_offset": following, "rows": page}
+
+    @app.get("/api/training/jobs/{job_id}/throughput", tags=["metrics"])
+    def throughput(job_id: ID) -> dict:
+        """Tokens/s and step time: the newest interval's, the mean over the run, and summary.json's steady state."""
+        job = job_or_404(job_id)
+        rows = [r for r in cache.rows(Path(job["run_dir"])) if "perf/tokens_per_s" in r]
+        summary = read_summary(job["run_dir"]) or {}
+        values = [r["perf/tokens_per_s"] for r in rows]
+        return {
+            "job_id": job_id,
+            "tokens_per_s": values[-1] if values else None,
+            "mean_tokens_per_s": sum(values) / len(values) if values else None,
+            "step_ms": rows[-1].get("perf/step_ms") if rows else None,
+            "samples_per_s": rows[-1].get("perf/samples_per_s") if rows else None,
+            "summary_tokens_per_s": summary.get("tokens_per_s"),
+            "history": [{"step": r["step"], "tokens_per_s": r["perf/tokens_per_s"]} for r in rows[-200:]],
+        }
+
+    @app.get("/api/training/jobs/{job_id}/metrics/stream", tags=["metrics"])
+    async def metrics_stream(
+        request: Request, job_id: ID, after_step: Annotated[int, Query(ge=-1)] = -1
+    ) -> StreamingResponse:
+        """Server-sent events: one `metrics` event per metrics.jsonl line after `after_step`, then an `end` event
+        with the final status."""
+        job = job_or_404(job_id)
+        run_dir = Path(job["run_dir"])
+
+        async def events():
+            sent, last_beat = 0, time.monotonic()
+            rows = cache.rows(run_dir)
+            while sent < len(rows) and rows[sent]["step"] <= after_step:
+                sent += 1
+            while not await request.is_disconnected():
+                rows = cache.rows(run_dir)
+                if len(rows) < sent:  # rewritten by a resume
+                    sent = 0
+                for row in rows[sent:]:
+                    yield f"event: metrics\ndata: {json.dumps(row)}\n\n"
+                sent = len(rows)
+                status = status_of(registry.job(job_id) or job)["status"]
+                if status in control.TERMINAL and len(cache.rows(run_dir)) == sent:
+                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    return
+                if time.monotonic() - last_beat > 15:
+                    yield ": keep-alive\n\n"
+                    last_beat = time.monotonic()
+                await asyncio.sleep(settings.poll_s)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+
+    @app.get("/api/training/jobs/{job_id}/checkpoints", tags=["checkpoints"])
+    def job_checkpoints(job_id: ID) -> list[dict]:
+        """Checkpoints: id (for download), step, bytes, SHA-256 of each file, and which is best."""
+        job = job_or_404(job_id)
+        found = control.checkpoints(Path(job["run_dir"]), read_summary(job["run_dir"]))
+        return [{"id": f"{job_id}-{c['step']}", **c} for c in found]
+
+    @app.get("/api/training/checkpoints/{checkpoint_id}/download", tags=["checkpoints"])
+    def download(
+        checkpoint_id: CHECKPOINT_ID, file: Annotated[str | None, Query(max_length=300)] = None
+    ) -> StreamingResponse:
+        """The checkpoint as a tar stream (manifest.json first: it holds each file's SHA-256), or one `file` of it
+        with its SHA-256 in the X-Checksum-SHA256 and Digest headers."""
+        job_id, _, step = checkpoint_id.rpartition("-")
+        path = control.checkpoint_dir(Path(job_or_404(job_id)["run_dir"]), int(step))
+        if path is None:
+            raise HTTPException(404, f"no checkpoint {checkpoint_id}")
+        manifest_bytes = (path / control.MANIFEST).read_bytes()
+        try:
+            files = json.loads(manifest_bytes)["files"]
+        except (ValueError, KeyError, TypeError):
+            raise HTTPException(404, f"checkpoint {checkpoint_id} has no readable manifest") from None
+        if file is not None:
+            entry = files.get(file)
+            target = (path / file).resolve() if entry else None
+            if target is None or not target.is_relative_to(path.resolve()) or not target.is_file():
+                raise HTTPException(404, f"{file!r} is not a file of checkpoint {checkpoint_id}")
+            digest = base64.b64encode(bytes.fromhex(entry["sha256"])).decode()
+            return FileResponse(
+                target,
+                filename=Path(file).name,
+                headers={"X-Checksum-SHA256": entry["sha256"], "Digest": f"sha-256={digest}"},
+            )
+        names = [n for n in files if (path / n).is_file()]
+        headers = {
+            "Content-Disposition": f'attachment; filename="{checkpoint_id}.tar"',
+            "X-Manifest-SHA256": _sha256(manifest_bytes),
+            "Content-Length": str(_tar_size(path, names, len(manifest_bytes))),
+        }
+        stream = _tar_stream(path, names, manifest_bytes)
+        return StreamingResponse(stream, media_type="application/x-tar", headers=headers)
+
+    # --- sweeps -----------------------------------------------------------------------------------------
+
+    def sweeps() -> dict[str, Path]:
+        from exp.sweep.manifest import is_sweep_dir
+
+        found = {}
+        level = [runs_dir]
+        for _ in range(4):
+            following = []
+            for folder in level:
+                try:
+                    children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+                except OSError:
+                    continue
+                for child in children:
+                    if is_sweep_dir(child):
+                        found[run_id_for(child).replace("r", "s", 1)] = child
+                    elif not child.name.isdigit() and child.name not in ("checkpoints", "mlartifacts"):
+                        if child == runs_dir / "serve":  # the jobs' run directories
+                            continue
+                        following.append(child)
+            level = following
+        return found
+
+    def sweep_or_404(sweep_id: str) -> Path:
+        path = sweeps().get(sweep_id)
+        if path is None:
+            raise HTTPException(404, f"no sweep {sweep_id}")
+        return path
+
+    def sweep_view(sweep_id: str, path: Path) -> dict:
+        from exp.sweep.manifest import SweepError, load_sweep, trials_of
+
+        try:
+            manifest = load_sweep(path, write=False)
+        except (SweepError, OSError, ValueError) as e:
+            return {"sweep_id": sweep_id, "sweep_dir": str(path), "error": str(e), "trials": [], "counts": {}}
+        trials = [
+            {
+                k: t.get(k)
+                for k in (
+                    "num",
+                    "status",
+                    "overrides",
+                    "run_dir",
+                    "val_loss",
+                    "step",
+                    "num_steps",
+                    "slurm_job_id",
+                    "mlflow_run_id",
+                    "error",
+                )
+            }
+            for t in trials_of(manifest)
+        ]
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[str(t["status"])] = counts.get(str(t["status"]), 0) + 1
+        return {"sweep_id": sweep_id, "sweep_dir": str(path), "counts": counts, "trials": trials}
+
+    @app.get("/api/training/sweeps", tags=["sweeps"])
+    def list_sweeps() -> list[dict]:
+        """Sweeps under the runs directory with their trial counts by status (PENDING, RUNNING, PRUNED, ...)."""
+        return [{k: v for k, v in sweep_view(i, p).items() if k != "trials"} for i, p in sweeps().items()]
+
+    @app.get("/api/training/sweeps/{sweep_id}", tags=["sweeps"])
+    def get_sweep(sweep_id: ID) -> dict:
+        """A sweep's trials with status, overrides, val loss, SLURM job and MLflow run."""
+        return sweep_view(sweep_id, sweep_or_404(sweep_id))
+
+    def relaunch_sweep(sweep_id: str, mode: str) -> dict:
+        path = sweep_or_404(sweep_id)
+        log_dir = runs_dir / ".serve" / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{sweep_id}-{mode}-{int(time.time())}.log"
+        with open(log_path, "ab") as log:
+            child = launcher.spawn(
+                [sys.executable, "-m", "exp.sweep", mode, str(path)],
+                cwd=runs_dir.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(configs.ROOT)},
+            )
+        return {"sweep_id": sweep_id, "requested": mode, "pid": child.pid, "log_path": str(log_path)}
+
+    @app.post("/api/training/sweeps/start", status_code=201, tags=["sweeps"])
+    def start_sweep(body: SweepIn) -> dict:
+        """A grid sweep: `train.py -m` through exp's launcher (one after another here, or a SLURM job array),
+        started once every point composes and validates (422 with the first point's error otherwise)."""
+        sweep_dir = runs_dir / "multirun" / "serve" / new_id("s")
+        points = configs.sweep_points(body.overrides)
+        for num, point in enumerate(points):
+            configs.compose(point, sweep_dir / str(num), settings.allow_targets, node=body.launcher == "local")
+        launcher_choice = "hydra/launcher=exp_slurm" if body.launcher == "slurm" else "hydra/launcher=exp_basic"
+        command = [sys.executable, str(configs.TRAIN_PY), "-m", *body.overrides, launcher_choice]
+        log_dir = runs_dir / ".serve" / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{sweep_dir.name}.log"
+        with open(log_path, "ab") as log:
+            child = launcher.spawn(
+                [*command, f"hydra.sweep.dir={sweep_dir}"],
+                cwd=runs_dir.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        sweep_id = run_id_for(sweep_dir).replace("r", "s", 1)
+        return {
+            "sweep_id": sweep_id,
+            "sweep_dir": str(sweep_dir),
+            "num_points": len(points),
+            "pid": child.pid,
+            "log_path": str(log_path),
+        }
+
+    @app.post("/api/training/sweeps/{sweep_id}/resume", status_code=202, tags=["sweeps"])
+    def resume_sweep(sweep_id: ID) -> dict:
+        """python -m exp.sweep resume: every unfinished trial continues from its newest checkpoint."""
+        return relaunch_sweep(sweep_id, "resume")
+
+    @app.post("/api/training/sweeps/{sweep_id}/rerun-failed", status_code=202, tags=["sweeps"])
+    def rerun_failed(sweep_id: ID) -> dict:
+        """python -m exp.sweep rerun-failed: the FAILED trials run again."""
+        return relaunch_sweep(sweep_id, "rerun-failed")
+
+    # --- dashboard --------------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+class Guard:
+    """Plain ASGI middleware (cheaper per request than an http-middleware function): the bearer token on every
+    path but /api/health, and bodies over `max_body_bytes` (by Content-Length, or counted when chunked) refused."""
+
+    def __init__(self, app, token: str | None, max_body_bytes: int):
+        self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        if self.token and scope["path"] != "/api/health" and not _authorized(request, self.token):
+            response = JSONResponse({"detail": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        declared = request.headers.get("content-length")
+        too_big = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, 413)
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return await too_big(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class BodyTooLarge(Exception):
+    """A chunked body grew past the limit while it was read."""
+
+
+def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
+    """`base` with `changes` applied: an override of the same key replaces the earlier one (Hydra refuses two)."""
+
+    def key(item: str) -> str:
+        return item.split("=", 1)[0].lstrip("+~")
+
+    changed = {key(c) for c in changes}
+    return [b for b in base if key(b) not in changed] + list(changes)
+
+
+def _authorized(request: Request, token: str) -> bool:
+    """A bearer token in the Authorization header, or `?token=` (the page itself, EventSource and downloads,
+    which cannot set headers)."""
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, int(time.time())
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _tar_size(path: Path, names: list[str], manifest_size: int) -> int:
+    sizes = [manifest_size] + [(path / n).stat().st_size for n in names if n != control.MANIFEST]
+    return sum(512 + s + (-s) % 512 for s in sizes) + 1024
+
+
+def _tar_stream(path: Path, names: list[str], manifest_bytes: bytes):
+    """An uncompressed tar, written as it is sent: <checkpoint>/manifest.json, then each file it lists."""
+    yield _tar_header(f"{path.name}/{control.MANIFEST}", len(manifest_bytes))
+    yield manifest_bytes + b"\0" * ((-len(manifest_bytes)) % 512)
+    for name in names:
+        if name == control.MANIFEST:
+            continue
+        size = (path / name).stat().st_size
+        yield _tar_header(f"{path.name}/{name}", size)
+        with (path / name).open("rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield b"\0" * ((-size) % 512)
+    yield b"\0" * 1024

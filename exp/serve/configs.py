@@ -1,0 +1,165 @@
+"""Configs arriving over HTTP: overrides checked against the target allowlist, then composed through Hydra and
+validated exactly as train.py does, before anything is stored or launched."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from exp.checkpoint.weights import allowed_prefixes
+from exp.errors import ConfigError
+from exp.text import first_line
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = ROOT / "conf"
+TRAIN_PY = ROOT / "train.py"
+
+# exp's own code and torch's optimizers; the operator adds prefixes (--allow-target, EXP_ALLOWED_TARGETS)
+BUILTIN_TARGETS = ("exp", "torch.optim")
+# the service decides where a run goes, how it is launched and what it resumes from
+RESERVED_KEYS = ("hydra", "run_dir", "resume")
+MAX_OVERRIDES = 64
+MAX_OVERRIDE_CHARS = 1000
+_GROUP_CHOICE = re.compile(r"^[+~]?[a-z_]+(/[a-z_]+)*$")
+_compose_lock = threading.Lock()  # Hydra's global state (GlobalHydra, HydraConfig) is one per process
+
+
+class Refused(ConfigError):
+    """A config the service will not compose: names code outside the allowlist, or a key the service owns."""
+
+
+def target_allowed(target: str, allow: tuple[str, ...] = ()) -> bool:
+    prefixes = (*BUILTIN_TARGETS, *allowed_prefixes(allow))
+    return any(target == p or target.startswith(p + ".") for p in prefixes)
+
+
+def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
+    """Refuse, before Hydra parses anything, overrides the service owns or that name code it does not allow."""
+    if len(overrides) > MAX_OVERRIDES:
+        raise Refused(f"{len(overrides)} overrides: at most {MAX_OVERRIDES}")
+    for item in overrides:
+        if not isinstance(item, str) or not item.strip():
+            raise Refused(f"override {item!r}: must be a non-empty string KEY=VALUE or GROUP=OPTION")
+        if len(item) > MAX_OVERRIDE_CHARS or "\n" in item or "\x00" in item:
+            raise Refused(f"override {item[:40]!r}...: too long or not one line")
+        key = item.split("=", 1)[0].lstrip("+~").strip()
+        if item.startswith("-"):
+            raise Refused(f"override {item!r}: command-line flags are not accepted, only KEY=VALUE")
+        if key.split(".", 1)[0].split("/", 1)[0] in RESERVED_KEYS:
+            raise Refused(f"{key}: set by the service (the run directory, its launcher and resumption)")
+        if "=" not in item and not _GROUP_CHOICE.match(item):
+            raise Refused(f"override {item!r}: expected KEY=VALUE")
+
+
+def check_targets(node, allow: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Every `_target_` of the composed config must be allowed; nothing has been imported yet."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{prefix}{key}"
+            if key == "_target_" and not (isinstance(value, str) and target_allowed(value, allow)):
+                raise Refused(
+                    f"{where}={value!r} is not allowed over HTTP (allowed: {', '.join(BUILTIN_TARGETS)}"
+                    f"{''.join(', ' + p for p in allowed_prefixes(allow))}); the operator can add a prefix "
+                    "with python -m exp.serve --allow-target PREFIX"
+                )
+            check_targets(value, allow, f"{where}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, allow, f"{prefix}{i}.")
+
+
+def compose(
+    overrides: list[str],
+    run_dir: Path,
+    allow: tuple[str, ...] = (),
+    node: bool = True,
+    service_overrides: tuple[str, ...] = (),
+    check: Callable[[DictConfig], None] | None = None,
+) -> tuple[DictConfig, dict]:
+    """The config train.py would get for these overrides, validated as train.py validates it, and its `hydra`
+    node. `service_overrides` (the service's own: resume) skip the client checks; `check(cfg)` runs while the
+    composed config still resolves (resume's drift check).
+
+    Raises ConfigError (Refused for allowlist and reserved keys) with the one line the CLI prints.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from exp import config
+
+    check_overrides(overrides, allow)
+    with _compose_lock:
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = hydra_compose(
+                    "config",
+                    overrides=[*overrides, *service_overrides, f"run_dir={run_dir}"],
+                    return_hydra_config=True,
+                )
+        except Exception as e:  # Hydra's own errors: an unknown group option or key, a bad override
+            raise ConfigError(hydra_message(e)) from None
+        # the launcher Hydra would use is Hydra's business; the job's own nodes are what may name code
+        job = OmegaConf.to_container(cfg, resolve=False)
+        job.pop("hydra", None)
+        check_targets(job, allow)
+        HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.choices.*} resolves and overrides are known
+        hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        config.validate(cfg, node=node)
+        if check is not None:
+            check(cfg)
+    return cfg, hydra_node
+
+
+def sweep_points(overrides: list[str], max_points: int = 64) -> list[list[str]]:
+    """The grid a multirun's overrides expand to (`seed=0,1 optimizer=adamw,sgd`: four points), each point a list
+    of plain overrides; ConfigError for what does not parse or expands past `max_points`."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_overrides(overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        axes = []
+        for o in parsed:
+            prefix = {"ADD": "+", "FORCE_ADD": "++", "DEL": "~"}.get(o.type.name, "")
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            axes.append([f"{prefix}{o.key_or_group}={v}" for v in values])
+    except Exception as e:  # a syntax error, or a search space (interval) only a sweeper can sample
+        raise ConfigError(f"sweep overrides: {hydra_message(e)} (grids of KEY=a,b,c or range() only)") from None
+    num_points = 1
+    for axis in axes:
+        num_points *= len(axis)
+    if num_points > max_points:
+        raise ConfigError(f"the grid has {num_points} points: at most {max_points} from the service")
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def hydra_message(error: BaseException) -> str:
+    """Hydra's multi-line compose error as the one line a client shows: its first paragraph."""
+    text = str(error).strip()
+    head = text.split("\n\n", 1)[0]
+    return " ".join(line.strip() for line in head.splitlines() if line.strip()) or first_line(error)
+
+
+def launcher_defaults(hydra_node: dict) -> dict:
+    """The SLURM resources the composed config's hardware option sets under hydra.launcher (slurm_* options)."""
+    values = hydra_node.get("launcher") or {}
+    keys = ("partition", "account", "qos", "cpus_per_task", "mem_gb", "timeout_min", "gpus_per_node", "constraint")
+    return {k: values[k] for k in keys if values.get(k) is not None}
+
+
+def group_options() -> dict[str, list[str]]:
+    """The options of every config group in conf/: what the dashboard's start form offers."""
+    return {
+        g.name: sorted(f.stem for f in g.glob("*.yaml"))
+        for g in sorted(CONF_DIR.iterdir())
+        if g.is_dir() and g.name != "hydra"
+    }

@@ -1,0 +1,447 @@
+"""Jobs as the run directory and the process (or SLURM job) behind it say they are: launch, signal, read.
+
+Local jobs are `python train.py` in their own session, so they outlive the service; SLURM jobs go through
+submitit. Stop is SIGTERM (the run finishes its step, saves a checkpoint and ends KILLED), save-now is SIGUSR1
+(exp.faults.SaveOnSignal), both sent only once the run has installed its handlers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
+from exp.rundir import METRICS, read_json, read_summary
+from exp.serve.configs import ROOT, TRAIN_PY
+
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+SLURM_LAUNCHER = "slurm"
+LOCAL_LAUNCHER = "local"
+
+
+class Conflict(Exception):
+    """The job is not in a state that allows this (stop a finished job, resume a running one): HTTP 409."""
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+
+def process_start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid, it tells
+    a job's process apart from a later one that reused its pid. None when no such process is alive."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":  # a zombie: ended, waiting to be reaped
+        return None
+    return fields[19]
+
+
+def process_alive(job: dict) -> bool:
+    pid = job.get("pid")
+    return bool(pid) and process_start_time(pid) == job.get("pid_start")
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for `signum` installed (SigCgt in /proc/PID/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class Launcher:
+    """Starts train.py for a job, locally or on SLURM, and keeps the local children it started so they are reaped
+    (a job that outlives the service is reaped by init)."""
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.logs = self.runs_dir / ".serve" / "logs"
+        self._children: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._reap, daemon=True, name="reaper").start()
+        # jobs are started from this thread, created with the service's own priority: a child inherits the nice
+        # value of the thread that forks it, and the request threads may run niced (exp.serve --nice)
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
+        self._spawner.submit(lambda: None).result()
+
+    def spawn(self, *args, **kwargs) -> subprocess.Popen:
+        """subprocess.Popen on the spawner thread."""
+        return self._spawner.submit(subprocess.Popen, *args, **kwargs).result()
+
+    def command(self, overrides: list[str], run_dir: Path) -> list[str]:
+        return [sys.executable, str(TRAIN_PY), *overrides, f"hydra.run.dir={run_dir}"]
+
+    def start_local(self, job_id: str, overrides: list[str], run_dir: Path) -> dict:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / f"{job_id}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with open(log_path, "ab") as log:
+            child = self.spawn(
+                self.command(overrides, run_dir),
+                cwd=self.runs_dir.parent,  # runs/mlflow.db, the embedded store, is the one beside the runs
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: the service's Ctrl-C or exit does not reach it
+                env=env,
+            )
+        with self._lock:
+            self._children[child.pid] = child
+        return {"pid": child.pid, "pid_start": process_start_time(child.pid), "log_path": str(log_path)}
+
+    def start_slurm(self, job_id: str, overrides: list[str], run_dir: Path, resources: dict) -> dict:
+        import submitit
+
+        folder = self.runs_dir / ".serve" / "slurm" / job_id
+        executor = submitit.SlurmExecutor(folder=folder)
+        params = {
+            "job_name": f"exp-{job_id}",
+            "time": int(resources.get("timeout_min", 60)),
+            "cpus_per_task": int(resources.get("cpus_per_task", 1)),
+            "mem": f"{int(resources.get('mem_gb', 4))}GB",
+            "signal_delay_s": 120,
+        }
+        for key in ("partition", "account", "qos", "constraint"):
+            if resources.get(key):
+                params[key] = resources[key]
+        if resources.get("gpus_per_node"):
+            params["gpus_per_node"] = int(resources["gpus_per_node"])
+        executor.update_parameters(**params)
+        job = executor.submit(exec_train, self.command(overrides, run_dir), str(self.runs_dir.parent))
+        log_path = folder / f"{job.job_id}_0_log.out"  # the log lines; SLURM's own and tracebacks go to .err
+        return {"slurm_job_id": str(job.job_id), "log_path": str(log_path)}
+
+    def poll(self, pid: int | None) -> int | None:
+        """The exit status of a child this service started and has seen end, else None."""
+        with self._lock:
+            child = self._children.get(pid) if pid else None
+        return child.poll() if child is not None else None
+
+    def _reap(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                children = list(self._children.values())
+            for child in children:
+                child.poll()
+
+
+def exec_train(command: list[str], cwd: str) -> None:
+    """What a SLURM job runs: train.py in place of this process, so the job's signals (scancel --signal) reach
+    the trainer itself."""
+    os.chdir(cwd)
+    os.execv(command[0], command)
+
+
+# --- SLURM ----------------------------------------------------------------------------------------------
+
+
+_slurm_states: dict[str, tuple[float, str | None]] = {}
+
+
+def slurm_state(job_id: str, max_age_s: float = 2.0) -> str | None:
+    """PENDING, RUNNING, COMPLETED, ... from squeue (while queued or running) or sacct (after); asked at most every
+    `max_age_s` seconds per job, however many clients poll."""
+    cached = _slurm_states.get(job_id)
+    if cached is not None and time.monotonic() - cached[0] < max_age_s:
+        return cached[1]
+    state = _ask_slurm(job_id)
+    _slurm_states[job_id] = (time.monotonic(), state)
+    return state
+
+
+def _ask_slurm(job_id: str) -> str | None:
+    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"], ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out:
+            return out.splitlines()[0].split()[0]
+    return None
+
+
+def slurm_signal(job_id: str, name: str) -> None:
+    subprocess.run(["scancel", f"--signal={name}", job_id], check=True, capture_output=True, timeout=30)
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+class MetricsCache:
+    """metrics.jsonl files read incrementally: each poll reads only the lines appended since the last one."""
+
+    def __init__(self):
+        self._files: dict[str, tuple[int, int, list[dict]]] = {}  # path -> (inode, offset, rows)
+        self._latest: dict[str, tuple[int, dict]] = {}  # path -> (rows folded in, newest value of each key)
+        self._num_steps: dict[str, tuple[float, int | None]] = {}  # run dir -> (config mtime, stage.num_steps)
+        self._lock = threading.Lock()
+
+    def latest(self, run_dir: Path) -> dict:
+        """latest_metrics of the run, updated with only the rows that arrived since the last call."""
+        rows = self.rows(run_dir)
+        key = str(Path(run_dir) / METRICS)
+        with self._lock:
+            folded, latest = self._latest.get(key, (0, {}))
+            if folded > len(rows):  # rewritten
+                folded, latest = 0, {}
+            latest = {**latest, **latest_metrics(rows[folded:])}
+            self._latest[key] = (len(rows), latest)
+            return latest
+
+    def num_steps(self, run_dir: Path) -> int | None:
+        """stage.num_steps of the run's composed config (read again only when .hydra/config.yaml changes)."""
+        path = Path(run_dir) / ".hydra" / "config.yaml"
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return None
+        cached = self._num_steps.get(str(run_dir))
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, configured_num_steps(run_dir))
+            self._num_steps[str(run_dir)] = cached
+        return cached[1]
+
+    def rows(self, run_dir: Path) -> list[dict]:
+        path = Path(run_dir) / METRICS
+        try:
+            stat = path.stat()
+        except OSError:
+            return []
+        key = str(path)
+        with self._lock:
+            inode, offset, rows = self._files.get(key, (stat.st_ino, 0, []))
+            if inode != stat.st_ino or stat.st_size < offset:  # rewritten (a resume drops lines past its step)
+                offset, rows = 0, []
+            if stat.st_size > offset:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(stat.st_size - offset)
+                complete = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+                for line in chunk[:complete].splitlines():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:
+                        continue
+                offset += complete
+            self._files[key] = (stat.st_ino, offset, rows)
+            return rows
+
+
+def latest_metrics(rows: list[dict]) -> dict:
+    """The newest value of every metric, with the step it was logged at."""
+    latest: dict = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step":
+                latest[key] = {"value": value, "step": row["step"]}
+    return latest
+
+
+def configured_num_steps(run_dir: Path) -> int | None:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
+        return int(cfg["stage"]["num_steps"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
+def mlflow_run_id(run_dir: Path, summary: dict | None) -> str | None:
+    if summary and summary.get("mlflow_run_id"):
+        return summary["mlflow_run_id"]
+    record = read_json(Path(run_dir) / "mlflow_run.json")
+    return record.get("run_id") if isinstance(record, dict) else None
+
+
+def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
+    """status as in summary.json once the run wrote it; before that RUNNING while its process lives (or SLURM
+    says it runs), PENDING while queued or starting, else FAILED (it ended without a summary) or KILLED
+    (stopped before it could write one)."""
+    run_dir = Path(job["run_dir"])
+    summary = read_summary(run_dir)
+    if summary is not None and _written_before_launch(job, run_dir):
+        summary = None  # a resumed job's previous ending, until this launch writes its own
+    rows = cache.rows(run_dir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    step = (summary or {}).get("step") if summary else (train_rows[-1]["step"] if train_rows else 0)
+    num_steps = (summary or {}).get("num_steps") or cache.num_steps(run_dir)
+    slurm = None
+    alive = process_alive(job)
+    if job.get("slurm_job_id"):
+        slurm = {"job_id": job["slurm_job_id"], "state": slurm_state(job["slurm_job_id"])}
+        alive = slurm["state"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED")
+    if summary and summary.get("status") in TERMINAL:
+        status = summary["status"]
+    elif alive:
+        queued = slurm is not None and slurm["state"] == "PENDING"
+        status = "RUNNING" if _started(job, run_dir) and not queued else "PENDING"
+    elif job["source"] == "cli" and _lock_held(run_dir):
+        status = "RUNNING"
+    else:
+        status = "KILLED" if job.get("stop_requested") else "FAILED"
+    eta = None
+    if status == "RUNNING" and num_steps and train_rows:
+        step_ms = train_rows[-1].get("perf/step_ms")
+        if step_ms:
+            eta = max(0.0, (num_steps - step) * step_ms / 1000)
+    out = {
+        "job_id": job["id"],
+        "status": status,
+        "step": step,
+        "num_steps": num_steps,
+        "eta_seconds": eta,
+        "run_dir": str(run_dir),
+        "source": job["source"],
+        "launcher": job["launcher"],
+        "overrides": job["overrides"],
+        "created": job["created"],
+        "mlflow_run_id": mlflow_run_id(run_dir, summary),
+        "metrics": {k: v["value"] for k, v in cache.latest(run_dir).items()},
+        "slurm": slurm,
+        "pid": job.get("pid"),
+        "exit_code": launcher.poll(job.get("pid")),
+    }
+    if summary:
+        for key in ("error", "stop_reason", "val_loss", "train_loss", "tokens_per_s", "checkpoint", "best_checkpoint"):
+            out[key] = summary.get(key)
+    return out
+
+
+def _logged_since_launch(job: dict) -> bool:
+    try:
+        return (Path(job["run_dir"]) / METRICS).stat().st_mtime >= (job.get("launched") or 0)
+    except OSError:
+        return False
+
+
+def _started(job: dict, run_dir: Path) -> bool:
+    """Whether the job's latest launch has taken the run directory's lock (or logged a metric) yet."""
+    since = job.get("launched") or 0
+    for name in (".lock", METRICS):
+        try:
+            if (run_dir / name).stat().st_mtime >= since:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _written_before_launch(job: dict, run_dir: Path) -> bool:
+    """Whether summary.json predates the job's latest launch (a resumed run's previous ending)."""
+    try:
+        return bool(job.get("launched")) and (run_dir / "summary.json").stat().st_mtime < job["launched"]
+    except OSError:
+        return False
+
+
+def _lock_held(run_dir: Path) -> bool:
+    """Whether a process named in the run directory's lock file is alive (a CLI run still training)."""
+    try:
+        text = (run_dir / ".lock").read_text()
+    except OSError:
+        return False
+    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
+    try:
+        return process_start_time(int(fields.get("pid", ""))) is not None
+    except ValueError:
+        return False
+
+
+# --- steering -----------------------------------------------------------------------------------------------
+
+
+def send(job: dict, status: str, signum: int, what: str) -> None:
+    """Signal a running job's trainer (stop: SIGTERM, save now: SIGUSR1); Conflict when it is not running."""
+    if status in TERMINAL:
+        raise Conflict(f"job {job['id']} is {status}: nothing to {what}")
+    if job.get("slurm_job_id"):
+        # the handlers cannot be seen on another node: save-now waits for the first metric line, which the run
+        # writes after installing them (an uncaught SIGUSR1 would end the job)
+        if signum == signal.SIGUSR1 and not _logged_since_launch(job):
+            status = "PENDING" if status == "RUNNING" else status
+        if status != "RUNNING":
+            if signum == signal.SIGTERM:
+                subprocess.run(["scancel", job["slurm_job_id"]], capture_output=True, timeout=30)
+                return
+            raise Conflict(f"job {job['id']} is {status} on SLURM: it has not started training yet")
+        slurm_signal(job["slurm_job_id"], signal.Signals(signum).name.removeprefix("SIG"))
+        return
+    if not process_alive(job):
+        raise Conflict(f"job {job['id']} has no live process this service started (status {status})")
+    if not catches(job["pid"], signum):
+        if signum == signal.SIGTERM:  # still starting: nothing to save yet, so end it now
+            os.kill(job["pid"], signum)
+            return
+        raise Conflict(f"job {job['id']} has not started training yet: try again in a moment")
+    os.kill(job["pid"], signum)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+
+
+def checkpoints(run_dir: Path, summary: dict | None) -> list[dict]:
+    """Every step_* checkpoint of a run: step, bytes, SHA-256 per file (from its manifest), best."""
+    root = Path(run_dir) / "checkpoints"
+    best = (summary or {}).get("best_checkpoint")
+    out = []
+    for path in list_checkpoints(root):
+        manifest = read_json(path / MANIFEST)
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            continue  # being written, or damaged: not offered
+        files = manifest["files"]
+        step = int(path.name.split("_")[1])
+        out.append(
+            {
+                "step": step,
+                "path": str(path),
+                "size": sum(int(f.get("size", 0)) for f in files.values()),
+                "files": {name: {"size": f.get("size"), "sha256": f.get("sha256")} for name, f in files.items()},
+                "best": best is not None and Path(best).name == path.name,
+            }
+        )
+    if out and best is None:  # still training: the best step is in the newest checkpoint's trainer state
+        try:
+            best_step = read_trainer_state(Path(out[-1]["path"])).get("state", {}).get("best_step")
+        except Exception:  # unreadable trainer state: no best marked
+            best_step = None
+        for item in out:
+            item["best"] = item["step"] == best_step
+    return out
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path | None:
+    for path in list_checkpoints(Path(run_dir) / "checkpoints"):
+        if int(path.name.split("_")[1]) == step and (path / MANIFEST).exists():
+            return path
+    return None
+
+
+def tail(path: Path, num_bytes: int) -> str:
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - num_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def repo_root() -> Path:
+    return ROOT

@@ -1,0 +1,477 @@
+"""exp's Optuna sweeper (`override hydra/sweeper: optuna`): an asynchronous, pruned, resumable study on Optuna >= 4.
+
+- The search space is written as Hydra overrides (`interval`, `int`, `choice`, `range`, `a,b,c`, `tag(log, ...)`),
+  parsed by Hydra's own override parser; values that are not sweeps are fixed for every trial.
+- Asynchronous: up to `parallelism` trials in flight, each one job of the sweep's launcher (exp.sweep.launch:
+  validated, in sweep.json, nested under the sweep's MLflow run); a trial is asked from the study the moment one
+  ends. exp_basic runs trials one at a time in this process; exp_local and exp_slurm submit each as its own job.
+- Pruning: every trial reports its evaluations to the study (exp.sweep.pruning.OptunaPruning, attached as
+  `callbacks.optuna`); a pruned trial ends PRUNED after a checkpoint.
+- Persistent: the study lives in storage in the sweep dir (SQLite, or a journal file), so the same command with
+  the same hydra.sweep.dir (`python -m exp.sweep resume DIR`) continues it: ended trials are kept, trials that were
+  in flight are waited for when their job still runs and otherwise rerun from their checkpoints, numbering goes
+  on, and n_trials counts the whole study.
+- Failures: a trial that raises or ends FAILED is FAIL in the study and the search goes on, until more than
+  max_failure_rate x n_trials have failed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from omegaconf import DictConfig, OmegaConf
+
+from exp.rundir import RunDirInUse, RunLock, read_summary, write_json
+from exp.sweep.launch import SlurmSweep, SubmititSweep, ValidatedSweep, refuse
+from exp.sweep.manifest import read_manifest, refresh_trial, write_manifest
+from exp.sweep.pruning import JOURNAL, make_pruner, storage_spec
+from exp.text import first_line
+
+log = logging.getLogger("exp")
+
+SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "random": "RandomSampler", "grid": "GridSampler"}
+KEYS = (
+    "sampler direction study_name storage n_trials parallelism pruner pruner_args max_failure_rate params "
+    "poll_interval_s synchronous"
+).split()
+
+
+@dataclass
+class InFlight:
+    """A trial whose job has not ended: its number, the job handle (done(), results()) and its run dir."""
+
+    number: int
+    job: Any
+    run_dir: Path
+
+
+class OptunaSweeper(Sweeper):
+    """Hydra's sweeper interface over an Optuna study; the settings are `hydra.sweeper.*` (conf/hydra/sweeper)."""
+
+    def __init__(self, **settings: Any):
+        self.settings = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in settings.items()}
+        self.launcher = None
+
+    def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
+
+    # --- settings, checked before anything is written ---------------------------------------------------
+
+    def _settings(self, arguments: list[str], sweep_dir: Path) -> dict:
+        s = self.settings
+        unknown = [k for k in s if k not in KEYS and k != "_target_"]
+        if unknown:
+            hint = " (trials in flight: hydra.sweeper.parallelism)" if "n_jobs" in unknown else ""
+            refuse(sweep_dir, f"hydra.sweeper.{unknown[0]}: unknown key{hint}; known: {', '.join(KEYS)}")
+        if s.get("direction", "minimize") not in ("minimize", "maximize"):
+            refuse(sweep_dir, f"hydra.sweeper.direction={s['direction']}: must be minimize or maximize")
+        for key in ("n_trials", "parallelism"):
+            if not isinstance(s.get(key, 1), int) or isinstance(s.get(key, 1), bool) or s.get(key, 1) < 1:
+                refuse(sweep_dir, f"hydra.sweeper.{key}={s.get(key)}: must be an integer >= 1")
+        rate = s.get("max_failure_rate", 0.5)
+        if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+            refuse(sweep_dir, f"hydra.sweeper.max_failure_rate={rate}: must be a number in [0, 1]")
+        pruner = str(s.get("pruner") or "none")
+        try:
+            make_pruner(pruner, s.get("pruner_args"))
+        except ValueError as e:
+            refuse(sweep_dir, f"hydra.sweeper.pruner={pruner}: {e}")
+        space, fixed = search_space(s.get("params") or {}, arguments, sweep_dir)
+        sampler_cfg = dict(s.get("sampler") or {"name": "tpe"})
+        name = sampler_cfg.pop("name", "tpe")
+        try:
+            sampler = make_sampler(name, sampler_cfg, space)
+        except ValueError as e:
+            refuse(sweep_dir, f"hydra.sweeper.sampler: {e}")
+        storage = storage_spec(s.get("storage"), sweep_dir)
+        if not storage.startswith(JOURNAL):
+            try:  # a URL SQLAlchemy cannot read, or a database it has no driver for
+                import sqlalchemy
+
+                sqlalchemy.engine.make_url(storage).get_dialect()
+            except Exception as e:
+                refuse(sweep_dir, f"hydra.sweeper.storage={s.get('storage')}: {first_line(e)}")
+        n_trials = s.get("n_trials", 20)
+        if name == "grid":  # the grid's size bounds the study: a grid sampler repeats points past it
+            n_trials = min(n_trials, math.prod(len(d.choices) for d in space.values()))
+        return {
+            "space": space,
+            "fixed": fixed,
+            "sampler": sampler,
+            "sampler_name": name,
+            "sampler_args": sampler_cfg,
+            "pruner": pruner,
+            "pruner_args": s.get("pruner_args") or {},
+            "storage": storage,
+            "study_name": str(s.get("study_name") or "exp"),
+            "direction": s.get("direction", "minimize"),
+            "n_trials": n_trials,
+            "parallelism": s.get("parallelism", 1),
+            "max_failure_rate": float(rate),
+            "poll_interval_s": float(s.get("poll_interval_s", 1.0)),
+            "synchronous": bool(s.get("synchronous", False)),
+        }
+
+    # --- the study ------------------------------------------------------------------------------------
+
+    def sweep(self, arguments: list[str]) -> list:
+        import optuna
+
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        HydraConfig.instance().set_config(self.config)  # the sweep's own overrides for sweep.json, not a trial's
+        if self.settings.get("params") is None and not any(_is_sweep(a) for a in arguments):
+            # `python -m exp.sweep rerun-failed`: one trial again in its run dir, through the sweep's launcher
+            return [self.launcher.launch([list(arguments)], 0)]
+        if not isinstance(self.launcher, ValidatedSweep):
+            name = HydraConfig.get().runtime.choices.get("hydra/launcher")
+            refuse(
+                sweep_dir,
+                f"hydra/launcher={name}: the Optuna sweeper runs trials through exp_basic, exp_local or exp_slurm",
+            )
+        cfg = self._settings(arguments, sweep_dir)
+        # one point of the space, checked like every trial before anything is written: a bad fixed override
+        # (`stage.num_stepz=3`) ends here with one line and exit 2
+        self.launcher._validate([[*cfg["fixed"], *as_overrides(first_point(cfg["space"]))]], 0, sweep_dir)
+        try:  # one process drives a study: a second (`exp.sweep resume` while it runs) is refused
+            lock = RunLock(sweep_dir).acquire()
+        except RunDirInUse as e:
+            print(f"error: {e}", flush=True)
+            raise SystemExit(2) from None
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from exp.sweep.pruning import open_storage
+
+        study = optuna.create_study(
+            storage=open_storage(cfg["storage"]),
+            study_name=cfg["study_name"],
+            sampler=cfg["sampler"],
+            pruner=make_pruner(cfg["pruner"], cfg["pruner_args"]),
+            direction=cfg["direction"],
+            load_if_exists=True,
+        )
+        seed, num_existing = cfg["sampler_args"].get("seed"), len(study.trials)
+        if seed is not None and num_existing:  # resumed: a sampler seeded as before would replay the same points
+            study.sampler = make_sampler(
+                cfg["sampler_name"], {**cfg["sampler_args"], "seed": seed + num_existing}, cfg["space"]
+            )
+        study.set_user_attr("pruner", cfg["pruner"])  # the trials build the same pruner (OptunaPruning)
+        study.set_user_attr("pruner_args", cfg["pruner_args"])
+        try:
+            return StudyRun(self.launcher, study, cfg, sweep_dir).run()
+        finally:
+            lock.release()
+
+
+class StudyRun:
+    """One process driving a study: ask, launch, poll, tell, until n_trials have ended (or too many failed)."""
+
+    def __init__(self, launcher, study, cfg: dict, sweep_dir: Path):
+        self.launcher, self.study, self.cfg, self.sweep_dir = launcher, study, cfg, sweep_dir
+        self.parent = None
+        self.in_flight: list[InFlight] = []
+        # exp_basic runs a trial in this process: start() returns once it has ended
+        self.parallelism = cfg["parallelism"] if isinstance(launcher, SubmititSweep) else 1
+        if self.parallelism < cfg["parallelism"]:
+            n = cfg["parallelism"]
+            log.info(f"hydra/launcher=exp_basic runs one trial at a time; exp_local or exp_slurm run {n}")
+
+    def run(self) -> list:
+        from optuna.trial import TrialState
+
+        self._continue_in_flight()
+        stopping = False
+        while True:
+            # synchronous: a batch of `parallelism` trials, the next asked once all have ended (Hydra's sweepers)
+            batch_open = not (self.cfg["synchronous"] and self.in_flight)
+            while (
+                not stopping
+                and batch_open
+                and len(self.in_flight) < self.parallelism
+                and self._asked() < self.cfg["n_trials"]
+            ):
+                trial = self.study.ask(self.cfg["space"])
+                self._start(trial.number, [*self.cfg["fixed"], *as_overrides(trial.params)], trial.params)
+                stopping = self._collect_ended()  # exp_basic: the trial has ended already
+            if not self.in_flight:
+                break
+            time.sleep(self.cfg["poll_interval_s"])
+            stopping = self._collect_ended() or stopping
+        if self.parent is not None:
+            self.parent.end("FINISHED")
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete:
+            best = self.study.best_trial
+            write_json(
+                self.sweep_dir / "optimization_results.yaml",  # JSON is YAML: the file Hydra's Optuna sweeper wrote
+                {"name": "optuna", "best_params": best.params, "best_value": best.value, "best_trial": best.number},
+            )
+            log.info(f"study {self.study.study_name}: {summary}; best #{best.number} {best.value:.4f} {best.params}")
+        else:
+            log.info(f"study {self.study.study_name}: {summary}; no trial completed")
+        return []
+
+    def _asked(self) -> int:
+        """Trials of the study so far; enqueued ones (WAITING) count once asked."""
+        from optuna.trial import TrialState
+
+        return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
+
+    # --- starting trials ------------------------------------------------------------------------------
+
+    def _start(self, number: int, overrides: list[str], params: dict | None = None) -> None:
+        spec, name = self.cfg["storage"], self.cfg["study_name"]
+        callback = (
+            f"+callbacks.optuna={{_target_:exp.sweep.pruning.OptunaPruning,storage:'{spec}',"
+            f"study_name:'{name}',trial_number:{number}}}"
+        )
+        launched, self.parent = self.launcher.prepare([[*overrides, callback]], number, parent=self.parent)
+        manifest = read_manifest(self.sweep_dir)
+        manifest.setdefault(
+            "study",
+            {"storage": spec, "study_name": name, "direction": self.cfg["direction"], "pruner": self.cfg["pruner"]},
+        )
+        entry = manifest["trials"][str(number)]
+        entry["started"] = time.time()
+        entry.pop("ended", None)
+        if params is not None:
+            entry["params"] = params
+        write_manifest(self.sweep_dir, manifest)
+        job = self.launcher.start(launched[0], number)
+        job_id = getattr(job, "job_id", None)
+        if job_id is not None:  # a resumed study waits for a SLURM job still running
+            manifest = read_manifest(self.sweep_dir)
+            manifest["trials"][str(number)]["job_id"] = str(job_id)
+            write_manifest(self.sweep_dir, manifest)
+        log.info(f"trial #{number} started: {' '.join(o for o in overrides)}")
+        self.in_flight.append(InFlight(number, job, Path(entry["run_dir"])))
+
+    def _continue_in_flight(self) -> None:
+        """Trials the study holds as RUNNING: a previous launching process died with them in flight. A job that
+        still runs (SLURM) is waited for; the others are rerun in their run dirs, resuming from a checkpoint."""
+        from optuna.trial import TrialState
+
+        manifest = read_manifest(self.sweep_dir) or {"trials": {}}
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            entry = manifest["trials"].get(str(trial.number))
+            if entry is None:  # asked, never launched: its point is in the study
+                self._start(trial.number, [*self.cfg["fixed"], *as_overrides(trial.params)], trial.params)
+                continue
+            job = self._reattach(entry)
+            if job is not None:
+                log.info(f"trial #{trial.number}: was in flight; waiting for its job {entry.get('job_id')}")
+                self.in_flight.append(InFlight(trial.number, job, Path(entry["run_dir"])))
+                continue
+            log.info(f"trial #{trial.number}: was in flight; rerunning it in {entry['run_dir']} (from its checkpoint)")
+            self._start(trial.number, list(entry["overrides"]))
+
+    def _reattach(self, entry: dict):
+        """The job of a trial in flight when the previous launching process died, when it still runs or has
+        ended since; None when it must be rerun."""
+        from exp.sweep.cli import in_use
+
+        run_dir = Path(entry["run_dir"])
+        if entry.get("job_id") and isinstance(self.launcher, SlurmSweep):
+            import submitit
+
+            job = submitit.SlurmJob(folder=self.launcher.params["submitit_folder"], job_id=entry["job_id"])
+            if not job.done():
+                return job
+        if in_use(run_dir):  # a process still trains in the run dir (a local job that outlived its launcher)
+            return Holding(run_dir)
+        if (read_summary(run_dir) or {}).get("status") in ("FINISHED", "PRUNED", "FAILED"):
+            return Holding(run_dir)  # it ended after its launcher died: told from its summary, not rerun
+        return None
+
+    # --- ended trials ---------------------------------------------------------------------------------
+
+    def _collect_ended(self) -> bool:
+        """Tell the study about every trial whose job ended; whether the sweep must stop (too many failures)."""
+        ended = [f for f in self.in_flight if f.job.done()]
+        for flight in ended:
+            self.in_flight.remove(flight)
+            self._tell(flight)
+        return bool(ended) and self._too_many_failures()
+
+    def _tell(self, flight: InFlight) -> None:
+        from optuna.trial import TrialState
+
+        error = None
+        try:
+            value = flight.job.results()[0].return_value  # raises what the job raised
+        except Exception as e:
+            value, error = float("nan"), f"{type(e).__name__}: {first_line(e)}"
+        summary = read_summary(flight.run_dir) or {}
+        status = summary.get("status")
+        if status == "PRUNED":
+            self.study.tell(flight.number, state=TrialState.PRUNED)
+        elif status == "FINISHED" and isinstance(value, (int, float)) and math.isfinite(value):
+            self.study.tell(flight.number, float(value))
+        else:
+            self.study.tell(flight.number, state=TrialState.FAIL)
+            status = "FAILED"
+        manifest = read_manifest(self.sweep_dir)
+        entry = manifest["trials"][str(flight.number)]
+        refresh_trial(entry, flight.run_dir)
+        entry["status"], entry["ended"] = status, time.time()
+        if error and not entry.get("error"):
+            entry["error"] = error
+        write_manifest(self.sweep_dir, manifest)
+        loss = summary.get("val_loss")
+        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "n/a"
+        log.info(f"trial #{flight.number} {status}: val loss {shown}" + (f" ({entry.get('error')})" if error else ""))
+
+    def _too_many_failures(self) -> bool:
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        failed = sum(t.state == TrialState.FAIL for t in trials)
+        limit = self.cfg["max_failure_rate"] * self.cfg["n_trials"]
+        if failed <= limit:
+            return False
+        ended = sum(t.state.is_finished() for t in trials)
+        print(
+            f"stopping the sweep: {failed} of {ended} trials FAILED, more than hydra.sweeper.max_failure_rate="
+            f"{self.cfg['max_failure_rate']:g} of n_trials={self.cfg['n_trials']}",
+            flush=True,
+        )
+        return True
+
+
+class Holding:
+    """A trial another process still trains (it holds the run dir's lock): done once the lock is free."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def done(self) -> bool:
+        from exp.sweep.cli import in_use
+
+        return not in_use(self.run_dir)
+
+    def results(self) -> list:
+        summary = read_summary(self.run_dir) or {}
+        return [Returned(summary.get("val_loss"))]
+
+
+@dataclass
+class Returned:
+    return_value: Any
+
+
+# --- the search space -----------------------------------------------------------------------------------
+
+
+def search_space(params: dict, arguments: list[str], sweep_dir: Path) -> tuple[dict, list[str]]:
+    """Optuna distributions of the sweep overrides in `params` and on the command line (which wins), and the
+    overrides that are not sweeps, fixed for every trial."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    lines = {str(k): f"{k}={v}" for k, v in params.items()}
+    for argument in arguments:
+        lines[argument.split("=", 1)[0].lstrip("+~")] = argument
+    parser = OverridesParser.create()
+    space, fixed = {}, []
+    for key, line in lines.items():
+        try:
+            override = parser.parse_override(line)
+            if not override.is_sweep_override():
+                fixed.append(line)
+                continue
+            space[override.get_key_element()] = distribution(override)
+        except (HydraException, ValueError, TypeError) as e:
+            where = f"hydra.sweeper.params.{key}" if key in params else key
+            refuse(sweep_dir, f"{where}: {first_line(e)}")
+    if not space:
+        example = "stage.learning_rate: tag(log, interval(1e-4, 1e-2))"
+        refuse(sweep_dir, f"hydra.sweeper.params: no search space (e.g. {example})")
+    return space, fixed
+
+
+def _is_sweep(argument: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(argument).is_sweep_override()
+    except Exception:
+        return False
+
+
+def distribution(override):
+    """The Optuna distribution of one sweep override."""
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        choices = list(override.sweep_iterator())
+        if not all(isinstance(c, (str, int, float, bool, type(None))) for c in choices):
+            raise ValueError("choice() takes numbers, strings, booleans or null")
+        return CategoricalDistribution(choices)
+    if isinstance(value, RangeSweep):
+        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop - value.step, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop) - int(value.step), step=int(value.step))
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{type(value).__name__} is not a search space Optuna can sample")
+
+
+def make_sampler(name: str, args: dict, space: dict):
+    """The Optuna sampler called `name` (SAMPLERS) with its keyword arguments (seed, ...)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{name}' (one of: {', '.join(SAMPLERS)})")
+    if name == "cmaes" and importlib.util.find_spec("cmaes") is None:  # optuna imports it only when sampling
+        raise ValueError("cmaes needs the cmaes package: pip install -e '.[cmaes]'")
+    if name == "grid":
+        grid = {}
+        for key, d in space.items():
+            if isinstance(d, CategoricalDistribution):
+                grid[key] = list(d.choices)
+            elif isinstance(d, IntDistribution) and not d.log:
+                grid[key] = list(range(d.low, d.high + 1, d.step))
+            else:
+                raise ValueError(f"grid needs choices; {key} is a continuous interval")
+        args = {"search_space": grid, **args}
+    try:
+        return getattr(optuna.samplers, SAMPLERS[name])(**args)
+    except (TypeError, ImportError, ModuleNotFoundError) as e:
+        raise ValueError(f"{name}: {first_line(e)}") from None
+
+
+def first_point(space: dict) -> dict:
+    """A point of the space to validate before the study exists: each low bound or first choice."""
+    return {k: d.choices[0] if hasattr(d, "choices") else d.low for k, d in space.items()}
+
+
+def as_overrides(params: dict) -> list[str]:
+    """Hydra overrides of a trial's parameters."""
+    out = []
+    for key, value in params.items():
+        if value is None:
+            value = "null"
+        elif isinstance(value, bool):
+            value = str(value).lower()
+        out.append(f"{key}={value}")
+    return out

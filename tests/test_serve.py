@@ -1,0 +1,254 @@
+"""The job service's routes on a real app (FastAPI's TestClient) over real run directories: configs validated as
+train.py validates them, the target allowlist, tokens, bad input (never a 5xx), checkpoints and metrics of a run
+started from the command line."""
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from exp.serve import Settings, create_app  # noqa: E402
+from exp.serve.app import merge_overrides  # noqa: E402
+
+from .conftest import ROOT, TINY, run_train  # noqa: E402
+
+CLI_RUN = [*TINY, "stage.num_steps=6", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_cache):
+    """A runs directory holding one finished run started from the command line (discovered by the service)."""
+    runs = tmp_path_factory.mktemp("serve") / "runs"
+    proc = run_train(*CLI_RUN, f"hydra.run.dir={runs / 'cli' / 'one'}", cwd=runs.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def client(runs):
+    with TestClient(create_app(Settings(runs_dir=runs))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cli_job(client, runs):
+    jobs = client.get("/api/training/jobs").json()
+    (job,) = [j for j in jobs if j["run_dir"] == str((runs / "cli" / "one").resolve())]
+    return job
+
+
+def test_config_is_validated_and_stored(client):
+    body = {"name": "tiny", "overrides": [*TINY, "stage.num_steps=5"]}
+    created = client.post("/api/training/configs", json=body)
+    assert created.status_code == 201, created.text
+    config_id = created.json()["id"]
+    assert client.get(f"/api/training/configs/{config_id}").json()["overrides"] == body["overrides"]
+    assert config_id in [c["id"] for c in client.get("/api/training/configs").json()]
+    assert client.delete(f"/api/training/configs/{config_id}").status_code == 200
+    assert client.get(f"/api/training/configs/{config_id}").status_code == 404
+    assert client.delete(f"/api/training/configs/{config_id}").status_code == 404
+
+
+@pytest.mark.parametrize("override", ["stage.warmup_steps=300", "+optimizer.lrr=0.1", "optimizer.betas=[0.9]"])
+def test_bad_config_gets_the_cli_line(client, tmp_path, override):
+    proc = run_train(*TINY, override, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    cli_line = proc.stderr.strip().splitlines()[-1]
+    assert cli_line.startswith("config error: ")
+    r = client.post("/api/training/configs", json={"name": "bad", "overrides": [*TINY, override]})
+    assert r.status_code == 422 and r.json()["detail"] == cli_line
+
+
+def test_unknown_key_or_option_is_422_naming_it(client):
+    r = client.post("/api/training/configs", json={"name": "bad", "overrides": ["stage.nope=1"]})
+    assert r.status_code == 422 and "stage.nope" in r.json()["detail"]
+    r = client.post("/api/training/configs", json={"name": "bad", "overrides": ["optimizer=nope"]})
+    assert r.status_code == 422 and "optimizer/nope" in r.json()["detail"]
+    r = client.post("/api/training/jobs/start", json={"overrides": ["stage.num_steps=abc"]})
+    assert r.status_code == 422 and r.json()["detail"].startswith("config error: stage.num_steps")
+
+
+def test_target_outside_the_allowlist_is_refused_before_import(client, tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "serve_probe_pkg.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\nclass Model: pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for override in (
+        "model._target_=serve_probe_pkg.Model",
+        "+callbacks.x={_target_: serve_probe_pkg.Model}",
+        "optimizer._target_=builtins.open",
+    ):
+        r = client.post("/api/training/configs", json={"name": "evil", "overrides": [override]})
+        assert r.status_code == 422, r.text
+        assert "is not allowed over HTTP" in r.json()["detail"]
+    assert not marker.exists() and "serve_probe_pkg" not in sys.modules
+
+
+def test_operator_allows_a_prefix(runs):
+    from exp.serve.configs import check_targets, target_allowed
+
+    assert target_allowed("torch.optim.SGD") and target_allowed("exp.model.GPT")
+    assert not target_allowed("torch.load") and not target_allowed("exponent.x")
+    assert target_allowed("my_pkg.models.LM", ("my_pkg.",))
+    check_targets({"model": {"_target_": "my_pkg.models.LM"}}, ("my_pkg",))
+
+
+def test_service_owned_keys_are_refused(client):
+    for override in ("hydra.run.dir=/tmp/x", "run_dir=/tmp/x", "resume.path=/", "hydra/launcher=exp_slurm", "--cfg"):
+        r = client.post("/api/training/jobs/start", json={"overrides": [override]})
+        assert r.status_code == 422, (override, r.text)
+
+
+def test_cli_run_is_discovered_with_its_record(client, cli_job):
+    assert cli_job["status"] == "FINISHED" and cli_job["source"] == "cli"
+    assert cli_job["step"] == 6 and cli_job["num_steps"] == 6
+    assert "train/loss" in cli_job["metrics"]
+    finished = client.get("/api/training/jobs", params={"status": "finished"}).json()
+    assert cli_job["job_id"] in [j["job_id"] for j in finished]
+    assert client.get("/api/training/jobs", params={"status": "RUNNING"}).json() == []
+    logs = client.get(f"/api/training/jobs/{cli_job['job_id']}/logs", params={"tail_bytes": 4000}).json()
+    assert "finished: step 6" in logs["text"]
+
+
+def test_metrics_latest_history_and_throughput(client, cli_job, runs):
+    from exp.rundir import read_metrics
+
+    rows = read_metrics(runs / "cli" / "one" / "metrics.jsonl")
+    job = cli_job["job_id"]
+    latest = client.get(f"/api/training/jobs/{job}/metrics").json()["metrics"]
+    assert latest["train/loss"] == {"value": [r for r in rows if "train/loss" in r][-1]["train/loss"], "step": 6}
+    page = client.get(
+        f"/api/training/jobs/{job}/metrics/history", params={"key": "train/loss", "min_step": 3, "limit": 1}
+    ).json()
+    assert page["total"] == 2 and page["rows"] == [{"step": 4, "train/loss": rows[2]["train/loss"]}]
+    assert page["next_offset"] == 1
+    throughput = client.get(f"/api/training/jobs/{job}/throughput").json()
+    assert throughput["summary_tokens_per_s"] > 0 and len(throughput["history"]) == 3
+
+
+def test_checkpoints_listed_and_downloaded_with_checksums(client, cli_job, runs):
+    listed = client.get(f"/api/training/jobs/{cli_job['job_id']}/checkpoints").json()
+    assert [c["step"] for c in listed] == [2, 4, 6]
+    assert sum(c["best"] for c in listed) == 1
+    newest = listed[-1]
+    r = client.get(f"/api/training/checkpoints/{newest['id']}/download")
+    manifest_bytes = (runs / "cli" / "one" / "checkpoints" / "step_00000006" / "manifest.json").read_bytes()
+    assert r.headers["x-manifest-sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        members = {m.name.split("/", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+    manifest = json.loads(members.pop("manifest.json"))
+    assert set(members) == set(manifest["files"])
+    for name, data in members.items():
+        assert hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"] == newest["files"][name]["sha256"]
+    one = client.get(f"/api/training/checkpoints/{newest['id']}/download", params={"file": "model.safetensors"})
+    assert hashlib.sha256(one.content).hexdigest() == one.headers["x-checksum-sha256"]
+
+
+def test_bad_ids_and_paths_are_4xx(client, cli_job):
+    job = cli_job["job_id"]
+    assert client.get("/api/training/jobs/nope/status").status_code == 404
+    assert client.get("/api/training/jobs/..%2F..%2Fetc/status").status_code in (404, 422)
+    assert client.get(f"/api/training/checkpoints/{job}-999/download").status_code == 404
+    assert client.get("/api/training/checkpoints/nope-1/download").status_code == 404
+    for name in ("../../summary.json", "/etc/passwd", "trainer_state.json/../../.hydra/config.yaml"):
+        r = client.get(f"/api/training/checkpoints/{job}-6/download", params={"file": name})
+        assert r.status_code == 404, name
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.post("/api/training/jobs/start", json={"config_id": "nope"}).status_code == 404
+    assert client.post("/api/training/jobs/start", json={"overrides": "x", "launcher": "ssh"}).status_code == 422
+    assert client.post("/api/training/jobs/start", json={"unknown": 1}).status_code == 422
+    broken = client.post("/api/training/jobs/start", content=b"{not", headers={"content-type": "application/json"})
+    assert broken.status_code == 422
+    assert client.post(f"/api/training/jobs/{job}/resume", json={"step": 5}).status_code == 404
+
+
+def test_finished_job_refuses_stop_and_save(client, cli_job):
+    for action in ("stop", "checkpoint"):
+        r = client.post(f"/api/training/jobs/{cli_job['job_id']}/{action}")
+        assert r.status_code == 409 and "FINISHED" in r.json()["detail"]
+
+
+def test_oversized_body_is_refused(client):
+    r = client.post("/api/training/configs", json={"name": "big", "overrides": ["x=" + "1" * 100_000]})
+    assert r.status_code == 413
+    r = client.post("/api/training/configs", json={"name": "many", "overrides": ["seed=1"] * 65})
+    assert r.status_code == 422
+
+
+def test_token_is_required_everywhere_but_health(runs):
+    with TestClient(create_app(Settings(runs_dir=runs, token="s3cret"))) as c:
+        assert c.get("/api/health").status_code == 200
+        for path in ("/", "/api/training/jobs", "/api/training/configs", "/openapi.json", "/static/app.js"):
+            assert c.get(path).status_code == 401, path
+            assert c.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+        assert c.get("/api/training/jobs", params={"token": "s3cret"}).status_code == 200
+
+
+def test_dashboard_and_schema_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "static/app.js" in page.text and "http" not in page.text.split("<body>")[1]
+    assert client.get("/static/app.js").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/api/training/configs",
+        "/api/training/jobs/start",
+        "/api/training/jobs/{job_id}/status",
+        "/api/training/jobs/{job_id}/metrics/stream",
+        "/api/training/checkpoints/{checkpoint_id}/download",
+        "/api/training/sweeps/{sweep_id}/rerun-failed",
+    ):
+        assert path in paths
+    groups = client.get("/api/options").json()["groups"]
+    assert "gpt_tiny" in groups["model"] and "cosine" in groups["scheduler"]
+
+
+def test_merge_overrides_replaces_same_key():
+    assert merge_overrides(["a=1", "b=2", "+c=3"], ["b=5", "c=4"]) == ["a=1", "b=5", "c=4"]
+
+
+def test_import_without_fastapi_says_what_to_install():
+    code = "import sys; sys.modules['fastapi'] = None\ntry:\n import exp.serve\nexcept ImportError as e: print(e)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert out == "exp.serve needs FastAPI and uvicorn (fastapi is missing): pip install -e '.[serve]'"
+
+
+def test_other_address_without_token_is_refused():
+    proc = subprocess.run(
+        [sys.executable, "-m", "exp.serve", "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2 and "set a bearer token" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_sweep_dirs_are_listed_with_trials(client, runs):
+    sweep = runs / "multirun" / "day" / "time"
+    for num, status in ((0, "FINISHED"), (1, "PRUNED")):
+        run_dir = sweep / str(num)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
+        (run_dir / "summary.json").write_text(json.dumps({"status": status, "step": 3, "num_steps": 3}))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    listed = client.get("/api/training/sweeps").json()
+    (found,) = [s for s in listed if s["sweep_dir"] == str(sweep)]
+    assert found["counts"] == {"FINISHED": 1, "PRUNED": 1}
+    trials = client.get(f"/api/training/sweeps/{found['sweep_id']}").json()["trials"]
+    assert [(t["num"], t["status"], t["overrides"]) for t in trials] == [
+        (0, "FINISHED", ["seed=0"]),
+        (1, "PRUNED", ["seed=1"]),
+    ]
+    assert client.get("/api/training/sweeps/snope").status_code == 404
+    assert Path(sweep).is_dir()

@@ -1,0 +1,184 @@
+"""The dashboard in a real browser: headless Chromium (Debian's package), driven over the DevTools protocol on a
+pipe, starts a short run from the form, watches its loss curve grow, presses Stop and sees the job KILLED with a
+checkpoint. Screenshots go to $EXP_TEST_ARTIFACTS (else the test's tmp dir)."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from .test_serve_e2e import JOB, Service  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (apt-get install chromium)"),
+]
+
+
+class Browser:
+    """Chromium with --remote-debugging-pipe: DevTools commands as NUL-terminated JSON on fds 3 (in) and 4 (out)."""
+
+    def __init__(self, width: int = 1280, height: int = 960):
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+
+        def pipes():  # runs in the child before exec: the pipe ends become its fds 3 and 4
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        self.proc = subprocess.Popen(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-pipe",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=pipes,
+            close_fds=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer, self._next_id, self.session = b"", 0, None
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
+        self._next_id += 1
+        message = {"id": self._next_id, "method": method, "params": params or {}}
+        if self.session and not method.startswith("Target."):
+            message["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._from_chrome, 1 << 20)
+                assert chunk, "chromium closed its DevTools pipe"
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._next_id:
+                assert "error" not in reply, reply["error"]
+                return reply.get("result", {})
+        raise AssertionError(f"no answer to {method}")
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def js(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, what: str, timeout: float = 90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}: {self.js('document.body.innerText')[:2000]}")
+
+    def click(self, selector: str) -> None:
+        """A real mouse click (press and release) at the middle of the element."""
+        box = self.js(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1}
+            )
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except (AssertionError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
+def train_points(browser: Browser) -> int:
+    text = browser.js("document.getElementById('points').textContent") or ""
+    return int(text.split()[0]) if text else 0
+
+
+def test_dashboard_start_watch_stop(tmp_path, corpus_cache):
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    service = Service(tmp_path / "runs", "--max-body-bytes", "65536").start()
+    browser = Browser()
+    try:
+        browser.open(service.url + "/")
+        browser.wait_for("document.querySelectorAll('#group-selects select').length >= 6", "the group options")
+        options = browser.js("[...document.getElementById('group-model').options].map(o => o.value)")
+        assert "gpt_tiny" in options
+        browser.js("document.getElementById('group-model').value = 'gpt_tiny'")
+        lines = [o for o in JOB if not o.startswith(("model=", "stage.eval_every"))]
+        lines += ["stage.num_steps=100000", "stage.eval_every_n_steps=20"]
+        browser.js(f"document.getElementById('overrides').value = {json.dumps(chr(10).join(lines))}")
+        browser.click("#start-button")
+        job_id = browser.wait_for(
+            "!document.getElementById('job-section').hidden && document.getElementById('job-id').textContent",
+            "the new job to be shown",
+        )
+        assert browser.js("document.getElementById('start-error').textContent") == ""
+        browser.wait_for("document.getElementById('job-status').textContent === 'RUNNING'", "RUNNING")
+        browser.wait_for("parseInt(document.getElementById('points').textContent) >= 3", "3 points on the curve")
+        first = train_points(browser)
+        browser.wait_for(f"parseInt(document.getElementById('points').textContent) >= {first + 3}", "the curve to grow")
+        assert train_points(browser) >= first + 3
+        browser.screenshot(shots / "dashboard-running.png")
+
+        browser.click("#stop-button")
+        browser.wait_for("document.getElementById('job-status').textContent === 'KILLED'", "KILLED", timeout=60)
+        status = service.status(job_id)
+        assert status["status"] == "KILLED"
+        last_row = "document.querySelector('#checkpoints tbody tr:last-child')"
+        browser.wait_for(f"{last_row} && {last_row}.dataset.step === '{status['step']}'", "the stop's checkpoint row")
+        link = browser.js(f"{last_row}.querySelector('a').getAttribute('href')")
+        assert link == f"/api/training/checkpoints/{job_id}-{status['step']}/download"
+        row_status = f"document.querySelector('#jobs tr[data-job={job_id}] .status').textContent"
+        browser.wait_for(f"{row_status} === 'KILLED'", "KILLED in the jobs table")
+        assert browser.js("document.getElementById('points').textContent").split()[3] != "0"  # val points too
+        assert browser.js("document.getElementById('resume-button').disabled") is False
+        shot = browser.screenshot(shots / "dashboard.png")
+        assert shot.stat().st_size > 10_000
+
+        # resume from the first checkpoint row, see it train again, and stop it again
+        first_step = int(browser.js("document.querySelector('#checkpoints tbody tr').dataset.step"))
+        assert first_step < status["step"]
+        browser.click("#checkpoints tbody tr:first-child button")
+        browser.wait_for("document.getElementById('job-status').textContent === 'RUNNING'", "RUNNING again")
+        resumed = f"resumed from {status['run_dir']}/checkpoints/step_{first_step:08d}"
+        service.wait(job_id, lambda s: resumed in service.logs(job_id), timeout=60)
+        browser.wait_for("!document.getElementById('stop-button').disabled", "Stop enabled")
+        browser.click("#stop-button")
+        browser.wait_for("document.getElementById('job-status').textContent === 'KILLED'", "KILLED again", timeout=60)
+    finally:
+        browser.close()
+        service.kill_jobs()
+        service.kill()

@@ -1,0 +1,64 @@
+"""The job service with the SLURM launcher on the local cluster (scripts/slurm-local.sh): a job submitted through
+submitit shows its SLURM id and state, saves a checkpoint on request (scancel --signal=USR1) and stops gracefully
+(scancel --signal=TERM) with a checkpoint, KILLED."""
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from .conftest import ROOT  # noqa: E402
+from .test_serve_e2e import JOB, Service  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch: run scripts/slurm-local.sh"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if os.geteuid() == 0:  # idempotent, ~0.1 s when it is up
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm-local.sh")], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    elif subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0:
+        pytest.skip("local Slurm cluster is down: run scripts/slurm-local.sh as root")
+
+
+def test_slurm_job_checkpointed_and_stopped(tmp_path, corpus_cache):
+    service = Service(tmp_path / "runs").start()
+    job_id = slurm_id = None
+    try:
+        overrides = [o.replace("hardware=cpu", "hardware=slurm_cpu") for o in JOB] + ["stage.num_steps=100000"]
+        r = service.client.post(
+            "/api/training/jobs/start",
+            json={"overrides": overrides, "launcher": "slurm", "slurm": {"timeout_min": 30, "mem_gb": 2}},
+        )
+        assert r.status_code == 201, r.text
+        job_id = r.json()["job_id"]
+        status = service.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 10, timeout=180)
+        assert status["launcher"] == "slurm" and status["slurm"]["state"] == "RUNNING"
+        slurm_id = status["slurm"]["job_id"]
+        assert service.client.post(f"/api/training/jobs/{job_id}/checkpoint").status_code == 202
+        ckpts = f"/api/training/jobs/{job_id}/checkpoints"
+        deadline = time.monotonic() + 60
+        while not service.client.get(ckpts).json() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        saved = service.client.get(ckpts).json()
+        assert len(saved) == 1 and service.status(job_id)["status"] == "RUNNING", service.logs(job_id)
+        assert service.client.post(f"/api/training/jobs/{job_id}/stop").status_code == 202
+        status = service.wait(job_id, lambda s: s["status"] != "RUNNING", timeout=120)
+        assert status["status"] == "KILLED" and "SIGTERM" in status["stop_reason"]
+        assert [c["step"] for c in service.client.get(ckpts).json()] == [saved[0]["step"], status["step"]]
+        service.wait(job_id, lambda s: "killed: step" in service.logs(job_id), timeout=30)  # logged after the summary
+        job_id = None
+    finally:
+        if job_id is not None and slurm_id is not None:  # failed half-way: nothing of ours stays queued
+            subprocess.run(["scancel", slurm_id], check=False)
+        service.kill()
