@@ -54,5 +54,5 @@ def register() -> None:
         ("exp_tokenizer_vocab", tokenizer_vocab),
         ("exp_padded_vocab", padded_vocab),
     ):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+        if not OmegaConf.has_resolver(name):  # cached per config: validation resolves it many times
+            OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -31,6 +31,12 @@ def study_of(sweep_dir, name="exp-lr-wd"):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{sweep_dir}/optuna.db")
 
 
+def resume(sweep_dir, env, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m exp.sweep resume DIR`, as a user runs it after the launching process died."""
+    command = [sys.executable, "-m", "exp.sweep", "resume", str(sweep_dir)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def trials(sweep_dir) -> dict:
     return json.loads((sweep_dir / "sweep.json").read_text())["trials"]
 
@@ -270,14 +276,7 @@ def test_killed_launcher_resumed_ends_with_exactly_n_trials(tmp_path):
     # a trial killed before its first checkpoint starts again from scratch; one with a checkpoint resumes from it
     checkpointed = [n for n in unfinished if list((sweep / str(n) / "checkpoints").glob("step_*"))]
     assert checkpointed
-    proc = subprocess.run(
-        [sys.executable, "-m", "exp.sweep", "resume", str(sweep)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = resume(sweep, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     numbers = [t.number for t in study_of(sweep).trials]
     assert numbers == [0, 1, 2, 3]  # exactly n_trials, no duplicate numbers
@@ -346,14 +345,7 @@ def test_study_on_slurm_survives_its_launcher(tmp_path):
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait()
     waiting = [t["num"] for t in trials(sweep).values() if "ended" not in t]
-    proc = subprocess.run(
-        [sys.executable, "-m", "exp.sweep", "resume", str(sweep)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    proc = resume(sweep, env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert any(f"trial #{n}: was in flight; waiting for its job" in proc.stdout for n in waiting), proc.stdout[-2000:]
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(sweep / "optuna.journal")))

@@ -5,7 +5,6 @@ Nothing here downloads: a tokenizer is trained on local text or loaded from a lo
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,7 @@ def describe(tok: Any, kind: str, json_bytes: bytes) -> dict:
         "kind": kind,
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
         "special_tokens": special_tokens(tok),
-        "fingerprint": "sha256:" + hashlib.sha256(json_bytes).hexdigest(),
+        "fingerprint": fingerprint(json_bytes),
     }
 
 
