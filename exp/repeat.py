@@ -39,8 +39,9 @@ DROP_REASONS = {
     "hydra.sweeper.": "the run's own point is repeated, not the search space it came from",
     "hydra.job.": "Hydra's numbering of that sweep's jobs",
 }
-# Task overrides that tie a run to its launch: the MLflow parent run of the sweep (or pipeline) it belonged to.
-DROPPED_TASK = ("tracking.parent_run_id",)
+# Task overrides that tie a run to its launch: the MLflow parent run of the sweep (or pipeline) it belonged to, and
+# the MLflow run the job service created for it.
+DROPPED_TASK = ("tracking.parent_run_id", "tracking.run_id")
 # train.py's (Hydra's) flags: those taking a value, and those the repeat sets itself from the run.
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--experimental-rerun"}
 CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd"}
@@ -156,7 +157,10 @@ def merge(recorded: Recorded, user: list[str]) -> tuple[list[str], list[str], li
             if not key.startswith("hydra.mode"):  # Hydra records its own hydra.mode=RUN: not news
                 dropped.append((line, DROP_REASONS[next(k for k in DROP_REASONS if key.startswith(k))]))
         elif key.startswith(DROPPED_TASK):
-            dropped.append((line, "the repeat is no trial of that run's sweep"))
+            reason = "the repeat is no trial of that run's sweep"
+            if key.startswith("tracking.run_id"):
+                reason = "the repeat records a new MLflow run of its own"
+            dropped.append((line, reason))
         else:
             base.append(line)
 

@@ -103,9 +103,11 @@ def test_operator_allows_a_prefix(runs):
 
 
 def test_service_owned_keys_are_refused(client):
-    for override in ("hydra.run.dir=/tmp/x", "run_dir=/tmp/x", "resume.path=/", "hydra/launcher=exp_slurm", "--cfg"):
+    owned = ("hydra.run.dir=/tmp/x", "run_dir=/tmp/x", "resume.path=/", "hydra/launcher=exp_slurm", "tracking.run_id=x")
+    for override in (*owned, "--cfg"):
         r = client.post("/api/training/jobs/start", json={"overrides": [override]})
         assert r.status_code == 422, (override, r.text)
+    assert "set by the service" in r.json()["detail"] or override == "--cfg"
 
 
 def test_cli_run_is_discovered_with_its_record(client, cli_job):

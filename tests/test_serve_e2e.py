@@ -198,9 +198,24 @@ def test_resume_with_more_steps_finishes(service, running_job):
 
 
 def test_killed_service_loses_nothing(tmp_path, corpus_cache):
+    """The job tracks to the embedded MLflow store (runs/mlflow.db beside the runs): its MLflow run is created by
+    the service, so the start answers with its id, and it ends FINISHED with the job's metrics and params."""
+    from mlflow.tracking import MlflowClient
+
     svc = Service(tmp_path / "runs").start()
-    job_id = svc.start_job([*JOB, "stage.num_steps=150"])
+    tracked = [o for o in JOB if o != "tracking=none"]
+    r = svc.client.post("/api/training/jobs/start", json={"overrides": [*tracked, "stage.num_steps=150"]})
+    assert r.status_code == 201, r.text
+    job_id, mlflow_run_id = r.json()["job_id"], r.json()["mlflow_run_id"]
+    store = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    assert store.get_run(mlflow_run_id).info.status in ("SCHEDULED", "RUNNING")
     status = svc.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 5)
+    assert status["mlflow_run_id"] == mlflow_run_id
+    # stopped while starting, before its tracker took the run created for it: the service closes that run
+    early = svc.client.post("/api/training/jobs/start", json={"overrides": [*tracked, "stage.num_steps=150"]}).json()
+    assert svc.client.post(f"/api/training/jobs/{early['job_id']}/stop").status_code == 202
+    assert svc.wait(early["job_id"], lambda s: s["status"] != "PENDING")["status"] == "KILLED"
+    assert store.get_run(early["mlflow_run_id"]).info.status == "KILLED"
     svc.kill(signal.SIGKILL)  # no shutdown of any kind
     summary = Path(status["run_dir"]) / "summary.json"
     deadline = time.monotonic() + 120
@@ -212,9 +227,14 @@ def test_killed_service_loses_nothing(tmp_path, corpus_cache):
         again = svc.wait(job_id, lambda s: s["status"] != "RUNNING", timeout=30)
         assert again["status"] == "FINISHED" and again["step"] == 150 and again["source"] == "service"
         assert again["metrics"]["train/loss"] > 0 and again["metrics"]["val/loss"] > 0
-        assert [j["job_id"] for j in svc.client.get("/api/training/jobs").json()] == [job_id]
+        assert again["mlflow_run_id"] == mlflow_run_id
+        assert [j["job_id"] for j in svc.client.get("/api/training/jobs").json()] == [early["job_id"], job_id]
     finally:
         svc.kill()
+    run = store.get_run(mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "gpt_tiny-pretrain"
+    assert run.data.params["stage.num_steps"] == "150" and run.data.tags["run_dir"] == status["run_dir"]
+    assert [m.step for m in store.get_metric_history(mlflow_run_id, "train/loss")][-1] == 150
 
 
 def test_sweep_started_listed_and_relaunched(service):

@@ -32,6 +32,8 @@ from exp.checkpoint.checkpointer import check_config_change
 from exp.errors import ConfigError
 from exp.rundir import read_summary
 from exp.serve.registry import Registry, new_id, run_id_for
+from exp.tracking.parent import create_run_ahead, end_run_ahead
+from exp.tracking.worker import RUN_MARKER
 
 STATIC = Path(__file__).parent / "static"
 ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}$", description="an id the service gave out")]
@@ -132,7 +134,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return job
 
     def status_of(job: dict) -> dict:
-        return control.job_status(job, launcher, cache)
+        out = control.job_status(job, launcher, cache)
+        if (
+            out["status"] in control.TERMINAL
+            and job.get("mlflow_run_id")
+            and not job.get("ahead_closed")
+            and not (Path(job["run_dir"]) / RUN_MARKER).exists()
+        ):  # ended before its tracker took the run created ahead of it: closed here, never left SCHEDULED
+            end_run_ahead(job["tracking_uri"], job["mlflow_run_id"], "KILLED" if out["status"] == "KILLED" else "FAILED")
+            registry.mark_ahead_closed(job["id"])
+        return out
 
     # --- service ----------------------------------------------------------------------------------------
 
@@ -185,12 +196,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             overrides = merge_overrides(stored["overrides"], overrides)
         job_id = new_id("j")
         run_dir = runs_dir / "serve" / job_id
-        _, hydra_node = configs.compose(overrides, run_dir, settings.allow_targets, node=body.launcher == "local")
-        process = launch(job_id, overrides, run_dir, body.launcher, body.slurm, hydra_node)
+        cfg, hydra_node = configs.compose(overrides, run_dir, settings.allow_targets, node=body.launcher == "local")
+        # the job's MLflow run, created now so its id is in this answer; the job's tracker fills it in
+        ahead = create_run_ahead(cfg, run_dir, base=runs_dir.parent)
+        tracking = {"tracking_uri": ahead[0], "mlflow_run_id": ahead[1]} if ahead else {}
+        own = [f"tracking.run_id={ahead[1]}"] if ahead else []
+        try:
+            process = launch(job_id, [*overrides, *own], run_dir, body.launcher, body.slurm, hydra_node)
+        except Exception:
+            if ahead:
+                end_run_ahead(*ahead, "FAILED")
+            raise
         registry.add_job(
-            job_id, run_dir, launcher=body.launcher, overrides=overrides, config_id=body.config_id, **process
+            job_id,
+            run_dir,
+            launcher=body.launcher,
+            overrides=overrides,
+            config_id=body.config_id,
+            **process,
+            **tracking,
         )
-        return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=None)
+        return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=ahead[1] if ahead else None)
 
     def launch(job_id, overrides, run_dir, kind, slurm: SlurmResources, hydra_node) -> dict:
         if kind == "local":

@@ -22,6 +22,7 @@ TRAIN_PY = ROOT / "train.py"
 BUILTIN_TARGETS = ("exp", "torch.optim")
 # the service decides where a run goes, how it is launched and what it resumes from
 RESERVED_KEYS = ("hydra", "run_dir", "resume")
+RESERVED_PATHS = ("tracking.run_id",)  # the MLflow run the service creates for a job
 MAX_OVERRIDES = 64
 MAX_OVERRIDE_CHARS = 1000
 _GROUP_CHOICE = re.compile(r"^[+~]?[a-z_]+(/[a-z_]+)*$")
@@ -49,8 +50,8 @@ def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
         key = item.split("=", 1)[0].lstrip("+~").strip()
         if item.startswith("-"):
             raise Refused(f"override {item!r}: command-line flags are not accepted, only KEY=VALUE")
-        if key.split(".", 1)[0].split("/", 1)[0] in RESERVED_KEYS:
-            raise Refused(f"{key}: set by the service (the run directory, its launcher and resumption)")
+        if key.split(".", 1)[0].split("/", 1)[0] in RESERVED_KEYS or key in RESERVED_PATHS:
+            raise Refused(f"{key}: set by the service (the run directory, its launcher, MLflow run and resumption)")
         if "=" not in item and not _GROUP_CHOICE.match(item):
             raise Refused(f"override {item!r}: expected KEY=VALUE")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.rundir import METRICS, read_json, read_summary
+from exp.tracking.worker import RUN_MARKER
 from exp.serve.configs import ROOT, TRAIN_PY
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -262,11 +263,13 @@ def configured_num_steps(run_dir: Path) -> int | None:
         return None
 
 
-def mlflow_run_id(run_dir: Path, summary: dict | None) -> str | None:
+def mlflow_run_id(run_dir: Path, summary: dict | None, ahead: str | None = None) -> str | None:
+    """The run's MLflow run: summary.json's, else the one its tracker last wrote to (mlflow_run.json), else the one
+    the service created ahead of it (`ahead`)."""
     if summary and summary.get("mlflow_run_id"):
         return summary["mlflow_run_id"]
-    record = read_json(Path(run_dir) / "mlflow_run.json")
-    return record.get("run_id") if isinstance(record, dict) else None
+    record = read_json(Path(run_dir) / RUN_MARKER)
+    return (record.get("run_id") if isinstance(record, dict) else None) or ahead
 
 
 def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
@@ -311,7 +314,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "launcher": job["launcher"],
         "overrides": job["overrides"],
         "created": job["created"],
-        "mlflow_run_id": mlflow_run_id(run_dir, summary),
+        "mlflow_run_id": mlflow_run_id(run_dir, summary, job.get("mlflow_run_id")),
         "metrics": {k: v["value"] for k, v in cache.latest(run_dir).items()},
         "slurm": slurm,
         "pid": job.get("pid"),

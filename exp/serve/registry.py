@@ -30,6 +30,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     launches INTEGER DEFAULT 1, launched REAL
 );
 """
+# columns added since the first release, added to an older serve.db when it is opened
+LATER_COLUMNS = {"mlflow_run_id": "TEXT", "tracking_uri": "TEXT", "ahead_closed": "INTEGER DEFAULT 0"}
 
 
 def new_id(prefix: str) -> str:
@@ -54,6 +56,10 @@ class Registry:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, kind in LATER_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
         self._scanned = 0.0
 
     def _all(self, sql: str, args=()) -> list[dict]:
@@ -86,7 +92,8 @@ class Registry:
     def add_job(self, job_id: str, run_dir: Path, *, launcher: str, overrides: list[str], config_id=None, **process):
         self._run(
             "INSERT INTO jobs (id, run_dir, source, launcher, overrides, config_id, created, pid, pid_start, "
-            "slurm_job_id, log_path, launched) VALUES (?, ?, 'service', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "slurm_job_id, log_path, launched, mlflow_run_id, tracking_uri) "
+            "VALUES (?, ?, 'service', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 str(run_dir),
@@ -99,6 +106,8 @@ class Registry:
                 process.get("slurm_job_id"),
                 process.get("log_path"),
                 process.get("launched", time.time()),
+                process.get("mlflow_run_id"),
+                process.get("tracking_uri"),
             ),
         )
 
@@ -121,6 +130,10 @@ class Registry:
 
     def mark_stop_requested(self, job_id: str) -> None:
         self._run("UPDATE jobs SET stop_requested=1 WHERE id=?", (job_id,))
+
+    def mark_ahead_closed(self, job_id: str) -> None:
+        """The MLflow run created ahead of the job was closed by the service (the job ended before taking it)."""
+        self._run("UPDATE jobs SET ahead_closed=1 WHERE id=?", (job_id,))
 
     def jobs(self) -> list[dict]:
         self.discover()
@@ -211,4 +224,9 @@ def _config(row: dict) -> dict:
 
 
 def _job(row: dict) -> dict:
-    return {**row, "overrides": json.loads(row["overrides"]), "stop_requested": bool(row["stop_requested"])}
+    return {
+        **row,
+        "overrides": json.loads(row["overrides"]),
+        "stop_requested": bool(row["stop_requested"]),
+        "ahead_closed": bool(row.get("ahead_closed")),
+    }

@@ -18,7 +18,7 @@ from exp.text import first_line, fmt_loss
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 MAX_LEGEND = 15  # more curves than this are drawn but left out of the legend
 # MLflow params that differ between any two runs without saying anything about what was tried
-RUN_SPECIFIC_PARAMS = ("run_dir", "checkpoint.dir", "tracking.parent_run_id", "resume.path")
+RUN_SPECIFIC_PARAMS = ("run_dir", "checkpoint.dir", "tracking.parent_run_id", "tracking.run_id", "resume.path")
 
 
 class ReportError(ExpError):

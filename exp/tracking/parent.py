@@ -1,4 +1,6 @@
-"""The MLflow run a pipeline's stages or a sweep's trials nest under (their `tracking.parent_run_id`).
+"""The MLflow runs opened outside a trainer: the one a pipeline's stages or a sweep's trials nest under (their
+`tracking.parent_run_id`), and one created ahead of a job (`tracking.run_id`: the job service answers with its id
+before the job has started).
 
 One implementation for both: exp.pipeline opens one per pipeline directory, exp.sweep.launch one per sweep
 directory. The directory's mlflow_run.json names it, so launching into the same directory again (a rerun pipeline,
@@ -79,3 +81,41 @@ def _open(cfg: DictConfig, run_dir: Path, kind: str):
     run = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags=tags)
     write_json(marker, {"tracking_uri": uri, "run_id": run.info.run_id})
     return client, run.info.run_id
+
+
+def create_run_ahead(cfg: DictConfig, run_dir: Path, base: Path) -> tuple[str, str] | None:
+    """An MLflow run for the job `cfg` is about to start in `run_dir` (from the working directory `base`, which
+    relative store paths are taken from), marked SCHEDULED until the job's tracker fills it in and sets it RUNNING
+    (pass its id as `tracking.run_id`). Returns the store's absolute URI and the run id; None when the job tracks
+    nothing to MLflow or MLflow is unavailable: the job then opens its run itself, as from the command line."""
+    if "run_id" not in cfg.tracking or not str(cfg.tracking.get("_target_", "")).endswith("MlflowTracker"):
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        uri = absolute_uri(cfg.tracking.uri, base)
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = experiment_id_for(
+            client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location, base=base
+        )
+        tags = {"run_dir": str(Path(run_dir).resolve()), "host": platform.node()}
+        if cfg.tracking.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        run = client.create_run(experiment_id, run_name=Path(run_dir).name, tags=tags)  # the tracker renames it
+        client.update_run(run.info.run_id, status="SCHEDULED")
+        return uri, run.info.run_id
+    except Exception as e:
+        log.warning(f"MLflow at {cfg.tracking.uri} is unavailable ({first_line(e)}); the job opens its own run")
+        return None
+
+
+def end_run_ahead(uri: str, run_id: str, status: str) -> None:
+    """Close a run created ahead whose job ended before its tracker took it (stopped or failed while starting)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_run(run_id).info.status == "SCHEDULED":
+            client.set_terminated(run_id, status)
+    except Exception as e:
+        log.warning(f"could not close MLflow run {run_id}: {first_line(e)}")

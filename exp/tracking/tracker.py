@@ -58,6 +58,7 @@ class MlflowTracker(Callback):
         experiment: str = "exp",
         artifact_location: str | None = None,
         parent_run_id: str | None = None,  # set by a pipeline or sweep: this run nests under it
+        run_id: str | None = None,  # an MLflow run created beforehand for this one (the job service's): filled in
         *,
         cfg: DictConfig,
         run_dir: Path,
@@ -77,6 +78,7 @@ class MlflowTracker(Callback):
                 artifact_location=artifact_location,
                 parent_run_id=parent_run_id,
                 resume_run_id=resume_run_id,
+                run_id=run_id,
                 run_dir=str(self.run_dir),
                 tags={k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
                 params=flat_params(cfg),

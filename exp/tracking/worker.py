@@ -38,7 +38,8 @@ RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this director
 
 @dataclass(frozen=True)
 class Settings:
-    """The run to record, sent once, first: its store, experiment, parent, the run to reopen, tags and params."""
+    """The run to record, sent once, first: its store, experiment, parent, the run to reopen or the one created
+    for it beforehand, tags and params."""
 
     uri: str
     experiment: str
@@ -48,6 +49,7 @@ class Settings:
     run_dir: str
     tags: dict[str, str]
     params: dict[str, str]
+    run_id: str | None = None  # created beforehand (by the job service, to answer with it at once): filled in
 
 
 @dataclass(frozen=True)
@@ -243,12 +245,20 @@ class _Worker:
         self._reconcile_previous()
         if s.resume_run_id and self._reopen():
             return
-        experiment_id = experiment_id_for(self.client, s.uri, s.experiment, s.artifact_location)
         tags = dict(s.tags)
         if s.parent_run_id:
             tags["mlflow.parentRunId"] = s.parent_run_id
-        run = self.client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
-        self.run_id = run.info.run_id
+        if s.run_id and self._adopt():
+            run_tags = [RunTag(k, v) for k, v in tags.items()]
+            if tags.get("run_name"):  # created under the job's id; named as the CLI would have named it
+                run_tags.append(RunTag("mlflow.runName", tags["run_name"]))
+            for i in range(0, len(run_tags), BATCH["tags"]):
+                self.client.log_batch(self.run_id, tags=run_tags[i : i + BATCH["tags"]])
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment_id = experiment_id_for(self.client, s.uri, s.experiment, s.artifact_location)
+            run = self.client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
+            self.run_id = run.info.run_id
         self._write_marker()
         params = [Param(k[:MAX_KEY], v) for k, v in s.params.items()]
         for i in range(0, len(params), BATCH["params"]):
@@ -271,6 +281,21 @@ class _Worker:
                 )
         except Exception:  # another store, or the run was deleted: nothing to reconcile here
             pass
+
+    def _adopt(self) -> bool:
+        """Take the run created beforehand for this one (tracking.run_id); a missing or ended run costs a warning
+        and a new run."""
+        try:
+            status = self.client.get_run(self.s.run_id).info.status
+        except Exception as e:
+            self.warn(f"MLflow run {self.s.run_id} (tracking.run_id) is not in {self.s.uri} ({first_line(e)}); "
+                      "starting a new run")
+            return False
+        if status not in ("RUNNING", "SCHEDULED"):
+            self.warn(f"MLflow run {self.s.run_id} (tracking.run_id) has ended ({status}); starting a new run")
+            return False
+        self.run_id = self.s.run_id
+        return True
 
     def _reopen(self) -> bool:
         """Continue the checkpoint's MLflow run: back to RUNNING, and no step it already has is logged again."""
@@ -353,22 +378,24 @@ class _Worker:
 # --- the store, shared with the trainer's side and parent runs ------------------------------------------
 
 
-def experiment_id_for(client, uri: str, name: str, artifact_location: str | None) -> str:
-    """The id of the named experiment, created (with a local artifact folder for local stores) if missing."""
+def experiment_id_for(client, uri: str, name: str, artifact_location: str | None, base: Path | None = None) -> str:
+    """The id of the named experiment, created (with a local artifact folder for local stores, relative to `base`,
+    else the working directory) if missing."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     location = None
     if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
-        location = Path(artifact_location).resolve().as_uri()
+        location = (Path(base or ".") / artifact_location).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
-def absolute_uri(uri: str) -> str:
-    """A relative sqlite path is made absolute (and its folder created) so every process finds the same file."""
+def absolute_uri(uri: str, base: Path | None = None) -> str:
+    """A relative sqlite path is made absolute (relative to `base`, else the working directory; its folder
+    created) so every process finds the same file."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        path = Path(uri[len(prefix) :]).resolve()
+        path = (Path(base or ".") / uri[len(prefix) :]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     if uri.startswith(prefix):
