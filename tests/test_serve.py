@@ -254,3 +254,24 @@ def test_sweep_dirs_are_listed_with_trials(client, runs):
     ]
     assert client.get("/api/training/sweeps/snope").status_code == 404
     assert Path(sweep).is_dir()
+
+
+@pytest.mark.parametrize(
+    "overrides, search, message",
+    [
+        (["seed=1"], {}, "config error: an Optuna search needs a search space: KEY=interval(a, b)"),
+        (["stage.learning_rat=interval(1e-4, 1e-2)"], {}, "config error: Could not override 'stage.learning_rat'."),
+        (["stage.learning_rate=interval(1e-4, 1e-2)"], {"sampler": "grid"}, "config error: sampler grid needs choices"),
+        (["stage.warmup_steps=int(interval(9, 12))"], {}, "config error: stage.warmup_steps=9 must be in [0, stage"),
+    ],
+)
+def test_bad_optuna_search_is_refused_before_launch(client, runs, overrides, search, message):
+    """The search is refused with the CLI's line (a point of its space is composed and validated) and nothing
+    is written under the runs directory's sweeps."""
+    before = sorted((runs / "multirun").rglob("*")) if (runs / "multirun").exists() else []
+    r = client.post("/api/training/sweeps/start", json={"overrides": [*TINY, *overrides], "search": search})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(message), r.json()["detail"]
+    assert (sorted((runs / "multirun").rglob("*")) if (runs / "multirun").exists() else []) == before
+    bad = client.post("/api/training/sweeps/start", json={"overrides": TINY, "search": {"n_trials": 0}})
+    assert bad.status_code == 422

@@ -182,3 +182,51 @@ def test_dashboard_start_watch_stop(tmp_path, corpus_cache):
         browser.close()
         service.kill_jobs()
         service.kill()
+
+
+def test_dashboard_sweep_trials_and_start_form(tmp_path):
+    """A sweep's trials (a pruned one among them) in the page, and the sweep form refusing a search without a
+    search space with the service's line. Nothing trains here: the sweep directory is written by the test."""
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    sweep = tmp_path / "runs" / "multirun" / "2026-12-01" / "10-00-00"
+    for num, (status, loss) in enumerate((("FINISHED", 2.31), ("PRUNED", 2.95), ("FINISHED", 2.12))):
+        run_dir = sweep / str(num)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model=gpt_tiny\n- stage.learning_rate=0.00{num + 1}\n")
+        summary = {"status": status, "step": 40 if status == "PRUNED" else 100, "num_steps": 100, "val_loss": loss}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    service = Service(tmp_path / "runs").start()
+    browser = Browser()
+    try:
+        browser.open(service.url + "/")
+        row = "document.querySelector('#sweeps tbody tr')"
+        browser.wait_for(f"{row} && {row}.textContent.includes('PRUNED 1')", "the sweep with its counts")
+        browser.click("#sweeps tbody tr td")
+        browser.wait_for("document.querySelectorAll('#trials tbody tr').length === 3", "the trials")
+        cells = browser.js(
+            "[...document.querySelectorAll('#trials tbody tr')]"
+            ".map(r => [...r.cells].slice(0, 5).map(c => c.textContent))"
+        )
+        assert cells == [
+            ["0", "FINISHED", "stage.learning_rate=0.001", "2.3100", "100/100"],
+            ["1", "PRUNED", "stage.learning_rate=0.002", "2.9500", "40/100"],
+            ["2", "FINISHED", "stage.learning_rate=0.003", "2.1200", "100/100"],
+        ]
+        browser.js("document.getElementById('sweep-start').open = true")
+        browser.js("document.getElementById('sweep-kind').value = 'optuna'")
+        browser.js("document.getElementById('sweep-kind').dispatchEvent(new Event('change'))")
+        assert browser.js("document.querySelector('#sweep-form label.optuna').hidden") is False
+        browser.js("document.getElementById('sweep-overrides').value = 'model=gpt_tiny\\nseed=1'")
+        browser.click("#sweep-button")
+        error = browser.wait_for("document.getElementById('sweep-error').textContent", "the refusal")
+        assert error == (
+            "422: config error: an Optuna search needs a search space: KEY=interval(a, b), tag(log, interval(a, b)), "
+            "choice(a, b), range(a, b) or a,b"
+        )
+        assert sorted(p.name for p in (tmp_path / "runs" / "multirun").iterdir()) == ["2026-12-01"]
+        browser.screenshot(shots / "dashboard-sweeps.png")
+    finally:
+        browser.close()
+        service.kill()

@@ -268,6 +268,37 @@ def test_sweep_started_listed_and_relaunched(service):
         assert f"nothing to {mode.replace('-', ' ')}: 2 trials: 2 FINISHED" in log.read_text()
 
 
+def test_optuna_search_started_over_http(service):
+    """An Optuna study from the API: its trials run through exp's sweeper (sampled, told, pruning callback
+    attached), and the sweep is listed with them."""
+    import optuna
+
+    space = ["stage.learning_rate=tag(log, interval(1e-4, 1e-2))", "seed=choice(0, 1)"]
+    search = {"n_trials": 2, "sampler": "random", "seed": 0, "pruner": "median"}
+    r = service.client.post("/api/training/sweeps/start", json={"overrides": [*TINY, *space], "search": search})
+    assert r.status_code == 201, r.text
+    started = r.json()
+    assert started["sweeper"] == "optuna" and started["num_points"] == 2
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        listed = [s for s in service.client.get("/api/training/sweeps").json() if s["sweep_id"] == started["sweep_id"]]
+        if listed and listed[0]["counts"] == {"FINISHED": 2}:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"{listed}: {Path(started['log_path']).read_text()[-2000:]}")
+    study = optuna.load_study(
+        study_name=Path(started["sweep_dir"]).name, storage=f"sqlite:///{started['sweep_dir']}/optuna.db"
+    )
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    trials = service.client.get(f"/api/training/sweeps/{started['sweep_id']}").json()["trials"]
+    rates = sorted(t.params["stage.learning_rate"] for t in study.trials)
+    found = sorted(
+        float(o.split("=")[1]) for t in trials for o in t["overrides"] if o.startswith("stage.learning_rate=")
+    )
+    assert found == pytest.approx(rates) and all(1e-4 <= x <= 1e-2 for x in rates)
+
+
 def test_cli_run_elsewhere_is_found_through_mlflow(service):
     """A run started from the command line outside the runs directory, logging to the embedded MLflow store beside
     it, is listed (its run_dir tag), with its status and checkpoints."""

@@ -90,9 +90,21 @@ class ResumeIn(Strict):
     allow_config_change: bool = False
 
 
+class SearchIn(Strict):
+    """exp's Optuna sweeper (hydra/sweeper=optuna) over the overrides' search space."""
+
+    n_trials: int = Field(20, ge=1, le=1000)
+    parallelism: int = Field(1, ge=1, le=64, description="trials in flight (local subprocesses or SLURM jobs)")
+    sampler: Literal["tpe", "random", "cmaes", "grid"] = "tpe"
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    direction: Literal["minimize", "maximize"] = "minimize"
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="the sampler's seed")
+
+
 class SweepIn(Strict):
-    overrides: Overrides = []  # a grid: KEY=a,b,c or range(); each point is validated before the sweep starts
+    overrides: Overrides = []  # a grid (KEY=a,b,c, range()) or, with `search`, a search space (interval(), ...)
     launcher: Literal["local", "slurm"] = "local"
+    search: SearchIn | None = None  # an Optuna study; without it, the grid's every point, each validated first
 
 
 class Started(BaseModel):
@@ -141,7 +153,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             and not job.get("ahead_closed")
             and not (Path(job["run_dir"]) / RUN_MARKER).exists()
         ):  # ended before its tracker took the run created ahead of it: closed here, never left SCHEDULED
-            end_run_ahead(job["tracking_uri"], job["mlflow_run_id"], "KILLED" if out["status"] == "KILLED" else "FAILED")
+            ending = "KILLED" if out["status"] == "KILLED" else "FAILED"
+            end_run_ahead(job["tracking_uri"], job["mlflow_run_id"], ending)
             registry.mark_ahead_closed(job["id"])
         return out
 
@@ -514,14 +527,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post("/api/training/sweeps/start", status_code=201, tags=["sweeps"])
     def start_sweep(body: SweepIn) -> dict:
-        """A grid sweep: `train.py -m` through exp's launcher (one after another here, or a SLURM job array),
-        started once every point composes and validates (422 with the first point's error otherwise)."""
+        """A sweep: `train.py -m` through exp's launchers (here: one trial after another, or `parallelism`
+        subprocesses; on SLURM: jobs). A grid starts once every point composes and validates; an Optuna search
+        (`search`) once a point of its space does (422 with the CLI's line otherwise)."""
         sweep_dir = runs_dir / "multirun" / "serve" / new_id("s")
-        points = configs.sweep_points(body.overrides)
+        local = body.launcher == "local"
+        search = body.search
+        if search is None:
+            points = configs.sweep_points(body.overrides)
+            sweeper = []
+            launcher_name = "exp_basic" if local else "exp_slurm"
+        else:
+            points = [configs.search_point(body.overrides, search.sampler)]
+            sweeper = [
+                "hydra/sweeper=optuna",
+                f"hydra/sweeper/sampler={search.sampler}",
+                f"hydra.sweeper.n_trials={search.n_trials}",
+                f"hydra.sweeper.parallelism={search.parallelism}",
+                f"hydra.sweeper.pruner={search.pruner}",
+                f"hydra.sweeper.direction={search.direction}",
+                f"hydra.sweeper.study_name={sweep_dir.name}",
+                *([f"hydra.sweeper.sampler.seed={search.seed}"] if search.seed is not None else []),
+            ]
+            launcher_name = "exp_slurm" if not local else "exp_local" if search.parallelism > 1 else "exp_basic"
         for num, point in enumerate(points):
-            configs.compose(point, sweep_dir / str(num), settings.allow_targets, node=body.launcher == "local")
-        launcher_choice = "hydra/launcher=exp_slurm" if body.launcher == "slurm" else "hydra/launcher=exp_basic"
-        command = [sys.executable, str(configs.TRAIN_PY), "-m", *body.overrides, launcher_choice]
+            configs.compose(point, sweep_dir / str(num), settings.allow_targets, node=local)
+        command = [
+            sys.executable,
+            str(configs.TRAIN_PY),
+            "-m",
+            *sweeper,
+            *body.overrides,
+            f"hydra/launcher={launcher_name}",
+        ]
         log_dir = runs_dir / ".serve" / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{sweep_dir.name}.log"
@@ -538,7 +576,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {
             "sweep_id": sweep_id,
             "sweep_dir": str(sweep_dir),
-            "num_points": len(points),
+            "num_points": len(points) if search is None else search.n_trials,
+            "sweeper": "grid" if search is None else "optuna",
             "pid": child.pid,
             "log_path": str(log_path),
         }

@@ -143,6 +143,41 @@ def sweep_points(overrides: list[str], max_points: int = 64) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
+def search_point(overrides: list[str], sampler: str = "tpe") -> list[str]:
+    """One point of the Optuna search the overrides describe (`interval()`, `tag(log, interval())`, `choice()`,
+    `range()`, `a,b`; the rest fixed), as plain overrides to compose and validate before the study starts: each
+    interval's low bound, each choice's first value. ConfigError for what the sweeper would refuse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from exp.sweep.optuna import as_overrides, distribution, first_point, make_sampler
+
+    check_overrides(overrides)
+    parser = OverridesParser.create()
+    space, fixed = {}, []
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except Exception as e:
+            raise ConfigError(f"sweep overrides: {hydra_message(e)}") from None
+        if not override.is_sweep_override():
+            fixed.append(line)
+            continue
+        try:
+            space[override.get_key_element()] = distribution(override)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{line}: {first_line(e)}") from None
+    if not space:
+        raise ConfigError(
+            "an Optuna search needs a search space: KEY=interval(a, b), tag(log, interval(a, b)), choice(a, b), "
+            "range(a, b) or a,b"
+        )
+    try:
+        make_sampler(sampler, {}, space)
+    except ValueError as e:
+        raise ConfigError(f"sampler {e}") from None
+    return [*fixed, *as_overrides(first_point(space))]
+
+
 def hydra_message(error: BaseException) -> str:
     """Hydra's multi-line compose error as the one line a client shows: its first paragraph."""
     text = str(error).strip()

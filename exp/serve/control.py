@@ -19,8 +19,8 @@ from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.rundir import METRICS, read_json, read_summary
-from exp.tracking.worker import RUN_MARKER
 from exp.serve.configs import ROOT, TRAIN_PY
+from exp.tracking.worker import RUN_MARKER
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 SLURM_LAUNCHER = "slurm"

@@ -288,8 +288,10 @@ class _Worker:
         try:
             status = self.client.get_run(self.s.run_id).info.status
         except Exception as e:
-            self.warn(f"MLflow run {self.s.run_id} (tracking.run_id) is not in {self.s.uri} ({first_line(e)}); "
-                      "starting a new run")
+            self.warn(
+                f"MLflow run {self.s.run_id} (tracking.run_id) is not in {self.s.uri} ({first_line(e)}); "
+                "starting a new run"
+            )
             return False
         if status not in ("RUNNING", "SCHEDULED"):
             self.warn(f"MLflow run {self.s.run_id} (tracking.run_id) has ended ({status}); starting a new run")

@@ -215,18 +215,85 @@ function drawChart() {
 
 // --- sweeps --------------------------------------------------------------------------------------------
 
+let selectedSweep = null;
+const shortPath = (path) => { const parts = path.split("/"); return parts.length > 4 ? "…/" + parts.slice(-3).join("/") : path; };
+
 async function refreshSweeps() {
   let sweeps;
   try { sweeps = await api("/api/training/sweeps"); } catch (e) { return; }
+  const relaunch = (event, s, mode) => {
+    event.stopPropagation();
+    api(`/api/training/sweeps/${s.sweep_id}/${mode}`, { method: "POST" }).then(refreshSweeps);
+  };
   document.querySelector("#sweeps tbody").replaceChildren(...sweeps.map((s) =>
-    el("tr", {},
-      el("td", {}, el("code", {}, s.sweep_dir)),
+    el("tr", { class: "job" + (s.sweep_id === selectedSweep ? " selected" : ""), "data-sweep": s.sweep_id, onclick: () => selectSweep(s.sweep_id) },
+      el("td", { title: s.sweep_dir }, el("code", {}, shortPath(s.sweep_dir))),
       el("td", {}, Object.entries(s.counts).map(([k, v]) => `${k} ${v}`).join(", ")),
       el("td", {},
-        el("button", { onclick: () => api(`/api/training/sweeps/${s.sweep_id}/resume`, { method: "POST" }).then(refreshSweeps) }, "resume"), " ",
-        el("button", { onclick: () => api(`/api/training/sweeps/${s.sweep_id}/rerun-failed`, { method: "POST" }).then(refreshSweeps) }, "rerun failed")))));
+        el("button", { class: "small", onclick: (e) => relaunch(e, s, "resume") }, "resume"), " ",
+        el("button", { class: "small", onclick: (e) => relaunch(e, s, "rerun-failed") }, "rerun failed")))));
+  if (selectedSweep) refreshSweep();
 }
 
+function selectSweep(sweepId) {
+  selectedSweep = sweepId;
+  for (const row of document.querySelectorAll("#sweeps tbody tr")) row.classList.toggle("selected", row.dataset.sweep === sweepId);
+  refreshSweep();
+}
+
+async function refreshSweep() {
+  const sweepId = selectedSweep;
+  let sweep;
+  try { sweep = await api(`/api/training/sweeps/${sweepId}`); } catch (e) { return; }
+  if (sweepId !== selectedSweep) return;
+  document.getElementById("sweep-detail").hidden = false;
+  document.getElementById("sweep-dir").textContent = shortPath(sweep.sweep_dir);
+  document.getElementById("sweep-dir").title = sweep.sweep_dir;
+  // the point: the overrides that differ between trials (the rest is the same for all)
+  const all = sweep.trials.map((t) => t.overrides || []);
+  const shared = all.length > 1 ? all[0].filter((o) => all.every((os) => os.includes(o))) : [];
+  document.querySelector("#trials tbody").replaceChildren(...sweep.trials.map((t) =>
+    el("tr", { "data-trial": t.num },
+      el("td", {}, String(t.num)),
+      el("td", { class: "status " + t.status }, t.status),
+      el("td", {}, el("code", {}, (t.overrides || []).filter((o) => !shared.includes(o) && !o.startsWith("+callbacks.optuna")).join(" "))),
+      el("td", {}, fmt(t.val_loss)),
+      el("td", {}, t.step == null ? "" : `${t.step}/${t.num_steps ?? "?"}`),
+      el("td", {}, t.slurm_job_id ?? ""),
+      el("td", {}, el("code", {}, (t.mlflow_run_id || "").slice(0, 12))))));
+}
+
+async function startSweep(event) {
+  event.preventDefault();
+  const error = document.getElementById("sweep-error");
+  error.textContent = "";
+  const value = (id) => document.getElementById(id).value;
+  const overrides = value("sweep-overrides").split("\n").map((l) => l.trim()).filter(Boolean);
+  const body = { overrides, launcher: value("sweep-launcher") };
+  if (value("sweep-kind") === "optuna") {
+    body.search = { n_trials: Number(value("sweep-trials")), parallelism: Number(value("sweep-parallelism")), sampler: value("sweep-sampler"), pruner: value("sweep-pruner") };
+  }
+  const button = document.getElementById("sweep-button");
+  button.disabled = true;
+  try {
+    const started = await api("/api/training/sweeps/start", { method: "POST", body: JSON.stringify(body) });
+    selectedSweep = started.sweep_id;
+    setTimeout(refreshSweeps, 1500);
+  } catch (e) {
+    error.textContent = e.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showSweepKind() {
+  const optuna = document.getElementById("sweep-kind").value === "optuna";
+  for (const label of document.querySelectorAll("#sweep-form label.optuna")) label.hidden = !optuna;
+}
+
+document.getElementById("sweep-form").addEventListener("submit", startSweep);
+document.getElementById("sweep-kind").addEventListener("change", showSweepKind);
+showSweepKind();
 document.getElementById("start-form").addEventListener("submit", startRun);
 document.getElementById("stop-button").addEventListener("click", () => act("stop"));
 document.getElementById("save-button").addEventListener("click", () => act("checkpoint"));
@@ -236,4 +303,4 @@ refreshJobs();
 refreshSweeps();
 setInterval(refreshJobs, 2000);
 setInterval(refreshJob, 3000);
-setInterval(refreshSweeps, 10000);
+setInterval(refreshSweeps, 5000);
