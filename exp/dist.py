@@ -31,11 +31,15 @@ class Dist:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one: stop decisions must agree or a rank hangs."""
+        return self.any_each(flag)[0]
+
+    def any_each(self, *flags: bool) -> tuple[bool, ...]:
+        """`any` of several flags in one collective (the loop's stop and save-now decisions, every step)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+            return flags
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_collective_device())
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item())
+        return tuple(bool(v) for v in t.tolist())
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum over ranks."""
@@ -103,11 +107,14 @@ def wrap(model: torch.nn.Module, dist: Dist, param_dtype: torch.dtype) -> torch.
     if dist.strategy == "ddp" and dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         device = next(model.parameters()).device
         # the only buffers (RoPE tables) are computed alike on every rank: nothing to broadcast each forward
-        return DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-        )
+        # (the keyword is forward_sync_buffers since torch 2.13, where broadcast_buffers warns as deprecated)
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
     if dist.strategy == "fsdp" and dist.enabled:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

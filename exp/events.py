@@ -30,13 +30,16 @@ class Callback:
 
     Setting should_stop ends the run cleanly after the step (stop_reason says why, in summary.json and
     MLflow); stop_status, when set, is the status the run then ends with instead of FINISHED (a pruned
-    sweep trial: PRUNED). A callback whose state must survive a resume returns it from state_dict() (JSON values);
+    sweep trial: PRUNED). Setting save_requested asks for a checkpoint after the step while training goes on:
+    every rank agrees on it with the stop decision, and every callback then hears on_save_request on every rank,
+    at the same step. A callback whose state must survive a resume returns it from state_dict() (JSON values);
     the checkpoint stores it and load_state_dict() gets it back.
     """
 
     should_stop: bool = False
     stop_reason: str | None = None
     stop_status: str | None = None
+    save_requested: bool = False
 
     def state_dict(self) -> dict | None:
         """JSON-serialisable state to keep in checkpoints; None: nothing to keep."""
@@ -51,6 +54,9 @@ class Callback:
 
     def on_step_end(self, state: TrainState, loss: float) -> None:
         """After the step's update, log and evaluation: the state is complete here (checkpoints save now)."""
+
+    def on_save_request(self, state: TrainState) -> None:
+        """A callback on some rank set save_requested at this step: checkpoint now (every rank calls this)."""
 
     def on_checkpoint(self, state: TrainState, path) -> None: ...
 
@@ -81,6 +87,10 @@ class Events(Callback):
         return any(cb.should_stop for cb in self.callbacks)
 
     @property
+    def save_requested(self) -> bool:
+        return any(cb.save_requested for cb in self.callbacks)
+
+    @property
     def stop_reason(self) -> str | None:
         return next((cb.stop_reason for cb in self.callbacks if cb.should_stop and cb.stop_reason), None)
 
@@ -99,6 +109,10 @@ class Events(Callback):
     def on_step_end(self, state: TrainState, loss: float) -> None:
         for cb in self.callbacks:
             cb.on_step_end(state, loss)
+
+    def on_save_request(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_save_request(state)
 
     def on_checkpoint(self, state: TrainState, path) -> None:
         for cb in self.callbacks:

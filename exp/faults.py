@@ -112,23 +112,24 @@ class EarlyStopping(Callback):
 
 class SaveOnSignal(Callback):
     """SIGUSR1 asks for a checkpoint at the next step boundary while training goes on (the job service's
-    "save now"). Installed at train start; after training a late SIGUSR1 is ignored rather than fatal."""
+    "save now"). The signal may reach one rank only (a DDP or FSDP job): the request is agreed across ranks by
+    the loop, and every rank saves at the same step. Installed at train start; after training a late SIGUSR1 is
+    ignored rather than fatal."""
 
     def __init__(self, save: Callable[[TrainState], object]):
-        self.save, self.requested = save, False
+        self.save = save
         self._previous = None
 
     def on_train_start(self, state: TrainState) -> None:
         self._previous = signal.signal(signal.SIGUSR1, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.save_requested = True
 
-    def on_step_end(self, state: TrainState, loss: float) -> None:
-        if self.requested:
-            self.requested = False
-            log.info(f"SIGUSR1: saving a checkpoint at step {state.step} and going on")
-            self.save(state)
+    def on_save_request(self, state: TrainState) -> None:
+        self.save_requested = False
+        log.info(f"SIGUSR1: saving a checkpoint at step {state.step} and going on")
+        self.save(state)
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         if self._previous is not None:

@@ -193,7 +193,10 @@ def train(
                 state.best_val_loss, state.best_step = val["loss"], state.step
             events.on_eval_end(state, {f"val/{k}": v for k, v in val.items()})
         events.on_step_end(state, loss)
-        if t.dist.any(events.should_stop):  # every rank stops at the same step
+        stop, save = t.dist.any_each(events.should_stop, events.save_requested)  # every rank at the same step
+        if save:
+            events.on_save_request(state)
+        if stop:
             break
     return state
 

@@ -105,13 +105,14 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         state = checkpointer.restore(point) if point is not None else TrainState()
         reporters = [ConsoleLog(stage.num_steps, stage.num_epochs is not None), ProgressBar(stage.num_steps)]
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
-        saver = [] if dist.enabled else [SaveOnSignal(checkpointer.save)]  # SIGUSR1: save now, keep training
-        events.add(checkpointer, *saver, *(reporters if dist.is_main else []))
+        saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
+        events.add(checkpointer, saver, *(reporters if dist.is_main else []))
         guard = FaultGuard(run.nan, checkpointer.rollback, on_event=events.on_fault)
         t = built.trained
         log.info(
             f"run dir {run_dir} | {num_params(t.model):,} parameters | {t.rt.device} {t.rt.dtype} "
             f"| {stage.num_steps} steps of {stage.samples_per_step} x {cfg.data.seq_len} tokens"
+            + (f" | {dist.world_size} ranks ({dist.strategy})" if dist.enabled else "")
         )
         events.on_train_start(state)
         events.add(tracker)  # after on_train_start: the tracker has started its run since it was built

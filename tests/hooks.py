@@ -12,13 +12,14 @@ from exp.loop import Callback
 
 
 class SignalAt(Callback):
-    """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists."""
+    """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists; with
+    `rank`, only the process of that rank (RANK) signals itself."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", wait_for: str | None = None):
-        self.step, self.signum, self.wait_for = step, getattr(signal, signal_name), wait_for
+    def __init__(self, step: int, signal_name: str = "SIGTERM", wait_for: str | None = None, rank: int | None = None):
+        self.step, self.signum, self.wait_for, self.rank = step, getattr(signal, signal_name), wait_for, rank
 
     def on_step_end(self, state, loss):
-        if state.step == self.step:
+        if state.step == self.step and (self.rank is None or int(os.environ.get("RANK", "0")) == self.rank):
             deadline = time.time() + 60
             while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
                 time.sleep(0.05)

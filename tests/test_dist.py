@@ -27,6 +27,15 @@ COMMON = [
 ]
 
 
+# the job service's "save now" as SLURM may deliver it: SIGUSR1 to one rank only
+SAVE_NOW_ON_RANK_1 = [
+    "+callbacks.save_now._target_=tests.hooks.SignalAt",
+    "+callbacks.save_now.step=2",
+    "+callbacks.save_now.signal_name=SIGUSR1",
+    "+callbacks.save_now.rank=1",
+]
+
+
 def torchrun(*overrides, cwd, nproc=2, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
@@ -79,13 +88,26 @@ def test_ddp_two_ranks_of_batch_4_match_one_process_of_batch_8(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_resumes_at_the_same_world_size(tmp_path):
+    """Stopped at step 5 and resumed, the losses are those of a run never stopped; a save-now (SIGUSR1) that
+    reaches rank 1 alone at step 2 has every rank agree, rank 0 write step 2's checkpoint, and training go on."""
     run_dir = tmp_path / "run"
     stop = ["+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=5"]
+    save_now = SAVE_NOW_ON_RANK_1
     proc = torchrun(
-        "hardware=ddp", *COMMON, "stage.batch_size_per_gpu=4", f"hydra.run.dir={run_dir}", *stop, cwd=tmp_path
+        "hardware=ddp",
+        *COMMON,
+        "stage.batch_size_per_gpu=4",
+        f"hydra.run.dir={run_dir}",
+        *stop,
+        *save_now,
+        "checkpoint.every_n_steps=0",
+        cwd=tmp_path,
     )
     assert proc.returncode != 0
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "KILLED"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000005"]
+    assert "SIGUSR1: saving a checkpoint at step 2 and going on" in proc.stdout + proc.stderr
+    assert "FutureWarning" not in proc.stderr
     proc = torchrun(
         "hardware=ddp",
         *COMMON,
@@ -120,10 +142,11 @@ def test_fsdp_trains_saves_resumes_and_exports_a_consolidated_model(tmp_path):
         f"hydra.run.dir={run_dir}",
     ]
     stop = ["+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=5"]
-    proc = torchrun(*fsdp, *stop, cwd=tmp_path)
+    proc = torchrun(*fsdp, *stop, *SAVE_NOW_ON_RANK_1, cwd=tmp_path)
     assert proc.returncode != 0
-    manifest = json.loads((run_dir / "checkpoints" / "step_00000005" / "manifest.json").read_text())
-    assert manifest["sharded"] and manifest["world_size"] == 2
+    for step in (2, 5):  # save-now on rank 1 alone: both ranks wrote their shard of step 2
+        manifest = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json").read_text())
+        assert manifest["sharded"] and manifest["world_size"] == 2
 
     proc = torchrun(*fsdp, "resume.allow_config_change=true", cwd=tmp_path, nproc=3)
     assert proc.returncode != 0  # each rank exits 2; torchrun itself reports 1

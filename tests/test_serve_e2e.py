@@ -282,7 +282,8 @@ def test_optuna_search_started_over_http(service):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         listed = [s for s in service.client.get("/api/training/sweeps").json() if s["sweep_id"] == started["sweep_id"]]
-        if listed and listed[0]["counts"] == {"FINISHED": 2}:
+        done = "2 COMPLETE; best" in Path(started["log_path"]).read_text()  # the study told of both trials
+        if done and listed and listed[0]["counts"] == {"FINISHED": 2}:
             break
         time.sleep(0.5)
     else:

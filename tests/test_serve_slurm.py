@@ -1,6 +1,7 @@
-"""The job service with the SLURM launcher on the local cluster (scripts/slurm-local.sh): a job submitted through
-submitit shows its SLURM id and state, saves a checkpoint on request (scancel --signal=USR1) and stops gracefully
-(scancel --signal=TERM) with a checkpoint, KILLED."""
+"""The job service with the SLURM launcher on the local cluster (scripts/slurm-local.sh): a DDP job of two SLURM
+tasks submitted through submitit shows its SLURM id and state, saves a checkpoint on request (scancel
+--signal=USR1, every rank agreeing on the step) and stops gracefully (scancel --signal=TERM) with a checkpoint,
+KILLED."""
 
 import os
 import shutil
@@ -35,15 +36,16 @@ def test_slurm_job_checkpointed_and_stopped(tmp_path, corpus_cache):
     service = Service(tmp_path / "runs").start()
     job_id = slurm_id = None
     try:
-        overrides = [o.replace("hardware=cpu", "hardware=slurm_cpu") for o in JOB] + ["stage.num_steps=100000"]
+        overrides = [o.replace("hardware=cpu", "hardware=slurm_ddp") for o in JOB] + ["stage.num_steps=100000"]
+        resources = {"timeout_min": 30, "mem_gb": 2, "tasks_per_node": 2}
         r = service.client.post(
-            "/api/training/jobs/start",
-            json={"overrides": overrides, "launcher": "slurm", "slurm": {"timeout_min": 30, "mem_gb": 2}},
+            "/api/training/jobs/start", json={"overrides": overrides, "launcher": "slurm", "slurm": resources}
         )
         assert r.status_code == 201, r.text
         job_id = r.json()["job_id"]
         status = service.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 10, timeout=180)
         assert status["launcher"] == "slurm" and status["slurm"]["state"] == "RUNNING"
+        assert "| 2 ranks (ddp)" in service.logs(job_id), service.logs(job_id)
         slurm_id = status["slurm"]["job_id"]
         assert service.client.post(f"/api/training/jobs/{job_id}/checkpoint").status_code == 202
         ckpts = f"/api/training/jobs/{job_id}/checkpoints"

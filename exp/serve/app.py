@@ -75,6 +75,8 @@ class SlurmResources(Strict):
     mem_gb: int | None = Field(None, ge=1, le=4096)
     timeout_min: int | None = Field(None, ge=1, le=60 * 24 * 30)
     gpus_per_node: int | None = Field(None, ge=0, le=64)
+    nodes: int | None = Field(None, ge=1, le=1024)
+    tasks_per_node: int | None = Field(None, ge=1, le=64, description="processes per node: DDP/FSDP ranks")
 
 
 class StartIn(Strict):

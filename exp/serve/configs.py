@@ -188,7 +188,18 @@ def hydra_message(error: BaseException) -> str:
 def launcher_defaults(hydra_node: dict) -> dict:
     """The SLURM resources the composed config's hardware option sets under hydra.launcher (slurm_* options)."""
     values = hydra_node.get("launcher") or {}
-    keys = ("partition", "account", "qos", "cpus_per_task", "mem_gb", "timeout_min", "gpus_per_node", "constraint")
+    keys = (
+        "partition",
+        "account",
+        "qos",
+        "cpus_per_task",
+        "mem_gb",
+        "timeout_min",
+        "gpus_per_node",
+        "constraint",
+        "nodes",
+        "tasks_per_node",
+    )
     return {k: values[k] for k in keys if values.get(k) is not None}
 
 

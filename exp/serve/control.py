@@ -79,8 +79,11 @@ class Launcher:
         self._spawner.submit(lambda: None).result()
 
     def spawn(self, *args, **kwargs) -> subprocess.Popen:
-        """subprocess.Popen on the spawner thread."""
-        return self._spawner.submit(subprocess.Popen, *args, **kwargs).result()
+        """subprocess.Popen on the spawner thread; the child is reaped when it ends (no zombie sweeps)."""
+        child = self._spawner.submit(subprocess.Popen, *args, **kwargs).result()
+        with self._lock:
+            self._children[child.pid] = child
+        return child
 
     def command(self, overrides: list[str], run_dir: Path) -> list[str]:
         return [sys.executable, str(TRAIN_PY), *overrides, f"hydra.run.dir={run_dir}"]
@@ -100,8 +103,6 @@ class Launcher:
                 start_new_session=True,  # its own process group: the service's Ctrl-C or exit does not reach it
                 env=env,
             )
-        with self._lock:
-            self._children[child.pid] = child
         return {"pid": child.pid, "pid_start": process_start_time(child.pid), "log_path": str(log_path)}
 
     def start_slurm(self, job_id: str, overrides: list[str], run_dir: Path, resources: dict) -> dict:
@@ -121,6 +122,9 @@ class Launcher:
                 params[key] = resources[key]
         if resources.get("gpus_per_node"):
             params["gpus_per_node"] = int(resources["gpus_per_node"])
+        # several tasks: each runs train.py as one rank (DDP/FSDP), the rendezvous from SLURM's variables
+        params["nodes"] = int(resources.get("nodes", 1))
+        params["ntasks_per_node"] = int(resources.get("tasks_per_node", 1))
         executor.update_parameters(**params)
         job = executor.submit(exec_train, self.command(overrides, run_dir), str(self.runs_dir.parent))
         log_path = folder / f"{job.job_id}_0_log.out"  # the log lines; SLURM's own and tracebacks go to .err
