@@ -105,9 +105,9 @@ def init(strategy: str, device_type: str) -> Dist:
 def wrap(model: torch.nn.Module, dist: Dist, param_dtype: torch.dtype) -> torch.nn.Module:
     """DDP, or FSDP2 (`fully_shard` per block, then the root) with a mixed-precision policy from the stage dtype."""
     if dist.strategy == "ddp" and dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
 
         device = next(model.parameters()).device
         # the only buffers (RoPE tables) are computed alike on every rank: nothing to broadcast each forward
