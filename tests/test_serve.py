@@ -72,6 +72,8 @@ def test_unknown_key_or_option_is_422_naming_it(client):
     assert r.status_code == 422 and "stage.nope" in r.json()["detail"]
     r = client.post("/api/training/configs", json={"name": "bad", "overrides": ["optimizer=nope"]})
     assert r.status_code == 422 and "optimizer/nope" in r.json()["detail"]
+    options = sorted(p.stem for p in (ROOT / "conf" / "optimizer").glob("*.yaml"))
+    assert r.json()["detail"].endswith(f"(available: {', '.join(options)})") and "\n" not in r.json()["detail"]
     r = client.post("/api/training/jobs/start", json={"overrides": ["stage.num_steps=abc"]})
     assert r.status_code == 422 and r.json()["detail"].startswith("config error: stage.num_steps")
 
@@ -185,6 +187,18 @@ def test_oversized_body_is_refused(client):
     assert r.status_code == 413
     r = client.post("/api/training/configs", json={"name": "many", "overrides": ["seed=1"] * 65})
     assert r.status_code == 422
+    # no Content-Length (chunked): counted as it arrives; a small one still reaches the route whole
+    big = json.dumps({"name": "big", "overrides": ["x=" + "1" * 900] * 100}).encode()
+    headers = {"content-type": "application/json"}
+    r = client.post(
+        "/api/training/configs", content=(big[i : i + 4096] for i in range(0, len(big), 4096)), headers=headers
+    )
+    assert r.status_code == 413 and r.json()["detail"] == "request body over 65536 bytes"
+    small = json.dumps({"name": "chunked", "overrides": ["seed=3"]}).encode()
+    r = client.post(
+        "/api/training/configs", content=(small[i : i + 7] for i in range(0, len(small), 7)), headers=headers
+    )
+    assert r.status_code == 201 and r.json()["overrides"] == ["seed=3"], r.text
 
 
 def test_token_is_required_everywhere_but_health(runs):

@@ -606,7 +606,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 class Guard:
     """Plain ASGI middleware (cheaper per request than an http-middleware function): the bearer token on every
-    path but /api/health, and bodies over `max_body_bytes` (by Content-Length, or counted when chunked) refused."""
+    path but /api/health, and bodies over `max_body_bytes` (by Content-Length, or counted when chunked) refused
+    with 413."""
 
     def __init__(self, app, token: str | None, max_body_bytes: int):
         self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
@@ -622,24 +623,28 @@ class Guard:
         too_big = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, 413)
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
             return await too_big(scope, receive, send)
-        received = 0
-
-        async def counted():
-            nonlocal received
+        if declared is not None or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        # no Content-Length (chunked): read the body here, at most the limit, and hand it on whole
+        body, more = b"", True
+        while more:
             message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return await too_big(scope, receive, send)
+        sent = False
 
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await too_big(scope, receive, send)
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()  # http.disconnect, when the client leaves
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-
-class BodyTooLarge(Exception):
-    """A chunked body grew past the limit while it was read."""
+        await self.app(scope, replay, send)
 
 
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:

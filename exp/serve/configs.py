@@ -182,7 +182,18 @@ def hydra_message(error: BaseException) -> str:
     """Hydra's multi-line compose error as the one line a client shows: its first paragraph."""
     text = str(error).strip()
     head = text.split("\n\n", 1)[0]
-    return " ".join(line.strip() for line in head.splitlines() if line.strip()) or first_line(error)
+    line = " ".join(part.strip() for part in head.splitlines() if part.strip()) or first_line(error)
+    for paragraph in text.split("\n\n")[1:]:  # an unknown group option: Hydra lists the options after a blank line
+        title, _, rest = paragraph.partition("\n")
+        if title.startswith("Available options in"):
+            options = []
+            for option in rest.splitlines():
+                if not option.startswith(("\t", " ")):  # "Config search path:" and what follows it
+                    break
+                options.append(option.strip())
+            line += f" (available: {', '.join(options)})"
+            break
+    return line
 
 
 def launcher_defaults(hydra_node: dict) -> dict:
