@@ -289,3 +289,36 @@ def test_bad_optuna_search_is_refused_before_launch(client, runs, overrides, sea
     assert (sorted((runs / "multirun").rglob("*")) if (runs / "multirun").exists() else []) == before
     bad = client.post("/api/training/sweeps/start", json={"overrides": TINY, "search": {"n_trials": 0}})
     assert bad.status_code == 422
+
+
+def test_mlflow_run_created_ahead_of_a_job(tmp_path, caplog):
+    """The run the service creates before launching a job: SCHEDULED in the store the job will write to (its
+    relative path taken from the job's working directory), closed by end_run_ahead only while still SCHEDULED;
+    none for tracking=none, and none (one warning) when the store is unreachable."""
+    from mlflow.tracking import MlflowClient
+
+    from exp.serve import configs
+    from exp.tracking.parent import create_run_ahead, end_run_ahead
+
+    run_dir = tmp_path / "runs" / "serve" / "j1"
+    cfg, _ = configs.compose(["stage.num_steps=5"], run_dir)
+    uri, run_id = create_run_ahead(cfg, run_dir, base=tmp_path)
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "SCHEDULED" and run.data.tags["run_dir"] == str(run_dir)
+    assert (
+        client.get_experiment(run.info.experiment_id).artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
+    )
+    end_run_ahead(uri, run_id, "KILLED")
+    assert client.get_run(run_id).info.status == "KILLED"
+    client.update_run(run_id, status="RUNNING")  # a tracker took it: the service leaves it alone
+    end_run_ahead(uri, run_id, "FAILED")
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    cfg, _ = configs.compose(["tracking=none"], run_dir)
+    assert create_run_ahead(cfg, run_dir, base=tmp_path) is None
+    cfg, _ = configs.compose(["tracking.uri=http://127.0.0.1:9"], run_dir)  # the discard port: refused at once
+    with caplog.at_level("WARNING", logger="exp"):
+        assert create_run_ahead(cfg, run_dir, base=tmp_path) is None
+    assert "MLflow at http://127.0.0.1:9 is unavailable" in caplog.text and "the job opens its own run" in caplog.text

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from exp.rundir import write_json
 from exp.text import first_line
-from exp.tracking.worker import RUN_MARKER, absolute_uri, experiment_id_for
+from exp.tracking.worker import RUN_MARKER, absolute_uri, experiment_id_for, fail_fast_http
 
 log = logging.getLogger("exp")
 MEMBERS = {"pipeline": "stages", "sweep": "trials"}
@@ -62,6 +62,7 @@ def open_parent_run(cfg: DictConfig, run_dir: Path, kind: str = "pipeline") -> P
 def _open(cfg: DictConfig, run_dir: Path, kind: str):
     from mlflow.tracking import MlflowClient
 
+    fail_fast_http()
     uri = absolute_uri(cfg.tracking.uri)
     client = MlflowClient(tracking_uri=uri)
     marker = run_dir / RUN_MARKER
@@ -93,6 +94,7 @@ def create_run_ahead(cfg: DictConfig, run_dir: Path, base: Path) -> tuple[str, s
     try:
         from mlflow.tracking import MlflowClient
 
+        fail_fast_http()
         uri = absolute_uri(cfg.tracking.uri, base)
         client = MlflowClient(tracking_uri=uri)
         experiment_id = experiment_id_for(

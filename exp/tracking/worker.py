@@ -193,9 +193,7 @@ def main(inbox, outbox, uri: str = "") -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     trainer = os.getppid()
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # the default retries a dead server ~4 min
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    fail_fast_http()
     import mlflow.tracking  # noqa: F401  (most of the start-up; done before the settings are needed)
 
     _import_store(uri)
@@ -390,6 +388,14 @@ def experiment_id_for(client, uri: str, name: str, artifact_location: str | None
     if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
         location = (Path(base or ".") / artifact_location).resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
+
+
+def fail_fast_http() -> None:
+    """MLflow's HTTP client gives up on a dead server in seconds instead of retrying it for ~4 minutes (unless
+    the user set these variables)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def absolute_uri(uri: str, base: Path | None = None) -> str:
