@@ -251,13 +251,14 @@ class StudyRun:
         if params is not None:
             entry["params"] = params
         write_manifest(self.sweep_dir, manifest)
+        log.info(f"trial #{number} starting: {' '.join(o for o in overrides)}")  # in-process: before it runs
         job = self.launcher.start(launched[0], number)
         job_id = getattr(job, "job_id", None)
         if job_id is not None:  # a resumed study waits for a SLURM job still running
             manifest = read_manifest(self.sweep_dir)
             manifest["trials"][str(number)]["job_id"] = str(job_id)
             write_manifest(self.sweep_dir, manifest)
-        log.info(f"trial #{number} started: {' '.join(o for o in overrides)}")
+            log.info(f"trial #{number}: job {job_id}")
         self.in_flight.append(InFlight(number, job, Path(entry["run_dir"])))
 
     def _continue_in_flight(self) -> None:
