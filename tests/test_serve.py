@@ -256,12 +256,14 @@ def test_sweep_dirs_are_listed_with_trials(client, runs):
         run_dir = sweep / str(num)
         (run_dir / ".hydra").mkdir(parents=True)
         (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
-        (run_dir / "summary.json").write_text(json.dumps({"status": status, "step": 3, "num_steps": 3}))
+        (run_dir / "summary.json").write_text(json.dumps({"status": status, "step": 3, "num_steps": 3, "val_loss": 3.0 - num}))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     listed = client.get("/api/training/sweeps").json()
     (found,) = [s for s in listed if s["sweep_dir"] == str(sweep)]
     assert found["counts"] == {"FINISHED": 1, "PRUNED": 1}
-    trials = client.get(f"/api/training/sweeps/{found['sweep_id']}").json()["trials"]
+    view = client.get(f"/api/training/sweeps/{found['sweep_id']}").json()
+    assert view["best"] == 0  # the pruned trial is no candidate
+    trials = view["trials"]
     assert [(t["num"], t["status"], t["overrides"]) for t in trials] == [
         (0, "FINISHED", ["seed=0"]),
         (1, "PRUNED", ["seed=1"]),

@@ -212,7 +212,7 @@ def test_dashboard_sweep_trials_and_start_form(tmp_path):
         assert cells == [
             ["0", "FINISHED", "stage.learning_rate=0.001", "2.3100", "100/100"],
             ["1", "PRUNED", "stage.learning_rate=0.002", "2.9500", "40/100"],
-            ["2", "FINISHED", "stage.learning_rate=0.003", "2.1200", "100/100"],
+            ["2 ★", "FINISHED", "stage.learning_rate=0.003", "2.1200", "100/100"],  # the best
         ]
         browser.js("document.getElementById('sweep-start').open = true")
         browser.js("document.getElementById('sweep-kind').value = 'optuna'")

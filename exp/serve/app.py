@@ -476,7 +476,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             manifest = load_sweep(path, write=False)
         except (SweepError, OSError, ValueError) as e:
-            return {"sweep_id": sweep_id, "sweep_dir": str(path), "error": str(e), "trials": [], "counts": {}}
+            return {
+                "sweep_id": sweep_id,
+                "sweep_dir": str(path),
+                "error": str(e),
+                "trials": [],
+                "counts": {},
+                "best": None,
+            }
         trials = [
             {
                 k: t.get(k)
@@ -498,7 +505,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         counts: dict[str, int] = {}
         for t in trials:
             counts[str(t["status"])] = counts.get(str(t["status"]), 0) + 1
-        return {"sweep_id": sweep_id, "sweep_dir": str(path), "counts": counts, "trials": trials}
+        # the best finished trial by val loss (an Optuna study's direction: the value train.py returns)
+        sign = -1 if (manifest.get("study") or {}).get("direction") == "maximize" else 1
+        done = [t for t in trials if t["status"] == "FINISHED" and isinstance(t["val_loss"], (int, float))]
+        best = min(done, key=lambda t: sign * t["val_loss"])["num"] if done else None
+        return {"sweep_id": sweep_id, "sweep_dir": str(path), "counts": counts, "best": best, "trials": trials}
 
     @app.get("/api/training/sweeps", tags=["sweeps"])
     def list_sweeps() -> list[dict]:

@@ -253,8 +253,8 @@ async function refreshSweep() {
   const all = sweep.trials.map((t) => t.overrides || []);
   const shared = all.length > 1 ? all[0].filter((o) => all.every((os) => os.includes(o))) : [];
   document.querySelector("#trials tbody").replaceChildren(...sweep.trials.map((t) =>
-    el("tr", { "data-trial": t.num },
-      el("td", {}, String(t.num)),
+    el("tr", { "data-trial": t.num, class: t.num === sweep.best ? "best" : null },
+      el("td", {}, String(t.num) + (t.num === sweep.best ? " ★" : "")),
       el("td", { class: "status " + t.status }, t.status),
       el("td", {}, el("code", {}, (t.overrides || []).filter((o) => !shared.includes(o) && !o.startsWith("+callbacks.optuna")).join(" "))),
       el("td", {}, fmt(t.val_loss)),
