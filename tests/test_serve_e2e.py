@@ -275,7 +275,8 @@ def test_optuna_search_started_over_http(service):
 
     space = ["stage.learning_rate=tag(log, interval(1e-4, 1e-2))", "seed=choice(0, 1)"]
     search = {"n_trials": 2, "sampler": "random", "seed": 0, "pruner": "median"}
-    r = service.client.post("/api/training/sweeps/start", json={"overrides": [*TINY, *space], "search": search})
+    tracked = [o for o in TINY if o != "tracking=none"]  # the embedded store beside the runs
+    r = service.client.post("/api/training/sweeps/start", json={"overrides": [*tracked, *space], "search": search})
     assert r.status_code == 201, r.text
     started = r.json()
     assert started["sweeper"] == "optuna" and started["num_points"] == 2
@@ -298,6 +299,10 @@ def test_optuna_search_started_over_http(service):
         float(o.split("=")[1]) for t in trials for o in t["overrides"] if o.startswith("stage.learning_rate=")
     )
     assert found == pytest.approx(rates) and all(1e-4 <= x <= 1e-2 for x in rates)
+    # the sweep's MLflow store is recorded as an absolute URI: readable from any directory
+    manifest = json.loads((Path(started["sweep_dir"]) / "sweep.json").read_text())
+    assert manifest["mlflow_tracking_uri"] == f"sqlite:///{service.runs_dir.resolve() / 'mlflow.db'}"
+    assert all(t["mlflow_run_id"] for t in trials)
 
 
 def test_cli_run_elsewhere_is_found_through_mlflow(service):

@@ -80,7 +80,7 @@ class ValidatedSweep:
             sweep_dir,
             overrides=HydraConfig.get().overrides.task,
             launcher=str(self.config.hydra.launcher._target_),
-            tracking_uri=str(self.config.tracking.uri) if parent.run_id is not None else None,
+            tracking_uri=parent.uri if parent.run_id is not None else None,  # absolute: any directory finds it
             parent_run_id=parent.run_id,
         )
         for i, overrides in enumerate(job_overrides):
