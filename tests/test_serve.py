@@ -256,7 +256,8 @@ def test_sweep_dirs_are_listed_with_trials(client, runs):
         run_dir = sweep / str(num)
         (run_dir / ".hydra").mkdir(parents=True)
         (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
-        (run_dir / "summary.json").write_text(json.dumps({"status": status, "step": 3, "num_steps": 3, "val_loss": 3.0 - num}))
+        summary = {"status": status, "step": 3, "num_steps": 3, "val_loss": 3.0 - num}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     listed = client.get("/api/training/sweeps").json()
     (found,) = [s for s in listed if s["sweep_dir"] == str(sweep)]
