@@ -59,6 +59,17 @@ def test_slurm_job_checkpointed_and_stopped(tmp_path, corpus_cache):
         assert status["status"] == "KILLED" and "SIGTERM" in status["stop_reason"]
         assert [c["step"] for c in service.client.get(ckpts).json()] == [saved[0]["step"], status["step"]]
         service.wait(job_id, lambda s: "killed: step" in service.logs(job_id), timeout=30)  # logged after the summary
+        # resumed on SLURM with the resources it was started with (30 min, 2 tasks), a longer run allowed
+        target = status["step"] + 6
+        body = {"overrides": [f"stage.num_steps={target}"], "allow_config_change": True}
+        assert service.client.post(f"/api/training/jobs/{job_id}/resume", json=body).status_code == 201
+        resumed = service.wait(job_id, lambda s: s["slurm"]["job_id"] != slurm_id, timeout=30)
+        slurm_id = resumed["slurm"]["job_id"]
+        done = service.wait(job_id, lambda s: s["status"] in ("FINISHED", "FAILED", "KILLED"), timeout=180)
+        assert done["status"] == "FINISHED" and done["step"] == target, service.logs(job_id)
+        assert "| 2 ranks (ddp)" in service.logs(job_id)
+        sacct = ["sacct", "-n", "-X", "-P", "-j", slurm_id, "-o", "Timelimit,AllocCPUS"]
+        assert subprocess.run(sacct, capture_output=True, text=True).stdout.split() == ["00:30:00|2"]
         job_id = None
     finally:
         if job_id is not None and slurm_id is not None:  # failed half-way: nothing of ours stays queued

@@ -90,6 +90,7 @@ class ResumeIn(Strict):
     step: int | None = Field(None, ge=0, description="checkpoint step to resume from; the newest valid when absent")
     overrides: Overrides = []  # allowed changes, e.g. stage.num_steps=600 (needs allow_config_change)
     allow_config_change: bool = False
+    slurm: SlurmResources | None = None  # changes to the SLURM resources the job was started with (a longer time)
 
 
 class SearchIn(Strict):
@@ -236,9 +237,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def launch(job_id, overrides, run_dir, kind, slurm: SlurmResources, hydra_node) -> dict:
         if kind == "local":
             return launcher.start_local(job_id, overrides, run_dir)
-        resources = configs.launcher_defaults(hydra_node) | slurm.model_dump(exclude_none=True)
+        asked = slurm.model_dump(exclude_none=True)
+        resources = configs.launcher_defaults(hydra_node) | asked
         try:
-            return launcher.start_slurm(job_id, overrides, run_dir, resources)
+            return launcher.start_slurm(job_id, overrides, run_dir, resources) | {"slurm_resources": asked}
         except Exception as e:  # no sbatch, a partition SLURM refuses: the client's to fix
             raise HTTPException(422, f"SLURM refused the job: {str(e).strip().splitlines()[-1][:300]}") from None
 
@@ -300,7 +302,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _, hydra_node = configs.compose(
             overrides, run_dir, settings.allow_targets, node=kind == "local", service_overrides=own, check=drift
         )
-        process = launch(job_id, [*overrides, *own], run_dir, kind, SlurmResources(), hydra_node)
+        # the resources it was started with (its task count above all: a sharded checkpoint needs as many ranks)
+        changes = body.slurm.model_dump(exclude_none=True) if body.slurm else {}
+        slurm = SlurmResources(**(job.get("slurm_resources") or {}) | changes)
+        process = launch(job_id, [*overrides, *own], run_dir, kind, slurm, hydra_node)
         registry.relaunched(job_id, launcher=kind, overrides=overrides, **process)
         return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(run_dir, None))
 

@@ -31,7 +31,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 """
 # columns added since the first release, added to an older serve.db when it is opened
-LATER_COLUMNS = {"mlflow_run_id": "TEXT", "tracking_uri": "TEXT", "ahead_closed": "INTEGER DEFAULT 0"}
+LATER_COLUMNS = {
+    "mlflow_run_id": "TEXT",
+    "tracking_uri": "TEXT",
+    "ahead_closed": "INTEGER DEFAULT 0",
+    "slurm_resources": "TEXT",  # JSON: the SLURM resources the client asked for, kept for a resume
+}
 
 
 def new_id(prefix: str) -> str:
@@ -92,8 +97,8 @@ class Registry:
     def add_job(self, job_id: str, run_dir: Path, *, launcher: str, overrides: list[str], config_id=None, **process):
         self._run(
             "INSERT INTO jobs (id, run_dir, source, launcher, overrides, config_id, created, pid, pid_start, "
-            "slurm_job_id, log_path, launched, mlflow_run_id, tracking_uri) "
-            "VALUES (?, ?, 'service', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "slurm_job_id, log_path, launched, mlflow_run_id, tracking_uri, slurm_resources) "
+            "VALUES (?, ?, 'service', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job_id,
                 str(run_dir),
@@ -108,6 +113,7 @@ class Registry:
                 process.get("launched", time.time()),
                 process.get("mlflow_run_id"),
                 process.get("tracking_uri"),
+                json.dumps(process.get("slurm_resources") or {}),
             ),
         )
 
@@ -115,7 +121,7 @@ class Registry:
         """A job started again in its run directory (resumed): its new process, and stop no longer asked."""
         self._run(
             "UPDATE jobs SET source='service', launcher=?, overrides=?, pid=?, pid_start=?, slurm_job_id=?, "
-            "log_path=?, launched=?, stop_requested=0, launches=launches+1 WHERE id=?",
+            "log_path=?, launched=?, slurm_resources=?, stop_requested=0, launches=launches+1 WHERE id=?",
             (
                 launcher,
                 json.dumps(overrides),
@@ -124,6 +130,7 @@ class Registry:
                 process.get("slurm_job_id"),
                 process.get("log_path"),
                 process.get("launched", time.time()),
+                json.dumps(process.get("slurm_resources") or {}),
                 job_id,
             ),
         )
@@ -229,4 +236,5 @@ def _job(row: dict) -> dict:
         "overrides": json.loads(row["overrides"]),
         "stop_requested": bool(row["stop_requested"]),
         "ahead_closed": bool(row.get("ahead_closed")),
+        "slurm_resources": json.loads(row.get("slurm_resources") or "{}"),
     }
