@@ -33,7 +33,7 @@ CONFIG_ERROR_EXIT = ConfigError.exit_code
 class SampleConfig:
     """Text generated from the trained model at the end of a run."""
 
-    prompt: str = "def "
+    prompt: str | None = None  # None: the stage's own (SAMPLE_PROMPTS)
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = 40

@@ -35,6 +35,8 @@ from exp.faults import EarlyStopping, FaultGuard, SaveOnSignal, StopSignals
 from exp.model.protocol import generate, num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
+from exp.sampling import chat_reply
+from exp.stages import SFT
 from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker
 
@@ -277,10 +279,14 @@ def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, s
     if stop_reason:
         tracker.set_tags({"stop_reason": stop_reason, "stopped_at_step": str(state.step)})
     sample = None
+    chat = isinstance(t.stage, SFT)  # SFT taught the chat template: the prompt is the user's turn
+    prompt = run.sample.prompt if run.sample.prompt is not None else SAMPLE_PROMPTS[chat]
     if status == "FINISHED" and not checkpointer.sharded:  # a sharded model has no whole copy here to sample
-        sample = generate_sample(t.model, run.sample, built.tokenizer, t.rt)
-    if sample is not None:
-        log.info(f"sample:\n{run.sample.prompt}{sample}")
+        sample = generate_sample(t.model, run.sample, prompt, built.tokenizer, t.rt, chat=chat)
+    if sample is not None and chat:
+        log.info(f"sample (the reply to the user's turn, up to <|end|>):\n{prompt.rstrip()}\n> {sample}")
+    elif sample is not None:
+        log.info(f"sample:\n{prompt}{sample}")
     summary = write_summary(
         run_dir,
         state,
@@ -373,19 +379,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# the end-of-run sample's prompt when sample.prompt is null: a continuation of code, or (SFT, chat=True) a user's
+# turn like the default SFT set's: a def line and its docstring, answered with the body
+SAMPLE_PROMPTS = {
+    False: "def ",
+    True: 'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n',
+}
+
+
 @torch.no_grad()
-def generate_sample(model, sample, tokenizer, rt: hardware.Runtime) -> str | None:
-    """Text continued from sample.prompt by the trained model (ending at end-of-text); None when the data has
-    no tokenizer."""
+def generate_sample(model, sample, prompt: str, tokenizer, rt: hardware.Runtime, chat: bool = False) -> str | None:
+    """Text continued from `prompt` by the trained model (ending at end-of-text), or with `chat` the assistant's
+    reply to `prompt` as a user's turn in the chat template; None when the data has no tokenizer."""
     if sample.max_new_tokens == 0 or tokenizer is None:
         return None
-    prompt = torch.tensor([tokenizer.encode(sample.prompt) or [tokenizer.EOT]], device=rt.device)
+    if chat:
+        model.eval()
+        try:
+            with rt.autocast():
+                turns = [{"role": "user", "content": prompt}]
+                return chat_reply(
+                    model,
+                    tokenizer.with_chat_tokens(),
+                    turns,
+                    sample.max_new_tokens,
+                    sample.temperature,
+                    sample.top_k,
+                    seed=0,
+                )
+        finally:
+            model.train()
+    ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.EOT]], device=rt.device)
     generator = torch.Generator(rt.device).manual_seed(0)
     model.eval()
     with rt.autocast():
         out = generate(
             model,
-            prompt,
+            ids,
             sample.max_new_tokens,
             temperature=sample.temperature,
             top_k=sample.top_k,
@@ -394,7 +424,7 @@ def generate_sample(model, sample, tokenizer, rt: hardware.Runtime) -> str | Non
             vocab_limit=tokenizer.vocab_size,
         )
     model.train()
-    return tokenizer.decode([i for i in out[0, prompt.size(1) :].tolist() if i != tokenizer.EOT])
+    return tokenizer.decode([i for i in out[0, ids.size(1) :].tolist() if i != tokenizer.EOT])
 
 
 def write_summary(

@@ -169,10 +169,14 @@ def test_sft_on_bpe_then_chat_stops_at_the_end_of_the_turn(pretrained, data_dir,
         "stage.num_steps=40",
         "stage.learning_rate=3e-3",
         "stage.warmup_steps=0",
+        "sample.prompt='Is 7 a number?'",
+        "sample.temperature=0",
         run_dir=tmp_path / "sft",
     )
     exp.run.train(sft)
     assert (tmp_path / "sft" / "checkpoints" / "step_00000040" / "tokenizer.json").is_file()
+    # the run's own end-of-run sample: sample.prompt as the user's turn, the reply up to <|end|>
+    assert json.loads((tmp_path / "sft" / "summary.json").read_text())["sample"] == "yes"
     capsys.readouterr()
     args = [
         str(tmp_path / "sft"),

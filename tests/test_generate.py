@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from exp import export, generate, optim
 from exp.checkpoint import save_checkpoint
 from exp.data.tokenizer import EOT, ByteTokenizer
-from exp.generate import _StopText, generate_text
+from exp.generate import generate_text
 from exp.model import GPT
+from exp.sampling import StopText
 
 from .test_export import ENV
 
@@ -109,7 +110,7 @@ def test_incremental_decoding_matches_the_tokenizer():
     pool = [*range(256), *"é€😀".encode() * 10, EOT, EOT + 5]
     for _ in range(500):
         tokens = [rng.choice(pool) for _ in range(rng.randint(0, 12))]
-        text = _StopText([], ByteTokenizer())
+        text = StopText([], ByteTokenizer())
         for t in tokens:
             assert not text.add(t)
         assert text.result() == ByteTokenizer().decode(tokens)
