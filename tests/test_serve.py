@@ -5,6 +5,7 @@ started from the command line."""
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -106,10 +107,11 @@ def test_operator_allows_a_prefix(runs):
 
 def test_service_owned_keys_are_refused(client):
     owned = ("hydra.run.dir=/tmp/x", "run_dir=/tmp/x", "resume.path=/", "hydra/launcher=exp_slurm", "tracking.run_id=x")
-    for override in (*owned, "--cfg"):
+    for override in owned:
         r = client.post("/api/training/jobs/start", json={"overrides": [override]})
-        assert r.status_code == 422, (override, r.text)
-    assert "set by the service" in r.json()["detail"] or override == "--cfg"
+        assert r.status_code == 422 and "set by the service" in r.json()["detail"], (override, r.text)
+    r = client.post("/api/training/jobs/start", json={"overrides": ["--cfg"]})
+    assert r.status_code == 422 and "command-line flags are not accepted" in r.json()["detail"]
 
 
 def test_cli_run_is_discovered_with_its_record(client, cli_job):
@@ -325,3 +327,41 @@ def test_mlflow_run_created_ahead_of_a_job(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="exp"):
         assert create_run_ahead(cfg, run_dir, base=tmp_path) is None
     assert "MLflow at http://127.0.0.1:9 is unavailable" in caplog.text and "the job opens its own run" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optimizer._target_=choice(torch.optim.AdamW, builtins.eval)",
+        "optimizer._target_=torch.optim.AdamW,builtins.eval",
+        "+callbacks.x._target_=choice(exp.faults.EarlyStopping, os.system)",
+    ],
+)
+def test_every_choice_of_a_search_is_checked_against_the_allowlist(client, runs, override):
+    """A value the sampler may draw later (not only the first) that names code outside the allowlist is refused
+    before anything launches."""
+    r = client.post("/api/training/sweeps/start", json={"overrides": [*TINY, override], "search": {}})
+    assert r.status_code == 422, r.text
+    assert "is not allowed over HTTP" in r.json()["detail"], r.json()["detail"]
+    assert ("builtins.eval" in r.json()["detail"]) or ("os.system" in r.json()["detail"])
+
+
+def test_a_job_the_service_started_checks_its_own_targets(tmp_path):
+    """Defence in depth: a job launched with the service's allowlist in its environment refuses a _target_ outside
+    it in validation (exit 2, one line), before importing it, whatever put it into the job's config."""
+    marker = tmp_path / "imported"
+    (tmp_path / "spy.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Spy: pass\n")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{ROOT}:{tmp_path}",
+        "EXP_TARGET_ALLOWLIST": "exp,torch.optim",
+    }
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "+callbacks.spy._target_=spy.Spy"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "config error: callbacks.spy._target_='spy.Spy' is not allowed in a job the service started "
+        "(allowed: exp, torch.optim)"
+    ]
+    assert not marker.exists()

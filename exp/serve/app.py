@@ -123,7 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     runs_dir = Path(settings.runs_dir).resolve()
     registry = Registry(runs_dir)
-    launcher = control.Launcher(runs_dir)
+    launcher = control.Launcher(runs_dir, env=configs.job_env(settings.allow_targets))
     cache = control.MetricsCache()
     app = FastAPI(
         title="exp job service",
@@ -547,7 +547,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def start_sweep(body: SweepIn) -> dict:
         """A sweep: `train.py -m` through exp's launchers (here: one trial after another, or `parallelism`
         subprocesses; on SLURM: jobs). A grid starts once every point composes and validates; an Optuna search
-        (`search`) once a point of its space does (422 with the CLI's line otherwise)."""
+        (`search`) once a point of its space does, with every value of each choice (422 with the CLI's line
+        otherwise)."""
         sweep_dir = runs_dir / "multirun" / "serve" / new_id("s")
         local = body.launcher == "local"
         search = body.search
@@ -556,7 +557,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper = []
             launcher_name = "exp_basic" if local else "exp_slurm"
         else:
-            points = [configs.search_point(body.overrides, search.sampler)]
+            points = configs.search_points(body.overrides, search.sampler)
             sweeper = [
                 "hydra/sweeper=optuna",
                 f"hydra/sweeper/sampler={search.sampler}",

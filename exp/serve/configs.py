@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from exp import config
 from exp.checkpoint.weights import allowed_prefixes
 from exp.errors import ConfigError
 from exp.text import first_line
@@ -33,9 +34,18 @@ class Refused(ConfigError):
     """A config the service will not compose: names code outside the allowlist, or a key the service owns."""
 
 
+def prefixes(allow: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The `_target_` prefixes allowed over HTTP: exp's own, torch's optimizers and the operator's."""
+    return (*BUILTIN_TARGETS, *allowed_prefixes(allow))
+
+
 def target_allowed(target: str, allow: tuple[str, ...] = ()) -> bool:
-    prefixes = (*BUILTIN_TARGETS, *allowed_prefixes(allow))
-    return any(target == p or target.startswith(p + ".") for p in prefixes)
+    return config.target_allowed(target, prefixes(allow))
+
+
+def job_env(allow: tuple[str, ...] = ()) -> dict[str, str]:
+    """What the service adds to a job's environment: the allowlist the job checks its own config against."""
+    return {config.TARGET_ALLOWLIST_ENV: ",".join(prefixes(allow))}
 
 
 def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
@@ -58,19 +68,13 @@ def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
 
 def check_targets(node, allow: tuple[str, ...] = (), prefix: str = "") -> None:
     """Every `_target_` of the composed config must be allowed; nothing has been imported yet."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{prefix}{key}"
-            if key == "_target_" and not (isinstance(value, str) and target_allowed(value, allow)):
-                raise Refused(
-                    f"{where}={value!r} is not allowed over HTTP (allowed: {', '.join(BUILTIN_TARGETS)}"
-                    f"{''.join(', ' + p for p in allowed_prefixes(allow))}); the operator can add a prefix "
-                    "with python -m exp.serve --allow-target PREFIX"
-                )
-            check_targets(value, allow, f"{where}.")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            check_targets(value, allow, f"{prefix}{i}.")
+    found = config.disallowed_target(node, prefixes(allow), prefix)
+    if found:
+        raise Refused(
+            f"{found[0]}={found[1]!r} is not allowed over HTTP (allowed: {', '.join(BUILTIN_TARGETS)}"
+            f"{''.join(', ' + p for p in allowed_prefixes(allow))}); the operator can add a prefix "
+            "with python -m exp.serve --allow-target PREFIX"
+        )
 
 
 def compose(
@@ -90,8 +94,6 @@ def compose(
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-
-    from exp import config
 
     check_overrides(overrides, allow)
     with _compose_lock:
@@ -143,10 +145,12 @@ def sweep_points(overrides: list[str], max_points: int = 64) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def search_point(overrides: list[str], sampler: str = "tpe") -> list[str]:
-    """One point of the Optuna search the overrides describe (`interval()`, `tag(log, interval())`, `choice()`,
+def search_points(overrides: list[str], sampler: str = "tpe", max_points: int = 64) -> list[list[str]]:
+    """Points of the Optuna search the overrides describe (`interval()`, `tag(log, interval())`, `choice()`,
     `range()`, `a,b`; the rest fixed), as plain overrides to compose and validate before the study starts: each
-    interval's low bound, each choice's first value. ConfigError for what the sweeper would refuse."""
+    interval's low bound with each choice's first value, then every other value of each choice swapped in one at
+    a time, so every value the sampler may draw for a choice (a group option, a `_target_`) is composed, validated
+    and checked against the allowlist as a grid's points are. ConfigError for what the sweeper would refuse."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from exp.sweep.optuna import as_overrides, distribution, first_point, make_sampler
@@ -175,7 +179,16 @@ def search_point(overrides: list[str], sampler: str = "tpe") -> list[str]:
         make_sampler(sampler, {}, space)
     except ValueError as e:
         raise ConfigError(f"sampler {e}") from None
-    return [*fixed, *as_overrides(first_point(space))]
+    first = first_point(space)
+    points = [[*fixed, *as_overrides(first)]]
+    for key, dist in space.items():
+        for value in getattr(dist, "choices", ())[1:]:
+            points.append([*fixed, *as_overrides({**first, key: value})])
+    if len(points) > max_points:
+        raise ConfigError(
+            f"the search's choices add up to {len(points)} points to validate: at most {max_points} from the service"
+        )
+    return points
 
 
 def hydra_message(error: BaseException) -> str:

@@ -67,8 +67,9 @@ class Launcher:
     """Starts train.py for a job, locally or on SLURM, and keeps the local children it started so they are reaped
     (a job that outlives the service is reaped by init)."""
 
-    def __init__(self, runs_dir: Path):
+    def __init__(self, runs_dir: Path, env: dict[str, str] | None = None):
         self.runs_dir = Path(runs_dir).resolve()
+        self.env = dict(env or {})  # added to every job's environment (the target allowlist it checks itself)
         self.logs = self.runs_dir / ".serve" / "logs"
         self._children: dict[int, subprocess.Popen] = {}
         self._lock = threading.Lock()
@@ -79,7 +80,9 @@ class Launcher:
         self._spawner.submit(lambda: None).result()
 
     def spawn(self, *args, **kwargs) -> subprocess.Popen:
-        """subprocess.Popen on the spawner thread; the child is reaped when it ends (no zombie sweeps)."""
+        """subprocess.Popen on the spawner thread, with the jobs' environment; the child is reaped when it ends
+        (no zombie sweeps)."""
+        kwargs["env"] = {**(kwargs.get("env") or os.environ), **self.env}
         child = self._spawner.submit(subprocess.Popen, *args, **kwargs).result()
         with self._lock:
             self._children[child.pid] = child
@@ -126,7 +129,7 @@ class Launcher:
         params["nodes"] = int(resources.get("nodes", 1))
         params["ntasks_per_node"] = int(resources.get("tasks_per_node", 1))
         executor.update_parameters(**params)
-        job = executor.submit(exec_train, self.command(overrides, run_dir), str(self.runs_dir.parent))
+        job = executor.submit(exec_train, self.command(overrides, run_dir), str(self.runs_dir.parent), self.env)
         log_path = folder / f"{job.job_id}_0_log.out"  # the log lines; SLURM's own and tracebacks go to .err
         return {"slurm_job_id": str(job.job_id), "log_path": str(log_path)}
 
@@ -145,10 +148,11 @@ class Launcher:
                 child.poll()
 
 
-def exec_train(command: list[str], cwd: str) -> None:
+def exec_train(command: list[str], cwd: str, env: dict[str, str] | None = None) -> None:
     """What a SLURM job runs: train.py in place of this process, so the job's signals (scancel --signal) reach
     the trainer itself."""
     os.chdir(cwd)
+    os.environ.update(env or {})
     os.execv(command[0], command)
 
 
