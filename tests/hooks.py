@@ -159,3 +159,23 @@ class RaiseAboveLr(Callback):
         lr = max(g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups)
         if lr > self.max_lr:
             raise RuntimeError(f"learning rate {lr:g} is above {self.max_lr:g}")
+
+
+class KillTrackerAt(Callback):
+    """SIGKILLs the run's MLflow worker process at the end of a chosen step (as the OOM killer would)."""
+
+    def __init__(self, step: int, wait_for: str | None = None):
+        self.step, self.wait_for = step, wait_for
+
+    def on_step_end(self, state, loss):
+        if state.step == self.step:
+            import multiprocessing
+
+            deadline = time.time() + 60
+            while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
+                time.sleep(0.05)
+
+            for child in multiprocessing.active_children():
+                if child.name == "mlflow-tracker":
+                    child.kill()
+                    child.join()

@@ -365,3 +365,18 @@ def test_a_job_the_service_started_checks_its_own_targets(tmp_path):
         "(allowed: exp, torch.optim)"
     ]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "hardware, slurm, needle",
+    [
+        ("hardware=slurm_cpu", {"tasks_per_node": 2}, "config error: slurm: nodes x tasks_per_node = 2 processes"),
+        ("hardware=slurm_ddp", {"tasks_per_node": 1}, "config error: hardware.distributed=ddp needs several"),
+    ],
+)
+def test_slurm_task_count_must_fit_the_distributed_strategy(client, runs, hardware, slurm, needle):
+    """Refused before anything is submitted (no sbatch is called: this machine's SLURM is not needed here)."""
+    overrides = [o.replace("hardware=cpu", hardware) for o in TINY]
+    r = client.post("/api/training/jobs/start", json={"overrides": overrides, "launcher": "slurm", "slurm": slurm})
+    assert r.status_code == 422 and r.json()["detail"].startswith(needle), r.text
+    assert not [j for j in client.get("/api/training/jobs").json() if j["launcher"] == "slurm"]

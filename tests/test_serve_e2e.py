@@ -215,6 +215,9 @@ def test_killed_service_loses_nothing(tmp_path, corpus_cache):
     early = svc.client.post("/api/training/jobs/start", json={"overrides": [*tracked, "stage.num_steps=150"]}).json()
     assert svc.client.post(f"/api/training/jobs/{early['job_id']}/stop").status_code == 202
     assert svc.wait(early["job_id"], lambda s: s["status"] != "PENDING")["status"] == "KILLED"
+    deadline = time.monotonic() + 30  # closed in the background, off the request
+    while store.get_run(early["mlflow_run_id"]).info.status != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert store.get_run(early["mlflow_run_id"]).info.status == "KILLED"
     svc.kill(signal.SIGKILL)  # no shutdown of any kind
     summary = Path(status["run_dir"]) / "summary.json"
@@ -231,6 +234,9 @@ def test_killed_service_loses_nothing(tmp_path, corpus_cache):
         assert [j["job_id"] for j in svc.client.get("/api/training/jobs").json()] == [early["job_id"], job_id]
     finally:
         svc.kill()
+    deadline = time.monotonic() + 60  # summary.json comes first, then the job's tracker closes the run
+    while store.get_run(mlflow_run_id).info.status != "FINISHED" and time.monotonic() < deadline:
+        time.sleep(0.3)
     run = store.get_run(mlflow_run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "gpt_tiny-pretrain"
     assert run.data.params["stage.num_steps"] == "150" and run.data.tags["run_dir"] == status["run_dir"]

@@ -36,13 +36,16 @@ def test_slurm_job_checkpointed_and_stopped(tmp_path, corpus_cache):
     service = Service(tmp_path / "runs").start()
     job_id = slurm_id = None
     try:
-        overrides = [o.replace("hardware=cpu", "hardware=slurm_ddp") for o in JOB] + ["stage.num_steps=100000"]
+        # tracked to the embedded store beside the runs: save-now's SIGUSR1 reaches every process of the job, the
+        # MLflow worker included, which must survive it
+        overrides = [o.replace("hardware=cpu", "hardware=slurm_ddp") for o in JOB if o != "tracking=none"]
+        overrides += ["stage.num_steps=100000"]
         resources = {"timeout_min": 30, "mem_gb": 2, "tasks_per_node": 2}
         r = service.client.post(
             "/api/training/jobs/start", json={"overrides": overrides, "launcher": "slurm", "slurm": resources}
         )
         assert r.status_code == 201, r.text
-        job_id = r.json()["job_id"]
+        job_id, mlflow_run_id = r.json()["job_id"], r.json()["mlflow_run_id"]
         status = service.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 10, timeout=180)
         assert status["launcher"] == "slurm" and status["slurm"]["state"] == "RUNNING"
         assert "| 2 ranks (ddp)" in service.logs(job_id), service.logs(job_id)
@@ -70,6 +73,14 @@ def test_slurm_job_checkpointed_and_stopped(tmp_path, corpus_cache):
         assert "| 2 ranks (ddp)" in service.logs(job_id)
         sacct = ["sacct", "-n", "-X", "-P", "-j", slurm_id, "-o", "Timelimit,AllocCPUS"]
         assert subprocess.run(sacct, capture_output=True, text=True).stdout.split() == ["00:30:00|2"]
+        from mlflow.tracking import MlflowClient
+
+        store = MlflowClient(f"sqlite:///{service.runs_dir / 'mlflow.db'}")
+        deadline = time.monotonic() + 60  # the run's summary.json comes first, then its tracker closes the run
+        while store.get_run(mlflow_run_id).info.status != "FINISHED" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert done["mlflow_run_id"] == mlflow_run_id and store.get_run(mlflow_run_id).info.status == "FINISHED"
+        assert store.get_metric_history(mlflow_run_id, "train/loss")[-1].step == target
         job_id = None
     finally:
         if job_id is not None and slurm_id is not None:  # failed half-way: nothing of ours stays queued

@@ -166,6 +166,30 @@ def _status(store, run_dir):
     return run_id, MlflowClient(tracking_uri=store).get_run(run_id).info.status
 
 
+def test_a_worker_killed_mid_run_is_not_waited_for_and_the_run_is_closed_from_the_trainer(store, tmp_path):
+    """The MLflow worker SIGKILLed at step 3 (the OOM killer's way): training finishes, the run's ending is set by
+    the trainer itself (never left RUNNING), with one warning; metrics.jsonl has every step."""
+    run_dir = tmp_path / "killed-worker"
+    proc = run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.kill._target_=tests.hooks.KillTrackerAt",
+        "+callbacks.kill.step=3",
+        f"+callbacks.kill.wait_for={run_dir / 'mlflow_run.json'}",  # once it has created the run
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary(run_dir)["status"] == "FINISHED"
+    run_id, status = _status(store, run_dir)
+    assert status == "FINISHED"
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "MLflow worker process ended" in line]
+    assert len(warnings) == 1 and f"MLflow run {run_id} closed FINISHED from the trainer" in warnings[0], warnings
+    assert "did not answer within" not in proc.stdout + proc.stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 8
+
+
 def test_sigterm_ends_the_run_killed_and_nan_failure_ends_it_failed(store, tmp_path):
     run_dir = tmp_path / "term"
     proc = run_train(

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,6 @@ from exp.errors import ConfigError
 from exp.rundir import read_summary
 from exp.serve.registry import Registry, new_id, run_id_for
 from exp.tracking.parent import create_run_ahead, end_run_ahead
-from exp.tracking.worker import RUN_MARKER
 
 STATIC = Path(__file__).parent / "static"
 ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}$", description="an id the service gave out")]
@@ -150,15 +150,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def status_of(job: dict) -> dict:
         out = control.job_status(job, launcher, cache)
+        ahead = job.get("mlflow_run_id")
         if (
-            out["status"] in control.TERMINAL
-            and job.get("mlflow_run_id")
+            ahead
+            and out["status"] in control.TERMINAL
             and not job.get("ahead_closed")
-            and not (Path(job["run_dir"]) / RUN_MARKER).exists()
-        ):  # ended before its tracker took the run created ahead of it: closed here, never left SCHEDULED
+            and control.mlflow_run_id(Path(job["run_dir"]), None) != ahead
+            and registry.claim_ahead_close(job["id"])  # one request closes it, however many poll
+        ):  # ended before its tracker took the run created ahead of it: closed, never left SCHEDULED; in the
+            # background, so no request (nor the event stream's loop) waits on MLflow
             ending = "KILLED" if out["status"] == "KILLED" else "FAILED"
-            end_run_ahead(job["tracking_uri"], job["mlflow_run_id"], ending)
-            registry.mark_ahead_closed(job["id"])
+            threading.Thread(
+                target=end_run_ahead, args=(job["tracking_uri"], ahead, ending), daemon=True, name="close-run"
+            ).start()
         return out
 
     # --- service ----------------------------------------------------------------------------------------
@@ -213,12 +217,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_id = new_id("j")
         run_dir = runs_dir / "serve" / job_id
         cfg, hydra_node = configs.compose(overrides, run_dir, settings.allow_targets, node=body.launcher == "local")
-        # the job's MLflow run, created now so its id is in this answer; the job's tracker fills it in
-        ahead = create_run_ahead(cfg, run_dir, base=runs_dir.parent)
+        # the job's MLflow run, created now so its id is in this answer; the job's tracker fills it in. Only in the
+        # store the operator configured: the service itself connects to no URI a client named
+        own_store = not any(o.split("=", 1)[0].lstrip("+~").startswith("tracking.uri") for o in overrides)
+        ahead = create_run_ahead(cfg, run_dir, base=runs_dir.parent) if own_store else None
         tracking = {"tracking_uri": ahead[0], "mlflow_run_id": ahead[1]} if ahead else {}
         own = [f"tracking.run_id={ahead[1]}"] if ahead else []
         try:
-            process = launch(job_id, [*overrides, *own], run_dir, body.launcher, body.slurm, hydra_node)
+            process = launch(job_id, [*overrides, *own], run_dir, body.launcher, body.slurm, hydra_node, cfg)
         except Exception:
             if ahead:
                 end_run_ahead(*ahead, "FAILED")
@@ -234,13 +240,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=ahead[1] if ahead else None)
 
-    def launch(job_id, overrides, run_dir, kind, slurm: SlurmResources, hydra_node) -> dict:
+    def launch(job_id, overrides, run_dir, kind, slurm: SlurmResources, hydra_node, cfg) -> dict:
         if kind == "local":
             return launcher.start_local(job_id, overrides, run_dir)
-        asked = slurm.model_dump(exclude_none=True)
-        resources = configs.launcher_defaults(hydra_node) | asked
+        resources = configs.launcher_defaults(hydra_node) | slurm.model_dump(exclude_none=True)
+        configs.check_ranks(cfg, resources)
         try:
-            return launcher.start_slurm(job_id, overrides, run_dir, resources) | {"slurm_resources": asked}
+            return launcher.start_slurm(job_id, overrides, run_dir, resources) | {"slurm_resources": resources}
         except Exception as e:  # no sbatch, a partition SLURM refuses: the client's to fix
             raise HTTPException(422, f"SLURM refused the job: {str(e).strip().splitlines()[-1][:300]}") from None
 
@@ -299,13 +305,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def drift(cfg):  # refused here with the line the run would print, not after a launch
             check_config_change(path / "config.yaml", cfg, body.allow_config_change)
 
-        _, hydra_node = configs.compose(
+        cfg, hydra_node = configs.compose(
             overrides, run_dir, settings.allow_targets, node=kind == "local", service_overrides=own, check=drift
         )
         # the resources it was started with (its task count above all: a sharded checkpoint needs as many ranks)
         changes = body.slurm.model_dump(exclude_none=True) if body.slurm else {}
-        slurm = SlurmResources(**(job.get("slurm_resources") or {}) | changes)
-        process = launch(job_id, [*overrides, *own], run_dir, kind, slurm, hydra_node)
+        slurm = SlurmResources.model_construct(**(job.get("slurm_resources") or {}) | changes)  # stored: validated
+        process = launch(job_id, [*overrides, *own], run_dir, kind, slurm, hydra_node, cfg)
         registry.relaunched(job_id, launcher=kind, overrides=overrides, **process)
         return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(run_dir, None))
 

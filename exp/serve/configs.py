@@ -227,6 +227,23 @@ def launcher_defaults(hydra_node: dict) -> dict:
     return {k: values[k] for k in keys if values.get(k) is not None}
 
 
+def check_ranks(cfg: DictConfig, resources: dict) -> None:
+    """SLURM's process count (nodes x tasks_per_node) must fit hardware.distributed: several for ddp/fsdp, one
+    otherwise (each extra task would train alone, as rank 0, in the same run directory)."""
+    ranks = int(resources.get("nodes") or 1) * int(resources.get("tasks_per_node") or 1)
+    distributed = str(OmegaConf.select(cfg, "hardware.distributed", default="none") or "none")
+    if distributed == "none" and ranks > 1:
+        raise ConfigError(
+            f"slurm: nodes x tasks_per_node = {ranks} processes, but hardware.distributed=none trains in one: "
+            "use hardware=slurm_ddp (or hardware.distributed=ddp|fsdp), or one task"
+        )
+    if distributed != "none" and ranks < 2:
+        raise ConfigError(
+            f"hardware.distributed={distributed} needs several processes: set slurm.tasks_per_node (or nodes) so "
+            "that nodes x tasks_per_node >= 2"
+        )
+
+
 def group_options() -> dict[str, list[str]]:
     """The options of every config group in conf/: what the dashboard's start form offers."""
     return {

@@ -282,8 +282,8 @@ def mlflow_run_id(run_dir: Path, summary: dict | None, ahead: str | None = None)
 
 def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     """status as in summary.json once the run wrote it; before that RUNNING while its process lives (or SLURM
-    says it runs), PENDING while queued or starting, else FAILED (it ended without a summary) or KILLED
-    (stopped before it could write one)."""
+    says it runs), PENDING while queued or starting, UNKNOWN while SLURM does not say, else FAILED (it ended
+    without a summary) or KILLED (stopped before it could write one)."""
     run_dir = Path(job["run_dir"])
     summary = read_summary(run_dir)
     if summary is not None and _written_before_launch(job, run_dir):
@@ -299,6 +299,8 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         alive = slurm["state"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED")
     if summary and summary.get("status") in TERMINAL:
         status = summary["status"]
+    elif slurm is not None and slurm["state"] is None:
+        status = "UNKNOWN"  # neither squeue nor sacct answered (a busy controller, no accounting): not an ending
     elif alive:
         queued = slurm is not None and slurm["state"] == "PENDING"
         status = "RUNNING" if _started(job, run_dir) and not queued else "PENDING"

@@ -138,9 +138,10 @@ class Registry:
     def mark_stop_requested(self, job_id: str) -> None:
         self._run("UPDATE jobs SET stop_requested=1 WHERE id=?", (job_id,))
 
-    def mark_ahead_closed(self, job_id: str) -> None:
-        """The MLflow run created ahead of the job was closed by the service (the job ended before taking it)."""
-        self._run("UPDATE jobs SET ahead_closed=1 WHERE id=?", (job_id,))
+    def claim_ahead_close(self, job_id: str) -> bool:
+        """True for the one caller that is to close the MLflow run created ahead of the job (the job ended before
+        taking it); False for every later one."""
+        return self._run("UPDATE jobs SET ahead_closed=1 WHERE id=? AND ahead_closed=0", (job_id,)) == 1
 
     def jobs(self) -> list[dict]:
         self.discover()

@@ -116,6 +116,7 @@ def end_run_ahead(uri: str, run_id: str, status: str) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
+        fail_fast_http()
         client = MlflowClient(tracking_uri=uri)
         if client.get_run(run_id).info.status == "SCHEDULED":
             client.set_terminated(run_id, status)

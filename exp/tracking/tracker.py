@@ -15,8 +15,23 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from exp.events import Callback, TrainState
-from exp.rundir import write_json
-from exp.tracking.worker import MAX_KEY, Artifact, Done, End, Metrics, Settings, Started, Tags, Warn, absolute_uri, take
+from exp.rundir import read_json, write_json
+from exp.text import first_line
+from exp.tracking.worker import (
+    MAX_KEY,
+    RUN_MARKER,
+    Artifact,
+    Done,
+    End,
+    Metrics,
+    Settings,
+    Started,
+    Tags,
+    Warn,
+    absolute_uri,
+    fail_fast_http,
+    take,
+)
 
 log = logging.getLogger("exp")
 
@@ -102,13 +117,16 @@ class MlflowTracker(Callback):
         deadline = time.monotonic() + timeout
         while True:
             try:
+                # waiting in slices: a worker that died (OOM killer, a signal) is not waited for to the deadline
                 message = (
-                    self._outbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                    self._outbox.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                     if until
                     else self._outbox.get_nowait()
                 )
             except queue.Empty:
-                return
+                if until is None or time.monotonic() >= deadline or not self._proc.is_alive():
+                    return
+                continue
             if isinstance(message, Warn):
                 log.warning(message.message)
             elif isinstance(message, Started):
@@ -161,13 +179,37 @@ class MlflowTracker(Callback):
         self._send(End(status if status in MLFLOW_STATUSES else "KILLED"))
         self._poll(until=Started, timeout=START_TIMEOUT_S)
         self._poll(until=Done, timeout=CLOSE_TIMEOUT_S)
-        if not self._done:
+        if not self._done and not self._proc.is_alive():  # the worker died during the run
+            self._close_from_here(status if status in MLFLOW_STATUSES else "KILLED")
+        elif not self._done:
             log.warning(
                 f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run; "
                 "the run's metrics are in metrics.jsonl"
             )
             self._proc.kill()
         self._proc.join(10)
+
+    def _close_from_here(self, status: str) -> None:
+        """The worker process is gone (killed by the OOM killer or a signal): the run's ending is set from this
+        process, so MLflow does not show it RUNNING; what the worker had not logged stays in metrics.jsonl."""
+        message = (
+            f"the MLflow worker process ended during the run (exit code {self._proc.exitcode}); "
+            "the run's metrics are in metrics.jsonl"
+        )
+        if self._run_id is None:  # killed before its Started message: the run it created, if any, is in the marker
+            marker = read_json(self.run_dir / RUN_MARKER)
+            self._run_id = marker.get("run_id") if isinstance(marker, dict) else None
+        if self._run_id is None:
+            log.warning(message)
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            fail_fast_http()
+            MlflowClient(tracking_uri=self.uri).set_terminated(self._run_id, status)
+            log.warning(f"{message}; MLflow run {self._run_id} closed {status} from the trainer")
+        except Exception as e:
+            log.warning(f"{message}; MLflow run {self._run_id} could not be closed ({first_line(e)})")
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:

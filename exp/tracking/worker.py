@@ -190,7 +190,8 @@ def main(inbox, outbox, uri: str = "") -> None:
     the end message (or until the trainer is gone)."""
     # The trainer decides when the run ends: Ctrl-C (sent to the whole process group), SIGTERM or SLURM's
     # USR2 must reach it, not stop this process before it has logged the ending.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+    # SIGUSR1 (save now) too: on SLURM, scancel --signal reaches every process of the job, this one included
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     trainer = os.getppid()
     fail_fast_http()
@@ -269,7 +270,7 @@ class _Worker:
         if not marker.exists():
             return
         previous = json.loads(marker.read_text()).get("run_id")
-        if not previous or previous == self.s.resume_run_id:
+        if not previous or previous in (self.s.resume_run_id, self.s.run_id):  # the run this launch continues
             return
         try:
             if self.client.get_run(previous).info.status == "RUNNING":
