@@ -95,6 +95,8 @@ class Registry:
     # --- jobs -----------------------------------------------------------------------------------------
 
     def add_job(self, job_id: str, run_dir: Path, *, launcher: str, overrides: list[str], config_id=None, **process):
+        # a scan may have found the run directory first (its .hydra appears as the job starts): the job is ours
+        self._run("DELETE FROM jobs WHERE run_dir = ? AND source = 'cli'", (str(run_dir),))
         self._run(
             "INSERT INTO jobs (id, run_dir, source, launcher, overrides, config_id, created, pid, pid_start, "
             "slurm_job_id, log_path, launched, mlflow_run_id, tracking_uri, slurm_resources) "

@@ -104,7 +104,11 @@ def create_run_ahead(cfg: DictConfig, run_dir: Path, base: Path) -> tuple[str, s
         if cfg.tracking.get("parent_run_id"):
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run = client.create_run(experiment_id, run_name=Path(run_dir).name, tags=tags)  # the tracker renames it
-        client.update_run(run.info.run_id, status="SCHEDULED")
+        try:
+            client.update_run(run.info.run_id, status="SCHEDULED")
+        except Exception:  # not left RUNNING with no job behind it
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise
         return uri, run.info.run_id
     except Exception as e:
         log.warning(f"MLflow at {cfg.tracking.uri} is unavailable ({first_line(e)}); the job opens its own run")
