@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from exp import config, rundir
@@ -15,9 +17,17 @@ from exp.sweep import launch
 FAILED_TRIALS_EXIT = 1
 
 
+# Hydra prints its own compose errors over several lines (and exits 1); with this set while the config is composed
+# it raises them instead, and run_cli prints one line. Unset once the job starts: Hydra reports the job's own.
+_OURS = "EXP_HYDRA_FULL_ERROR"
+
+
 def run_job(cfg) -> float:
     """The job train.py's Hydra app runs: a pipeline of stages, or one run; returns the final val loss."""
     from exp import run  # torch is imported only once a job runs, not for --help or --cfg
+
+    if os.environ.pop(_OURS, None):
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
     try:
         if cfg.get("pipeline"):
@@ -48,12 +58,22 @@ def run_cli(main: Callable) -> None:
             file=sys.stderr,
         )
         sys.exit(config.CONFIG_ERROR_EXIT)
+    if "HYDRA_FULL_ERROR" not in os.environ:
+        os.environ["HYDRA_FULL_ERROR"] = os.environ[_OURS] = "1"
     try:
         main()
     except SystemExit as e:
         if e.code == 1 and not config.job_has_started():
             sys.exit(config.CONFIG_ERROR_EXIT)
         raise
+    except HydraException as e:  # composing the config failed: an unknown key or group option, a bad override
+        if config.job_has_started() or not os.environ.get(_OURS):
+            raise
+        print(ConfigError(config.hydra_message(e)).line(), file=sys.stderr, flush=True)
+        sys.exit(config.CONFIG_ERROR_EXIT)
+    finally:
+        if os.environ.pop(_OURS, None):
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     for sweep_dir in launch.launched_sweeps():
         message = launch.failed_trials_message(sweep_dir)
         if message:

@@ -504,3 +504,26 @@ def job_started() -> None:
 def job_has_started() -> bool:
     """Whether a job started in this process (an exit 1 before it is one of Hydra's compose errors)."""
     return _job_started
+
+
+def hydra_message(error: BaseException) -> str:
+    """Hydra's multi-line compose error (an unknown key or group option, a bad override) as one line: its first
+    paragraph, what OmegaConf said beneath it, and the options Hydra lists for a group. train.py prints it, and
+    the job service answers with it."""
+    text = str(error).strip()
+    head = text.split("\n\n", 1)[0]
+    line = " ".join(part.strip() for part in head.splitlines() if part.strip()) or first_line(error)
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and first_line(cause) not in line:  # "Key 'x' is not in struct"
+        line += f" ({first_line(cause)})"
+    for paragraph in text.split("\n\n")[1:]:  # an unknown group option: Hydra lists the options after a blank line
+        title, _, rest = paragraph.partition("\n")
+        if title.startswith("Available options in"):
+            options = []
+            for option in rest.splitlines():
+                if not option.startswith(("\t", " ")):  # "Config search path:" and what follows it
+                    break
+                options.append(option.strip())
+            line += f" (available: {', '.join(options)})"
+            break
+    return line

@@ -58,11 +58,24 @@ def test_config_is_validated_and_stored(client):
     assert client.delete(f"/api/training/configs/{config_id}").status_code == 404
 
 
-@pytest.mark.parametrize("override", ["stage.warmup_steps=300", "+optimizer.lrr=0.1", "optimizer.betas=[0.9]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "stage.warmup_steps=300",  # exp's validation
+        "+optimizer.lrr=0.1",
+        "optimizer.betas=[0.9]",
+        "stage.learning_rat=0.1",  # Hydra's own: an unknown key, an unknown group option, a bad override
+        "optimizer=nope",
+        "seed=[1",
+    ],
+)
 def test_bad_config_gets_the_cli_line(client, tmp_path, override):
+    """The service answers with the very line train.py prints, and train.py prints only that line (exit 2),
+    Hydra's own compose errors included."""
     proc = run_train(*TINY, override, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     assert proc.returncode == 2
-    cli_line = proc.stderr.strip().splitlines()[-1]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    cli_line = proc.stderr.strip()
     assert cli_line.startswith("config error: ")
     r = client.post("/api/training/configs", json={"name": "bad", "overrides": [*TINY, override]})
     assert r.status_code == 422 and r.json()["detail"] == cli_line

@@ -105,7 +105,7 @@ def compose(
                     return_hydra_config=True,
                 )
         except Exception as e:  # Hydra's own errors: an unknown group option or key, a bad override
-            raise ConfigError(hydra_message(e)) from None
+            raise ConfigError(config.hydra_message(e)) from None
         # the launcher Hydra would use is Hydra's business; the job's own nodes are what may name code
         job = OmegaConf.to_container(cfg, resolve=False)
         job.pop("hydra", None)
@@ -136,7 +136,7 @@ def sweep_points(overrides: list[str], max_points: int = 64) -> list[list[str]]:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
             axes.append([f"{prefix}{o.key_or_group}={v}" for v in values])
     except Exception as e:  # a syntax error, or a search space (interval) only a sweeper can sample
-        raise ConfigError(f"sweep overrides: {hydra_message(e)} (grids of KEY=a,b,c or range() only)") from None
+        raise ConfigError(f"sweep overrides: {config.hydra_message(e)} (grids of KEY=a,b,c or range() only)") from None
     num_points = 1
     for axis in axes:
         num_points *= len(axis)
@@ -162,7 +162,7 @@ def search_points(overrides: list[str], sampler: str = "tpe", max_points: int = 
         try:
             override = parser.parse_override(line)
         except Exception as e:
-            raise ConfigError(f"sweep overrides: {hydra_message(e)}") from None
+            raise ConfigError(f"sweep overrides: {config.hydra_message(e)}") from None
         if not override.is_sweep_override():
             fixed.append(line)
             continue
@@ -189,24 +189,6 @@ def search_points(overrides: list[str], sampler: str = "tpe", max_points: int = 
             f"the search's choices add up to {len(points)} points to validate: at most {max_points} from the service"
         )
     return points
-
-
-def hydra_message(error: BaseException) -> str:
-    """Hydra's multi-line compose error as the one line a client shows: its first paragraph."""
-    text = str(error).strip()
-    head = text.split("\n\n", 1)[0]
-    line = " ".join(part.strip() for part in head.splitlines() if part.strip()) or first_line(error)
-    for paragraph in text.split("\n\n")[1:]:  # an unknown group option: Hydra lists the options after a blank line
-        title, _, rest = paragraph.partition("\n")
-        if title.startswith("Available options in"):
-            options = []
-            for option in rest.splitlines():
-                if not option.startswith(("\t", " ")):  # "Config search path:" and what follows it
-                    break
-                options.append(option.strip())
-            line += f" (available: {', '.join(options)})"
-            break
-    return line
 
 
 def launcher_defaults(hydra_node: dict) -> dict:
