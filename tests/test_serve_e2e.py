@@ -192,6 +192,7 @@ def test_resume_with_more_steps_finishes(service, running_job):
     assert status["status"] == "FINISHED", service.logs(running_job)
     assert status["step"] == status["num_steps"] == target
     assert f"resumed from {status['run_dir']}/checkpoints/step_{stopped_at:08d}" in service.logs(running_job)
+    assert service.wait(running_job, lambda s: s["exit_code"] is not None, timeout=10)["exit_code"] == 0  # reaped
     rows = service.client.get(f"/api/training/jobs/{running_job}/metrics/history", params={"key": "train/loss"})
     steps = [row["step"] for row in rows.json()["rows"]]
     assert steps == sorted(set(steps)) and steps[-1] == target

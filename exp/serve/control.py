@@ -72,6 +72,7 @@ class Launcher:
         self.env = dict(env or {})  # added to every job's environment (the target allowlist it checks itself)
         self.logs = self.runs_dir / ".serve" / "logs"
         self._children: dict[int, subprocess.Popen] = {}
+        self._exited: dict[int, int] = {}  # pid -> exit status of children that ended
         self._lock = threading.Lock()
         threading.Thread(target=self._reap, daemon=True, name="reaper").start()
         # jobs are started from this thread, created with the service's own priority: a child inherits the nice
@@ -86,6 +87,7 @@ class Launcher:
         child = self._spawner.submit(subprocess.Popen, *args, **kwargs).result()
         with self._lock:
             self._children[child.pid] = child
+            self._exited.pop(child.pid, None)  # a pid the system reused
         return child
 
     def command(self, overrides: list[str], run_dir: Path) -> list[str]:
@@ -136,16 +138,22 @@ class Launcher:
     def poll(self, pid: int | None) -> int | None:
         """The exit status of a child this service started and has seen end, else None."""
         with self._lock:
+            if pid in self._exited:
+                return self._exited[pid]
             child = self._children.get(pid) if pid else None
         return child.poll() if child is not None else None
 
     def _reap(self) -> None:
+        """Reap ended children; only their exit status is kept (a long-lived service starts many)."""
         while True:
             time.sleep(1.0)
             with self._lock:
-                children = list(self._children.values())
-            for child in children:
-                child.poll()
+                children = list(self._children.items())
+            for pid, child in children:
+                if child.poll() is not None:
+                    with self._lock:
+                        self._exited[pid] = child.returncode
+                        self._children.pop(pid, None)
 
 
 def exec_train(command: list[str], cwd: str, env: dict[str, str] | None = None) -> None:
