@@ -37,6 +37,20 @@ def resume(sweep_dir, env, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def kill_launcher_when(launcher, sweep_dir, ready, timeout: float, what: str) -> None:
+    """SIGKILL the launching process (and the jobs in its session) once `ready(trials)` holds for sweep.json."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if (sweep_dir / "sweep.json").exists() and ready(trials(sweep_dir)):
+                return
+        pytest.fail(f"the study never had {what}")
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+
+
 def trials(sweep_dir) -> dict:
     return json.loads((sweep_dir / "sweep.json").read_text())["trials"]
 
@@ -249,27 +263,18 @@ def test_killed_launcher_resumed_ends_with_exactly_n_trials(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:  # kill the launcher and its jobs once a trial has ended and another has a checkpoint
-        while time.time() < deadline:
-            time.sleep(0.3)
-            if not (sweep / "sweep.json").exists():
-                continue
-            by_num = trials(sweep)
-            running = [t for t in by_num.values() if "ended" not in t]
-            mid_run = [  # a checkpoint written, the run not over
-                t
-                for t in running
-                if list((sweep / str(t["num"]) / "checkpoints").glob("step_*"))
-                and not (sweep / str(t["num"]) / "summary.json").exists()
-            ]
-            if any("ended" in t for t in by_num.values()) and mid_run:
-                break
-        else:
-            pytest.fail("the study never had an ended trial and one with a checkpoint")
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
+
+    def ended_and_checkpointed(by_num: dict) -> bool:  # a trial ended, another wrote a checkpoint and runs on
+        mid_run = [
+            t
+            for t in by_num.values()
+            if "ended" not in t
+            and list((sweep / str(t["num"]) / "checkpoints").glob("step_*"))
+            and not (sweep / str(t["num"]) / "summary.json").exists()
+        ]
+        return any("ended" in t for t in by_num.values()) and bool(mid_run)
+
+    kill_launcher_when(launcher, sweep, ended_and_checkpointed, 240, "an ended trial and one with a checkpoint")
     killed = [t["num"] for t in trials(sweep).values() if "ended" not in t]
     assert killed and any(t.state == TrialState.RUNNING for t in study_of(sweep).trials)
     unfinished = [n for n in killed if not (sweep / str(n) / "summary.json").exists()]
@@ -330,20 +335,13 @@ def test_study_on_slurm_survives_its_launcher(tmp_path):
         "hydra.sweeper.storage=journal",
     )
     launcher = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:  # kill the launcher once a trial has ended and the next one's job was submitted
-        while time.time() < deadline:
-            time.sleep(0.5)
-            by_num = trials(sweep) if (sweep / "sweep.json").exists() else {}
-            if any("ended" in t for t in by_num.values()) and any(
-                "ended" not in t and t.get("job_id") for t in by_num.values()
-            ):
-                break
-        else:
-            pytest.fail("no trial ended while another one's job ran")
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait()
+
+    def ended_and_submitted(by_num: dict) -> bool:  # a trial ended while the next one's job was submitted
+        return any("ended" in t for t in by_num.values()) and any(
+            "ended" not in t and t.get("job_id") for t in by_num.values()
+        )
+
+    kill_launcher_when(launcher, sweep, ended_and_submitted, 300, "a trial that ended while another one's job ran")
     waiting = [t["num"] for t in trials(sweep).values() if "ended" not in t]
     proc = resume(sweep, env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
