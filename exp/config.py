@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from exp.errors import ConfigError
+from exp.targets import Allowlist
 from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
@@ -27,41 +28,23 @@ GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "track
 EXP_KEYS = {"model": ("freeze",), "optimizer": ("param_groups",)}
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = ConfigError.exit_code
-# Set by the job service for every job and sweep it starts (comma-separated _target_ prefixes): a job checks its
-# own config against it before importing anything, whatever a sweeper drew for it.
+# Set by the job service for every job and sweep it starts (comma-separated packages or objects the operator
+# declared, exp.targets): a job checks its own config against it before building anything, whatever a sweeper drew.
 TARGET_ALLOWLIST_ENV = "EXP_TARGET_ALLOWLIST"
 
 
-def target_allowed(target, prefixes: tuple[str, ...]) -> bool:
-    return isinstance(target, str) and any(target == p or target.startswith(p + ".") for p in prefixes)
-
-
-def disallowed_target(node, prefixes: tuple[str, ...], where: str = "") -> tuple[str, Any] | None:
-    """The first `_target_` (its dotted key and value) not under one of `prefixes`, in a plain container."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "_target_" and not target_allowed(value, prefixes):
-                return f"{where}{key}", value
-            found = disallowed_target(value, prefixes, f"{where}{key}.")
-            if found:
-                return found
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found = disallowed_target(value, prefixes, f"{where}{i}.")
-            if found:
-                return found
-    return None
-
-
 def _check_target_allowlist(cfg: DictConfig) -> None:
+    """In a job the service started: every `_target_` must locate to an allowed object (exp.targets), checked
+    before anything below imports one for building."""
     spec = os.environ.get(TARGET_ALLOWLIST_ENV)
     if spec is None:
         return
-    prefixes = tuple(p.strip() for p in spec.split(",") if p.strip())
-    found = disallowed_target(OmegaConf.to_container(cfg, resolve=False), prefixes)
+    allowlist = Allowlist.of(spec.split(","))
+    found = allowlist.first_refused(OmegaConf.to_container(cfg, resolve=False))
     if found:
+        key, value, why = found
         raise ConfigError(
-            f"{found[0]}={found[1]!r} is not allowed in a job the service started (allowed: {', '.join(prefixes)})"
+            f"{key}={value!r} is not allowed in a job the service started: {why} (allowed: {allowlist.describe()})"
         )
 
 

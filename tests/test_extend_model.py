@@ -102,7 +102,7 @@ def test_config_targets_are_built_only_from_allowed_packages(monkeypatch):
     monkeypatch.setenv("EXP_ALLOWED_TARGETS", "other_pkg., tests.test_extend_model.")
     assert isinstance(build_model(cfg, "x"), TinyLM)
     # allowed or not, only nn.Module classes are built, and nested nodes arrive as plain data
-    with pytest.raises(CheckpointError, match="'os.system' is not an nn.Module class"):
+    with pytest.raises(CheckpointError, match="'os.system' is a builtin_function_or_method, not a class or function"):
         build_model({"_target_": "os.system", "command": "true"}, "x", ["os."])
     nested = {"_target_": "os.system", "command": "true"}
     built = build_model({"_target_": "tests.test_extend_model.Kwargs", "sub": nested}, "x")

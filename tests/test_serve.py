@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from exp.serve import Settings, create_app  # noqa: E402
+from exp.errors import ConfigError  # noqa: E402
 from exp.serve.app import merge_overrides  # noqa: E402
 
 from .conftest import ROOT, TINY, run_train  # noqa: E402
@@ -114,8 +115,11 @@ def test_operator_allows_a_prefix(runs):
 
     assert target_allowed("torch.optim.SGD") and target_allowed("exp.model.GPT")
     assert not target_allowed("torch.load") and not target_allowed("exponent.x")
-    assert target_allowed("my_pkg.models.LM", ("my_pkg.",))
-    check_targets({"model": {"_target_": "my_pkg.models.LM"}}, ("my_pkg",))
+    assert not target_allowed("exp.config.os.makedirs") and not target_allowed("exp.rundir.write_json")
+    assert target_allowed("tests.test_extend_model.TinyLM", ("tests.",))
+    check_targets({"model": {"_target_": "tests.test_extend_model.TinyLM"}}, ("tests",))
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        check_targets({"model": {"_target_": "my_pkg.models.LM"}}, ("my_pkg",))
 
 
 def test_service_owned_keys_are_refused(client):
@@ -336,7 +340,8 @@ def test_mlflow_run_created_ahead_of_a_job(tmp_path, caplog):
 
     cfg, _ = configs.compose(["tracking=none"], run_dir)
     assert create_run_ahead(cfg, run_dir, base=tmp_path) is None
-    cfg, _ = configs.compose(["tracking.uri=http://127.0.0.1:9"], run_dir)  # the discard port: refused at once
+    # the discard port: refused at once (the store is the operator's, so it comes as the service's own override)
+    cfg, _ = configs.compose([], run_dir, service_overrides=("tracking.uri=http://127.0.0.1:9",))
     with caplog.at_level("WARNING", logger="exp"):
         assert create_run_ahead(cfg, run_dir, base=tmp_path) is None
     assert "MLflow at http://127.0.0.1:9 is unavailable" in caplog.text and "the job opens its own run" in caplog.text
@@ -374,8 +379,8 @@ def test_a_job_the_service_started_checks_its_own_targets(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
-        "config error: callbacks.spy._target_='spy.Spy' is not allowed in a job the service started "
-        "(allowed: exp, torch.optim)"
+        "config error: callbacks.spy._target_='spy.Spy' is not allowed in a job the service started: 'spy.Spy' is "
+        "outside the allowed packages (allowed: exp's own targets, torch.optim)"
     ]
     assert not marker.exists()
 

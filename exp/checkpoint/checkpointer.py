@@ -18,6 +18,7 @@ from exp.checkpoint.format import (
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_saved_config,
     read_trainer_state,
     rotate_checkpoints,
     save_checkpoint,
@@ -110,7 +111,7 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> tup
 
     Returns the checkpoint's and this run's resolved configs and the changed keys as {key: (old, new)}.
     """
-    saved_tree = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True)
+    saved_tree = read_saved_config(saved_yaml)  # resolves nothing: the folder may come from elsewhere
     current_tree = OmegaConf.to_container(cfg, resolve=True)
     saved, current = _flat(saved_tree), _flat(current_tree)
     changed = {

@@ -44,6 +44,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, incompatible with the model, or its run directory is locked."""
 
 
+# `${name:...}`: a resolver call (oc.env reads the environment, exp's read files), as opposed to `${a.b}`
+_RESOLVER_CALL = re.compile(r"\$\{\s*[\w.]+\s*:")
+
+
+def read_saved_config(path, what: str = "config") -> dict:
+    """A config.yaml exp wrote (resolved when saved) as plain data. A checkpoint or export may come from
+    elsewhere, so no resolver runs: an `${oc.env:...}` planted in it is refused, never read; references to its own
+    keys (`${data.vocab_size}`) still resolve. CheckpointError (one line, naming the file) otherwise."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.load(path)
+        found = _resolver_call(OmegaConf.to_container(cfg, resolve=False))
+        if found:
+            raise CheckpointError(f"{path}: {found} calls a resolver; a saved config is read as data")
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except (OSError, OmegaConfBaseException, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({' '.join(str(e).split())})") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path}: the {what} is not a mapping")
+    return tree
+
+
+def _resolver_call(node, where: str = "") -> str | None:
+    """The dotted key of the first string (or key) calling a resolver, or None."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if any(isinstance(v, str) and _RESOLVER_CALL.search(v) for v in (key, value)):
+            return f"{where}{key}"
+        found = _resolver_call(value, f"{where}{key}.")
+        if found:
+            return found
+    return None
+
+
 def checkpoint_name(step: int) -> str:
     """Folder name of the checkpoint at step: "step_00000042"."""
     return f"step_{step:08d}"

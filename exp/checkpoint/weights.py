@@ -4,7 +4,6 @@ folder, build its (allowlisted) model class, load the weights; sharded checkpoin
 from __future__ import annotations
 
 import atexit
-import importlib
 import json
 import os
 import shutil
@@ -13,8 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import save_model
 from torch import nn
 
@@ -24,10 +21,12 @@ from exp.checkpoint.format import (
     _sha256,
     latest_valid_checkpoint,
     load_model_weights,
+    read_saved_config,
     read_trainer_state,
     verify_checkpoint,
 )
 from exp.model import GPT
+from exp.targets import Allowlist, TargetRefused
 from exp.text import first_line
 
 # config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built, and the
@@ -49,22 +48,24 @@ def allowed_prefixes(allow=()) -> tuple[str, ...]:
 
 
 def model_class(target, source, allow=()) -> type[nn.Module]:
-    """The nn.Module class `target` names, if allowed; nothing is imported for a target that is not."""
+    """The nn.Module class `target` names, if it locates to an allowed object (exp.targets: exp's own, or a class
+    defined in a declared package); nothing outside the declared packages is imported to find out."""
     if target in ALLOWED_TARGETS:
         return ALLOWED_TARGETS[target]
     name = target if isinstance(target, str) else ""
-    if not any(name == p or name.startswith(p + ".") for p in allowed_prefixes(allow)):
+    try:
+        cls = Allowlist.of(allowed_prefixes(allow)).locate(target)
+    except TargetRefused as e:
+        allowed = ", ".join(sorted(ALLOWED_TARGETS))
+        if not str(e).endswith("outside the allowed packages"):  # located, and not code to allow: no advice
+            message = f"{source}: model _target_ {target!r} is not allowed ({e}; allowed: {allowed})"
+            raise CheckpointError(message) from None
         package = name.rpartition(".")[0] or name or "PACKAGE"
         raise CheckpointError(
-            f"{source}: model _target_ {target!r} is not allowed (allowed: {', '.join(sorted(ALLOWED_TARGETS))}); "
+            f"{source}: model _target_ {target!r} is not allowed (allowed: {allowed}); "
             f"if you trust that code, allow it with --allow-target {package}. (python -m exp.export, exp.generate) "
             f"or {ALLOW_ENV}={package}."
-        )
-    module, _, attr = name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise CheckpointError(f"{source}: cannot import model _target_ {target!r} ({e})") from None
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise CheckpointError(f"{source}: model _target_ {target!r} is not an nn.Module class")
     return cls
@@ -86,17 +87,13 @@ def find_checkpoint(path, warn=lambda msg: print(f"warning: {msg}", file=sys.std
 
 
 def read_model_config(config_file, node: str | None = "model") -> dict:
-    """The resolved model node (node=None: the whole file) of a config.yaml, as a plain dict."""
+    """The resolved model node (node=None: the whole file) of a saved config.yaml, as plain data
+    (read_saved_config: no resolver runs)."""
     config_file = Path(config_file)
-    try:
-        cfg = OmegaConf.load(config_file)
-        model_cfg = cfg.get(node) if node else cfg
-        if model_cfg is None:
-            raise CheckpointError(f"{config_file}: has no {node!r} node")
-        model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-    except (OSError, OmegaConfBaseException, ValueError) as e:
-        msg = " ".join(str(e).split())  # OmegaConf errors span lines; the CLI prints one
-        raise CheckpointError(f"{config_file}: cannot read the model config ({msg})") from None
+    tree = read_saved_config(config_file, "model config")
+    model_cfg = tree.get(node) if node else tree
+    if model_cfg is None:
+        raise CheckpointError(f"{config_file}: has no {node!r} node")
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{config_file}: the model config is not a mapping")
     return model_cfg

@@ -3,6 +3,7 @@ validated exactly as train.py does, before anything is stored or launched."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -13,20 +14,21 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from exp import config
 from exp.checkpoint.weights import allowed_prefixes
 from exp.errors import ConfigError
+from exp.targets import Allowlist
 from exp.text import first_line
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "conf"
 TRAIN_PY = ROOT / "train.py"
 
-# exp's own code and torch's optimizers; the operator adds prefixes (--allow-target, EXP_ALLOWED_TARGETS)
-BUILTIN_TARGETS = ("exp", "torch.optim")
-# the service decides where a run goes, how it is launched and what it resumes from
+# the service decides where a run goes, how it is launched, what it resumes from and where it records: a client
+# names none of these, in any syntax (a key, a parent node set to a mapping, a GROUP@PACKAGE placement)
 RESERVED_KEYS = ("hydra", "run_dir", "resume")
-RESERVED_PATHS = ("tracking.run_id",)  # the MLflow run the service creates for a job
+RESERVED_PATHS = ("tracking.run_id", "tracking.uri", "tracking.artifact_location", "checkpoint.dir")
 MAX_OVERRIDES = 64
 MAX_OVERRIDE_CHARS = 1000
 _GROUP_CHOICE = re.compile(r"^[+~]?[a-z_]+(/[a-z_]+)*$")
+_OPTION = re.compile(r"^[A-Za-z0-9_]+$")  # a group option's name (tracking=mlflow), as opposed to a mapping
 _compose_lock = threading.Lock()  # Hydra's global state (GlobalHydra, HydraConfig) is one per process
 
 
@@ -34,22 +36,24 @@ class Refused(ConfigError):
     """A config the service will not compose: names code outside the allowlist, or a key the service owns."""
 
 
-def prefixes(allow: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The `_target_` prefixes allowed over HTTP: exp's own, torch's optimizers and the operator's."""
-    return (*BUILTIN_TARGETS, *allowed_prefixes(allow))
+def allowlist(allow: tuple[str, ...] = ()) -> Allowlist:
+    """What a `_target_` may locate to over HTTP: exp's own targets, torch's optimizers and what the operator
+    declared (--allow-target, EXP_ALLOWED_TARGETS)."""
+    return Allowlist.of(allowed_prefixes(allow))
 
 
 def target_allowed(target: str, allow: tuple[str, ...] = ()) -> bool:
-    return config.target_allowed(target, prefixes(allow))
+    return allowlist(allow).refusal(target) is None
 
 
 def job_env(allow: tuple[str, ...] = ()) -> dict[str, str]:
     """What the service adds to a job's environment: the allowlist the job checks its own config against."""
-    return {config.TARGET_ALLOWLIST_ENV: ",".join(prefixes(allow))}
+    return {config.TARGET_ALLOWLIST_ENV: ",".join(allowlist(allow).roots)}
 
 
 def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
-    """Refuse, before Hydra parses anything, overrides the service owns or that name code it does not allow."""
+    """Refuse, before Hydra parses anything, overrides the service owns, that place a config elsewhere, or that
+    would resolve anything on this machine (an interpolation: ${oc.env:...} reads the service's environment)."""
     if len(overrides) > MAX_OVERRIDES:
         raise Refused(f"{len(overrides)} overrides: at most {MAX_OVERRIDES}")
     for item in overrides:
@@ -57,24 +61,48 @@ def check_overrides(overrides: list[str], allow: tuple[str, ...] = ()) -> None:
             raise Refused(f"override {item!r}: must be a non-empty string KEY=VALUE or GROUP=OPTION")
         if len(item) > MAX_OVERRIDE_CHARS or "\n" in item or "\x00" in item:
             raise Refused(f"override {item[:40]!r}...: too long or not one line")
-        key = item.split("=", 1)[0].lstrip("+~").strip()
         if item.startswith("-"):
             raise Refused(f"override {item!r}: command-line flags are not accepted, only KEY=VALUE")
-        if key.split(".", 1)[0].split("/", 1)[0] in RESERVED_KEYS or key in RESERVED_PATHS:
-            raise Refused(f"{key}: set by the service (the run directory, its launcher, MLflow run and resumption)")
+        key, _, value = (part.strip() for part in item.partition("="))
+        key = key.lstrip("+~").strip()
+        if "@" in key:
+            raise Refused(f"override {key}: GROUP@PACKAGE placements are not accepted over HTTP")
+        if "${" in item:  # never resolved in the service, so never echoed back either
+            raise Refused(f"override {key}: interpolations (${{...}}) are not accepted over HTTP; give the value")
+        _check_owned(key, value)
         if "=" not in item and not _GROUP_CHOICE.match(item):
             raise Refused(f"override {item!r}: expected KEY=VALUE")
 
 
-def check_targets(node, allow: tuple[str, ...] = (), prefix: str = "") -> None:
-    """Every `_target_` of the composed config must be allowed; nothing has been imported yet."""
-    found = config.disallowed_target(node, prefixes(allow), prefix)
-    if found:
+def _check_owned(key: str, value: str) -> None:
+    dotted = key.replace("/", ".")
+    parent_of_owned = any(p.startswith(dotted + ".") for p in RESERVED_PATHS) and not _OPTION.match(value)
+    if dotted.split(".", 1)[0] in RESERVED_KEYS or dotted in RESERVED_PATHS or parent_of_owned:
         raise Refused(
-            f"{found[0]}={found[1]!r} is not allowed over HTTP (allowed: {', '.join(BUILTIN_TARGETS)}"
-            f"{''.join(', ' + p for p in allowed_prefixes(allow))}); the operator can add a prefix "
-            "with python -m exp.serve --allow-target PREFIX"
+            f"{key}: set by the service (the run directory, its launcher, checkpoints, MLflow store and run, "
+            "and resumption)"
         )
+
+
+def check_targets(node, allow: tuple[str, ...] = (), prefix: str = "") -> None:
+    """Every `_target_` of the composed config must locate to an allowed class or function (exp.targets); only
+    modules of allowed packages are imported to find out, and nothing is built."""
+    allowed = allowlist(allow)
+    found = allowed.first_refused(node, prefix)
+    if found:
+        key, value, why = found
+        raise Refused(
+            f"{key}={value!r} is not allowed over HTTP: {why} (allowed: {allowed.describe()}); the operator can "
+            "allow a package with python -m exp.serve --allow-target PACKAGE"
+        )
+
+
+def check_confined(cfg: DictConfig, run_dir: Path) -> None:
+    """The composed job writes its checkpoints inside its own run directory, whatever the overrides said."""
+    folder = Path(str(OmegaConf.select(cfg, "checkpoint.dir", default=""))).expanduser()
+    folder = folder if folder.is_absolute() else Path.cwd() / folder
+    if not os.path.normpath(folder).startswith(os.path.normpath(run_dir.absolute()) + os.sep):
+        raise Refused(f"checkpoint.dir={folder}: must be inside the job's run directory {run_dir}")
 
 
 def compose(
@@ -114,6 +142,7 @@ def compose(
         hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
         with open_dict(cfg):
             del cfg["hydra"]
+        check_confined(cfg, run_dir)
         config.validate(cfg, node=node)
         if check is not None:
             check(cfg)
