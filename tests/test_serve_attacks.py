@@ -168,6 +168,8 @@ def test_resolvers_never_read_the_services_environment(world, override):
         "tracking={uri: 'sqlite:///OUT/mlflow.db'}",
         "tracking.artifact_location=OUT",
         "tracking.run_id=abc",
+        "data.cache_dir=OUT",
+        "data={cache_dir: OUT}",
         "resume.path=OUT",
         "run_dir=OUT",
     ],

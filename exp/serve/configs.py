@@ -24,7 +24,7 @@ TRAIN_PY = ROOT / "train.py"
 # the service decides where a run goes, how it is launched, what it resumes from and where it records: a client
 # names none of these, in any syntax (a key, a parent node set to a mapping, a GROUP@PACKAGE placement)
 RESERVED_KEYS = ("hydra", "run_dir", "resume")
-RESERVED_PATHS = ("tracking.run_id", "tracking.uri", "tracking.artifact_location", "checkpoint.dir")
+RESERVED_PATHS = ("tracking.run_id", "tracking.uri", "tracking.artifact_location", "checkpoint.dir", "data.cache_dir")
 MAX_OVERRIDES = 64
 MAX_OVERRIDE_CHARS = 1000
 _GROUP_CHOICE = re.compile(r"^[+~]?[a-z_]+(/[a-z_]+)*$")
@@ -79,8 +79,8 @@ def _check_owned(key: str, value: str) -> None:
     parent_of_owned = any(p.startswith(dotted + ".") for p in RESERVED_PATHS) and not _OPTION.match(value)
     if dotted.split(".", 1)[0] in RESERVED_KEYS or dotted in RESERVED_PATHS or parent_of_owned:
         raise Refused(
-            f"{key}: set by the service (the run directory, its launcher, checkpoints, MLflow store and run, "
-            "and resumption)"
+            f"{key}: set by the service (the run directory, its launcher, checkpoints, data cache, MLflow store "
+            "and run, and resumption)"
         )
 
 
