@@ -186,7 +186,10 @@ def test_bad_hf_arguments(sources, tmp_path, capsys):
 
 def run_cli(code, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", code], env=env, **kwargs)
+    # SIGINT as a terminal delivers it: a suite started from a background job (nohup ... &) hands its children
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=default_sigint, **kwargs)
 
 
 def test_without_datasets_installed_names_the_extra(sources, tmp_path):
