@@ -34,9 +34,13 @@ def runs(tmp_path_factory, corpus_cache):
     return runs
 
 
+# what a browser on the default bind sends (Host: 127.0.0.1); TestClient's own "testserver" is refused
+LOCAL = "http://127.0.0.1"
+
+
 @pytest.fixture(scope="module")
 def client(runs):
-    with TestClient(create_app(Settings(runs_dir=runs))) as c:
+    with TestClient(create_app(Settings(runs_dir=runs)), base_url=LOCAL) as c:
         yield c
 
 
@@ -221,7 +225,7 @@ def test_oversized_body_is_refused(client):
 
 
 def test_token_is_required_everywhere_but_health(runs):
-    with TestClient(create_app(Settings(runs_dir=runs, token="s3cret"))) as c:
+    with TestClient(create_app(Settings(runs_dir=runs, token="s3cret")), base_url=LOCAL) as c:
         assert c.get("/api/health").status_code == 200
         for path in ("/", "/api/training/jobs", "/api/training/configs", "/openapi.json", "/static/app.js"):
             assert c.get(path).status_code == 401, path
@@ -398,3 +402,25 @@ def test_slurm_task_count_must_fit_the_distributed_strategy(client, runs, hardwa
     r = client.post("/api/training/jobs/start", json={"overrides": overrides, "launcher": "slurm", "slurm": slurm})
     assert r.status_code == 422 and r.json()["detail"].startswith(needle), r.text
     assert not [j for j in client.get("/api/training/jobs").json() if j["launcher"] == "slurm"]
+
+
+def test_cross_origin_resume_is_refused_and_launches_nothing(client, cli_job, runs):
+    """Another site's page posting a form (text/plain: no CORS preflight) to resume a finished run is refused before
+    the route runs, and so is a text/plain body from anywhere: no job is launched."""
+    job = cli_job["job_id"]
+    logs = runs / ".serve" / "logs"
+    before = sorted(logs.iterdir()) if logs.exists() else []
+    r = client.post(
+        f"/api/training/jobs/{job}/resume",
+        content=b"{}",
+        headers={"Origin": "http://evil.example", "Content-Type": "text/plain"},
+    )
+    assert r.status_code == 403 and "evil.example" in r.json()["detail"], r.text
+    r = client.post(f"/api/training/jobs/{job}/resume", headers={"Origin": "http://evil.example"})  # a form, no fields
+    assert r.status_code == 403, r.text
+    r = client.post(f"/api/training/jobs/{job}/resume", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415, r.text
+    after = client.get(f"/api/training/jobs/{job}/status").json()
+    assert after["source"] == "cli" and after["pid"] is None and after["status"] == "FINISHED"
+    assert (sorted(logs.iterdir()) if logs.exists() else []) == before
+    assert client.get("/api/training/jobs", headers={"Host": "evil.example"}).status_code == 421

@@ -121,6 +121,15 @@ class Browser:
         os.close(self._from_chrome)
 
 
+TOKEN = "browser-test-token"  # the page is opened as /?token=...: its session cookie carries it from there
+
+
+def open_with_token(browser: Browser, service: Service) -> None:
+    """Open the dashboard as an operator does with a token set, and see the address lose it."""
+    browser.open(f"{service.url}/?token={TOKEN}")
+    browser.wait_for(f"location.href === {json.dumps(service.url + '/')}", "the redirect to the bare address")
+
+
 def train_points(browser: Browser) -> int:
     text = browser.js("document.getElementById('points').textContent") or ""
     return int(text.split()[0]) if text else 0
@@ -129,10 +138,10 @@ def train_points(browser: Browser) -> int:
 def test_dashboard_start_watch_stop(tmp_path, corpus_cache):
     shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    service = Service(tmp_path / "runs", "--max-body-bytes", "65536").start()
+    service = Service(tmp_path / "runs", "--max-body-bytes", "65536", token=TOKEN).start()
     browser = Browser()
     try:
-        browser.open(service.url + "/")
+        open_with_token(browser, service)
         browser.wait_for("document.querySelectorAll('#group-selects select').length >= 6", "the group options")
         options = browser.js("[...document.getElementById('group-model').options].map(o => o.value)")
         assert "gpt_tiny" in options
@@ -161,6 +170,7 @@ def test_dashboard_start_watch_stop(tmp_path, corpus_cache):
         browser.wait_for(f"{last_row} && {last_row}.dataset.step === '{status['step']}'", "the stop's checkpoint row")
         link = browser.js(f"{last_row}.querySelector('a').getAttribute('href')")
         assert link == f"/api/training/checkpoints/{job_id}-{status['step']}/download"
+        assert browser.js(f"fetch({json.dumps(link)}).then(r => r.status)") == 200  # the cookie, no token in it
         row_status = f"document.querySelector('#jobs tr[data-job={job_id}] .status').textContent"
         browser.wait_for(f"{row_status} === 'KILLED'", "KILLED in the jobs table")
         assert browser.js("document.getElementById('points').textContent").split()[3] != "0"  # val points too
@@ -197,10 +207,10 @@ def test_dashboard_sweep_trials_and_start_form(tmp_path):
         summary = {"status": status, "step": 40 if status == "PRUNED" else 100, "num_steps": 100, "val_loss": loss}
         (run_dir / "summary.json").write_text(json.dumps(summary))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
-    service = Service(tmp_path / "runs").start()
+    service = Service(tmp_path / "runs", token=TOKEN).start()
     browser = Browser()
     try:
-        browser.open(service.url + "/")
+        open_with_token(browser, service)
         row = "document.querySelector('#sweeps tbody tr')"
         browser.wait_for(f"{row} && {row}.textContent.includes('PRUNED 1')", "the sweep with its counts")
         browser.click("#sweeps tbody tr td")

@@ -1,7 +1,8 @@
 """`python -m exp.serve [--host H] [--port P] [--runs-dir DIR]`: the job service and its dashboard.
 
 On 127.0.0.1 (the default) no token is needed; any other address needs one (EXP_SERVE_TOKEN or --token-file),
-and with a token set every route but /api/health asks for it.
+and with a token set every route but /api/health asks for it. Requests must name the bound address, a loopback
+name or an --allowed-host in their Host header (a page on a rebound DNS name is refused).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def read_token(token_file: str | None) -> str | None:
     return os.environ.get(TOKEN_ENV) or None
 
 
+def served_hosts(bound: str, allowed: list[str]) -> tuple[str, ...]:
+    """Host header names accepted beyond the loopback ones: the bound address (a wildcard such as 0.0.0.0 names no
+    host a client would use) and the operator's --allowed-host names."""
+    wildcard = bound in ("0.0.0.0", "::", "")
+    return (*([] if wildcard else [bound]), *allowed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exp.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -46,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="PREFIX",
         help="also accept _target_ values under this prefix in configs sent over HTTP (repeatable)",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header names NAME, e.g. this machine's name (repeatable; the bound "
+        "address and 127.0.0.1, localhost, [::1] always)",
     )
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024)
     parser.add_argument(
@@ -78,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         runs_dir=Path(args.runs_dir),
         token=token,
+        hosts=served_hosts(args.host, args.allowed_host),
         allow_targets=tuple(args.allow_target),
         max_body_bytes=args.max_body_bytes,
     )

@@ -1,20 +1,15 @@
 // The dashboard: plain JavaScript over the job service's API (no build step, nothing fetched from elsewhere).
 "use strict";
 
-const token = new URLSearchParams(location.search).get("token");
+// With a token set, the session cookie that `/?token=` set carries it: no token in any address here.
 const TERMINAL = ["FINISHED", "FAILED", "KILLED"];
 let selected = null;      // the job shown below the table
 let stream = null;        // its EventSource
 let points = { train: [], val: [] };
 
-function withToken(url) {
-  return token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url;
-}
-
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
-  if (token) headers.Authorization = "Bearer " + token;
-  if (options.body) headers["Content-Type"] = "application/json";
+  if (options.body !== undefined) headers["Content-Type"] = "application/json";  // the service takes JSON only
   const response = await fetch(path, { ...options, headers });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
@@ -119,7 +114,7 @@ function selectJob(jobId) {
 
 function follow(jobId) {
   if (stream) stream.close();
-  stream = new EventSource(withToken(`/api/training/jobs/${jobId}/metrics/stream`));
+  stream = new EventSource(`/api/training/jobs/${jobId}/metrics/stream`);
   stream.addEventListener("metrics", (event) => {
     const row = JSON.parse(event.data);
     if (row["train/loss"] !== undefined) points.train.push([row.step, row["train/loss"]]);
@@ -156,7 +151,7 @@ async function refreshJob() {
         el("td", {}, fmtBytes(c.size)),
         el("td", {}, c.best ? "best" : ""),
         el("td", {}, el("code", {}, (c.files["model.safetensors"] || {}).sha256?.slice(0, 16) ?? "")),
-        el("td", {}, el("a", { href: withToken(`/api/training/checkpoints/${c.id}/download`), download: `${c.id}.tar` }, "download"), " ",
+        el("td", {}, el("a", { href: `/api/training/checkpoints/${c.id}/download`, download: `${c.id}.tar` }, "download"), " ",
           el("button", { class: "small", disabled: TERMINAL.includes(job.status) ? null : "", onclick: () => act("resume", c.step) }, "resume from here")))));
     const log = document.getElementById("log");
     log.textContent = logs.text;
