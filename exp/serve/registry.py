@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER, pid_start TEXT, slurm_job_id TEXT, log_path TEXT, stop_requested INTEGER DEFAULT 0,
     launches INTEGER DEFAULT 1, launched REAL
 );
+CREATE TABLE IF NOT EXISTS sweeps (
+    id TEXT PRIMARY KEY, sweep_dir TEXT UNIQUE NOT NULL, created REAL NOT NULL,
+    pid INTEGER, pid_start TEXT, log_path TEXT, launched REAL
+);
 """
 # columns added since the first release, added to an older serve.db when it is opened
 LATER_COLUMNS = {
@@ -36,6 +40,7 @@ LATER_COLUMNS = {
     "tracking_uri": "TEXT",
     "ahead_closed": "INTEGER DEFAULT 0",
     "slurm_resources": "TEXT",  # JSON: the SLURM resources the client asked for, kept for a resume
+    "ended_launch": "INTEGER DEFAULT 0",  # the launch whose ending by a signal the service has recorded
 }
 
 
@@ -145,6 +150,16 @@ class Registry:
         taking it); False for every later one."""
         return self._run("UPDATE jobs SET ahead_closed=1 WHERE id=? AND ahead_closed=0", (job_id,)) == 1
 
+    def claim_ending(self, job_id: str) -> bool:
+        """True for the one caller that is to record how the job's latest launch ended (killed by a signal: its
+        summary.json and MLflow run); False for every later one, until the job is launched again."""
+        sql = "UPDATE jobs SET ended_launch=launches WHERE id=? AND COALESCE(ended_launch, 0) < launches"
+        return self._run(sql, (job_id,)) == 1
+
+    def service_jobs(self) -> list[dict]:
+        """The jobs this service started (no scan for runs started from the command line)."""
+        return [_job(r) for r in self._all("SELECT * FROM jobs WHERE source = 'service' ORDER BY created DESC")]
+
     def jobs(self) -> list[dict]:
         self.discover()
         return [_job(r) for r in self._all("SELECT * FROM jobs ORDER BY created DESC")]
@@ -155,6 +170,32 @@ class Registry:
             self.discover(force=True)
             rows = self._all("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
+
+    # --- sweeps ---------------------------------------------------------------------------------------
+
+    def add_sweep(self, sweep_id: str, sweep_dir: Path, **process) -> None:
+        """A sweep this service started, or the process it started for one (resume, rerun-failed)."""
+        self._run(
+            "INSERT INTO sweeps (id, sweep_dir, created, pid, pid_start, log_path, launched) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET pid=excluded.pid, "
+            "pid_start=excluded.pid_start, log_path=excluded.log_path, launched=excluded.launched",
+            (
+                sweep_id,
+                str(sweep_dir),
+                time.time(),
+                process.get("pid"),
+                process.get("pid_start"),
+                process.get("log_path"),
+                time.time(),
+            ),
+        )
+
+    def sweeps(self) -> list[dict]:
+        return self._all("SELECT * FROM sweeps ORDER BY created")
+
+    def sweep(self, sweep_id: str) -> dict | None:
+        rows = self._all("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
+        return rows[0] if rows else None
 
     def discover(self, force: bool = False, every_s: float = 2.0) -> None:
         """Register run directories started from the command line (a `.hydra/` folder under the runs directory),

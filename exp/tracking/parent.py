@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -124,5 +125,22 @@ def end_run_ahead(uri: str, run_id: str, status: str) -> None:
         client = MlflowClient(tracking_uri=uri)
         if client.get_run(run_id).info.status == "SCHEDULED":
             client.set_terminated(run_id, status)
+    except Exception as e:
+        log.warning(f"could not close MLflow run {run_id}: {first_line(e)}")
+
+
+def end_killed_run(uri: str, run_id: str, status: str = "KILLED", settle_s: float = 5.0) -> None:
+    """Close a run whose job was killed from outside (SIGKILL, the OOM killer) while it was RUNNING or SCHEDULED:
+    its tracker could not. Looked at again after `settle_s`, since a tracker worker that outlived its trainer by a
+    moment may have set it RUNNING after the first close."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        fail_fast_http()
+        client = MlflowClient(tracking_uri=uri)
+        for wait in (0.0, settle_s):
+            time.sleep(wait)
+            if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+                client.set_terminated(run_id, status)
     except Exception as e:
         log.warning(f"could not close MLflow run {run_id}: {first_line(e)}")
