@@ -35,22 +35,27 @@ def free_port() -> int:
 
 
 class Service:
-    """`python -m exp.serve` in a subprocess on a free loopback port, with a client."""
+    """`python -m exp.serve` in a subprocess on a free loopback port, with a client (that sends `token`, if any,
+    as a bearer token)."""
 
-    def __init__(self, runs_dir: Path, *args: str):
-        self.runs_dir, self.args = runs_dir, args
+    def __init__(self, runs_dir: Path, *args: str, token: str | None = None):
+        self.runs_dir, self.args, self.token = runs_dir, args, token
         self.proc = None
 
     def start(self) -> "Service":
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        env.pop("EXP_SERVE_TOKEN", None)
+        if self.token:
+            env["EXP_SERVE_TOKEN"] = self.token
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "exp.serve", "--port", str(self.port), "--runs-dir", str(self.runs_dir), *self.args],
             cwd=ROOT,
             env=env,
         )
-        self.client = httpx.Client(base_url=self.url, timeout=60)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self.client = httpx.Client(base_url=self.url, timeout=60, headers=headers)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -212,8 +217,11 @@ def test_killed_service_loses_nothing(tmp_path, corpus_cache):
     assert store.get_run(mlflow_run_id).info.status in ("SCHEDULED", "RUNNING")
     status = svc.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 5)
     assert status["mlflow_run_id"] == mlflow_run_id
-    # stopped while starting, before its tracker took the run created for it: the service closes that run
-    early = svc.client.post("/api/training/jobs/start", json={"overrides": [*tracked, "stage.num_steps=150"]}).json()
+    # stopped while starting, before its tracker took the run created for it: the service closes that run. The
+    # same overrides as the running job's: refused unless forced
+    same = {"overrides": [*tracked, "stage.num_steps=150"]}
+    assert svc.client.post("/api/training/jobs/start", json=same).status_code == 409
+    early = svc.client.post("/api/training/jobs/start", json={**same, "force": True}).json()
     assert svc.client.post(f"/api/training/jobs/{early['job_id']}/stop").status_code == 202
     assert svc.wait(early["job_id"], lambda s: s["status"] != "PENDING")["status"] == "KILLED"
     deadline = time.monotonic() + 30  # closed in the background, off the request
@@ -255,7 +263,7 @@ def test_sweep_started_listed_and_relaunched(service):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         listed = [s for s in service.client.get("/api/training/sweeps").json() if s["sweep_id"] == started["sweep_id"]]
-        if listed and listed[0]["counts"] == {"FINISHED": 2}:
+        if listed and listed[0]["counts"] == {"FINISHED": 2} and listed[0]["status"] == "FINISHED":  # process ended
             break
         time.sleep(0.5)
     else:
@@ -273,6 +281,9 @@ def test_sweep_started_listed_and_relaunched(service):
         while "nothing to" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
             time.sleep(0.3)
         assert f"nothing to {mode.replace('-', ' ')}: 2 trials: 2 FINISHED" in log.read_text()
+        view = f"/api/training/sweeps/{started['sweep_id']}"
+        while service.client.get(view).json()["status"] != "FINISHED" and time.monotonic() < deadline:
+            time.sleep(0.2)  # the relaunch's process is the sweep's until it exits: a second one waits for it
 
 
 def test_optuna_search_started_over_http(service):

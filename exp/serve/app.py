@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import os
 import signal
@@ -19,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, BinaryIO, Literal
+from urllib.parse import quote
 
 from fastapi import Body, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -31,9 +31,10 @@ import exp.serve.configs as configs
 import exp.serve.control as control
 from exp.checkpoint.checkpointer import check_config_change
 from exp.errors import ConfigError
-from exp.rundir import read_summary
+from exp.rundir import read_summary, write_summary
+from exp.serve.guard import Guard, Refused, open_inside, read_inside
 from exp.serve.registry import Registry, new_id, run_id_for
-from exp.tracking.parent import create_run_ahead, end_run_ahead
+from exp.tracking.parent import create_run_ahead, end_killed_run, end_run_ahead
 
 STATIC = Path(__file__).parent / "static"
 ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}$", description="an id the service gave out")]
@@ -48,6 +49,7 @@ class Settings:
 
     runs_dir: Path = Path("runs")
     token: str | None = None  # bearer token every route but /api/health needs, when set
+    hosts: tuple[str, ...] = ()  # Host header names accepted beyond the loopback ones (DNS rebinding)
     allow_targets: tuple[str, ...] = ()  # _target_ prefixes allowed over HTTP beyond exp's own and torch.optim
     max_body_bytes: int = 64 * 1024
     poll_s: float = 0.5  # how often the event stream looks for new metric lines
@@ -84,6 +86,7 @@ class StartIn(Strict):
     overrides: Overrides = []  # added after the stored config's, when both are given
     launcher: Literal["local", "slurm"] = "local"
     slurm: SlurmResources = SlurmResources()
+    force: bool = Field(False, description="start it even while a job with the same overrides runs")
 
 
 class ResumeIn(Strict):
@@ -91,6 +94,11 @@ class ResumeIn(Strict):
     overrides: Overrides = []  # allowed changes, e.g. stage.num_steps=600 (needs allow_config_change)
     allow_config_change: bool = False
     slurm: SlurmResources | None = None  # changes to the SLURM resources the job was started with (a longer time)
+    force: bool = Field(False, description="resume a FINISHED job without more steps (runs its end again)")
+
+
+class RelaunchIn(Strict):
+    force: bool = Field(False, description="relaunch even while the sweep's process or a trial still runs")
 
 
 class SearchIn(Strict):
@@ -125,14 +133,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = Registry(runs_dir)
     launcher = control.Launcher(runs_dir, env=configs.job_env(settings.allow_targets))
     cache = control.MetricsCache()
+    claims = control.Claims()  # starts and resumes under way: a duplicate is refused, not raced
     app = FastAPI(
         title="exp job service",
         version="1",
         description="Compose, launch, watch, steer and resume exp runs and sweeps.",
+        docs_url=None,  # Swagger UI and ReDoc load their assets from a CDN: blank offline; /openapi.json stays
+        redoc_url=None,
     )
     app.state.settings, app.state.registry, app.state.launcher = settings, registry, launcher
 
-    app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes, hosts=tuple(settings.hosts))
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, e: ConfigError):
@@ -141,6 +152,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(control.Conflict)
     async def conflict(request: Request, e: control.Conflict):
         return JSONResponse({"detail": str(e)}, 409)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, e: Refused):
+        return JSONResponse({"detail": str(e)}, 404)
 
     def job_or_404(job_id: str) -> dict:
         job = registry.job(job_id)
@@ -151,7 +166,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def status_of(job: dict) -> dict:
         out = control.job_status(job, launcher, cache)
         ahead = job.get("mlflow_run_id")
-        if (
+        unrecorded = (job.get("ended_launch") or 0) < (job.get("launches") or 1)
+        if out["signal"] and unrecorded and registry.claim_ending(job["id"]):
+            registry.claim_ahead_close(job["id"])  # the run created ahead is closed below, if still open
+            threading.Thread(target=record_kill, args=(job, out), daemon=True, name="close-run").start()
+        elif (
             ahead
             and out["status"] in control.TERMINAL
             and not job.get("ahead_closed")
@@ -164,6 +183,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 target=end_run_ahead, args=(job["tracking_uri"], ahead, ending), daemon=True, name="close-run"
             ).start()
         return out
+
+    def record_kill(job: dict, out: dict) -> None:
+        """A launch that a signal ended (SIGKILL, the OOM killer), once: its summary.json (unless the run wrote its
+        own) and its MLflow run closed, since the run itself could do neither."""
+        summary = control.killed_summary(job, out)
+        if summary is not None:
+            write_summary(job["run_dir"], summary)
+        found = control.killed_run(job)
+        if found is not None:
+            end_killed_run(*found, status=out["status"] if out["status"] in control.TERMINAL else "KILLED")
 
     # --- service ----------------------------------------------------------------------------------------
 
@@ -214,6 +243,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if stored is None:
                 raise HTTPException(404, f"no config {body.config_id}")
             overrides = merge_overrides(stored["overrides"], overrides)
+        if body.force:
+            return start(body, overrides)
+        busy = "a job with the same overrides is being started; pass force=true to start another"
+        with claims.hold("start " + json.dumps(sorted(overrides)), busy):
+            refuse_duplicate(overrides)
+            return start(body, overrides)
+
+    def refuse_duplicate(overrides: list[str]) -> None:
+        """409 when a job this service started with the same overrides has not ended."""
+        for job in registry.service_jobs():
+            if sorted(job["overrides"]) == sorted(overrides):
+                status = status_of(job)["status"]
+                if status not in control.TERMINAL:
+                    raise control.Conflict(
+                        f"job {job['id']} with the same overrides is {status}; pass force=true to start another"
+                    )
+
+    def start(body: StartIn, overrides: list[str]) -> Started:
         job_id = new_id("j")
         run_dir = runs_dir / "serve" / job_id
         cfg, hydra_node = configs.compose(overrides, run_dir, settings.allow_targets, node=body.launcher == "local")
@@ -282,9 +329,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def resume_job(job_id: ID, body: Annotated[ResumeIn | None, Body()] = None) -> Started:
         """Start the job again in its run directory from its newest (or the chosen) checkpoint, optionally with
         changes such as more steps (allow_config_change)."""
-        body = body or ResumeIn()
+        with claims.hold("resume " + job_id, f"job {job_id} is being resumed"):
+            return resume(job_id, body or ResumeIn())
+
+    def resume(job_id: str, body: ResumeIn) -> Started:
         job = job_or_404(job_id)
-        status = status_of(job)["status"]
+        current = status_of(job)
+        status = current["status"]
         if status not in control.TERMINAL:
             raise control.Conflict(f"job {job_id} is {status}: stop it before resuming")
         run_dir = Path(job["run_dir"])
@@ -308,6 +359,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cfg, hydra_node = configs.compose(
             overrides, run_dir, settings.allow_targets, node=kind == "local", service_overrides=own, check=drift
         )
+        if status == "FINISHED" and not body.force and cfg.stage.num_steps <= current["step"]:
+            raise control.Conflict(
+                f"job {job_id} finished at step {current['step']}: pass force=true to run its end again, or resume "
+                "with more steps (stage.num_steps and allow_config_change=true)"
+            )
         # the resources it was started with (its task count above all: a sharded checkpoint needs as many ranks)
         changes = body.slurm.model_dump(exclude_none=True) if body.slurm else {}
         slurm = SlurmResources.model_construct(**(job.get("slurm_resources") or {}) | changes)  # stored: validated
@@ -320,9 +376,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The end of the job's console output (train.log for runs started from the command line)."""
         job = job_or_404(job_id)
         path = Path(job["log_path"]) if job.get("log_path") else Path(job["run_dir"]) / "train.log"
-        text = control.tail(path, tail_bytes)
+        # the service's own logs lie under the runs directory; a CLI run's train.log in its run directory
+        root = Path(job["run_dir"]) if path.is_relative_to(job["run_dir"]) else runs_dir
+        text = control.tail(root, path, tail_bytes)
         if job.get("slurm_job_id"):  # SLURM's messages and tracebacks: the job's stderr
-            text += control.tail(path.with_suffix(".err"), tail_bytes)
+            text += control.tail(root, path.with_suffix(".err"), tail_bytes)
         return {"job_id": job_id, "path": str(path), "text": text[-tail_bytes:]}
 
     # --- metrics ----------------------------------------------------------------------------------------
@@ -423,32 +481,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """The checkpoint as a tar stream (manifest.json first: it holds each file's SHA-256), or one `file` of it
         with its SHA-256 in the X-Checksum-SHA256 and Digest headers."""
         job_id, _, step = checkpoint_id.rpartition("-")
-        path = control.checkpoint_dir(Path(job_or_404(job_id)["run_dir"]), int(step))
+        run_dir = Path(job_or_404(job_id)["run_dir"])
+        path = control.checkpoint_dir(run_dir, int(step))
         if path is None:
             raise HTTPException(404, f"no checkpoint {checkpoint_id}")
-        manifest_bytes = (path / control.MANIFEST).read_bytes()
+        folder = Path("checkpoints") / path.name  # every file is read through open_inside: no symlink followed
         try:
+            manifest_bytes = read_inside(run_dir, folder / control.MANIFEST)
             files = json.loads(manifest_bytes)["files"]
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(404, f"checkpoint {checkpoint_id} has no readable manifest") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            files = None
+        if not isinstance(files, dict):
+            raise HTTPException(404, f"checkpoint {checkpoint_id} has no readable manifest")
         if file is not None:
-            entry = files.get(file)
-            target = (path / file).resolve() if entry else None
-            if target is None or not target.is_relative_to(path.resolve()) or not target.is_file():
-                raise HTTPException(404, f"{file!r} is not a file of checkpoint {checkpoint_id}")
-            digest = base64.b64encode(bytes.fromhex(entry["sha256"])).decode()
-            return FileResponse(
-                target,
-                filename=Path(file).name,
-                headers={"X-Checksum-SHA256": entry["sha256"], "Digest": f"sha-256={digest}"},
-            )
-        names = [n for n in files if (path / n).is_file()]
+            return _one_file(run_dir, folder / file, files.get(file), f"{file!r} is not a file of {checkpoint_id}")
+        opened = _open_listed(run_dir, folder, [n for n in files if n != control.MANIFEST])
         headers = {
             "Content-Disposition": f'attachment; filename="{checkpoint_id}.tar"',
             "X-Manifest-SHA256": _sha256(manifest_bytes),
-            "Content-Length": str(_tar_size(path, names, len(manifest_bytes))),
+            "Content-Length": str(_tar_size([len(manifest_bytes), *(size for _, _, size in opened)])),
         }
-        stream = _tar_stream(path, names, manifest_bytes)
+        stream = _tar_stream(path.name, manifest_bytes, opened)
         return StreamingResponse(stream, media_type="application/x-tar", headers=headers)
 
     # --- sweeps -----------------------------------------------------------------------------------------
@@ -473,7 +526,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             continue
                         following.append(child)
             level = following
-        return found
+        started = {s["id"]: Path(s["sweep_dir"]) for s in registry.sweeps()}  # the service's: their folder's name
+        return {**started, **{i: p for i, p in found.items() if p not in started.values()}}
 
     def sweep_or_404(sweep_id: str) -> Path:
         path = sweeps().get(sweep_id)
@@ -484,13 +538,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def sweep_view(sweep_id: str, path: Path) -> dict:
         from exp.sweep.manifest import SweepError, load_sweep, trials_of
 
+        process = registry.sweep(sweep_id)  # the process the service started for it, if any
         try:
             manifest = load_sweep(path, write=False)
         except (SweepError, OSError, ValueError) as e:
+            starting = process is not None and control.process_alive(process)  # sweep.json not written yet
+            error = None if starting else str(e)
+            if process is not None and not starting:
+                error += f" (its process ended, exit {launcher.poll(process['pid'])}: see {process['log_path']})"
             return {
                 "sweep_id": sweep_id,
                 "sweep_dir": str(path),
-                "error": str(e),
+                "status": "STARTING" if starting else "FAILED" if process else "UNKNOWN",
+                "error": error,
                 "trials": [],
                 "counts": {},
                 "best": None,
@@ -520,7 +580,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sign = -1 if (manifest.get("study") or {}).get("direction") == "maximize" else 1
         done = [t for t in trials if t["status"] == "FINISHED" and isinstance(t["val_loss"], (int, float))]
         best = min(done, key=lambda t: sign * t["val_loss"])["num"] if done else None
-        return {"sweep_id": sweep_id, "sweep_dir": str(path), "counts": counts, "best": best, "trials": trials}
+        status = "RUNNING" if control.sweep_running(process, trials) else "FINISHED"
+        return {
+            "sweep_id": sweep_id,
+            "sweep_dir": str(path),
+            "status": status,
+            "counts": counts,
+            "best": best,
+            "trials": trials,
+        }
 
     @app.get("/api/training/sweeps", tags=["sweeps"])
     def list_sweeps() -> list[dict]:
@@ -532,8 +600,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """A sweep's trials with status, overrides, val loss, SLURM job and MLflow run."""
         return sweep_view(sweep_id, sweep_or_404(sweep_id))
 
-    def relaunch_sweep(sweep_id: str, mode: str) -> dict:
+    def relaunch_sweep(sweep_id: str, mode: str, force: bool) -> dict:
         path = sweep_or_404(sweep_id)
+        with claims.hold("sweep " + sweep_id, f"sweep {sweep_id} is being relaunched"):
+            view = sweep_view(sweep_id, path)
+            if not view["trials"] and view["status"] != "STARTING":
+                raise control.Conflict(f"sweep {sweep_id} has no trials to {mode}: {view['error']}")
+            why = "starting" if view["status"] == "STARTING" else None
+            why = why or control.sweep_running(registry.sweep(sweep_id), view["trials"])
+            if why and not force:
+                raise control.Conflict(f"sweep {sweep_id} is still running ({why}); pass force=true to {mode} anyway")
+            return sweep_tool(sweep_id, path, mode)
+
+    def sweep_tool(sweep_id: str, path: Path, mode: str) -> dict:
+        """python -m exp.sweep MODE SWEEP_DIR in the background, recorded as the sweep's process."""
         log_dir = runs_dir / ".serve" / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{sweep_id}-{mode}-{int(time.time())}.log"
@@ -547,7 +627,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 start_new_session=True,
                 env={**os.environ, "PYTHONPATH": str(configs.ROOT)},
             )
+        registry.add_sweep(sweep_id, path, **process_of(child, log_path))
         return {"sweep_id": sweep_id, "requested": mode, "pid": child.pid, "log_path": str(log_path)}
+
+    def process_of(child: subprocess.Popen, log_path: Path) -> dict:
+        return {"pid": child.pid, "pid_start": control.process_start_time(child.pid), "log_path": str(log_path)}
 
     @app.post("/api/training/sweeps/start", status_code=201, tags=["sweeps"])
     def start_sweep(body: SweepIn) -> dict:
@@ -597,7 +681,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        sweep_id = run_id_for(sweep_dir).replace("r", "s", 1)
+        sweep_id = sweep_dir.name  # listed under it at once (STARTING until the sweep writes sweep.json)
+        registry.add_sweep(sweep_id, sweep_dir, **process_of(child, log_path))
         return {
             "sweep_id": sweep_id,
             "sweep_dir": str(sweep_dir),
@@ -608,14 +693,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
 
     @app.post("/api/training/sweeps/{sweep_id}/resume", status_code=202, tags=["sweeps"])
-    def resume_sweep(sweep_id: ID) -> dict:
-        """python -m exp.sweep resume: every unfinished trial continues from its newest checkpoint."""
-        return relaunch_sweep(sweep_id, "resume")
+    def resume_sweep(sweep_id: ID, body: Annotated[RelaunchIn | None, Body()] = None) -> dict:
+        """python -m exp.sweep resume: every unfinished trial continues from its newest checkpoint (409 while the
+        sweep still runs, unless `force`)."""
+        return relaunch_sweep(sweep_id, "resume", bool(body and body.force))
 
     @app.post("/api/training/sweeps/{sweep_id}/rerun-failed", status_code=202, tags=["sweeps"])
-    def rerun_failed(sweep_id: ID) -> dict:
-        """python -m exp.sweep rerun-failed: the FAILED trials run again."""
-        return relaunch_sweep(sweep_id, "rerun-failed")
+    def rerun_failed(sweep_id: ID, body: Annotated[RelaunchIn | None, Body()] = None) -> dict:
+        """python -m exp.sweep rerun-failed: the FAILED trials run again (409 while the sweep still runs, unless
+        `force`)."""
+        return relaunch_sweep(sweep_id, "rerun-failed", bool(body and body.force))
 
     # --- dashboard --------------------------------------------------------------------------------------
 
@@ -627,49 +714,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-class Guard:
-    """Plain ASGI middleware (cheaper per request than an http-middleware function): the bearer token on every
-    path but /api/health, and bodies over `max_body_bytes` (by Content-Length, or counted when chunked) refused
-    with 413."""
-
-    def __init__(self, app, token: str | None, max_body_bytes: int):
-        self.app, self.token, self.max_body_bytes = app, token, max_body_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        request = Request(scope)
-        if self.token and scope["path"] != "/api/health" and not _authorized(request, self.token):
-            response = JSONResponse({"detail": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send)
-        declared = request.headers.get("content-length")
-        too_big = JSONResponse({"detail": f"request body over {self.max_body_bytes} bytes"}, 413)
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            return await too_big(scope, receive, send)
-        if declared is not None or scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        # no Content-Length (chunked): read the body here, at most the limit, and hand it on whole
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                return await too_big(scope, receive, send)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()  # http.disconnect, when the client leaves
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
     """`base` with `changes` applied: an override of the same key replaces the earlier one (Hydra refuses two)."""
 
@@ -678,14 +722,6 @@ def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
 
     changed = {key(c) for c in changes}
     return [b for b in base if key(b) not in changed] + list(changes)
-
-
-def _authorized(request: Request, token: str) -> bool:
-    """A bearer token in the Authorization header, or `?token=` (the page itself, EventSource and downloads,
-    which cannot set headers)."""
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
-    return hmac.compare_digest(given.encode(), token.encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -700,22 +736,71 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT)
 
 
-def _tar_size(path: Path, names: list[str], manifest_size: int) -> int:
-    sizes = [manifest_size] + [(path / n).stat().st_size for n in names if n != control.MANIFEST]
+def _tar_size(sizes: list[int]) -> int:
     return sum(512 + s + (-s) % 512 for s in sizes) + 1024
 
 
-def _tar_stream(path: Path, names: list[str], manifest_bytes: bytes):
+def _tar_stream(folder: str, manifest_bytes: bytes, opened: list[tuple[str, BinaryIO, int]]):
     """An uncompressed tar, written as it is sent: <checkpoint>/manifest.json, then each file it lists."""
-    yield _tar_header(f"{path.name}/{control.MANIFEST}", len(manifest_bytes))
-    yield manifest_bytes + b"\0" * ((-len(manifest_bytes)) % 512)
-    for name in names:
-        if name == control.MANIFEST:
-            continue
-        size = (path / name).stat().st_size
-        yield _tar_header(f"{path.name}/{name}", size)
-        with (path / name).open("rb") as f:
-            while chunk := f.read(1 << 20):
-                yield chunk
-        yield b"\0" * ((-size) % 512)
-    yield b"\0" * 1024
+    try:
+        yield _tar_header(f"{folder}/{control.MANIFEST}", len(manifest_bytes))
+        yield manifest_bytes + b"\0" * ((-len(manifest_bytes)) % 512)
+        for name, f, size in opened:
+            yield _tar_header(f"{folder}/{name}", size)
+            yield from _chunks(f, size)
+            yield b"\0" * ((-size) % 512)
+        yield b"\0" * 1024
+    finally:
+        for _, f, _ in opened:
+            f.close()
+
+
+def _open_listed(run_dir: Path, folder: Path, names: list[str]) -> list[tuple[str, BinaryIO, int]]:
+    """Each listed file that is there, opened now (its size fixed for Content-Length); Refused (404) when one is a
+    symlink or no regular file inside the checkpoint."""
+    opened = []
+    try:
+        for name in names:
+            try:
+                f = open_inside(run_dir, folder / name)
+            except OSError:  # missing: left out, as before
+                continue
+            opened.append((name, f, os.fstat(f.fileno()).st_size))
+    except BaseException:
+        for _, f, _ in opened:
+            f.close()
+        raise
+    return opened
+
+
+def _one_file(run_dir: Path, relative: Path, entry, missing: str) -> StreamingResponse:
+    """One file a checkpoint's manifest lists, with the manifest's SHA-256 in X-Checksum-SHA256 and Digest."""
+    try:
+        digest = base64.b64encode(bytes.fromhex(entry["sha256"])).decode()
+        f = open_inside(run_dir, relative)
+    except (TypeError, KeyError, ValueError, OSError, Refused):
+        raise HTTPException(404, missing) from None
+    size = os.fstat(f.fileno()).st_size
+    headers = {
+        "Content-Length": str(size),
+        "Content-Disposition": _attachment(relative.name),
+        "X-Checksum-SHA256": entry["sha256"],
+        "Digest": f"sha-256={digest}",
+    }
+    return StreamingResponse(_chunks(f, size), media_type="application/octet-stream", headers=headers)
+
+
+def _chunks(f: BinaryIO, size: int):
+    """`size` bytes of an opened file, then closed; zeros for what it lost since it was opened (the SHA-256 tells)."""
+    with f:
+        left = size
+        while left and (chunk := f.read(min(left, 1 << 20))):
+            left -= len(chunk)
+            yield chunk
+        if left:
+            yield b"\0" * left
+
+
+def _attachment(name: str) -> str:
+    quoted = quote(name)
+    return f'attachment; filename="{name}"' if quoted == name else f"attachment; filename*=utf-8''{quoted}"

@@ -28,7 +28,7 @@ RESERVED_PATHS = ("tracking.run_id", "tracking.uri", "tracking.artifact_location
 MAX_OVERRIDES = 64
 MAX_OVERRIDE_CHARS = 1000
 _GROUP_CHOICE = re.compile(r"^[+~]?[a-z_]+(/[a-z_]+)*$")
-_OPTION = re.compile(r"^[A-Za-z0-9_]+$")  # a group option's name (tracking=mlflow), as opposed to a mapping
+_OPTION = re.compile(r"^[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*$")  # group options (tracking=mlflow; a grid: a,b), not a mapping
 _compose_lock = threading.Lock()  # Hydra's global state (GlobalHydra, HydraConfig) is one per process
 
 

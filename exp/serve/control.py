@@ -7,6 +7,7 @@ submitit. Stop is SIGTERM (the run finishes its step, saves a checkpoint and end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.rundir import METRICS, read_json, read_summary
 from exp.serve.configs import ROOT, TRAIN_PY
+from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -29,6 +31,28 @@ LOCAL_LAUNCHER = "local"
 
 class Conflict(Exception):
     """The job is not in a state that allows this (stop a finished job, resume a running one): HTTP 409."""
+
+
+class Claims:
+    """Keys held while a request checks that nothing the same is under way and then starts it (FastAPI runs sync
+    routes on a thread pool): two requests for one thing at once cannot both pass the check."""
+
+    def __init__(self):
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key: str, busy: str):
+        """Hold `key` for the block; Conflict(busy) when another request holds it."""
+        with self._lock:
+            if key in self._held:
+                raise Conflict(busy)
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.discard(key)
 
 
 # --- processes ----------------------------------------------------------------------------------------
@@ -143,6 +167,13 @@ class Launcher:
             child = self._children.get(pid) if pid else None
         return child.poll() if child is not None else None
 
+    def running(self, pid: int | None) -> bool:
+        """Whether pid is a child this service started that has not been reaped: a process whose last threads are
+        still exiting shows as a zombie before its exit status can be collected, and counts as running till then."""
+        with self._lock:
+            child = self._children.get(pid) if pid else None
+        return child is not None and child.poll() is None
+
     def _reap(self) -> None:
         """Reap ended children; only their exit status is kept (a long-lived service starts many)."""
         while True:
@@ -235,19 +266,19 @@ class MetricsCache:
 
     def rows(self, run_dir: Path) -> list[dict]:
         path = Path(run_dir) / METRICS
-        try:
-            stat = path.stat()
-        except OSError:
+        try:  # never a symlinked metrics.jsonl: its target's lines would be served as metrics
+            f = open_inside(run_dir, METRICS)
+        except (OSError, Refused):
             return []
         key = str(path)
-        with self._lock:
+        with f, self._lock:
+            stat = os.fstat(f.fileno())
             inode, offset, rows = self._files.get(key, (stat.st_ino, 0, []))
             if inode != stat.st_ino or stat.st_size < offset:  # rewritten (a resume drops lines past its step)
                 offset, rows = 0, []
             if stat.st_size > offset:
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(stat.st_size - offset)
+                f.seek(offset)
+                chunk = f.read(stat.st_size - offset)
                 complete = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
                 for line in chunk[:complete].splitlines():
                     try:
@@ -291,7 +322,7 @@ def mlflow_run_id(run_dir: Path, summary: dict | None, ahead: str | None = None)
 def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     """status as in summary.json once the run wrote it; before that RUNNING while its process lives (or SLURM
     says it runs), PENDING while queued or starting, UNKNOWN while SLURM does not say, else FAILED (it ended
-    without a summary) or KILLED (stopped before it could write one)."""
+    without a summary) or KILLED (stopped before it could write one, or ended by a signal: `signal` names it)."""
     run_dir = Path(job["run_dir"])
     summary = read_summary(run_dir)
     if summary is not None and _written_before_launch(job, run_dir):
@@ -301,7 +332,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     step = (summary or {}).get("step") if summary else (train_rows[-1]["step"] if train_rows else 0)
     num_steps = (summary or {}).get("num_steps") or cache.num_steps(run_dir)
     slurm = None
-    alive = process_alive(job)
+    alive = process_alive(job) or launcher.running(job.get("pid"))  # ended only once its exit status is known
     if job.get("slurm_job_id"):
         slurm = {"job_id": job["slurm_job_id"], "state": slurm_state(job["slurm_job_id"])}
         alive = slurm["state"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED")
@@ -315,7 +346,8 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     elif job["source"] == "cli" and _lock_held(run_dir):
         status = "RUNNING"
     else:
-        status = "KILLED" if job.get("stop_requested") else "FAILED"
+        signalled = killed_by(launcher.poll(job.get("pid"))) or bool(summary)  # a summary still saying RUNNING
+        status = "KILLED" if job.get("stop_requested") or signalled else "FAILED"
     eta = None
     if status == "RUNNING" and num_steps and train_rows:
         step_ms = train_rows[-1].get("perf/step_ms")
@@ -341,7 +373,61 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     if summary:
         for key in ("error", "stop_reason", "val_loss", "train_loss", "tokens_per_s", "checkpoint", "best_checkpoint"):
             out[key] = summary.get(key)
+        if summary.get("signal"):  # written by the service for a run killed without one (killed_summary)
+            out["exit_code"] = out["exit_code"] or summary.get("exit_code")
+    out["signal"] = killed_by(out["exit_code"])
+    if out["signal"] and status == "KILLED" and not (summary and summary.get("status") in TERMINAL):
+        # ended from outside (SIGKILL, the OOM killer) before the run could write its ending
+        out["stop_reason"] = f"killed by {out['signal']}"
+        out["error"] = None if job.get("stop_requested") else out["stop_reason"]
     return out
+
+
+def killed_by(exit_code: int | None) -> str | None:
+    """The signal's name when a process ended by one (a negative exit status), else None."""
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
+
+
+def killed_summary(job: dict, status: dict) -> dict | None:
+    """summary.json for a launch that a signal ended before the run wrote one (`status`: job_status's answer), so
+    that the run directory says KILLED to every reader; None when the run's own summary of this launch is there or
+    the run directory was never created."""
+    run_dir = Path(job["run_dir"])
+    summary = read_summary(run_dir)
+    own = summary is not None and summary.get("status") in TERMINAL and not _written_before_launch(job, run_dir)
+    if own or not run_dir.is_dir():
+        return None
+    uri, run_id = killed_run(job) or (None, status.get("mlflow_run_id"))
+    return {
+        "status": "KILLED",
+        "stop_reason": status.get("stop_reason"),
+        "error": status.get("error"),
+        "signal": status["signal"],
+        "exit_code": status["exit_code"],
+        "step": status["step"],
+        "num_steps": status["num_steps"],
+        "run_dir": str(run_dir.resolve()),
+        "mlflow_tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "written_by": "exp.serve",  # the run itself could not write it
+    }
+
+
+def killed_run(job: dict) -> tuple[str, str] | None:
+    """(store URI, run id) of the MLflow run a killed job may have left open, when it is in the store the service
+    created the job's run in (the service connects to no store a client named); None otherwise."""
+    uri = job.get("tracking_uri")
+    if not uri:
+        return None
+    record = read_json(Path(job["run_dir"]) / RUN_MARKER)
+    if isinstance(record, dict) and record.get("run_id"):  # the run its tracker took (or opened instead)
+        return (uri, record["run_id"]) if record.get("tracking_uri") == uri else None
+    return (uri, job["mlflow_run_id"]) if job.get("mlflow_run_id") else None
 
 
 def _logged_since_launch(job: dict) -> bool:
@@ -384,6 +470,16 @@ def _lock_held(run_dir: Path) -> bool:
         return False
 
 
+def sweep_running(process: dict | None, trials: list[dict]) -> str | None:
+    """Why a sweep is still running (the process the service started for it lives, a trial trains), or None."""
+    if process and process_alive(process):
+        return f"its process {process['pid']} is running"
+    for trial in trials:
+        if trial.get("status") == "RUNNING" and _lock_held(Path(trial["run_dir"])):
+            return f"trial {trial['num']} is RUNNING"
+    return None
+
+
 # --- steering -----------------------------------------------------------------------------------------------
 
 
@@ -418,11 +514,10 @@ def send(job: dict, status: str, signum: int, what: str) -> None:
 
 def checkpoints(run_dir: Path, summary: dict | None) -> list[dict]:
     """Every step_* checkpoint of a run: step, bytes, SHA-256 per file (from its manifest), best."""
-    root = Path(run_dir) / "checkpoints"
     best = (summary or {}).get("best_checkpoint")
     out = []
-    for path in list_checkpoints(root):
-        manifest = read_json(path / MANIFEST)
+    for path in served_checkpoints(run_dir):
+        manifest = _manifest(run_dir, path)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             continue  # being written, or damaged: not offered
         files = manifest["files"]
@@ -447,15 +542,34 @@ def checkpoints(run_dir: Path, summary: dict | None) -> list[dict]:
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path | None:
-    for path in list_checkpoints(Path(run_dir) / "checkpoints"):
-        if int(path.name.split("_")[1]) == step and (path / MANIFEST).exists():
+    for path in served_checkpoints(run_dir):
+        manifest = path / MANIFEST
+        if int(path.name.split("_")[1]) == step and manifest.is_file() and not manifest.is_symlink():
             return path
     return None
 
 
-def tail(path: Path, num_bytes: int) -> str:
+def served_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's step_* folders that are real folders inside it: a symlinked one (or checkpoints/) could point
+    anywhere, so it is neither listed, downloaded nor resumed from."""
+    root = Path(run_dir) / "checkpoints"
+    return [] if root.is_symlink() else [p for p in list_checkpoints(root) if not p.is_symlink()]
+
+
+def _manifest(run_dir: Path, path: Path) -> dict | None:
+    """A checkpoint's manifest, read without following a symlink; None when missing or unreadable."""
     try:
-        with Path(path).open("rb") as f:
+        manifest = json.loads(read_inside(run_dir, Path("checkpoints") / path.name / MANIFEST))
+    except (OSError, ValueError, Refused):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def tail(root: Path, path: Path, num_bytes: int) -> str:
+    """The last `num_bytes` of a log file below `root` ("" while it is missing); Refused for a symlink on the way
+    or a file that is not regular."""
+    try:
+        with open_inside(root, relative_inside(root, path)) as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - num_bytes))
