@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from exp.errors import ConfigError  # noqa: E402
 from exp.serve import Settings, create_app  # noqa: E402
-from exp.serve.app import merge_overrides  # noqa: E402
+from exp.serve.routes.jobs import merge_overrides  # noqa: E402
 
 from .conftest import ROOT, TINY, run_train  # noqa: E402
 

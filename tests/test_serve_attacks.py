@@ -46,6 +46,7 @@ def module_attribute_targets() -> list[str]:
     import exp.checkpoint.weights  # noqa: F401
     import exp.config  # noqa: F401
     import exp.serve.app  # noqa: F401
+    import exp.serve.routes.sweeps  # noqa: F401
 
     dangerous = {
         "os": "makedirs",
@@ -120,7 +121,7 @@ def test_every_placement_of_a_target_is_checked(world, overrides):
     "override, search",
     [
         ("optimizer._target_=torch.optim.AdamW,exp.config.os.makedirs", None),  # a grid's later value
-        ("optimizer._target_=choice(torch.optim.AdamW, exp.serve.app.subprocess.run)", {}),  # a search's choice
+        ("optimizer._target_=choice(torch.optim.AdamW, exp.serve.routes.sweeps.subprocess.run)", {}),  # a choice
     ],
 )
 def test_every_value_of_a_sweep_is_checked(world, override, search):

@@ -52,8 +52,8 @@ def test_the_same_object_under_another_spelling_is_allowed():
         "exp.config.instantiate",  # hydra's instantiate, imported into exp.config
         "exp.checkpoint.weights.torch.load",
         "exp.data.Path",  # pathlib.Path, re-exported
-        "exp.serve.app.subprocess.run",
-        "exp.serve.app.os.system",
+        "exp.serve.routes.sweeps.subprocess.run",
+        "exp.serve.routes.sweeps.os.system",
         "torch.optim.optimizer.torch.load",  # through a trusted package's module
         "exp.config",  # a module, not a class or function
         "exp.targets.Allowlist.locate",  # a method
