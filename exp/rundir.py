@@ -110,10 +110,6 @@ def read_summary(run_dir) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
-def has_summary(run_dir) -> bool:
-    return (Path(run_dir) / SUMMARY).is_file()
-
-
 class RunLock:
     """Exclusive flock on run_dir/.lock for as long as the context is open; a second holder is refused."""
 

@@ -20,13 +20,11 @@ from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.rundir import METRICS, read_json, read_summary
-from exp.serve.configs import ROOT, TRAIN_PY
+from exp.serve.configs import TRAIN_PY
 from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-SLURM_LAUNCHER = "slurm"
-LOCAL_LAUNCHER = "local"
 
 
 class Conflict(Exception):
@@ -576,7 +574,3 @@ def tail(root: Path, path: Path, num_bytes: int) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def repo_root() -> Path:
-    return ROOT
