@@ -108,3 +108,15 @@ def test_the_walk_finds_cycles_and_lazy_imports(tmp_path):
     (tmp_path / "mod.py").write_text("def f():\n    from exp.run import train\n")
     modules = {module_name(p) for p in PACKAGE.rglob("*.py")}
     assert "exp.run" in imports_of(tmp_path / "mod.py", modules, name="exp.mod")
+
+
+def test_no_function_in_exp_is_over_100_lines():
+    """A function a reader must hold in mind at once stays short; create_app was 506 lines once."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 100:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, long
