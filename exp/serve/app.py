@@ -13,8 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+import exp.serve.control as control
 from exp.errors import ConfigError
-from exp.serve import control
 from exp.serve.guard import Guard, Refused
 from exp.serve.routes import checkpoints, configs, jobs, metrics, sweeps
 from exp.serve.state import Service, Settings

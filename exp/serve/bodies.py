@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from exp.serve import configs
+import exp.serve.configs as configs
 
 ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}$", description="an id the service gave out")]
 CHECKPOINT_ID = Annotated[str, PathParam(pattern=r"^[A-Za-z0-9_]{1,64}-[0-9]{1,12}$", description="JOBID-STEP")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from exp.serve import configs
+import exp.serve.configs as configs
 from exp.serve.bodies import ID, ConfigIn
 from exp.serve.state import ServiceDep
 
