@@ -241,7 +241,7 @@ def _derive_num_steps(cfg: DictConfig) -> None:
     epochs = stage.num_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0:
         raise ConfigError(f"stage.num_epochs={epochs!r} must be a number > 0, or null")
-    if "stage.num_steps" in _command_line_keys():
+    if stage.get("num_steps") is not None and "stage.num_steps" in _command_line_keys():  # =null: not set
         raise ConfigError(
             f"stage.num_steps={stage.num_steps} and stage.num_epochs={epochs} are both set: set one of them "
             "(the other is derived)"

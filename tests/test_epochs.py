@@ -68,3 +68,11 @@ def test_the_epoch_is_logged(tokens_dir, tmp_path):
     logged = [r for r in read_metrics(run_dir / "metrics.jsonl") if "progress/epoch" in r]
     assert cfg.stage.num_steps == 4 and logged  # 2 epochs of 8 windows, 4 per step
     assert logged[-1]["progress/epoch"] == pytest.approx(2.0)
+
+
+def test_num_steps_null_beside_num_epochs_counts_as_not_set(tokens_dir, tmp_path):
+    cfg = compose_train(
+        *TINY, "data=memmap", f"data.path={tokens_dir}", "stage.num_epochs=1", "stage.num_steps=null", run_dir=tmp_path
+    )
+    validate(cfg)
+    assert cfg.stage.num_steps == math.ceil(instantiate(cfg.data).epoch_size() / 4)
