@@ -46,10 +46,10 @@ def run_cli(main: Callable) -> None:
     """Run a @hydra.main function; Hydra's own compose errors (exit 1 before the job starts) exit 2, and a sweep
     whose trials all ran but some FAILED exits 1 with one line saying how many and where to look.
 
-    `resume=auto` / `resume=PATH` on the command line are short for `resume.path=...`: `resume` is a node
-    (it also holds allow_config_change), and Hydra cannot assign a string to a node.
+    `resume=auto` / `resume=PATH` on the command line are short for `resume.path=...` and `lr_find=true` for
+    `lr_find.enabled=true` (config.expand_shorthand): Hydra would replace the node with the value.
     """
-    sys.argv = [f"resume.path={a[len('resume=') :]}" if a.startswith("resume=") else a for a in sys.argv]
+    sys.argv = [sys.argv[0], *map(config.expand_shorthand, sys.argv[1:])]
     saved = _saved_run_config(sys.argv)
     if saved is not None:  # its config.yaml is the composed result: no groups, so `tracking=none` becomes a string
         print(

@@ -258,6 +258,17 @@ def _derive_num_steps(cfg: DictConfig) -> None:
     stage.num_steps = max(1, math.ceil(epochs * size / per_step))
 
 
+def expand_shorthand(arg: str) -> str:
+    """`resume=X` is short for resume.path=X and `lr_find=true|false` for lr_find.enabled=...: both are nodes, and
+    Hydra would replace the node with the value, so `lr_find=true lr_find.num_steps=40` could not combine."""
+    key, eq, value = arg.partition("=")
+    if eq and key == "resume":
+        return f"resume.path={value}"
+    if eq and key == "lr_find" and value.lower() in ("true", "false"):
+        return f"lr_find.enabled={value.lower()}"
+    return arg
+
+
 def _command_line_keys() -> set[str]:
     """The keys set by this job's overrides (command line or sweep point); empty outside Hydra."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from exp.config import CONFIG_ERROR_EXIT
+from exp.config import CONFIG_ERROR_EXIT, expand_shorthand
 from exp.text import first_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,8 +167,7 @@ def merge(recorded: Recorded, user: list[str]) -> tuple[list[str], list[str], li
     parsed_base = [(line, _parse(line)) for line in base]
     new: list[str] = []
     for line in user:
-        if line.startswith("resume="):  # run_cli's shorthand, spelled out so it meets a recorded resume.path
-            line = f"resume.path={line[len('resume=') :]}"
+        line = expand_shorthand(line)  # run_cli's shorthands, spelled out so they meet a recorded resume.path
         u = _parse(line)
         if u is None:
             new.append(line)

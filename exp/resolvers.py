@@ -6,11 +6,15 @@
                                           (when that adds at most 1/16: bytes stay 264)
 
 They never fail on a path that does not exist: the data's own checks name that problem, in one line.
+
+  ${exp_run_dir:}                         the job's output directory (hydra.runtime.output_dir); before a job
+                                          runs (`train.py --cfg job --resolve`) the one it would get
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -48,6 +52,19 @@ def padded_vocab(vocab_size, multiple: int = 64) -> int:
     return padded if (padded - n) * 16 <= n else n
 
 
+def run_dir() -> str | None:
+    """hydra.runtime.output_dir once the job runs. Hydra sets it only then, so `--cfg job --resolve` would print
+    null: a single run's is hydra.run.dir made absolute, as Hydra makes it; a sweep's trial has none yet."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    output_dir = OmegaConf.select(hydra, "runtime.output_dir", default=None)  # ??? until the job runs
+    if output_dir:
+        return output_dir
+    return None if hydra.mode == RunMode.MULTIRUN else os.path.abspath(hydra.run.dir)  # --cfg: mode None
+
+
 def register() -> None:
     for name, fn in (
         ("exp_data_vocab", data_vocab),
@@ -56,3 +73,5 @@ def register() -> None:
     ):
         if not OmegaConf.has_resolver(name):  # cached per config: validation resolves it many times
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
+    if not OmegaConf.has_resolver("exp_run_dir"):  # not cached: the directory is set once the job starts
+        OmegaConf.register_new_resolver("exp_run_dir", run_dir)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import exp.run
@@ -15,7 +16,7 @@ from exp.hardware import Runtime
 from exp.loop import Trained
 from exp.lr_find import run_range_test
 
-from .conftest import TINY, compose_train
+from .conftest import TINY, compose_train, run_train
 
 CURVATURE = 100.0  # plain SGD on 0.5 * a * |w|^2 converges fastest near lr = 1/a and diverges past lr = 2/a
 
@@ -78,3 +79,16 @@ def test_lr_find_true_is_short_for_enabled(tmp_path):
 
     assert validate(compose_train(*TINY, "lr_find=true", run_dir=tmp_path / "run")).run.lr_find.enabled
     assert not validate(compose_train(*TINY, run_dir=tmp_path / "run")).run.lr_find.enabled
+
+
+def test_lr_find_true_combines_with_its_keys_on_the_command_line(tmp_path):
+    from exp.config import expand_shorthand, validate
+
+    assert expand_shorthand("lr_find=True") == "lr_find.enabled=true" and expand_shorthand("lr_find=x") == "lr_find=x"
+    overrides = [expand_shorthand(o) for o in ("lr_find=true", "lr_find.num_steps=40", "lr_find.min_lr=1e-5")]
+    settings = validate(compose_train(*TINY, *overrides, run_dir=tmp_path / "run")).run.lr_find
+    assert settings.enabled and settings.num_steps == 40 and settings.min_lr == 1e-5
+    proc = run_train(*TINY, "lr_find=true", "lr_find.num_steps=40", "--cfg", "job", cwd=tmp_path)  # as typed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = yaml.safe_load(proc.stdout)["lr_find"]
+    assert found["enabled"] is True and found["num_steps"] == 40

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from exp.rundir import read_metrics
 
@@ -80,6 +81,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     for word in ("parameters", "training FLOPs", "memory estimate", "learning rate"):
         assert word in out
     assert not run_dir.exists()
+
+
+def test_cfg_job_resolve_prints_the_run_dir_and_vocabulary_the_run_would_use(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(*TINY, f"hydra.run.dir={run_dir}", "--cfg", "job", "--resolve", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["run_dir"] == str(run_dir) and cfg["checkpoint"]["dir"] == f"{run_dir}/checkpoints"
+    assert cfg["model"]["vocab_size"] == 264
+    proc = run_train(*TINY, "--cfg", "job", "--resolve", cwd=tmp_path)  # the default: runs/<date>/<time>_<name>
+    assert yaml.safe_load(proc.stdout)["run_dir"].startswith(f"{tmp_path}/runs/")
+    assert not run_dir.exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
