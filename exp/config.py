@@ -16,7 +16,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from exp.errors import ConfigError
@@ -25,7 +25,7 @@ from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 # keys exp reads itself, not parameters of the group's _target_: component() leaves them out of what is built
-EXP_KEYS = {"model": ("freeze",), "optimizer": ("param_groups",)}
+EXP_KEYS = {"model": ("freeze", "recipe"), "optimizer": ("param_groups",)}
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = ConfigError.exit_code
 # Set by the job service for every job and sweep it starts (comma-separated packages or objects the operator
@@ -52,7 +52,7 @@ def _check_target_allowlist(cfg: DictConfig) -> None:
 class SampleConfig:
     """Text generated from the trained model at the end of a run."""
 
-    prompt: str | None = None  # None: the stage's own (SAMPLE_PROMPTS)
+    prompt: str | None = None  # None: from the data's validation text (exp.sampling); SFT: a user's turn
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int | None = 40
@@ -103,7 +103,7 @@ class LRFindConfig:
     min_lr: float = 1e-6
     max_lr: float = 1.0
     num_steps: int = 100  # at most; the test stops once the smoothed loss diverges
-    smoothing: float = 0.05  # weight of each new loss in the smoothed (bias-corrected EMA) loss
+    smoothing: float = 0.05  # weight of each new loss in the smoothed loss; at least 10 / num_steps (exp.lr_find)
     diverge: float = 4.0  # stop when the smoothed loss exceeds this times its lowest value
 
     def __post_init__(self):
@@ -164,6 +164,7 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     """
     _check_target_allowlist(cfg)  # before anything below imports a _target_
     _check_resolvable(cfg)
+    _settle_recipe(cfg)
     _link_stage_values(cfg)
     _derive_num_steps(cfg)
     known = set(GROUPS) | {f.name for f in dataclasses.fields(RunConfig)}
@@ -196,6 +197,26 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     _check_writable("checkpoint.dir", cfg.checkpoint.dir)
     _check_buildable(cfg, stage)
     return Validated(run=run, stage=stage, hardware=hardware)
+
+
+def _settle_recipe(cfg: DictConfig) -> None:
+    """model.recipe holds a model preset's defaults for stage keys (conf/model/gpt_small.yaml), which the stage's
+    file interpolates where it has no value of its own. Fix those stage values and drop model.recipe, in place, so
+    what is recorded, checkpointed and exported holds the values, not the preset's defaults."""
+    model, stage = cfg.get("model"), cfg.get("stage")
+    if not isinstance(model, DictConfig) or model.get("recipe") is None:
+        return
+    if not isinstance(model.recipe, DictConfig):
+        raise ConfigError(f"model.recipe={model.recipe!r} must be a mapping of stage keys to values")
+    for key in model.recipe:
+        if not isinstance(stage, DictConfig) or key not in stage:
+            raise ConfigError(f"model.recipe.{key}: not a stage key (known: {', '.join(stage or ())})")
+    raw = OmegaConf.to_container(stage, resolve=False)
+    for key, value in raw.items():
+        if isinstance(value, str) and "model.recipe." in value:
+            stage[key] = stage[key]
+    with open_dict(model):
+        del model["recipe"]
 
 
 def _link_stage_values(cfg: DictConfig) -> None:

@@ -3,8 +3,10 @@ growing exponentially from lr_find.min_lr to max_lr, stop once the smoothed loss
 stage.learning_rate. Nothing is checkpointed; the run directory gets lr_find.json, lr_find.png and summary.json.
 
 The suggestion is the learning rate where the (centred average) loss falls fastest against log(lr), before its minimum
-(the "steepest" rule; the minimum's lr / 10 is reported too). Both are heuristics: on transformers with warmup
-and decay the best lr of a real run is often several times either (see the README's comparison).
+(the "steepest" rule of fastai and lr-finder; the minimum's lr / 10 is reported too). Both are heuristics: on
+transformers with warmup and decay the best lr of a real run is often several times either (see the README's
+comparison). The running and the centred average span at most a tenth of the test (effective_smoothing), so a
+short test still sees the fall and the divergence.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from exp.loop import Trained, train_step
 
-EDGE = 0.1  # share of the points at each end left out of the steepest-slope search (warm-up noise, divergence)
+SPAN = 0.1  # the most of the test's steps an average may span: lr_find.smoothing is raised to 1 / (SPAN * num_steps)
 
 
 @dataclass
@@ -50,6 +52,7 @@ def run_range_test(t: Trained, batches, settings) -> RangeTest:
     lrs, losses, smoothed = [], [], []
     avg, best, stopped = 0.0, math.inf, f"reached lr_find.max_lr={settings.max_lr:g}"
     ratio = settings.max_lr / settings.min_lr
+    smoothing = effective_smoothing(settings.smoothing, settings.num_steps)
     for i in range(settings.num_steps):
         lr = settings.min_lr * ratio ** (i / (settings.num_steps - 1))
         for group in t.optimizer.param_groups:
@@ -68,8 +71,8 @@ def run_range_test(t: Trained, batches, settings) -> RangeTest:
         if not math.isfinite(loss):
             stopped = f"the loss became {loss} at lr {lr:.3g}"
             break
-        avg = (1 - settings.smoothing) * avg + settings.smoothing * loss
-        smooth = avg / (1 - (1 - settings.smoothing) ** (i + 1))  # bias-corrected: the first points are not low
+        avg = (1 - smoothing) * avg + smoothing * loss
+        smooth = avg / (1 - (1 - smoothing) ** (i + 1))  # bias-corrected: the first points are not low
         lrs.append(lr)
         losses.append(loss)
         smoothed.append(smooth)
@@ -78,24 +81,30 @@ def run_range_test(t: Trained, batches, settings) -> RangeTest:
             stopped = f"the smoothed loss passed {settings.diverge:g} x its lowest at lr {lr:.3g}"
             break
     result = RangeTest(lrs, losses, smoothed, stopped)
-    suggest(result, settings.smoothing)
+    suggest(result, smoothing)
     return result
 
 
+def effective_smoothing(smoothing: float, num_steps: int) -> float:
+    """lr_find.smoothing, raised so that an average spans at most SPAN of the steps: 1/0.05 = 20 steps of a 40-step
+    test would average the fall away and notice the divergence only after it."""
+    return min(1.0, max(smoothing, 1 / (SPAN * num_steps)))
+
+
 def suggest(result: RangeTest, smoothing: float = 0.05) -> None:
-    """Fill in the suggestion: the steepest descent of the loss against log10(lr) before its minimum, both read
-    from a centred moving average (the running average that decides when to stop lags by ~1/smoothing steps,
-    which would push the suggestion to larger learning rates)."""
+    """Fill in the suggestion: the steepest descent of the loss against log10(lr) before its minimum (where it
+    starts to diverge), both read from a centred moving average of about 1/smoothing steps (the running average
+    that decides when to stop lags by ~1/smoothing steps, which would push the suggestion to larger rates)."""
     losses = np.asarray(result.losses)
     if len(losses) < 5:
         result.method = f"no suggestion: only {len(losses)} finite steps (lower lr_find.min_lr)"
         return
-    half = max(1, round(0.5 / smoothing))
+    half = max(1, round(0.5 / effective_smoothing(smoothing, len(losses))))  # a tenth of the steps recorded
     centred = np.array([losses[max(0, i - half) : i + half + 1].mean() for i in range(len(losses))])
     lowest = int(np.argmin(centred))
     result.min_loss_lr = result.lrs[lowest]
-    edge = max(1, int(EDGE * len(losses)))
-    window = slice(edge, max(edge + 2, lowest + 1))
+    start = min(half, len(losses) - 2)  # the first points' averages are one-sided
+    window = slice(start, max(start + 2, lowest + 1))
     slopes = np.gradient(centred, np.log10(result.lrs))[window]
     steepest = window.start + int(np.argmin(slopes))
     result.suggestion = result.lrs[steepest]

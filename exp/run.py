@@ -35,7 +35,7 @@ from exp.faults import EarlyStopping, FaultGuard, SaveOnSignal, StopSignals
 from exp.model.protocol import generate, num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
-from exp.sampling import chat_reply
+from exp.sampling import chat_reply, data_prompt
 from exp.stages import SFT
 from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker
@@ -280,7 +280,9 @@ def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, s
         tracker.set_tags({"stop_reason": stop_reason, "stopped_at_step": str(state.step)})
     sample = None
     chat = isinstance(t.stage, SFT)  # SFT taught the chat template: the prompt is the user's turn
-    prompt = run.sample.prompt if run.sample.prompt is not None else SAMPLE_PROMPTS[chat]
+    prompt = run.sample.prompt
+    if prompt is None:  # SFT: a user's turn; else the data's own (exp.sampling.prompt_from_text: "def " for code)
+        prompt = SAMPLE_CHAT_PROMPT if chat else data_prompt(built.data, built.tokenizer)
     if status == "FINISHED" and not checkpointer.sharded:  # a sharded model has no whole copy here to sample
         sample = generate_sample(t.model, run.sample, prompt, built.tokenizer, t.rt, chat=chat)
     if sample is not None and chat:
@@ -379,12 +381,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# the end-of-run sample's prompt when sample.prompt is null: a continuation of code, or (SFT, chat=True) a user's
-# turn like the default SFT set's: a def line and its docstring, answered with the body
-SAMPLE_PROMPTS = {
-    False: "def ",
-    True: 'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n',
-}
+# the end-of-run sample's prompt of an SFT run when sample.prompt is null: a user's turn like the default SFT set's,
+# a def line and its docstring, answered with the body
+SAMPLE_CHAT_PROMPT = 'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n'
 
 
 @torch.no_grad()

@@ -4,13 +4,45 @@ end-of-run sample."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from exp.data.sft.template import chat_markers, chat_prompt
 from exp.data.tokenizer import ByteTokenizer
 from exp.model.protocol import generate
+
+CODE_PROMPT = "def "  # Python text's own way into a function: what the stdlib corpus's validation text gives
+PYTHON_DEF = re.compile(r"^[ \t]*(async )?def \w+\(", re.M)
+PROMPT_WORDS = 4  # prose: the first words of a validation document
+PROMPT_TOKENS = 16_384  # the validation text read to choose a prompt
+
+
+def data_prompt(data, tokenizer) -> str:
+    """The end-of-run sample's prompt from the data's own validation text (token data: `arrays()`), else "" (the
+    model starts a document of its own). See prompt_from_text for the rule."""
+    if tokenizer is None or not hasattr(data, "arrays"):
+        return ""
+    train, val = data.arrays()
+    ids = np.asarray(val[:PROMPT_TOKENS]).tolist()
+    document = ids[: ids.index(tokenizer.EOT)] if tokenizer.EOT in ids else ids
+    # split by documents, train ends with an end-of-text and val starts a document; split by tokens, mid-line
+    whole = len(train) == 0 or int(train[-1]) == tokenizer.EOT
+    return prompt_from_text(tokenizer.decode(ids), tokenizer.decode(document), whole)
+
+
+def prompt_from_text(text: str, document: str, starts_at_document: bool = True) -> str:
+    """Python (a `def name(` line in the validation text): "def ", as a code corpus's own functions begin. Otherwise
+    the first PROMPT_WORDS words of the first validation document's first line with text (its first whole line when
+    the validation text starts mid-document), or "" when there is none."""
+    if PYTHON_DEF.search(text):
+        return CODE_PROMPT
+    lines = document.split("\n")
+    lines = lines if starts_at_document else lines[1:]
+    line = next((ln.strip() for ln in lines if ln.strip() and "\ufffd" not in ln), "")
+    return " ".join(line.split()[:PROMPT_WORDS])
 
 
 def generate_text(

@@ -133,3 +133,26 @@ def test_an_optimizer_with_its_own_weight_decay_keeps_it_beside_the_stage_value(
     cfg = make_cfg("optimizer=adam", "stage.weight_decay=0.1")  # adam.yaml: weight_decay 0.0 (coupled L2)
     validate(cfg)
     assert cfg.optimizer.weight_decay == 0.0 and cfg.stage.weight_decay == 0.1
+
+
+def test_a_model_preset_brings_its_recipe_unless_the_stage_or_the_command_line_sets_one(tmp_path):
+    def stage_of(*overrides):
+        return compose_train("hardware=cpu", "tracking=none", *overrides, run_dir=tmp_path / "run").stage
+
+    small = stage_of("model=gpt_small")
+    recipe = (small.learning_rate, small.warmup_ratio, small.weight_decay, small.batch_size_per_gpu)
+    assert recipe == (6e-4, 0.04, 0.1, 16)
+    assert stage_of("model=gpt_tiny").learning_rate == 3e-3 and stage_of("model=custom").learning_rate == 3e-3
+    assert stage_of("model=gpt_small", "stage.learning_rate=1e-3").learning_rate == 1e-3  # the command line wins
+    assert stage_of("model=gpt_small", "stage=distill").learning_rate == 6e-4
+    sft = stage_of("model=gpt_small", "stage=sft")  # SFT's own recipe
+    assert (sft.learning_rate, sft.weight_decay) == (1e-3, 0.0)
+
+
+def test_the_recipe_is_settled_into_the_stage_and_a_key_the_stage_lacks_is_refused(tmp_path):
+    cfg = compose_train("model=gpt_small", "hardware=cpu", "tracking=none", run_dir=tmp_path / "run")
+    assert validate(cfg).stage.learning_rate == 6e-4
+    assert "recipe" not in cfg.model and cfg.stage.learning_rate == 6e-4 and cfg.optimizer.lr == 6e-4
+    bad = compose_train("+model.recipe.learning_rat=1e-3", "hardware=cpu", "tracking=none", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^model\.recipe\.learning_rat: not a stage key"):
+        validate(bad)

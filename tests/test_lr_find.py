@@ -4,6 +4,7 @@ plot, record and summary and no checkpoint."""
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +15,7 @@ from exp.config import LRFindConfig
 from exp.errors import ConfigError
 from exp.hardware import Runtime
 from exp.loop import Trained
-from exp.lr_find import run_range_test
+from exp.lr_find import RangeTest, run_range_test, suggest
 
 from .conftest import TINY, compose_train, run_train
 
@@ -49,6 +50,20 @@ def test_the_suggestion_lands_in_the_known_decade_and_divergence_stops_the_test(
     assert 1 / CURVATURE <= result.min_loss_lr <= 4 / CURVATURE
     assert "passed 4 x its lowest" in result.stopped and result.lrs[-1] < 10.0  # diverged past 2/a, then stopped
     assert 2 / CURVATURE < result.lrs[-1] < 20 / CURVATURE
+
+
+def test_a_short_test_suggests_where_the_loss_falls_fastest_before_it_diverges():
+    """40 steps over 5 decades: the loss falls fastest at lr 1e-2 (a noisy sigmoid in log lr), then diverges past
+    6e-2. An average of 21 steps (1 / lr_find.smoothing) spans half the test and smears the divergence into the
+    fall; scaled to the test, the suggestion lands within a factor 1.5 of 1e-2."""
+    lrs = np.logspace(-5, 0, 40)
+    x = np.log10(lrs)
+    losses = 3 - 2 / (1 + np.exp(-(x + 2) / 0.25)) + np.where(x > -1.2, 30 * (x + 1.2) ** 2, 0)
+    losses += np.random.default_rng(0).normal(0, 0.03, len(x))
+    result = RangeTest(list(lrs), list(losses), list(losses), "diverged")
+    suggest(result)  # lr_find.smoothing's default, 0.05
+    assert 1e-2 / 1.5 < result.suggestion < 1e-2 * 1.5, result.method
+    assert 1e-2 < result.min_loss_lr < 1e-1 and "centred average of 5 steps" in result.method
 
 
 def test_lr_find_true_writes_plot_record_and_summary_but_no_checkpoint(tmp_path, capsys):

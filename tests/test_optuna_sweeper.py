@@ -97,6 +97,19 @@ def test_bad_settings_end_with_one_line_and_exit_2_writing_nothing(tmp_path, ove
     assert not sweep.exists()
 
 
+def test_the_sweep_files_run_trials_side_by_side_as_the_readme_says(tmp_path):
+    import yaml
+
+    def hydra_of(name, *overrides):
+        proc = run_train("-cd", str(ROOT / "sweeps"), "-cn", name, *overrides, "--cfg", "hydra", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return yaml.safe_load(proc.stdout)["hydra"]
+
+    local = hydra_of("optuna")  # README: "2 in flight"
+    assert local["launcher"]["_target_"].endswith("exp_launcher.LocalLauncher") and local["sweeper"]["parallelism"] == 2
+    assert hydra_of("optuna_slurm")["launcher"]["_target_"].endswith("exp_launcher.SlurmLauncher")
+
+
 def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="s", storage=storage, pruner=optuna.pruners.MedianPruner(1, 0))
@@ -225,6 +238,7 @@ def test_max_failure_rate_stops_the_search_in_process(tmp_path):
     proc = run_train(
         *SWEEP,
         *TRIAL,
+        "hydra/launcher=exp_basic",  # in this process (sweeps/optuna.yaml runs trials as subprocesses)
         "tracking=none",
         "stage.num_steps=4",
         "+callbacks.fail={_target_:tests.hooks.RaiseAboveLr,max_lr:0.0}",  # every trial raises
@@ -304,6 +318,7 @@ def slurm_sweep(sweep, hardware: str, *overrides: str) -> list[str]:
         *SWEEP,
         *[o for o in TRIAL if not o.startswith("hardware=")],
         f"hardware={hardware}",
+        "hydra/launcher=exp_slurm",  # sweeps/optuna.yaml picks exp_local over what hardware picks
         "hardware.device=cpu",
         "hardware.dtype=float32",
         "hardware.num_threads=1",
