@@ -1,4 +1,5 @@
-"""Sample text from a checkpoint, run directory or export folder: python -m exp.generate CHECKPOINT --prompt "def ".
+"""Sample text from a checkpoint, run directory or export folder (exp's, or `--format hf`'s): python -m exp.generate
+CHECKPOINT --prompt "def ".
 
 Generation ends at the end-of-text token (not printed), at --max-new-tokens, or at a --stop string (cut before it)."""
 
@@ -61,10 +62,20 @@ def _chat(args, model, tokenizer) -> None:
         turns.append({"role": "assistant", "content": reply})
 
 
+def _load(args):
+    """(model, tokenizer) of a checkpoint, run directory, exp export or `--format hf` export folder."""
+    from exp.import_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
+
+    if is_hf_folder(args.checkpoint):  # read as exp's GPT: transformers is not needed
+        return load_hf_folder(args.checkpoint, resolve_device(args.device))[0], hf_folder_tokenizer(args.checkpoint)
+    model, _ = load_model_for_inference(args.checkpoint, resolve_device(args.device), allow=args.allow_target)
+    return model, model_tokenizer(args.checkpoint, model)
+
+
 def main(argv=None) -> int:
     """CLI entry point; returns the exit status (2 on any checkpoint, config or vocabulary error)."""
     parser = argparse.ArgumentParser(prog="python -m exp.generate", description=__doc__)
-    parser.add_argument("checkpoint", help="checkpoint folder, run directory or export folder")
+    parser.add_argument("checkpoint", help="checkpoint folder, run directory or export folder (also --format hf)")
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
@@ -95,8 +106,7 @@ def main(argv=None) -> int:
     if "" in args.stop:
         parser.error("--stop needs a non-empty string")
     try:
-        model, _ = load_model_for_inference(args.checkpoint, resolve_device(args.device), allow=args.allow_target)
-        tokenizer = model_tokenizer(args.checkpoint, model)
+        model, tokenizer = _load(args)
         if args.chat:
             _chat(args, model, tokenizer.with_chat_tokens())
             return 0

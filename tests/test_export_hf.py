@@ -245,3 +245,34 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, ex
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no out folder, no temporary one
     if case == "out_not_empty":
         assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("model_kw", [{}, {"n_kv_head": 2, "tie_embeddings": False, "rope_theta": 500.0}])
+def test_generate_reads_the_hf_folder_and_writes_what_the_checkpoint_writes(tmp_path, capsys, model_kw):
+    from exp import generate
+
+    path, _ = write_checkpoint(tmp_path / "ckpts", **model_kw)
+    out = tmp_path / "hf"
+    assert export.main([str(path), str(out), "--format", "hf"]) == 0
+    capsys.readouterr()
+    opts = ["--prompt", "def f(x):", "--max-new-tokens", "24", "--temperature", "0", "--ignore-eot"]
+    texts = []
+    for source in (path, out):
+        assert generate.main([str(source), *opts]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("def f(x):") and len(texts[0]) > len("def f(x):\n")
+
+
+def test_generate_reads_an_hf_folder_with_a_bpe_tokenizer(tmp_path, capsys):
+    from exp import generate
+
+    _, raw = bpe_tokenizer(tmp_path)
+    path, _ = write_checkpoint(tmp_path / "ckpts", vocab_size=320, files={"tokenizer.json": raw})
+    out = tmp_path / "hf"
+    assert export.main([str(path), str(out), "--format", "hf"]) == 0
+    capsys.readouterr()
+    texts = []
+    for source in (path, out):
+        assert generate.main([str(source), "--prompt", "def", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
