@@ -75,10 +75,11 @@ def launched_ranks() -> int:
 
 
 def check_launch(strategy: str) -> None:
-    """hardware.distributed=ddp|fsdp needs several processes started by torchrun or SLURM; say how."""
+    """hardware.distributed=ddp|fsdp needs several processes started by torchrun or SLURM, or torchrun's one (a job
+    resumed on one rank trains as a single process); say how."""
     if strategy not in STRATEGIES:
         raise ValueError(f"hardware.distributed={strategy!r} must be one of {', '.join(STRATEGIES)}")
-    if strategy != "none" and launched_ranks() < 2:
+    if strategy != "none" and launched_ranks() < 2 and "WORLD_SIZE" not in os.environ:
         raise ValueError(
             f"hardware.distributed={strategy} needs several processes: start it with "
             f"`torchrun --nproc_per_node=N train.py hardware={strategy} ...`, or on SLURM with "

@@ -248,11 +248,12 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, t: Trai
         "perf/step_ms": 1000 * seconds / n,
         "perf/peak_memory_mb": t.rt.peak_memory_mb(),
         "progress/tokens_seen": state.tokens_seen,
-        **_epoch(state, t, samples_per_step),
+        **_epoch(state, t, interval.num_inputs / (n * samples_per_step)),
     }
 
 
-def _epoch(state: TrainState, t: Trained, samples_per_step: int) -> dict[str, float]:
-    """progress/epoch: passes over the training data so far, when the data knows its size (run.build sets it)."""
+def _epoch(state: TrainState, t: Trained, inputs_per_sample: float) -> dict[str, float]:
+    """progress/epoch: passes over the training data so far, when the data knows its size (run.build sets it);
+    from the samples all ranks consumed, which stays true when a resume changed the ranks or the global batch."""
     size = getattr(t.stage, "epoch_size", None)
-    return {"progress/epoch": state.step * samples_per_step * t.dist.world_size / size} if size else {}
+    return {"progress/epoch": state.tokens_seen / inputs_per_sample / size} if size else {}

@@ -179,3 +179,48 @@ class KillTrackerAt(Callback):
                 if child.name == "mlflow-tracker":
                     child.kill()
                     child.join()
+
+
+class RecordBatches(Callback):
+    """Appends to `path`.RANK.jsonl, at the end of each step, a digest of every row (x and y) this rank drew for it:
+    the data stream a run consumed, to compare across runs and numbers of ranks."""
+
+    def __init__(self, path: str):
+        self.path, self.rows, self.patched = f"{path}.{os.environ.get('RANK', '0')}.jsonl", [], []
+
+    def on_build(self, model, optimizer, scheduler):
+        from exp.data.batches import WindowSampler
+        from exp.data.sft.examples import ExampleSampler
+        from exp.data.torch_dataset import ItemSampler
+
+        for cls in (WindowSampler, ExampleSampler, ItemSampler):  # the samplers look __next__ up on their class
+            self.patched.append((cls, cls.__next__))
+            cls.__next__ = self._recording(cls.__next__)
+
+    def _recording(self, draw):
+        def recorded(sampler):
+            batch = draw(sampler)
+            self.rows += row_digests(batch)
+            return batch
+
+        return recorded
+
+    def on_step_end(self, state, loss):
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": state.step, "rows": self.rows}) + "\n")
+        self.rows = []
+
+    def on_train_end(self, state, status):
+        for cls, draw in self.patched:
+            cls.__next__ = draw
+        self.patched = []
+
+
+def row_digests(batch) -> list[str]:
+    """One short digest per row of an (x, y) batch."""
+    import hashlib
+
+    x, y = batch
+    return [hashlib.sha1(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()[:16] for a, b in zip(x, y, strict=True)]

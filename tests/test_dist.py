@@ -148,9 +148,15 @@ def test_fsdp_trains_saves_resumes_and_exports_a_consolidated_model(tmp_path):
         manifest = json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json").read_text())
         assert manifest["sharded"] and manifest["world_size"] == 2
 
-    proc = torchrun(*fsdp, "resume.allow_config_change=true", cwd=tmp_path, nproc=3)
+    # 3 ranks of 4 would change the global batch (8 -> 12): refused, one line per rank, nothing written
+    proc = torchrun(*fsdp, cwd=tmp_path, nproc=3)
     assert proc.returncode != 0  # each rank exits 2; torchrun itself reports 1
-    assert "saved by 2 ranks, this run has 3" in proc.stderr
+    refusal = "with a global batch of 12 (3 ranks x 4 x 1 accumulation); it trained with 8 (2 ranks x 4 x 1"
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("config error: resuming")]
+    assert len(lines) == 3 and all(refusal in line for line in lines)
+    assert str(ROOT / "exp") not in proc.stderr  # no traceback through exp (torchrun prints its own report)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002", "step_00000005"]
+    assert not (run_dir / "config_changes.json").exists()
 
     proc = torchrun(*fsdp, "resume.allow_config_change=true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Sharded checkpoints from real 2-process gloo FSDP2 jobs: exact resume, world-size guard, consolidation, export."""
+"""Sharded checkpoints from real 2-process gloo FSDP2 jobs: exact resume, resharding to one process and from a
+single-file checkpoint, consolidation, export."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from exp.checkpoint import (
     load_model_weights,
     locate_model,
     rotate_checkpoints,
+    save_checkpoint,
     verify_checkpoint,
 )
 from exp.checkpoint.sharded import consolidate, is_sharded, load_sharded, save_sharded
@@ -58,10 +60,11 @@ def batch(step: int, rank: int) -> torch.Tensor:
     return torch.randint(0, 64, (2 * WORLD, 17), generator=g)[2 * rank : 2 * rank + 2]
 
 
-def train(model, opt, sched, rank: int, steps) -> list[float]:
+def train(model, opt, sched, rank: int | None, steps) -> list[float]:
+    """Steps on this rank's rows of each global batch (rank None: all of them, as one process)."""
     losses = []
     for step in steps:
-        x = batch(step, rank)
+        x = batch(step, rank) if rank is not None else torch.cat([batch(step, r) for r in range(WORLD)])
         _, loss = model(x[:, :-1].contiguous(), x[:, 1:].contiguous())
         loss.backward()
         opt.step()
@@ -102,6 +105,12 @@ def worker(rank: int, port: int, root: str, phase: str) -> None:
             except CheckpointError as e:
                 out["error"] = str(e)
             save_sharded(root, 6, **parts, trainer_state={"step": 6}, config_yaml=CONFIG)
+            # a single process's checkpoint (trained on whole global batches) into the sharded model
+            model, opt, sched = build(sharded=True)
+            whole = f"{root}/../single/step_00000003"
+            out["whole_state"] = load_sharded(whole, model=model, optimizer=opt, scheduler=sched)
+            out["whole_losses"] = train(model, opt, sched, rank, range(3, 6))
+            out["whole_final"] = full_state(model)
         torch.save(out, f"{root}/../{phase}_{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -112,6 +121,7 @@ def runs(tmp_path_factory):
     """A 2-rank run saved at step 3 and trained to 6, and a fresh 2-rank job resumed from that save."""
     base = tmp_path_factory.mktemp("dist")
     root = base / "checkpoints"
+    single = single_process(base / "single")
     for phase in ("save", "resume"):
         written = lambda: all((base / f"{phase}_{r}.pt").exists() for r in range(WORLD))  # noqa: B023
         for attempt in (1, 2):
@@ -126,7 +136,16 @@ def runs(tmp_path_factory):
                         raise
                     continue
             break
-    return root, {(p, r): torch.load(base / f"{p}_{r}.pt") for p in ("save", "resume") for r in range(WORLD)}
+    out = {(p, r): torch.load(base / f"{p}_{r}.pt") for p in ("save", "resume") for r in range(WORLD)}
+    return root, {**out, "single": single}
+
+
+def single_process(root) -> dict:
+    """One process trained on the whole global batches, saved at step 3 (a single-file checkpoint), then to 6."""
+    model, opt, sched = build(sharded=False)
+    train(model, opt, sched, None, range(3))
+    save_checkpoint(root, 3, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": 3}, config_yaml=CONFIG)
+    return {"losses": train(model, opt, sched, None, range(3, 6)), "final": model.state_dict()}
 
 
 def test_resume_is_exact(runs):
@@ -163,21 +182,32 @@ def test_layout_and_manifest(runs):
     assert json.loads((path / "trainer_state.json").read_text())["step"] == 3
 
 
-def test_other_world_size_is_refused(runs, tmp_path):
-    root, _ = runs
+def test_one_process_loads_the_two_rank_checkpoint_and_trains_on(runs, tmp_path):
+    """DCP reshards: model and AdamW state into a plain model, no process group; the next steps on whole global
+    batches match the two ranks' (each the mean of its half)."""
+    root, out = runs
     model, opt, sched = build(sharded=False)
-    message = (
-        "saved by 2 ranks, this run has 1: resume with the same number of processes, or export a consolidated "
-        "model with python -m exp.export and start from it with stage.init_from"
-    )
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(CheckpointError, match=message):
-            load_sharded(root / "step_00000003", model=model, optimizer=opt, scheduler=sched)
-    finally:
-        dist.destroy_process_group()
-    with pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
-        load_sharded(root / "step_00000003", model=model)  # no process group counts as one rank
+    assert load_sharded(root / "step_00000003", model=model, optimizer=opt, scheduler=sched) == {"step": 3}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in out["save", 0]["saved"].items())
+    assert sched.last_epoch == 3
+    losses = train(model, opt, sched, None, range(3, 6))
+    halves = [(a + b) / 2 for a, b in zip(out["save", 0]["losses"], out["save", 1]["losses"], strict=True)]
+    assert losses == pytest.approx(halves, rel=1e-5)
+    final = out["save", 0]["final"]
+    assert all(torch.allclose(model.state_dict()[k], v, atol=1e-5) for k, v in final.items())
+
+
+def test_a_single_file_checkpoint_fills_the_sharded_model(runs):
+    """A single process's checkpoint resumed by two FSDP ranks: each keeps its shards of the weights and AdamW state,
+    and the steps after it match the single process's."""
+    _, out = runs
+    single = out["single"]
+    assert out["resume", 0]["whole_state"] == {"step": 3}
+    halves = [
+        (a + b) / 2 for a, b in zip(out["resume", 0]["whole_losses"], out["resume", 1]["whole_losses"], strict=True)
+    ]
+    assert halves == pytest.approx(single["losses"], rel=1e-5)
+    assert all(torch.allclose(out["resume", 0]["whole_final"][k], v, atol=1e-5) for k, v in single["final"].items())
 
 
 def test_consolidate_gives_the_full_state(runs):

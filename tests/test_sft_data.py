@@ -315,23 +315,24 @@ def test_sampler_resumes_exactly(chat_data, packing):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     c = data.train_sampler(batch_size=7, seed=4)
     assert not torch.equal(next(c)[0], next(data.train_sampler(batch_size=7, seed=3))[0])
-    with pytest.raises(ValueError, match="rank 0 of 1"):
-        data.train_sampler(batch_size=7, seed=3, rank=1, world_size=2).load_state_dict(state)
+    halves = [data.train_sampler(batch_size=3, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for s in halves:  # the state is the shared stream's: two ranks of 3 take the rows one process of 6 would
+        s.load_state_dict(state)
+    assert torch.equal(torch.cat([next(s)[0] for s in halves]), torch.cat([x for x, _ in expected[:1]])[:6])
 
 
-def test_ranks_take_disjoint_shards_and_epochs_reshuffle(chat_data):
+def test_ranks_take_disjoint_slices_and_epochs_reshuffle(chat_data):
     data = chat_data()
     n = len(data.examples()[0])
 
     def epoch_rows(rank, world_size):
         s = data.train_sampler(batch_size=1, seed=0, rank=rank, world_size=world_size)
-        count = len(s.rows_for(0))
-        return [tuple(t for t in next(s)[0][0].tolist() if t != PAD) for _ in range(count)]
+        return [tuple(t for t in next(s)[0][0].tolist() if t != PAD) for _ in range(n // world_size)]
 
     r0, r1 = epoch_rows(0, 2), epoch_rows(1, 2)
     assert len(set(r0)) == len(r0) and len(set(r1)) == len(r1)  # no repeats within an epoch
-    assert not set(r0) & set(r1) and len(r0) + len(r1) == n
-    assert set(r0) | set(r1) == set(epoch_rows(0, 1))
+    assert not set(r0) & set(r1) and len(r0) + len(r1) == n - n % 2
+    assert set(r0) | set(r1) <= set(epoch_rows(0, 1))
     s = data.train_sampler(batch_size=1, seed=0)
     assert s.rows_for(0) != s.rows_for(1) and sorted(s.rows_for(0)) == sorted(s.rows_for(1))
 

@@ -25,6 +25,7 @@ from exp.checkpoint.format import (
     verify_checkpoint,
 )
 from exp.checkpoint.weights import tokenizer_entry
+from exp.checkpoint.layout import LAYOUT_KEYS, check_layout, describe, is_sharded, layout_of, saved_layout
 from exp.data.tokenizer import TOKENIZER_FILE
 from exp.errors import ConfigError, ResumeError
 from exp.events import Callback, Events, TrainState
@@ -60,6 +61,7 @@ class ResumePoint:
     current_cfg: dict
     changes: dict  # {key: (old, new)}
 
+    layout: dict = dataclasses.field(default_factory=dict)  # ranks and batches {key: (old, new)}, when they changed
     @property
     def state(self) -> TrainState:
         return state_from_dict(self.trainer_state.get("state", {}))
@@ -77,9 +79,13 @@ def find_resume(cfg: DictConfig, resume, dist) -> ResumePoint | None:
     try:
         trainer_state = read_trainer_state(path)
     except CheckpointError as e:
+        before = saved_layout(trainer_state, read_saved_config(path / "config.yaml"))
         raise ResumeError(f"cannot resume: {e}") from None
-    saved, current, changes = check_config_change(path / "config.yaml", cfg, resume.allow_config_change)
-    return ResumePoint(path, trainer_state, saved, current, changes)
+    now, allowed = layout_of(cfg.stage, dist.world_size), resume.allow_config_change
+    same_batch = LAYOUT_KEYS if before.global_batch == now.global_batch else ()  # split otherwise: not a change
+    saved, current, changes = check_config_change(path / "config.yaml", cfg, allowed, ignore=same_batch)
+    layout = check_layout(path, before, now, trainer_state.get("sampler"), allowed)
+    return ResumePoint(path, trainer_state, saved, current, changes, layout)
 
 
 def _find(resume, root: Path) -> Path | None:
@@ -106,10 +112,10 @@ def _find(resume, root: Path) -> Path | None:
     raise ConfigError(f"resume.path={path} holds no valid checkpoint")
 
 
-def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> tuple[dict, dict, dict]:
+def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool, ignore=()) -> tuple[dict, dict, dict]:
     """Refuse to resume with a different config (listing the keys) unless resume.allow_config_change=true.
 
-    Returns the checkpoint's and this run's resolved configs and the changed keys as {key: (old, new)}.
+    Returns the checkpoint's and this run's resolved configs and the changed keys (but `ignore`) as {key: (old, new)}.
     """
     saved_tree = read_saved_config(saved_yaml)  # resolves nothing: the folder may come from elsewhere
     current_tree = OmegaConf.to_container(cfg, resolve=True)
@@ -117,7 +123,7 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool) -> tup
     changed = {
         k: (saved.get(k), current.get(k))
         for k in sorted(set(saved) | set(current))
-        if saved.get(k) != current.get(k) and not k.startswith(RESUME_IGNORES)
+        if saved.get(k) != current.get(k) and not k.startswith(RESUME_IGNORES) and k not in ignore
     }
     for opt_key, stage_key in STAGE_LINKS.items():  # a checkpoint from before the link: what trained is the same
         if f"optimizer.{opt_key}" in saved and f"optimizer.{opt_key}" not in changed:
@@ -223,8 +229,9 @@ class Checkpointer(Callback):
             )
             changed = f" | lr {before:.3e} -> {after:.3e} (changed: {', '.join(point.changes)})"
             self._resumed = (point, configured, state.step)
-            if t.dist.is_main:
-                self._record_changes(state.step, point.changes)
+        if (point.changes or point.layout) and t.dist.is_main:
+            self._record_changes(state.step, {**point.changes, **point.layout})
+        changed += f" | {describe(point.layout)}" if point.layout else ""
         log.info(f"resumed from {point.path} at step {state.step}{changed}")
         self.last_path, self.last_step = point.path, state.step
         self.follow(state, point.path.parent)  # resumed from another run dir: its best checkpoint counts too
@@ -243,7 +250,7 @@ class Checkpointer(Callback):
 
     def _load(self, path: Path) -> dict:
         t = self.trained
-        if self.sharded:
+        if self.sharded or is_sharded(path):  # DCP reshards to any number of ranks, a single process included
             from exp.checkpoint.sharded import load_sharded as load
         else:
             load = load_checkpoint
@@ -320,6 +327,7 @@ class Checkpointer(Callback):
             config_yaml=self.config_yaml,
             files={TOKENIZER_FILE: data} if data is not None else None,
         )
+            "layout": layout_of(t.stage, t.dist.world_size).to_dict(),
 
     # --- faults ---------------------------------------------------------------------------------------
 

@@ -296,15 +296,7 @@ def load_model_weights(file, model: nn.Module, strict_shapes: bool = True) -> li
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: cannot read ({e})") from None
     current = model.state_dict(keep_vars=True)
-    # save_model keeps one name per shared tensor; every alias of a saved name gets the same values.
-    aliases: dict[int, list[str]] = {}
-    for k, t in current.items():
-        aliases.setdefault(id(t), []).append(k)
-    for names in aliases.values():
-        have = [k for k in names if k in saved]
-        for k in names:
-            if have and k not in saved:
-                saved[k] = saved[have[0]]
+    fill_tied(saved, current)
     problems = [f"the model's tensor {k} is missing from the checkpoint" for k in current if k not in saved]
     problems += [f"the checkpoint's tensor {k} does not exist in the model" for k in saved if k not in current]
     skipped = [k for k in current if k in saved and saved[k].shape != current[k].shape]
@@ -322,16 +314,34 @@ def load_model_weights(file, model: nn.Module, strict_shapes: bool = True) -> li
     return skipped
 
 
-def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+def fill_tied(saved: dict, current: dict) -> None:
+    """save_model keeps one name per shared tensor: give every alias of a saved name (in `current`, the model's
+    state_dict(keep_vars=True)) the same values, in place."""
+    aliases: dict[int, list[str]] = {}
+    for k, t in current.items():
+        aliases.setdefault(id(t), []).append(k)
+    for names in aliases.values():
+        have = [k for k in names if k in saved]
+        for k in names:
+            if have and k not in saved:
+                saved[k] = saved[have[0]]
+
+
+def read_optimizer_state(path: Path) -> dict:
+    """The optimizer state_dict (torch's, keyed by parameter index) of a single-file checkpoint folder."""
     file = path / "optimizer.safetensors"
     try:
         tensors = load_file(str(file))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: cannot read ({e})") from None
     try:
-        state = _decode(_read_json(path / "optimizer.json"), tensors)
+        return _decode(_read_json(path / "optimizer.json"), tensors)
     except KeyError as e:
         raise CheckpointError(f"{file}: tensor {e.args[0]} referenced by optimizer.json is missing") from None
+
+
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    state = read_optimizer_state(path)
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as e:

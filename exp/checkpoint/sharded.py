@@ -12,11 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -33,10 +36,14 @@ from exp.checkpoint.format import (
     _sha256,
     capture_rng,
     checkpoint_name,
+    fill_tied,
     load_run_state,
+    read_optimizer_state,
     verify_checkpoint,
 )
+from exp.checkpoint.layout import is_sharded  # noqa: F401  (exp.checkpoint.sharded.is_sharded)
 from exp.rundir import fsync, publish_dir
+from exp.text import first_line
 
 DCP_DIR = "dcp"
 _SHARDED_TMP = re.compile(r"\.step_\d{8,}\.tmp-sharded")
@@ -67,15 +74,6 @@ def _on_rank0(fn: Callable[[], object]):
     if box[0] is not None:
         raise CheckpointError(f"rank 0 failed: {box[0]}")
     return box[1]
-
-
-def is_sharded(path) -> bool:
-    """Whether path is a checkpoint folder whose manifest marks it sharded (no files are verified)."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("sharded") is True
 
 
 def save_sharded(
@@ -152,40 +150,71 @@ def save_sharded(
     return final
 
 
-def _check_sharded(path: Path, manifest: dict) -> None:
-    if manifest.get("sharded") is not True:
-        raise CheckpointError(f"{path} is not a sharded checkpoint; load it with exp.checkpoint.load_checkpoint")
-    saved, world = manifest.get("world_size"), _world_size()
-    if saved != world:
-        raise CheckpointError(
-            f"{path}: saved by {saved} ranks, this run has {world}: resume with the same number of processes, "
-            "or export a consolidated model with python -m exp.export and start from it with stage.init_from"
-        )
-
-
 def load_sharded(
     path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler=None
 ):
-    """Collective: verify, load everything given, restore rank 0's RNG states on all ranks, return the trainer state."""
+    """Collective: verify, load everything given, restore rank 0's RNG states on all ranks, return the trainer state.
+
+    Any number of ranks loads any checkpoint: DCP shards (a sharded checkpoint) reshard to this run's, or fill a
+    whole model in one process; a single-file checkpoint fills a sharded model, each rank keeping its shards.
+    """
     path = Path(path)
     # Rank 0 hashes the files once; the shared filesystem means the other ranks read the same bytes.
     manifest = _on_rank0(lambda: verify_checkpoint(path))
-    _check_sharded(path, manifest)
+    load = _load_dcp if manifest.get("sharded") is True else _load_whole
+    try:
+        load(path, model, optimizer)
+    except CheckpointError:
+        raise
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: does not fit this model or optimizer ({first_line(e)})") from None
+    return load_run_state(path, scheduler, scaler)
+
+
+def _load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """DCP shards into the model (and optimizer), resharded to this run's ranks."""
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-    try:
+    with warnings.catch_warnings():
+        # DCP warns when it loads in one process (no process group), which is what a single-process resume wants
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         # Fills the sharded tensors in place: each rank reads only the slices it owns.
         dcp.load(state, storage_reader=FileSystemReader(path / DCP_DIR))
-        if optimizer is None:
-            set_model_state_dict(model, state["model"])
-        else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    except (CheckpointException, RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path / DCP_DIR}: does not fit this model or optimizer ({e})") from None
-    return load_run_state(path, scheduler, scaler)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _load_whole(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """A single-file checkpoint into a sharded model: every rank reads the whole state and keeps its shards."""
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'}: cannot read ({e})") from None
+    fill_tied(weights, model.state_dict(keep_vars=True))
+    full = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, weights, options=full)
+        return
+    by_name = _by_name(model, optimizer, read_optimizer_state(path))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=by_name, options=full)
+
+
+def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """torch's optimizer state_dict (keyed by parameter index, in the optimizer's order) keyed by parameter name,
+    as DCP's state-dict functions take it; the run builds its groups from the same names in the same order."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if len(order) != sum(len(g["params"]) for g in state["param_groups"]):
+        raise ValueError("the checkpoint's optimizer holds another number of parameters than this one")
+    return {
+        "state": {order[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def consolidate(path, verify: bool = True) -> dict[str, torch.Tensor]:

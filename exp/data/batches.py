@@ -9,6 +9,9 @@ import torch
 
 from .protocol import Batch, DataError
 
+GLOBAL = "global"  # a sampler state's scope: a position in the stream all ranks share (see Sampler)
+BLOCK = 4096  # window starts drawn per seeded block of a WindowSampler's stream
+
 
 def _check_fits(tokens: np.ndarray, seq_len: int) -> None:
     if seq_len <= 0:
@@ -29,11 +32,17 @@ class Sampler:
     `counters` are the position that load_state_dict restores; `fixed` keys must match between the saved
     sampler and this one (they shape the stream); `kind` names the sampler in the error for a state that
     lacks keys of this sampler's own (another kind of sampler's: a checkpoint trained on other data).
+
+    The stream is one seeded sequence of samples that all ranks share: `position` counts the samples all ranks
+    together have drawn, and each micro-batch of world_size * batch_size samples from there is shared out in rank
+    order. The state (scope "global") names no rank, so it loads into any rank of any number of ranks, with any
+    batch size, and the stream continues from the samples consumed. An older checkpoint's state (per rank, no
+    scope) loads only into as many ranks as saved it.
     """
 
     kind = "a sampler"
-    fixed: tuple[str, ...] = ("seed", "world_size")
-    counters: tuple[str, ...] = ("num_batches",)
+    fixed: tuple[str, ...] = ("seed",)
+    counters: tuple[str, ...] = ("position", "num_batches")  # num_batches: micro-batches drawn by each rank
 
     def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
         if batch_size <= 0:
@@ -41,26 +50,42 @@ class Sampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_batches = 0
+        self.position = self.num_batches = 0
 
     def __iter__(self) -> Sampler:
         return self
 
+    def take_share(self) -> int:
+        """The stream position of this rank's next micro-batch; the global position moves past all ranks' shares."""
+        first = self.position + self.rank * self.batch_size
+        self.position += self.batch_size * self.world_size
+        self.num_batches += 1
+        return first
+
     def state_dict(self) -> dict:
-        """JSON-serialisable position: who drew it (seed, rank, world size) and the counters."""
-        return {k: int(getattr(self, k)) for k in dict.fromkeys(("seed", "rank", "world_size", *self.counters))}
+        """JSON-serialisable position in the shared stream: its scope, the seed and the counters."""
+        return {"scope": GLOBAL, **{k: int(getattr(self, k)) for k in dict.fromkeys(("seed", *self.counters))}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from state_dict() of a sampler that agrees on the `fixed` keys."""
-        if not self.state_dict().keys() <= state.keys():
+        """Resume from state_dict() of a sampler that agrees on the `fixed` keys, saved by any number of ranks."""
+        if not self.state_dict().keys() - {"scope"} <= state.keys():
             raise ValueError(f"sampler state is not {self.kind}'s (the checkpoint was trained on other data)")
+        check_scope(state, self.world_size)
         if any(state[k] != getattr(self, k) for k in self.fixed):
-            raise ValueError(
-                f"sampler state is for rank {state['rank']} of {state['world_size']} with seed {state['seed']}; "
-                f"this sampler is rank {self.rank} of {self.world_size} with seed {self.seed}"
-            )
+            saved = ", ".join(f"{k} {state[k]}" for k in self.fixed)
+            mine = ", ".join(f"{k} {getattr(self, k)}" for k in self.fixed)
+            raise ValueError(f"sampler state has {saved}; this sampler has {mine}")
         for k in self.counters:
             setattr(self, k, int(state[k]))
+
+
+def check_scope(state: dict, world_size: int) -> None:
+    """An older checkpoint's state (per rank: no global scope) loads only into as many ranks as saved it."""
+    if state.get("scope") != GLOBAL and state.get("world_size", world_size) != world_size:
+        raise ValueError(
+            f"sampler state is an older checkpoint's, saved by {state['world_size']} ranks (positions per rank); "
+            f"this run has {world_size}: resume it with {state['world_size']} ranks"
+        )
 
 
 def fixed_subset(n: int, max_examples: int | None) -> np.ndarray:
@@ -81,7 +106,8 @@ def check_max_examples(max_examples) -> int | None:
 
 
 class WindowSampler(Sampler):
-    """Random (x, y) windows from a token memmap, drawn from a seeded generator whose state saves/restores."""
+    """Random (x, y) windows from a token memmap: window p of one seeded stream starts at a position drawn from
+    block p // BLOCK's generator, so any rank finds any window without drawing the ones before it."""
 
     kind = "a token-window sampler"
 
@@ -92,24 +118,62 @@ class WindowSampler(Sampler):
         super().__init__(batch_size, seed, rank, world_size)
         self.tokens, self.seq_len = tokens, seq_len
         self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
-        # every rank draws the same global batch of world_size * batch_size windows and keeps its slice: ranks
-        # differ, N ranks x batch B see exactly what one process with batch N*B sees, and one state fits all ranks
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed])))
+        self._block: tuple[int, np.ndarray] | None = None  # (index, its starts)
+        self._legacy: np.random.Generator | None = None  # an older checkpoint's generator, drawn as it was
+
+    def block(self, index: int) -> np.ndarray:
+        """The window starts of one block of the stream."""
+        if self._block is None or self._block[0] != index:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, index])))
+            self._block = index, rng.integers(0, self.max_start, size=BLOCK, endpoint=True)
+        return self._block[1]
+
+    def starts(self, first: int, n: int) -> np.ndarray:
+        """Start offsets of windows first .. first + n - 1 of the stream."""
+        out = np.empty(n, dtype=np.int64)
+        done = 0
+        while done < n:
+            index, offset = divmod(first + done, BLOCK)
+            part = self.block(index)[offset : offset + n - done]
+            out[done : done + len(part)] = part
+            done += len(part)
+        return out
 
     def __next__(self) -> Batch:
-        starts = self.rng.integers(0, self.max_start, size=self.batch_size * self.world_size, endpoint=True)
-        starts = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        self.num_batches += 1
-        return _gather(self.tokens, starts, self.seq_len)
+        if self._legacy is not None:
+            return self._legacy_next()
+        return _gather(self.tokens, self.starts(self.take_share(), self.batch_size), self.seq_len)
 
     def state_dict(self) -> dict:
-        """Counters plus the generator's state."""
-        return {**super().state_dict(), "bit_generator": copy.deepcopy(self.rng.bit_generator.state)}
+        """The stream position (an older checkpoint's generator state while resumed from one)."""
+        if self._legacy is not None:
+            return {**self._legacy_counters(), "bit_generator": copy.deepcopy(self._legacy.bit_generator.state)}
+        return super().state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from state_dict() of any rank; the number of ranks must match (it shapes the global batch)."""
-        super().load_state_dict(state)
-        self.rng.bit_generator.state = copy.deepcopy(state["bit_generator"])
+        """Resume from state_dict() of any rank of any number of ranks; an older checkpoint's generator state
+        (each global batch drawn in sequence) continues as it was drawn, with as many ranks as saved it."""
+        if "bit_generator" not in state:
+            super().load_state_dict(state)
+            return
+        if not {"seed", "num_batches"} <= state.keys():
+            raise ValueError(f"sampler state is not {self.kind}'s (the checkpoint was trained on other data)")
+        check_scope(state, self.world_size)
+        if state["seed"] != self.seed:
+            raise ValueError(f"sampler state has seed {state['seed']}; this sampler has seed {self.seed}")
+        self._legacy = np.random.Generator(np.random.PCG64())
+        self._legacy.bit_generator.state = copy.deepcopy(state["bit_generator"])
+        self.num_batches = int(state["num_batches"])
+
+    def _legacy_counters(self) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_batches": self.num_batches}
+
+    def _legacy_next(self) -> Batch:
+        """The older stream: every rank draws the whole global batch in sequence and keeps its slice."""
+        starts = self._legacy.integers(0, self.max_start, size=self.batch_size * self.world_size, endpoint=True)
+        mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.num_batches += 1
+        return _gather(self.tokens, mine, self.seq_len)
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int) -> list[Batch]:

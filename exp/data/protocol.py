@@ -27,8 +27,11 @@ class DataError(ValueError):
 class TrainSampler(Protocol):
     """An endless iterator of training batches whose position saves and restores exactly.
 
-    state_dict() is JSON-serialisable and goes into every checkpoint; load_state_dict() on a sampler
-    built with the same arguments continues with the very batch the saved one would have drawn next.
+    state_dict() is JSON-serialisable and goes into every checkpoint (rank 0's); load_state_dict() on a sampler
+    built with the same arguments continues with the very batch the saved one would have drawn next. A state with
+    "scope": "global" says it is a position in one stream all ranks share (exp.data.batches.Sampler), so any rank of
+    any number of ranks, with any batch size, continues from it: a run may then resume at another world size.
+    Without it, the state is taken as one rank's, and a checkpoint resumes only with as many ranks as saved it.
     """
 
     def __iter__(self) -> Iterator[Batch]: ...

@@ -209,14 +209,12 @@ class ItemSampler(Sampler):
     """
 
     kind = "a TorchDataset sampler"
-    counters = ("position", "num_batches")
 
     def __init__(
         self, load, items: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ):
         super().__init__(batch_size, seed, rank, world_size)
         self.load, self.items, self.seq_len = load, items, seq_len
-        self.position = 0  # items drawn by all ranks
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
 
     def item_at(self, position: int) -> int:
@@ -235,8 +233,5 @@ class ItemSampler(Sampler):
         return ids[start : start + self.seq_len + 1]
 
     def __next__(self) -> Batch:
-        first = self.position + self.rank * self.batch_size
-        rows = [self.row_at(p) for p in range(first, first + self.batch_size)]
-        self.position += self.batch_size * self.world_size
-        self.num_batches += 1
-        return _collate(rows, self.seq_len)
+        first = self.take_share()
+        return _collate([self.row_at(p) for p in range(first, first + self.batch_size)], self.seq_len)

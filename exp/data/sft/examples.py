@@ -10,7 +10,7 @@ import torch
 
 from exp.losses import IGNORE_INDEX
 
-from ..batches import Sampler
+from ..batches import GLOBAL, Sampler, check_scope
 from ..protocol import Batch
 from ..tokenizer import PAD
 
@@ -89,14 +89,17 @@ def make_batch(ex: Examples, rows: Sequence[Sequence[int]], row_len: int) -> Bat
 
 
 class ExampleSampler(Sampler):
-    """Batches of whole examples, reshuffled each epoch; ranks take disjoint shards; state saves/restores.
+    """Batches of whole examples, reshuffled each epoch; state saves/restores.
 
-    The state is per rank (its shard's position): it loads only into the same rank of as many ranks.
+    Every epoch's rows come from one seeded permutation of all examples (packed in that order): the stream all ranks
+    share, each taking its slice of every micro-batch of world_size * batch_size rows, so N ranks of batch B see
+    what one process of batch N*B sees and the state (epoch, index: the next row) fits any number of ranks. An older
+    checkpoint's state (ranks took every world_size-th example and packed their own rows) continues that way, with
+    as many ranks as saved it.
     """
 
     kind = "an SFT sampler"
-    fixed = ("rank", "world_size")
-    counters = ("seed", "epoch", "index", "num_batches")  # index: next row of this epoch's rows
+    counters = ("epoch", "index", "num_batches")  # index: the next row of this epoch's rows
 
     def __init__(
         self,
@@ -114,27 +117,57 @@ class ExampleSampler(Sampler):
         self.examples, self.row_len, self.packing = examples, row_len, packing
         self.epoch = self.index = 0
         self._rows: list[list[int]] | None = None
+        self._per_rank = False  # an older checkpoint's stream: this rank's shard of the examples
 
     def rows_for(self, epoch: int) -> list[list[int]]:
-        """This rank's rows in an epoch: every world_size-th example of one shared permutation."""
+        """The rows of an epoch (with an older checkpoint's state, this rank's rows: every world_size-th example)."""
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-        return pack_rows(self.examples.lengths, perm[self.rank :: self.world_size], self.row_len, self.packing)
+        if self._per_rank:
+            perm = perm[self.rank :: self.world_size]
+        return pack_rows(self.examples.lengths, perm, self.row_len, self.packing)
 
-    def __next__(self) -> Batch:
+    def _walk(self, n: int) -> list[list[int]]:
+        """The next n rows of the stream, running on into the next epoch."""
         picked: list[list[int]] = []
-        while len(picked) < self.batch_size:  # a batch may run on into the next epoch
+        while len(picked) < n:
             if self._rows is None:
                 self._rows = self.rows_for(self.epoch)
             if self.index >= len(self._rows):
                 self.epoch, self.index, self._rows = self.epoch + 1, 0, None
                 continue
-            take = self._rows[self.index : self.index + self.batch_size - len(picked)]
+            take = self._rows[self.index : self.index + n - len(picked)]
             picked += take
             self.index += len(take)
+        return picked
+
+    def __next__(self) -> Batch:
+        before, after = self.rank, self.world_size - self.rank - 1
+        if self._per_rank:
+            before = after = 0
+        self._walk(before * self.batch_size)
+        picked = self._walk(self.batch_size)
+        self._walk(after * self.batch_size)  # the stream stands where every rank's share was taken
         self.num_batches += 1
         return make_batch(self.examples, picked, self.row_len)
 
+    def state_dict(self) -> dict:
+        """The stream's epoch and next row (an older checkpoint's per-rank form while resumed from one)."""
+        if self._per_rank:
+            keys = ("seed", "rank", "world_size", *self.counters)
+            return {k: int(getattr(self, k)) for k in keys}
+        return super().state_dict()
+
     def load_state_dict(self, state: dict) -> None:
-        """Resume from state_dict() of the same rank of as many ranks (another's shard would overlap)."""
-        super().load_state_dict(state)
+        """Resume from state_dict() of any rank of any number of ranks. An older checkpoint's state of several ranks
+        (rank 0's alone was saved) has every rank walk its own rows as far as rank 0 went, with as many ranks."""
         self._rows = None
+        if state.get("scope") == GLOBAL or state.get("world_size", 1) == 1:  # one rank's rows were all the rows
+            super().load_state_dict(state)
+            return
+        check_scope(state, self.world_size)
+        if not {"seed", "epoch", "index", "num_batches"} <= state.keys() or state["seed"] != self.seed:
+            raise ValueError(f"sampler state is not that of {self.kind} with seed {self.seed}")
+        self._per_rank = True
+        self.epoch = self.index = 0
+        self._walk(int(state["num_batches"]) * self.batch_size)  # every rank drew as many rows of its own
+        self.num_batches = int(state["num_batches"])
