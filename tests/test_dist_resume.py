@@ -100,11 +100,16 @@ def test_fsdp_token_windows_resume_at_one_rank_and_back_on_the_same_stream(token
     resumed, straight = losses(chain["run_dir"]), losses(ref["run_dir"])
     assert resumed[:4] == pytest.approx(straight[:4], rel=1e-4)  # step 3 ran right after a resume
     assert changes(chain["run_dir"]) == {
-        2: {"world_size": [2, 1], "stage.batch_size_per_gpu": [4, 8], "global_batch": [8, 8]},
-        4: {"world_size": [1, 2], "global_batch": [8, 16]},
+        2: {
+            "world_size": [2, 1],
+            "strategy": ["fsdp", "none"],
+            "stage.batch_size_per_gpu": [4, 8],
+            "global_batch": [8, 8],
+        },
+        4: {"world_size": [1, 2], "strategy": ["none", "fsdp"], "global_batch": [8, 16]},
     }
     log = chain["procs"][2].stdout + chain["procs"][2].stderr
-    assert "world_size 1 -> 2; global batch 8 -> 16: the data continues from the samples consumed" in log
+    assert "strategy none -> fsdp; global batch 8 -> 16: the data continues from the samples consumed" in log
     summary = json.loads((chain["run_dir"] / "summary.json").read_text())
     assert summary["status"] == "FINISHED" and summary["tokens_seen"] == (4 * 8 + 4 * 16) * 32
 
@@ -119,7 +124,17 @@ def test_ddp_sft_resumes_at_two_ranks_then_one_and_back_on_the_same_stream(sft_d
     resumed, straight = losses(chain["run_dir"]), losses(ref["run_dir"])
     assert resumed == pytest.approx(straight, rel=1e-4)
     assert changes(chain["run_dir"]) == {
-        4: {"world_size": [2, 1], "stage.batch_size_per_gpu": [4, 8], "global_batch": [8, 8]},
-        6: {"world_size": [1, 2], "stage.batch_size_per_gpu": [8, 4], "global_batch": [8, 8]},
+        4: {
+            "world_size": [2, 1],
+            "strategy": ["ddp", "none"],
+            "stage.batch_size_per_gpu": [4, 8],
+            "global_batch": [8, 8],
+        },
+        6: {
+            "world_size": [1, 2],
+            "strategy": ["none", "ddp"],
+            "stage.batch_size_per_gpu": [8, 4],
+            "global_batch": [8, 8],
+        },
     }
     assert json.loads((chain["run_dir"] / "summary.json").read_text())["status"] == "FINISHED"

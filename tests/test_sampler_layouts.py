@@ -1,6 +1,7 @@
 """Train samplers at any number of ranks: every rank takes its share of one global stream, a state names no rank,
 and a run resumed with other ranks or another batch continues the stream from the samples consumed; older
-checkpoints' per-rank states go on as they were drawn, with as many ranks."""
+checkpoints' per-rank states go on as they were drawn, with as many ranks. And the layout rule a resume follows:
+a kept global batch goes on, another needs resume.allow_config_change, a per-rank state needs as many ranks."""
 
 import json
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from exp.checkpoint.layout import Layout, check_layout, describe, saved_layout
 from exp.data.batches import WindowSampler
 from exp.data.sft.examples import ExampleSampler, fit_examples, make_batch, pack_rows
 from exp.data.torch_dataset import ItemSampler
+from exp.errors import ConfigError, ResumeError
 
 TOKENS = np.random.default_rng(0).integers(0, 256, 3000).astype(np.uint16)
 
@@ -155,3 +158,37 @@ def test_an_older_single_process_state_resumes_at_its_place():
     items = MAKERS["items"](4, 0, 1)
     items.load_state_dict({"seed": 5, "rank": 0, "world_size": 1, "position": 12, "num_batches": 3})
     assert items.position == 12
+
+
+# the layout a checkpoint trained with, and what a resume with another may do
+
+
+def test_a_kept_global_batch_resumes_and_is_recorded_another_needs_the_flag():
+    ddp, one = Layout(2, 4, 1, "ddp"), Layout(1, 8)
+    glob = {"scope": "global", "seed": 0, "position": 64, "num_batches": 8}
+    assert check_layout("ckpt", ddp, ddp, glob, allowed=False) == {}
+    moved = check_layout("ckpt", ddp, one, glob, allowed=False)
+    assert moved == {
+        "world_size": (2, 1),
+        "strategy": ("ddp", "none"),
+        "stage.batch_size_per_gpu": (4, 8),
+        "global_batch": (8, 8),
+    }
+    assert describe(moved).endswith("stage.batch_size_per_gpu 4 -> 8 (global batch 8 kept)")
+    line = r"resuming ckpt with a global batch of 4 \(1 rank x 4 x 1 accumulation\); it trained with 8 \(2 ranks"
+    with pytest.raises(ConfigError, match=line + ".*resume.allow_config_change=true"):
+        check_layout("ckpt", ddp, Layout(1, 4), glob, allowed=False)
+    grown = check_layout("ckpt", ddp, Layout(2, 4, 2, "ddp"), glob, allowed=True)
+    assert grown == {"stage.gradient_accumulation_steps": (1, 2), "global_batch": (8, 16)}
+    assert "global batch 8 -> 16: the data continues from the samples consumed" in describe(grown)
+
+
+def test_an_older_checkpoints_layout_and_its_per_rank_state():
+    old = {"seed": 0, "rank": 0, "world_size": 2, "num_batches": 3, "bit_generator": {}}
+    cfg = {"stage": {"batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, "hardware": {"distributed": "fsdp"}}
+    saved = saved_layout({"sampler": old}, cfg)
+    assert saved == Layout(2, 4, 2, "fsdp") and saved.global_batch == 16
+    assert saved_layout({"layout": saved.to_dict(), "sampler": {}}, {}) == saved
+    with pytest.raises(ResumeError, match="its data sampler's position is per rank .*; resume it with 2"):
+        check_layout("ckpt", saved, Layout(1, 16, 1), old, allowed=True)
+    assert check_layout("ckpt", saved, Layout(2, 8, 1, "fsdp"), old, allowed=False)["global_batch"] == (16, 16)

@@ -81,7 +81,7 @@ def find_resume(cfg: DictConfig, resume, dist) -> ResumePoint | None:
     except CheckpointError as e:
         before = saved_layout(trainer_state, read_saved_config(path / "config.yaml"))
         raise ResumeError(f"cannot resume: {e}") from None
-    now, allowed = layout_of(cfg.stage, dist.world_size), resume.allow_config_change
+    now, allowed = layout_of(cfg.stage, dist), resume.allow_config_change
     same_batch = LAYOUT_KEYS if before.global_batch == now.global_batch else ()  # split otherwise: not a change
     saved, current, changes = check_config_change(path / "config.yaml", cfg, allowed, ignore=same_batch)
     layout = check_layout(path, before, now, trainer_state.get("sampler"), allowed)
@@ -327,7 +327,7 @@ class Checkpointer(Callback):
             config_yaml=self.config_yaml,
             files={TOKENIZER_FILE: data} if data is not None else None,
         )
-            "layout": layout_of(t.stage, t.dist.world_size).to_dict(),
+            "layout": layout_of(t.stage, t.dist).to_dict(),
 
     # --- faults ---------------------------------------------------------------------------------------
 

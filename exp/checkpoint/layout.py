@@ -23,11 +23,13 @@ LAYOUT_KEYS = ("stage.batch_size_per_gpu", "stage.gradient_accumulation_steps", 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one optimizer step's samples are drawn: ranks x batch per rank x micro-batches."""
+    """How one optimizer step's samples are drawn: ranks x batch per rank x micro-batches, and the strategy that
+    shares the model (none, ddp, fsdp: as run, so one rank is none)."""
 
     world_size: int
     batch_size_per_gpu: int
     gradient_accumulation_steps: int = 1
+    strategy: str = "none"
 
     @property
     def global_batch(self) -> int:
@@ -41,18 +43,22 @@ class Layout:
         return dataclasses.asdict(self)
 
 
-def layout_of(stage, world_size: int) -> Layout:
-    """A run's layout from its stage (config node or StageConfig) and its number of ranks."""
-    return Layout(int(world_size), int(stage.batch_size_per_gpu), int(stage.gradient_accumulation_steps))
+def layout_of(stage, dist) -> Layout:
+    """A run's layout from its stage (config node or StageConfig) and its exp.dist.Dist."""
+    strategy = dist.strategy if dist.enabled else "none"
+    return Layout(dist.world_size, int(stage.batch_size_per_gpu), int(stage.gradient_accumulation_steps), strategy)
 
 
 def saved_layout(trainer_state: dict, saved_cfg: dict) -> Layout:
     """trainer_state.json's layout; an older checkpoint's from its sampler state's world size and its config."""
-    if isinstance(trainer_state.get("layout"), dict):
-        return Layout(**{k.name: int(trainer_state["layout"][k.name]) for k in dataclasses.fields(Layout)})
-    stage = saved_cfg.get("stage") or {}
-    world = (trainer_state.get("sampler") or {}).get("world_size", 1)
-    return Layout(int(world), int(stage.get("batch_size_per_gpu", 1)), int(stage.get("gradient_accumulation_steps", 1)))
+    stage, hardware = saved_cfg.get("stage") or {}, saved_cfg.get("hardware") or {}
+    saved = trainer_state.get("layout")
+    if not isinstance(saved, dict):
+        world = (trainer_state.get("sampler") or {}).get("world_size", 1)
+        saved = {"world_size": world, "strategy": hardware.get("distributed", "none") if world > 1 else "none"}
+        saved |= {k: stage.get(k, 1) for k in ("batch_size_per_gpu", "gradient_accumulation_steps")}
+    counts = {k: int(saved[k]) for k in ("world_size", "batch_size_per_gpu", "gradient_accumulation_steps")}
+    return Layout(**counts, strategy=str(saved.get("strategy", "none")))
 
 
 def per_rank_state(sampler_state) -> bool:
@@ -80,6 +86,7 @@ def check_layout(path: Path, saved: Layout, current: Layout, sampler_state, allo
         )
     keys = {
         "world_size": "world_size",
+        "strategy": "strategy",
         **{f"stage.{k}": k for k in ("batch_size_per_gpu", "gradient_accumulation_steps")},
     }
     changes = {key: (getattr(saved, f), getattr(current, f)) for key, f in keys.items()}
