@@ -24,8 +24,8 @@ from exp.checkpoint.format import (
     save_checkpoint,
     verify_checkpoint,
 )
-from exp.checkpoint.weights import tokenizer_entry
 from exp.checkpoint.layout import LAYOUT_KEYS, check_layout, describe, is_sharded, layout_of, saved_layout
+from exp.checkpoint.weights import tokenizer_entry
 from exp.data.tokenizer import TOKENIZER_FILE
 from exp.errors import ConfigError, ResumeError
 from exp.events import Callback, Events, TrainState
@@ -60,8 +60,8 @@ class ResumePoint:
     saved_cfg: dict
     current_cfg: dict
     changes: dict  # {key: (old, new)}
-
     layout: dict = dataclasses.field(default_factory=dict)  # ranks and batches {key: (old, new)}, when they changed
+
     @property
     def state(self) -> TrainState:
         return state_from_dict(self.trainer_state.get("state", {}))
@@ -78,8 +78,8 @@ def find_resume(cfg: DictConfig, resume, dist) -> ResumePoint | None:
     path = Path(found)
     try:
         trainer_state = read_trainer_state(path)
-    except CheckpointError as e:
         before = saved_layout(trainer_state, read_saved_config(path / "config.yaml"))
+    except CheckpointError as e:
         raise ResumeError(f"cannot resume: {e}") from None
     now, allowed = layout_of(cfg.stage, dist), resume.allow_config_change
     same_batch = LAYOUT_KEYS if before.global_batch == now.global_batch else ()  # split otherwise: not a change
@@ -309,6 +309,7 @@ class Checkpointer(Callback):
         trainer_state = {
             "state": state_to_dict(state),
             "sampler": self.sampler.state_dict(),
+            "layout": layout_of(t.stage, t.dist).to_dict(),
             "callbacks": {k: v for k, cb in self.stateful.items() if (v := cb.state_dict()) is not None},
             "seed": self.seed,
             "mlflow_run_id": self.tracker.run_id,
@@ -327,7 +328,6 @@ class Checkpointer(Callback):
             config_yaml=self.config_yaml,
             files={TOKENIZER_FILE: data} if data is not None else None,
         )
-            "layout": layout_of(t.stage, t.dist).to_dict(),
 
     # --- faults ---------------------------------------------------------------------------------------
 
