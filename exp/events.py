@@ -63,6 +63,11 @@ class Callback:
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
         """A skipped step or a rollback (exp.faults), as counters to record."""
 
+    def on_rollback(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """The run went back to the checkpoint of state.step (exp.faults): what was recorded after that checkpoint
+        was written is void, its steps are replayed; `metrics` mark the rollback. By default, an on_fault."""
+        self.on_fault(state, metrics)
+
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
@@ -121,6 +126,10 @@ class Events(Callback):
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_fault(state, metrics)
+
+    def on_rollback(self, state: TrainState, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_rollback(state, metrics)
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
         for cb in self.callbacks:

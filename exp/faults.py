@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -20,13 +22,16 @@ class FaultGuard:
 
     `rollback(state, lr_factor)` restores model, optimizer, scheduler and counters from the newest checkpoint
     into `state` in place and returns False when there is none; the data sampler is not rewound, so the
-    windows that caused the trouble are not replayed.
+    windows that caused the trouble are not replayed. Skipped steps are reported once per run of them
+    (`on_event`, at the step they failed to follow); a rollback through `on_rollback` (default: `on_event`).
     """
 
-    def __init__(self, cfg: NanConfig, rollback: Callable[[TrainState, float], bool], on_event=None):
+    def __init__(self, cfg: NanConfig, rollback: Callable[[TrainState, float], bool], on_event=None, on_rollback=None):
         self.cfg, self.rollback, self.on_event = cfg, rollback, on_event or (lambda state, event: None)
+        self.on_rollback = on_rollback or self.on_event
         self.recent: deque[float] = deque(maxlen=cfg.spike_window)
         self.consecutive = self.num_skipped = self.num_rollbacks = 0
+        self.pending: dict[str, int] = {}  # skipped steps since the last good one, by reason
 
     def should_skip(self, state: TrainState, loss: float, grad_norm: float, finite: bool) -> bool:
         reason = None if finite else "non-finite"
@@ -35,17 +40,25 @@ class FaultGuard:
         if reason is None:
             self.consecutive = 0
             self.recent.append(loss)
+            self._report_skips(state)
             return False
         self.consecutive += 1
         self.num_skipped += 1
+        self.pending[reason] = self.pending.get(reason, 0) + 1
         log.warning(
             f"step {state.step + 1}: {reason} loss {loss:.4g} (grad norm {grad_norm:.4g}); update skipped "
             f"({self.consecutive}/{self.cfg.max_consecutive} in a row)"
         )
-        self.on_event(state, {"faults/skipped_steps": self.num_skipped, f"faults/{reason.replace('-', '_')}": 1})
         if self.consecutive > self.cfg.max_consecutive:
             self._roll_back(state, loss, grad_norm)
         return True
+
+    def _report_skips(self, state: TrainState) -> None:
+        """The steps skipped since the last good one, as one record: one value per step and key."""
+        if self.pending:
+            counts = {f"faults/{reason.replace('-', '_')}": n for reason, n in self.pending.items()}
+            self.pending = {}
+            self.on_event(state, {"faults/skipped_steps": self.num_skipped, **counts})
 
     def _is_spike(self, loss: float) -> bool:
         if not self.cfg.spike_threshold or len(self.recent) < max(2, self.cfg.spike_window // 2):
@@ -55,6 +68,7 @@ class FaultGuard:
         return loss > mean + self.cfg.spike_threshold * max(std, 1e-3 * abs(mean))
 
     def _roll_back(self, state: TrainState, loss: float, grad_norm: float) -> None:
+        self._report_skips(state)  # a rollback voids this record with the steps it replays; a failure keeps it
         if self.num_rollbacks >= self.cfg.max_rollbacks:
             raise TrainingFailed(
                 f"{nonfinite_message(state, loss, grad_norm)}; gave up after "
@@ -73,7 +87,68 @@ class FaultGuard:
             f"rolled back from step {failed_at} to step {state.step} with the learning rate x"
             f"{self.cfg.lr_factor} (rollback {self.num_rollbacks}/{self.cfg.max_rollbacks})"
         )
-        self.on_event(state, {"faults/rollbacks": self.num_rollbacks, "faults/rolled_back_from": failed_at})
+        self.on_rollback(state, {"faults/rollbacks": self.num_rollbacks, "faults/rolled_back_from": failed_at})
+
+
+class HoldUntilCheckpoint(Callback):
+    """Passes a recorder's step records (logs, evaluations, faults) on once a checkpoint covers their step: a rollback
+    replays the steps after the checkpoint it goes back to, and a record that cannot take a point back (MLflow) must
+    get the replayed values only, once each. Records are held from the first checkpoint on (from the start when
+    `armed`: a resumed run can roll back to its resume point), released at each checkpoint and at the end; a
+    rollback drops what is held. A recorder with log_metrics(step, metrics, stamp) keeps each record's own time."""
+
+    def __init__(self, inner: Callback, armed: bool = False):
+        self.inner, self.armed = inner, armed
+        self.held: list[tuple[str, TrainState, dict, float]] = []
+
+    def _hold(self, hook: str, state: TrainState, metrics: dict[str, float]) -> None:
+        if self.armed:
+            self.held.append((hook, dataclasses.replace(state), dict(metrics), time.time()))
+        else:
+            getattr(self.inner, hook)(state, metrics)
+
+    def _release(self) -> None:
+        held, self.held = self.held, []
+        log_metrics = getattr(self.inner, "log_metrics", None)
+        for hook, state, metrics, stamp in held:
+            if log_metrics is not None:
+                log_metrics(state.step, metrics, stamp)
+            else:
+                getattr(self.inner, hook)(state, metrics)
+
+    def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._hold("on_log", state, metrics)
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._hold("on_eval_end", state, metrics)
+
+    def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._hold("on_fault", state, metrics)
+
+    def on_rollback(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self.held.clear()  # the first values of the replayed steps never leave
+        self._hold("on_rollback", state, metrics)
+
+    def on_checkpoint(self, state: TrainState, path) -> None:
+        self._release()
+        self.armed = True
+        self.inner.on_checkpoint(state, path)
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        self._release()
+        self.inner.on_train_end(state, status)
+
+    def on_build(self, model, optimizer, scheduler) -> None:
+        self.inner.on_build(model, optimizer, scheduler)
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.inner.on_train_start(state)
+
+    def on_step_end(self, state: TrainState, loss: float) -> None:
+        self.inner.on_step_end(state, loss)
+
+    def on_save_request(self, state: TrainState) -> None:
+        self.inner.on_save_request(state)
 
 
 class EarlyStopping(Callback):

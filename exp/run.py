@@ -31,7 +31,7 @@ from exp.checkpoint import (
 )
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
-from exp.faults import EarlyStopping, FaultGuard, SaveOnSignal, StopSignals
+from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
 from exp.model.protocol import generate, num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
@@ -90,6 +90,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     stateful |= {f"callbacks.{name}": instantiate(node) for name, node in cfg.callbacks.items()}
     events = Events([clock, signals, *stateful.values()])
     state, status, stage = point.state if point else TrainState(), "FAILED", valid.stage
+    recorder = None  # the tracker as the loop's events reach it
     try:
         built = build(cfg, valid, dist, init_weights=point is None)
         events.on_build(built.trained.model, built.trained.optimizer, built.trained.scheduler)
@@ -109,7 +110,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
         saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
         events.add(checkpointer, saver, *(reporters if dist.is_main else []))
-        guard = FaultGuard(run.nan, checkpointer.rollback, on_event=events.on_fault)
+        guard = FaultGuard(run.nan, checkpointer.rollback, on_event=events.on_fault, on_rollback=events.on_rollback)
         t = built.trained
         log.info(
             f"run dir {run_dir} | {num_params(t.model):,} parameters | {t.rt.device} {t.rt.dtype} "
@@ -117,7 +118,10 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             + (f" | {dist.world_size} ranks ({dist.strategy})" if dist.enabled else "")
         )
         events.on_train_start(state)
-        events.add(tracker)  # after on_train_start: the tracker has started its run since it was built
+        # after on_train_start: the tracker has started its run since it was built. While a rollback can replay
+        # steps, what it records waits for a checkpoint to cover it: MLflow cannot take a point back
+        recorder = HoldUntilCheckpoint(tracker, armed=point is not None) if run.nan.max_rollbacks else tracker
+        events.add(recorder)
         state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)
         final = checkpointer.save(state)
         # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
@@ -136,7 +140,7 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             return float("nan")
         raise
     finally:
-        if tracker not in events.callbacks:
+        if recorder is None:
             events.add(tracker)
         events.on_train_end(state, status)
     if signals.received and dist.is_main:  # other ranks end quietly: rank 0 requeues or reports the stop

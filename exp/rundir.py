@@ -1,7 +1,11 @@
 """The run directory: its lock, summary.json (the one writer and reader), metrics.jsonl, the run's plot,
 and the one atomic file writer every other writer in exp calls.
 
-    <run dir>/.lock  summary.json  metrics.jsonl  metrics.png  config_changes.json  .hydra/  checkpoints/
+    <run dir>/.lock  summary.json  metrics.jsonl  metrics.png  config_changes.json  branches.json  .hydra/  checkpoints/
+
+A resume from before the newest checkpoint starts a new branch: the abandoned branch's later checkpoints and its
+metrics.jsonl lines past the branch point move to checkpoints/abandoned/<n>_after_step_<step>/, and branches.json
+lists each branch left behind.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from exp.events import Callback, TrainState
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 PLOT = "metrics.png"
+BRANCHES = "branches.json"
 
 
 class RunDirInUse(ExpError, RuntimeError):
@@ -154,23 +160,41 @@ class MetricsFile(Callback):
         self.path = Path(path)
         self.keep_until_step = keep_until_step
         self._file = None
+        self._lines = self._at_checkpoint = 0  # lines in the file; of them, written before the newest checkpoint
 
     def on_train_start(self, state: TrainState) -> None:
         """Drop lines past the step this run starts from, so a resumed run's record has no duplicate steps."""
         if not self.path.exists():
             return
-        kept = [m for m in read_metrics(self.path) if m["step"] <= self.keep_until_step]
-        write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
+        self._keep([m for m in read_metrics(self.path) if m["step"] <= self.keep_until_step])
+
+    def _keep(self, rows: list[dict]) -> None:
+        self._close()
+        write_atomic(self.path, "".join(json.dumps(m) + "\n" for m in rows))
+        self._lines = self._at_checkpoint = len(rows)
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
         if self._file is None:  # kept open between lines; line-buffered, so each line reaches the OS at once
             self._file = self.path.open("a", buffering=1)
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._lines += 1
 
-    def on_train_end(self, state: TrainState, status: str) -> None:
+    def _close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def on_train_end(self, state: TrainState, status: str) -> None:
+        self._close()
+
+    def on_checkpoint(self, state: TrainState, path) -> None:
+        self._at_checkpoint = self._lines
+
+    def on_rollback(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """The lines written since the checkpoint rolled back to go (their steps are replayed, each once), and the
+        rollback is written at the step it went back to."""
+        self._keep([m for m in read_metrics(self.path)[: self._at_checkpoint] if m["step"] <= state.step])
+        self._write(state.step, metrics)
 
     def on_log(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._write(state.step, metrics)
@@ -194,6 +218,50 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def record_branch(run_dir, step: int, folder: Path, entry: dict) -> dict:
+    """A new branch from `step`, the abandoned one's checkpoints already set aside in `folder`: the metrics.jsonl lines
+    past `step` move there too, and branches.json lists the branch left behind. Returns its entry."""
+    run_dir, folder = Path(run_dir), Path(folder)
+    rows = read_metrics(run_dir / METRICS)
+    write_atomic(folder / METRICS, "".join(json.dumps(m) + "\n" for m in rows if m["step"] > step))
+    if (run_dir / METRICS).exists():
+        write_atomic(run_dir / METRICS, "".join(json.dumps(m) + "\n" for m in rows if m["step"] <= step))
+    where = os.path.relpath(folder, run_dir) if folder.resolve().is_relative_to(run_dir.resolve()) else str(folder)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    entry = {"step": step, "abandoned": where, **entry, "at": at}
+    write_json(run_dir / BRANCHES, [*branches(run_dir), entry])
+    return entry
+
+
+def branches(run_dir) -> list[dict]:
+    """branches.json: the branches this run directory left behind, oldest first."""
+    found = read_json(Path(run_dir) / BRANCHES)
+    return found if isinstance(found, list) else []
+
+
+def left_behind(run_dir, mlflow_run_id: str | None) -> dict | None:
+    """The newest branch of this run directory that left MLflow run `mlflow_run_id` behind, or None: a resume never
+    reopens such a run (a branch killed before its first checkpoint resumes from a checkpoint that names it)."""
+    found = [b for b in branches(run_dir) if isinstance(b, dict) and b.get("mlflow_run_id") == mlflow_run_id]
+    return found[-1] if found and mlflow_run_id else None
+
+
+def carry_over(tracker, run_dir, step: int, branch: dict | None = None) -> None:
+    """A resume that starts a new MLflow run: the steps up to `step` from metrics.jsonl (logged now: the file keeps no
+    times), and for a branch the tags linking it and the run it left, with branches.json."""
+    run_dir = Path(run_dir)
+    for row in read_metrics(run_dir / METRICS):
+        if row["step"] <= step:
+            tracker.on_log(TrainState(step=row.pop("step")), row)
+    if branch is None:
+        return
+    left, aside, at = branch.get("mlflow_run_id"), branch["abandoned"], str(branch["step"])
+    tracker.set_tags({"branch.from_step": at, "branch.abandoned_run": left or "none", "branch.abandoned": aside})
+    if left:  # the run left behind says so: its points past the branch's step belong to no live branch
+        tracker.set_tags({"branch.abandoned_after_step": at, "branch.abandoned": aside}, run_id=left)
+    tracker.log_artifact(run_dir / BRANCHES)
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path | None:

@@ -13,8 +13,8 @@ import pytest
 import exp.cli
 from exp.checkpoint import verify_checkpoint
 from exp.config import NanConfig
-from exp.faults import FaultGuard
-from exp.loop import TrainingFailed, TrainState
+from exp.faults import FaultGuard, HoldUntilCheckpoint
+from exp.loop import Callback, TrainingFailed, TrainState
 from exp.rundir import read_metrics
 
 from .conftest import ROOT, TINY, compose_train, run_train
@@ -46,9 +46,44 @@ def test_nan_steps_are_skipped_then_rolled_back_and_the_run_finishes(tmp_path):
     assert math.isfinite(out["val_loss"])
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert any(r.get("faults/rollbacks") == 1 and r["step"] == 4 for r in rows)  # back to the step-4 checkpoint
+    assert_one_value_per_step(rows)  # steps 5 and 6 ran twice: only the replayed values are kept
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 13))
     lrs = {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
     fresh = compose_train(*BASE, run_dir=tmp_path / "unused")
     assert lrs[12] == pytest.approx(0.5 * fresh.stage.learning_rate * fresh.stage.lr_decay_ratio)  # lr_factor 0.5
+
+
+def assert_one_value_per_step(rows: list[dict]) -> None:
+    seen = [(r["step"], k) for r in rows for k in r if k != "step"]
+    assert len(seen) == len(set(seen)), sorted(k for k in seen if seen.count(k) > 1)
+
+
+class Recorder(Callback):
+    """A recorder like the MLflow tracker: hooks, and log_metrics for records passed on later with their own time."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, state, metrics):
+        self.seen.append((state.step, metrics, None))
+
+    def log_metrics(self, step, metrics, stamp):
+        self.seen.append((step, metrics, stamp))
+
+
+def test_records_wait_for_a_checkpoint_and_a_rollback_drops_them_keeping_their_own_time(monkeypatch):
+    recorder, clock = Recorder(), iter([100.0, 101.0, 102.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    held = HoldUntilCheckpoint(recorder)
+    held.on_log(TrainState(step=1), {"x": 1.0})  # no checkpoint yet, so nothing to roll back to: passed on
+    assert recorder.seen == [(1, {"x": 1.0}, None)]
+    held.on_checkpoint(TrainState(step=1), "step_00000001")
+    held.on_log(TrainState(step=2), {"x": 2.0})  # at 100
+    held.on_rollback(TrainState(step=1), {"faults/rollbacks": 1})  # at 101
+    held.on_log(TrainState(step=2), {"x": 2.5})  # at 102
+    assert len(recorder.seen) == 1
+    held.on_train_end(TrainState(step=2), "FINISHED")
+    assert recorder.seen[1:] == [(1, {"faults/rollbacks": 1}, 101.0), (2, {"x": 2.5}, 102.0)]
 
 
 def test_nan_with_no_checkpoint_to_roll_back_to_fails_clearly(tmp_path, capsys):

@@ -4,6 +4,7 @@ the moment it is started."""
 
 import json
 import os
+import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -113,7 +114,7 @@ def finished_run(runs: Path, name: str) -> Path:
 
 def test_resuming_a_finished_job_needs_more_steps_or_force(service, monkeypatch, tmp_path):
     runs = tmp_path / "runs"
-    done, other = finished_run(runs, "done"), finished_run(runs, "other")
+    done, other, branched = finished_run(runs, "done"), finished_run(runs, "other"), finished_run(runs, "branched")
     launched = []
     monkeypatch.setattr(
         service.app.state.launcher, "start_local", lambda job_id, o, run_dir: launched.append(o) or {"pid": None}
@@ -131,6 +132,10 @@ def test_resuming_a_finished_job_needs_more_steps_or_force(service, monkeypatch,
     assert "stage.num_steps=8" in launched[-1] and f"resume.path={done}/checkpoints/step_00000006" in launched[-1]
     assert service.post(f"/api/training/jobs/{forced}/resume", json={"force": True}).status_code == 201
     assert len(launched) == 2
+    shutil.copytree(branched / "checkpoints" / "step_00000006", branched / "checkpoints" / "step_00000004")
+    here = service.post(f"/api/training/jobs/{jobs[str(branched)]['job_id']}/resume", json={"step": 4})
+    assert here.status_code == 201, here.text  # "resume from here", from an earlier step: a new branch, not the end
+    assert f"resume.path={branched}/checkpoints/step_00000004" in launched[-1]
 
 
 def test_sweep_is_known_at_once_under_its_folder_name(service, monkeypatch):

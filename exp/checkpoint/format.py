@@ -37,6 +37,7 @@ REQUIRED_FILES = (
 SHARDED_REQUIRED_FILES = ("dcp/.metadata", "scheduler.json", "trainer_state.json", "config.yaml")
 RNG_KEY = "rng"  # reserved key in trainer_state.json
 _STEP_DIR = re.compile(r"step_(\d{8,})")
+ABANDONED = "abandoned"  # under a checkpoint root: the branches that resumes from earlier steps left behind
 _HASH_CHUNK = 1 << 24
 
 
@@ -401,6 +402,26 @@ def list_checkpoints(root) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def set_aside_checkpoints(root, after_step: int) -> Path | None:
+    """Move the step_* folders after `after_step` into root/abandoned/<n>_after_step_<after_step>/: the branch a
+    resume from an earlier step leaves behind, kept but no longer resumed, rotated or listed. None if there are none."""
+    root = Path(root)
+    later = [p for p in list_checkpoints(root) if int(_STEP_DIR.fullmatch(p.name).group(1)) > after_step]
+    if not later:
+        return None
+    aside = root / ABANDONED
+    aside.mkdir(exist_ok=True)
+    number = 1 + max((int(m.group(1)) for p in aside.iterdir() if (m := re.match(r"(\d+)_", p.name))), default=0)
+    folder = aside / f"{number:03d}_after_{checkpoint_name(after_step)}"
+    folder.mkdir()
+    for path in reversed(later):
+        os.rename(path, folder / path.name)
+    fsync(folder)
+    fsync(aside)
+    fsync(root)
+    return folder
 
 
 def latest_valid_checkpoint(root, warn: Callable[[str], object] = print) -> Path | None:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
-from exp.rundir import METRICS, read_json, read_summary
+from exp.rundir import METRICS, SUMMARY, read_json, read_summary
 from exp.serve.configs import TRAIN_PY
 from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
@@ -529,7 +529,9 @@ def checkpoints(run_dir: Path, summary: dict | None) -> list[dict]:
                 "best": best is not None and Path(best).name == path.name,
             }
         )
-    if out and best is None:  # still training: the best step is in the newest checkpoint's trainer state
+    if out and (not any(c["best"] for c in out) or _older_than(run_dir / SUMMARY, Path(out[-1]["path"]) / MANIFEST)):
+        # still training (a branch resumed from an earlier step too: summary.json is the last ending's, whose best may
+        # have been set aside or share a name with a new checkpoint): the newest checkpoint's trainer state knows best
         try:
             best_step = read_trainer_state(Path(out[-1]["path"])).get("state", {}).get("best_step")
         except Exception:  # unreadable trainer state: no best marked
@@ -537,6 +539,14 @@ def checkpoints(run_dir: Path, summary: dict | None) -> list[dict]:
         for item in out:
             item["best"] = item["step"] == best_step
     return out
+
+
+def _older_than(path: Path, other: Path) -> bool:
+    """Whether `path` was last written before `other` (False when either is missing)."""
+    try:
+        return path.stat().st_mtime < other.stat().st_mtime
+    except OSError:
+        return False
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path | None:

@@ -56,7 +56,7 @@ class NullTracker(Callback):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def set_tags(self, tags: dict[str, str]) -> None:
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
         pass
 
 
@@ -161,8 +161,13 @@ class MlflowTracker(Callback):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._send(Artifact(str(path), artifact_path))
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        self._send(Tags({k[:MAX_KEY]: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}))
+    def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
+        """Tags on this run, or on another run of the store (`run_id`: the branch a resume left behind)."""
+        self._send(Tags({k[:MAX_KEY]: str(v)[:MAX_PARAM_VALUE] for k, v in tags.items()}, run_id))
+
+    def log_metrics(self, step: int, metrics: dict[str, float], stamp: float) -> None:
+        """Metrics of `step` taken at `stamp` (Unix seconds), passed on later: held until a checkpoint covered them."""
+        self._send(Metrics(step, stamp, metrics))
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         self.checkpoints = [c for c in self.checkpoints if Path(c["path"]).exists()]  # rotation deleted the rest

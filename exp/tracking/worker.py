@@ -62,6 +62,7 @@ class Metrics:
 @dataclass(frozen=True)
 class Tags:
     tags: dict[str, str]
+    run_id: str | None = None  # another run of the store (the branch a resume left behind); None: this run
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,8 @@ class _Worker:
                             self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
                         )
                     )
+                case Tags(tags=tags, run_id=other) if other:
+                    self._tag_other(other, tags)
                 case Artifact(path=path, artifact_path=artifact_path):
                     self._flush(metrics)
                     metrics = []
@@ -355,6 +358,17 @@ class _Worker:
             self._call(
                 lambda chunk=metrics[i : i + BATCH["metrics"]]: self.client.log_batch(self.run_id, metrics=chunk)
             )
+
+    def _tag_other(self, run_id: str, tags: dict[str, str]) -> None:
+        """Tag another run (the branch a resume left behind): one that is gone costs a warning, not this run's."""
+        from mlflow.entities import RunTag
+
+        if self.failed or self.run_id is None:
+            return
+        try:
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as e:
+            self.warn(f"MLflow run {run_id} could not be tagged ({first_line(e)})")
 
     def _call(self, fn) -> None:
         if self.failed or self.run_id is None:

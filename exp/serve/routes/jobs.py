@@ -141,7 +141,8 @@ def resume(svc: Service, job_id: str, body: ResumeIn) -> Started:
     cfg, hydra_node = configs.compose(
         overrides, run_dir, svc.settings.allow_targets, node=kind == "local", service_overrides=own, check=drift
     )
-    if status == "FINISHED" and not body.force and cfg.stage.num_steps <= current["step"]:
+    resumed_at = current["step"] if body.step is None else body.step  # an earlier step starts a new branch
+    if status == "FINISHED" and not body.force and cfg.stage.num_steps <= resumed_at:
         raise control.Conflict(
             f"job {job_id} finished at step {current['step']}: pass force=true to run its end again, or resume "
             "with more steps (stage.num_steps and allow_config_change=true)"
