@@ -38,7 +38,7 @@ from exp.rundir import MetricsFile, RunLock, plot_run
 from exp.sampling import chat_reply, data_prompt
 from exp.stages import SFT
 from exp.text import first_line, fmt_loss
-from exp.tracking import NullTracker
+from exp.tracking import NullTracker, PendingTracker, resumed_run_id
 
 log = logging.getLogger("exp")
 
@@ -82,9 +82,9 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     point = find_resume(cfg, run.resume, dist)
     if point is not None:
         check_resume_tokenizer(cfg, point)
-    tracker = (instantiate(cfg.tracking) if dist.is_main else NullTracker)(  # only rank 0 talks to MLflow
-        cfg=cfg, run_dir=run_dir, resume_run_id=point.trainer_state.get("mlflow_run_id") if point else None
-    )
+    # a resume opens its MLflow run once every rank has restored the checkpoint: a resume refused or failed before
+    # that leaves the run's record (summary.json, the MLflow run) as it was
+    tracker = open_tracker(cfg, run_dir, dist) if point is None else PendingTracker()
     signals, clock = StopSignals(), FirstStepClock()
     stateful = {"early_stopping": EarlyStopping(run.early_stopping)}  # kept in checkpoints (Callback.state_dict)
     stateful |= {f"callbacks.{name}": instantiate(node) for name, node in cfg.callbacks.items()}
@@ -105,7 +105,10 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             run_dir=str(run_dir),
             tokenizer=built.tokenizer,
         )
-        state = checkpointer.restore(point) if point is not None else TrainState()
+        state = TrainState()
+        if point is not None:
+            state = restore_everywhere(checkpointer, point, dist)
+            tracker = checkpointer.tracker = tracker.replay(open_tracker(cfg, run_dir, dist, point))
         reporters = [ConsoleLog(stage.num_steps, stage.num_epochs is not None), ProgressBar(stage.num_steps)]
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
         saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
@@ -132,10 +135,14 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         status = "KILLED"
         raise
     except Exception as e:
-        log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")
-        if dist.is_main:
-            error = f"{type(e).__name__}: {first_line(e)}"
-            write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
+        if isinstance(tracker, PendingTracker):  # a refused or failed resume: the record stays as it was
+            if not isinstance(e, ExpError):  # a refusal is one line, from exp.cli
+                log.exception(f"resume failed: {e}")
+        else:
+            log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")
+            if dist.is_main:
+                error = f"{type(e).__name__}: {first_line(e)}"
+                write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
         if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
             return float("nan")
         raise
@@ -152,6 +159,25 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             signals.received,
         )
     return state.val_loss
+
+
+def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None):
+    """The run's tracker (only rank 0 talks to MLflow), continuing the MLflow run of the checkpoint resumed from."""
+    resume_run_id = resumed_run_id(point.trainer_state, point.path) if point is not None else None
+    factory = instantiate(cfg.tracking) if dist.is_main else NullTracker
+    return factory(cfg=cfg, run_dir=run_dir, resume_run_id=resume_run_id)
+
+
+def restore_everywhere(checkpointer: Checkpointer, point, dist: exp_dist.Dist) -> TrainState:
+    """The resume point restored on every rank or on none: the ranks agree before the run's record is opened."""
+    try:
+        state = checkpointer.restore(point)
+    except Exception:
+        dist.any(True)
+        raise
+    if dist.any(False):
+        raise ResumeError(f"cannot resume from {point.path}: another rank could not restore it (see its error)")
+    return state
 
 
 def find_lr(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:

@@ -1,5 +1,6 @@
 """MLflow against a real store and a real server: what a run records, its status on every ending, a dead server."""
 
+import contextlib
 import json
 import os
 import signal
@@ -227,6 +228,7 @@ def test_sigkilled_run_is_reconciled_and_resume_continues_the_same_run_without_d
         "+callbacks.stop._target_=tests.hooks.SignalAt",
         "+callbacks.stop.step=6",
         "+callbacks.stop.signal_name=SIGKILL",
+        f"+callbacks.stop.wait_for={run_dir / 'mlflow_run.json'}",  # once the worker has created the run
         cwd=tmp_path,
     )
     assert proc.returncode == -signal.SIGKILL
@@ -235,7 +237,7 @@ def test_sigkilled_run_is_reconciled_and_resume_continues_the_same_run_without_d
 
     proc = run_train(*BASE, f"tracking.uri={store}", f"hydra.run.dir={run_dir}", cwd=tmp_path)  # resume=auto
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary(run_dir)["mlflow_run_id"] == run_id  # the checkpoint at step 4 carried the run id
+    assert summary(run_dir)["mlflow_run_id"] == run_id  # the checkpoint at step 4 (or the run dir's marker) named it
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
@@ -326,3 +328,154 @@ def test_a_refused_config_exits_at_once_and_leaves_no_worker_behind(tmp_path):
         time.sleep(0.1)
     assert not _session_alive(proc.pid), "a process of the run outlived it"
     assert not (tmp_path / "mlflow.db").exists()  # no run was created for a refused config
+
+
+def _worker_of(trainer_pid: int) -> int | None:
+    """The pid of the MLflow worker the trainer process started (a multiprocessing spawn child), from /proc."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = open(f"/proc/{entry}/status").read()
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"\nPPid:\t{trainer_pid}\n" in status and b"spawn_main" in cmdline:
+            return int(entry)
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie nobody reaped yet has exited)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stop_worker(pid: int | None) -> None:
+    if pid is not None and _running(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_checkpoints_never_wait_for_the_mlflow_worker_and_a_resume_continues_its_run(store, tmp_path):
+    """The worker held stopped (SIGSTOP: a busy node starving it) from the trainer's start: the checkpoints of
+    steps 1 and 2 are written all the same, without the run id. The trainer is SIGKILLed at step 3 once the
+    worker has created the run; the resume from step 2 finds that run in the run dir and continues it."""
+    run_dir = tmp_path / "run"
+    marker = run_dir / "mlflow_run.json"
+    cmd = [
+        sys.executable,
+        str(run_train.__globals__["ROOT"] / "train.py"),
+        *BASE,
+        "stage.num_steps=4",
+        "checkpoint.every_n_steps=1",
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.stop._target_=tests.hooks.SignalAt",
+        "+callbacks.stop.step=3",
+        "+callbacks.stop.signal_name=SIGKILL",
+        f"+callbacks.stop.wait_for={marker}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(run_train.__globals__["ROOT"])}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        deadline = time.time() + 30
+        while worker is None and proc.poll() is None and time.time() < deadline:
+            worker = _worker_of(proc.pid)
+        assert worker is not None, "no MLflow worker was started"
+        os.kill(worker, signal.SIGSTOP)
+        stopped = time.time()
+        second = run_dir / "checkpoints" / "step_00000002"
+        while not second.is_dir() and proc.poll() is None and time.time() < stopped + 40:
+            time.sleep(0.05)
+        waited = time.time() - stopped
+        assert second.is_dir(), f"no checkpoint within {waited:.0f} s of the worker stopping"
+        assert not marker.exists()  # the worker was still stopped: no run had been created
+        for step in (1, 2):
+            saved = json.loads((run_dir / "checkpoints" / f"step_0000000{step}" / "trainer_state.json").read_text())
+            assert saved["mlflow_run_id"] is None
+        with contextlib.suppress(AttributeError, OSError):  # no longer starved: the rest need not wait on idle time
+            os.sched_setscheduler(worker, os.SCHED_OTHER, os.sched_param(0))
+        os.kill(worker, signal.SIGCONT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if worker is not None and _running(worker):
+            os.kill(worker, signal.SIGCONT)
+            _stop_worker(worker)
+    run_id, status = _status(store, run_dir)
+    assert status == "RUNNING"
+
+    from exp import cli
+
+    from .conftest import compose_train
+
+    cli.run_job(compose_train(*BASE, "stage.num_steps=4", f"tracking.uri={store}", run_dir=run_dir))  # resume=auto
+    assert summary(run_dir)["mlflow_run_id"] == run_id and summary(run_dir)["status"] == "FINISHED"
+    client = MlflowClient(tracking_uri=store)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 4
+
+
+def test_a_worker_whose_trainer_is_killed_while_it_starts_exits(tmp_path):
+    """The trainer SIGKILLed right after starting its MLflow worker (before the worker ran a line): the worker,
+    an orphan from its first instruction, exits instead of waiting forever with the store open."""
+    script = (
+        "import os, signal\n"
+        "from exp.tracking.worker import Handle\n"
+        f"handle = Handle('sqlite:///{tmp_path}/mlflow.db')\n"
+        "print(handle.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(run_train.__globals__["ROOT"])}
+    with open(tmp_path / "out", "w") as out:  # not a pipe: an orphaned worker would hold it open
+        trainer = subprocess.run([sys.executable, "-c", script], env=env, stdout=out, timeout=60)
+    assert trainer.returncode == -signal.SIGKILL
+    worker = int((tmp_path / "out").read_text())
+    try:
+        deadline = time.time() + 20
+        while _running(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), "the MLflow worker outlived its SIGKILLed trainer"
+    finally:
+        _stop_worker(worker)
+
+
+def test_a_refused_resume_leaves_the_finished_runs_record_as_it_was(store, tmp_path):
+    """A resume refused after the config was accepted (another model shape, resume.allow_config_change=true:
+    the checkpoint does not load) exits 2 with one line; summary.json, metrics.jsonl, the checkpoints and the
+    MLflow run (status, end time) stay exactly as the finished run left them."""
+    from exp import cli
+
+    from .conftest import compose_train
+
+    run_dir = tmp_path / "run"
+    cli.run_job(compose_train(*BASE, f"tracking.uri={store}", run_dir=run_dir))
+
+    def record():
+        client = MlflowClient(tracking_uri=store)
+        run = client.get_run(summary(run_dir)["mlflow_run_id"])
+        files = [run_dir / "summary.json", run_dir / "metrics.jsonl", *sorted((run_dir / "checkpoints").rglob("*"))]
+        runs = len(client.search_runs([run.info.experiment_id]))  # and no new run was created either
+        return {str(p): p.read_bytes() for p in files if p.is_file()}, (run.info.status, run.info.end_time), runs
+
+    before = record()
+    assert before[1][0] == "FINISHED"
+    proc = run_train(
+        *BASE,
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "model.n_layer=3",
+        "resume.allow_config_change=true",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "cannot resume" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot resume from "), proc.stderr[-3000:]
+    assert record() == before

@@ -170,7 +170,7 @@ class Checkpointer(Callback):
 
     Built by exp.run as a partial of the `checkpoint` config with the run's objects: `trained`
     (exp.loop.Trained: model, optimizer, scheduler, scaler, dist), the data `sampler`, the `tracker` (its run
-    id goes into trainer_state.json), `events` (told of each save), the `stateful` callbacks whose
+    id, if known yet, goes into trainer_state.json), `events` (told of each save), the `stateful` callbacks whose
     state_dict() goes into each checkpoint, and the data's `tokenizer` (its tokenizer.json is saved beside
     model.safetensors; trainer_state.json names it).
     """
@@ -312,7 +312,8 @@ class Checkpointer(Callback):
             "layout": layout_of(t.stage, t.dist).to_dict(),
             "callbacks": {k: v for k, cb in self.stateful.items() if (v := cb.state_dict()) is not None},
             "seed": self.seed,
-            "mlflow_run_id": self.tracker.run_id,
+            # known yet or null, never waited for: a resume finds a later id in the run dir's marker (exp.tracking)
+            "mlflow_run_id": self.tracker.known_run_id,
             "mlflow_tracking_uri": self.tracker.uri,
             "tokenizer": tokenizer_entry(self.tokenizer),
         }

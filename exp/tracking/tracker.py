@@ -53,11 +53,44 @@ class NullTracker(Callback):
     def run_id(self) -> str | None:
         return None
 
+    known_run_id = run_id
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
         pass
+
+
+class PendingTracker(NullTracker):
+    """Stands in for a resumed run's tracker until every rank has restored the checkpoint: a refused or failed
+    resume then leaves the MLflow run as it was. What it is given meanwhile (the config changes) is replayed."""
+
+    def __init__(self):
+        self._calls: list[tuple[str, tuple]] = []
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._calls.append(("log_artifact", (path, artifact_path)))
+
+    def set_tags(self, tags: dict[str, str], *args) -> None:
+        self._calls.append(("set_tags", (dict(tags), *args)))
+
+    def replay(self, tracker):
+        """`tracker`, handed what this one was given, in order."""
+        for name, args in self._calls:
+            getattr(tracker, name)(*args)
+        return tracker
+
+
+def resumed_run_id(trainer_state: dict, checkpoint: Path) -> str | None:
+    """The MLflow run a checkpoint's run continues: the id saved in it, else (saved before the worker had reported
+    it) the run its run directory's worker created or reopened, named in that directory's mlflow_run.json."""
+    if trainer_state.get("mlflow_run_id") or not trainer_state.get("mlflow_tracking_uri"):
+        return trainer_state.get("mlflow_run_id")
+    marker = read_json(Path(checkpoint).parent.parent / RUN_MARKER)  # checkpoints/step_N in the run dir
+    if isinstance(marker, dict) and marker.get("tracking_uri") == trainer_state["mlflow_tracking_uri"]:
+        return marker.get("run_id")
+    return None
 
 
 class MlflowTracker(Callback):
@@ -104,6 +137,12 @@ class MlflowTracker(Callback):
     def run_id(self) -> str | None:
         """The MLflow run id, once the worker has created the run (waits for it up to a minute)."""
         self._poll(until=Started, timeout=START_TIMEOUT_S)
+        return self._run_id
+
+    @property
+    def known_run_id(self) -> str | None:
+        """The MLflow run id if the worker has reported it yet, else None: never waits (a checkpoint's record)."""
+        self._poll()
         return self._run_id
 
     def _send(self, message: Metrics | Tags | Artifact | End) -> None:

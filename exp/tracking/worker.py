@@ -110,7 +110,9 @@ class Handle:
     def __init__(self, uri: str = ""):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch, no fork of a big process
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=main, args=(self.inbox, self.outbox, uri), name="mlflow-tracker", daemon=True)
+        # the trainer's pid, not the worker's later getppid(): a trainer killed while the worker starts is gone by then
+        args = (self.inbox, self.outbox, uri, os.getpid())
+        self.process = ctx.Process(target=main, args=args, name="mlflow-tracker", daemon=True)
         self.process.start()
         _yield_cpu(self.process.pid)
         _started[:] = [h for h in _started if h.process.is_alive()] + [self]
@@ -186,15 +188,17 @@ def _import_store(uri: str) -> None:
         pass
 
 
-def main(inbox, outbox, uri: str = "") -> None:
+def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
     """Import MLflow, wait for the run's settings, create or reopen the run, then log whatever arrives until
-    the end message (or until the trainer is gone)."""
+    the end message (or until the trainer, process `trainer`, is gone)."""
     # The trainer decides when the run ends: Ctrl-C (sent to the whole process group), SIGTERM or SLURM's
     # USR2 must reach it, not stop this process before it has logged the ending.
     # SIGUSR1 (save now) too: on SLURM, scancel --signal reaches every process of the job, this one included
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    trainer = os.getppid()
+    trainer = trainer or os.getppid()
+    if os.getppid() != trainer:  # SIGKILLed while this process started: this one is an orphan already
+        return
     fail_fast_http()
     import mlflow.tracking  # noqa: F401  (most of the start-up; done before the settings are needed)
 
@@ -210,6 +214,8 @@ def main(inbox, outbox, uri: str = "") -> None:
             continue
         if isinstance(message, Settings):
             settings = message
+    if os.getppid() != trainer:  # killed before its run existed (its checkpoints name none): no run to leave RUNNING
+        return
     worker = _Worker(settings, outbox)
     try:
         worker.start()
