@@ -22,6 +22,7 @@ from exp.checkpoint.format import (
     read_trainer_state,
     rotate_checkpoints,
     save_checkpoint,
+    set_aside_checkpoints,
     verify_checkpoint,
 )
 from exp.checkpoint.layout import LAYOUT_KEYS, check_layout, describe, is_sharded, layout_of, saved_layout
@@ -30,7 +31,7 @@ from exp.data.tokenizer import TOKENIZER_FILE
 from exp.errors import ConfigError, ResumeError
 from exp.events import Callback, Events, TrainState
 from exp.optim import STAGE_LINKS, hyperparameters, resume_with_changes
-from exp.rundir import read_json, write_json
+from exp.rundir import BRANCHES, read_json, record_branch, write_json
 
 log = logging.getLogger("exp")
 
@@ -237,6 +238,23 @@ class Checkpointer(Callback):
         self.follow(state, point.path.parent)  # resumed from another run dir: its best checkpoint counts too
         return state
 
+    def start_branch(self, point: ResumePoint, mlflow_run_id: str | None) -> dict | None:
+        """A resume from before this run's newest checkpoint starts a new branch: the later checkpoints move aside
+        (checkpoints/abandoned/, with the metrics.jsonl lines past the resume point, listed in branches.json), so
+        resume=auto, rotation and the best checkpoint follow the new branch. Returns the entry; None if no branch."""
+        step = point.state.step
+        folder = set_aside_checkpoints(self.dir, step)
+        if folder is None:
+            return None
+        moved = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        entry = {"checkpoints": moved, "resumed_from": str(point.path.resolve()), "mlflow_run_id": mlflow_run_id}
+        entry = record_branch(self.run_dir, step, folder, entry)
+        log.warning(
+            f"resuming from step {step} starts a new branch: the later checkpoints ({', '.join(moved)}) and metrics "
+            f"are kept in {folder}, listed in {self.run_dir / BRANCHES}"
+        )
+        return entry
+
     def _record_changes(self, step: int, changes: dict) -> None:
         """Keys changed at a resume (old -> new), in config_changes.json and on the MLflow run: MLflow params
         keep the first launch's values (they cannot change), so this record says which stopped being true."""
@@ -343,6 +361,7 @@ class Checkpointer(Callback):
         back = self._load(Path(found))
         for key, value in dataclasses.asdict(state_from_dict(back["state"])).items():
             setattr(state, key, value)
+        self.last_path, self.last_step = Path(found), state.step  # a newer, unusable checkpoint is written again
         if self._resumed is not None and state.step <= self._resumed[2]:  # written under the config before resuming
             point, configured, _ = self._resumed
             resume_with_changes(t.optimizer, t.scheduler, configured, point.saved_cfg, point.current_cfg, state.step)
