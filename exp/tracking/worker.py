@@ -339,14 +339,14 @@ class _Worker:
                         for k, v in values.items()
                         if step > self.skip_until.get(k, -1)
                     ]
+                case Tags(tags=tags, run_id=other) if other:
+                    self._tag_other(other, tags)
                 case Tags(tags=tags):
                     self._call(
                         lambda tags=tags: self.client.log_batch(
                             self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]
                         )
                     )
-                case Tags(tags=tags, run_id=other) if other:
-                    self._tag_other(other, tags)
                 case Artifact(path=path, artifact_path=artifact_path):
                     self._flush(metrics)
                     metrics = []
@@ -359,12 +359,6 @@ class _Worker:
         self._flush(metrics)
         return done
 
-    def _flush(self, metrics: list) -> None:
-        for i in range(0, len(metrics), BATCH["metrics"]):
-            self._call(
-                lambda chunk=metrics[i : i + BATCH["metrics"]]: self.client.log_batch(self.run_id, metrics=chunk)
-            )
-
     def _tag_other(self, run_id: str, tags: dict[str, str]) -> None:
         """Tag another run (the branch a resume left behind): one that is gone costs a warning, not this run's."""
         from mlflow.entities import RunTag
@@ -375,6 +369,12 @@ class _Worker:
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         except Exception as e:
             self.warn(f"MLflow run {run_id} could not be tagged ({first_line(e)})")
+
+    def _flush(self, metrics: list) -> None:
+        for i in range(0, len(metrics), BATCH["metrics"]):
+            self._call(
+                lambda chunk=metrics[i : i + BATCH["metrics"]]: self.client.log_batch(self.run_id, metrics=chunk)
+            )
 
     def _call(self, fn) -> None:
         if self.failed or self.run_id is None:
