@@ -105,10 +105,12 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             run_dir=str(run_dir),
             tokenizer=built.tokenizer,
         )
-        state = TrainState()
+        state, branch = TrainState(), None
         if point is not None:
             state = restore_everywhere(checkpointer, point, dist)
-            tracker = checkpointer.tracker = tracker.replay(open_tracker(cfg, run_dir, dist, point))
+            if dist.is_main:  # from before the run's newest checkpoint: a new branch
+                branch = checkpointer.start_branch(point, resumed_run_id(point.trainer_state, point.path))
+            tracker = checkpointer.tracker = tracker.replay(open_tracker(cfg, run_dir, dist, point, branch))
         reporters = [ConsoleLog(stage.num_steps, stage.num_epochs is not None), ProgressBar(stage.num_steps)]
         reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
         saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
@@ -161,11 +163,20 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     return state.val_loss
 
 
-def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None):
-    """The run's tracker (only rank 0 talks to MLflow), continuing the MLflow run of the checkpoint resumed from."""
+def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None, branch: dict | None = None):
+    """The run's tracker (only rank 0 talks to MLflow), continuing the MLflow run of the checkpoint resumed from. A new
+    branch, or a checkpoint whose MLflow run a branch left behind, gets a new run (MLflow cannot take back the points
+    of the abandoned steps) that starts with the steps up to the resume point (rundir.carry_over)."""
     resume_run_id = resumed_run_id(point.trainer_state, point.path) if point is not None else None
+    if branch is None and dist.is_main:
+        branch = rundir.left_behind(run_dir, resume_run_id)
+    if branch is not None:
+        resume_run_id = None
     factory = instantiate(cfg.tracking) if dist.is_main else NullTracker
-    return factory(cfg=cfg, run_dir=run_dir, resume_run_id=resume_run_id)
+    tracker = factory(cfg=cfg, run_dir=run_dir, resume_run_id=resume_run_id)
+    if point is not None and resume_run_id is None and dist.is_main:
+        rundir.carry_over(tracker, run_dir, point.state.step, branch)
+    return tracker
 
 
 def restore_everywhere(checkpointer: Checkpointer, point, dist: exp_dist.Dist) -> TrainState:

@@ -58,6 +58,48 @@ def assert_one_value_per_step(rows: list[dict]) -> None:
     assert len(seen) == len(set(seen)), sorted(k for k in seen if seen.count(k) > 1)
 
 
+@pytest.mark.slow
+def test_mlflow_holds_one_value_per_step_through_a_rollback_and_a_branch(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, store = tmp_path / "run", f"sqlite:///{tmp_path}/mlflow.db"
+    tracked = [o for o in BASE if not o.startswith("tracking")]
+    tracked += [f"tracking.uri={store}", f"tracking.artifact_location={tmp_path / 'artifacts'}"]
+
+    def tracked_run(*overrides):
+        try:
+            exp.cli.run_job(compose_train(*tracked, *overrides, run_dir=run_dir))
+        except SystemExit:  # stopped by the signal: part of the scenario
+            pass
+
+    def history(run_id, rows):
+        """Every metric of the MLflow run, one value per step, and the same values as metrics.jsonl."""
+        client = MlflowClient(store)
+        for key in client.get_run(run_id).data.metrics:
+            points = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+            assert len({s for s, _ in points}) == len(points), f"{key}: {sorted(points)}"
+            assert sorted(points) == sorted((r["step"], pytest.approx(r[key])) for r in rows if key in r), key
+        return client.get_run(run_id).data.tags
+
+    tracked_run("+callbacks.poison._target_=tests.hooks.PoisonWeightsAt", "+callbacks.poison.step=6")
+    first = summary(run_dir)
+    assert first["num_rollbacks"] == 1
+    history(first["mlflow_run_id"], read_metrics(run_dir / "metrics.jsonl"))
+    before = read_metrics(run_dir / "metrics.jsonl")
+
+    stop = ["+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=6"]
+    tracked_run(f"resume={run_dir / 'checkpoints' / 'step_00000004'}", *stop)
+    tracked_run("resume=auto")
+    out, rows = summary(run_dir), read_metrics(run_dir / "metrics.jsonl")
+    assert out["status"] == "FINISHED" and out["mlflow_run_id"] != first["mlflow_run_id"]
+    assert_one_value_per_step(rows)
+    tags = history(out["mlflow_run_id"], rows)  # the branch's own run: steps 1-4 carried over, then its own
+    assert tags["branch.from_step"] == "4" and tags["branch.abandoned_run"] == first["mlflow_run_id"]
+    left = history(first["mlflow_run_id"], before)  # the run left behind keeps its values and says so
+    assert left["branch.abandoned_after_step"] == "4"
+    assert left["branch.abandoned"] == "checkpoints/abandoned/001_after_step_00000004"
+
+
 class Recorder(Callback):
     """A recorder like the MLflow tracker: hooks, and log_metrics for records passed on later with their own time."""
 

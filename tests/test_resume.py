@@ -13,6 +13,7 @@ import exp.checkpoint.format
 import exp.cli
 from exp.data.batches import WindowSampler
 from exp.rundir import read_metrics
+from exp.serve import control
 
 from .conftest import TINY, compose_train
 
@@ -107,6 +108,35 @@ def test_resumed_run_is_bit_identical(straight, tmp_path, k, stop):
     train(run_dir, "resume=auto")
     assert trajectory(run_dir) == trajectory(straight)
     assert_same(final_state(run_dir), final_state(straight))
+
+
+def test_a_resume_from_an_earlier_checkpoint_starts_a_branch_that_auto_resume_follows(straight, tmp_path):
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    shutil.copytree(straight, run_dir)  # finished at 12, checkpoints 4, 8, 12
+    stop = ["+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=6"]
+    train(run_dir, f"resume={ckpts / 'step_00000004'}", "checkpoint.keep_last=2", *stop)
+    aside = ckpts / "abandoned" / "001_after_step_00000004"
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000008", "step_00000012"]
+    assert [p.name for p in exp.checkpoint.list_checkpoints(ckpts)] == ["step_00000004", "step_00000006"]
+    assert {m["step"] for m in read_metrics(aside / "metrics.jsonl")} == set(range(5, NUM_STEPS + 1))
+    (entry,) = json.loads((run_dir / "branches.json").read_text())
+    assert entry["step"] == 4 and entry["abandoned"] == "checkpoints/abandoned/001_after_step_00000004"
+    assert entry["checkpoints"] == ["step_00000008", "step_00000012"]
+    # the job service marks the best checkpoint from the newest one while summary.json is a previous ending's
+    shutil.copy(straight / "summary.json", run_dir / "summary.json")  # best: step 12, set aside
+    listed = control.checkpoints(run_dir, json.loads((run_dir / "summary.json").read_text()))
+    assert [(c["step"], c["best"]) for c in listed] == [(4, True), (6, False)]
+
+    train(run_dir, "resume=auto", "checkpoint.keep_last=2")  # continues the branch from 6, not the stale 12
+    assert trajectory(run_dir) == trajectory(straight)  # one line per step and kind: the branch's
+    assert_same(final_state(run_dir), final_state(straight))
+    out = json.loads((run_dir / "summary.json").read_text())
+    vals = {m["step"]: m["val/loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in m}
+    assert out["status"] == "FINISHED" and out["step"] == NUM_STEPS
+    assert out["best_checkpoint"] == str((ckpts / f"step_{min(vals, key=vals.get):08d}").resolve())
+    live = [p.name for p in exp.checkpoint.list_checkpoints(ckpts)]
+    assert live[-2:] == ["step_00000008", "step_00000012"] and len(live) <= 3  # keep_last=2 and the best
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000008", "step_00000012"]
 
 
 def _keep_one_generator(get, set_):
