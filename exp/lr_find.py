@@ -4,7 +4,7 @@ stage.learning_rate. Nothing is checkpointed; the run directory gets lr_find.jso
 
 The suggestion is the learning rate where the (centred average) loss falls fastest against log(lr), before its minimum
 (the "steepest" rule of fastai and lr-finder; the minimum's lr / 10 is reported too). Both are heuristics: on
-transformers with warmup and decay the best lr of a real run is often several times either (see the README's
+transformers with warmup and decay the best lr of a real run is often several times either (see docs/configuration.md's
 comparison). The running and the centred average span at most a tenth of the test (effective_smoothing), so a
 short test still sees the fall and the divergence.
 """

@@ -1,4 +1,4 @@
-"""The README's "Your own callback" example, run as a user would: a callback that stops at a target val loss,
+"""docs/extending.md's "Callback" example, run as a user would: a callback that stops at a target val loss,
 remembers what it saw across a resume, and hears of every checkpoint."""
 
 import json

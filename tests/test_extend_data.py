@@ -47,7 +47,7 @@ class Items(Dataset):
         return self.items[i]
 
 
-# what the README shows: the adapter's config option, the user's class, its vocabulary size
+# what docs/extending.md shows: the adapter's config option, the user's class, its vocabulary size
 USER = ["data=torch_dataset", "+data.dataset._target_=tests.test_extend_data.MyDataset", "data.vocab_size=48"]
 RUN = [*TINY, *USER, "stage.num_steps=6", "stage.log_every_n_steps=1"]  # each step logged: intervals match
 

@@ -1,4 +1,4 @@
-"""The README's "Your own stage" example, run as a user would: a Pretrain subclass with its own train_step,
+"""docs/extending.md's "Stage" example, run as a user would: a Pretrain subclass with its own train_step,
 selected by `_target_`, with its own config key, logged metric and validation."""
 
 import json
