@@ -12,11 +12,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from exp import config
 from exp.errors import Stopped
+from exp.paths import CONF_DIR
 from exp.rundir import read_summary, write_summary
 from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def run_pipeline(cfg: DictConfig, train: Callable[[DictConfig], float]) -> float:

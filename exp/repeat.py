@@ -25,10 +25,9 @@ from pathlib import Path
 import yaml
 
 from exp.config import CONFIG_ERROR_EXIT, expand_shorthand
+from exp.paths import CONF_DIR, TRAIN_PY
 from exp.text import first_line
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train.py"
 HYDRA_DIR = ".hydra"
 
 # Hydra overrides of the repeated run that would send the repeat into that run's directory, or sweep again.
@@ -237,7 +236,7 @@ def _switch_group(recorded: Recorded, group: str, old, option: str | None, parse
 
 def _option_tree(recorded: Recorded, group: str, option: str) -> dict | None:
     """The keys an option's file puts in the config, nested from the root; None where it cannot be read."""
-    dirs = ([Path(recorded.config_dir)] if recorded.config_dir else []) + [REPO / "conf"]
+    dirs = ([Path(recorded.config_dir)] if recorded.config_dir else []) + [CONF_DIR]
     path = next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
     try:
         text = path.read_text() if path else ""
@@ -270,7 +269,7 @@ def _has_key(tree: dict, dotted: str) -> bool:
 def _is_group(recorded: Recorded, key: str) -> bool:
     if key in recorded.choices:
         return True
-    dirs = [REPO / "conf"] + ([Path(recorded.config_dir)] if recorded.config_dir else [])
+    dirs = [CONF_DIR] + ([Path(recorded.config_dir)] if recorded.config_dir else [])
     return any((d / key).is_dir() for d in dirs)
 
 
@@ -309,9 +308,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  left out: {line} ({why})")
         if run.cwd and Path(run.cwd).resolve() != Path.cwd().resolve():
             print(f"  note: that run was launched from {run.cwd}; relative paths are now read from {Path.cwd()}")
-        print(f"  = python {shlex.quote(str(TRAIN))} {shlex.join(p.argv)}", flush=True)
-    sys.argv = [str(TRAIN), *p.argv]
-    runpy.run_path(str(TRAIN), run_name="__main__")  # train.py itself: @hydra.main under exp.cli.run_cli
+        print(f"  = python {shlex.quote(str(TRAIN_PY))} {shlex.join(p.argv)}", flush=True)
+    sys.argv = [str(TRAIN_PY), *p.argv]
+    runpy.run_path(str(TRAIN_PY), run_name="__main__")  # train.py itself: @hydra.main under exp.cli.run_cli
 
 
 if __name__ == "__main__":

@@ -14,12 +14,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from exp import config
 from exp.checkpoint.weights import allowed_prefixes
 from exp.errors import ConfigError
+from exp.paths import CONF_DIR
 from exp.targets import Allowlist
 from exp.text import first_line
-
-ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = ROOT / "conf"
-TRAIN_PY = ROOT / "train.py"
 
 # the service decides where a run goes, how it is launched, what it resumes from and where it records: a client
 # names none of these, in any syntax (a key, a parent node set to a mapping, a GROUP@PACKAGE placement)

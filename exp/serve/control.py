@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
+from exp.paths import TRAIN_PY
 from exp.rundir import METRICS, SUMMARY, read_json, read_summary
-from exp.serve.configs import TRAIN_PY
 from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
 

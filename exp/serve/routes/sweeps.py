@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, HTTPException
 
 import exp.serve.configs as configs
 import exp.serve.control as control
+from exp.paths import REPO_ROOT, TRAIN_PY
 from exp.serve.bodies import ID, RelaunchIn, SweepIn
 from exp.serve.registry import new_id, run_id_for
 from exp.serve.state import Service, ServiceDep
@@ -127,7 +128,7 @@ def relaunch_sweep(svc: Service, sweep_id: str, mode: str, force: bool) -> dict:
 def sweep_tool(svc: Service, sweep_id: str, path: Path, mode: str) -> dict:
     """python -m exp.sweep MODE SWEEP_DIR in the background, recorded as the sweep's process."""
     log_path = _log_dir(svc) / f"{sweep_id}-{mode}-{int(time.time())}.log"
-    env = {**os.environ, "PYTHONPATH": str(configs.ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     child = _spawn(svc, [sys.executable, "-m", "exp.sweep", mode, str(path)], log_path, env=env)
     svc.registry.add_sweep(sweep_id, path, **process_of(child, log_path))
     return {"sweep_id": sweep_id, "requested": mode, "pid": child.pid, "log_path": str(log_path)}
@@ -183,7 +184,7 @@ def start_sweep(body: SweepIn, svc: ServiceDep) -> dict:
         launcher_name = "exp_slurm" if not local else "exp_local" if search.parallelism > 1 else "exp_basic"
     for num, point in enumerate(points):
         configs.compose(point, sweep_dir / str(num), svc.settings.allow_targets, node=local)
-    command = [sys.executable, str(configs.TRAIN_PY), "-m", *sweeper, *body.overrides]
+    command = [sys.executable, str(TRAIN_PY), "-m", *sweeper, *body.overrides]
     log_path = _log_dir(svc) / f"{sweep_dir.name}.log"
     child = _spawn(svc, [*command, f"hydra/launcher={launcher_name}", f"hydra.sweep.dir={sweep_dir}"], log_path)
     sweep_id = sweep_dir.name  # listed under it at once (STARTING until the sweep writes sweep.json)
