@@ -39,6 +39,7 @@ from exp.sampling import chat_reply, data_prompt
 from exp.stages import SFT
 from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker, PendingTracker, resumed_run_id
+from exp.tracking.worker import RUN_MARKER, absolute_uri
 
 log = logging.getLogger("exp")
 
@@ -167,7 +168,7 @@ def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None
     """The run's tracker (only rank 0 talks to MLflow), continuing the MLflow run of the checkpoint resumed from. A new
     branch, or a checkpoint whose MLflow run a branch left behind, gets a new run (MLflow cannot take back the points
     of the abandoned steps) that starts with the steps up to the resume point (rundir.carry_over)."""
-    resume_run_id = resumed_run_id(point.trainer_state, point.path) if point is not None else None
+    resume_run_id = resumed_run_id(point.trainer_state, point.path) if point is not None else trial_run_id(cfg, run_dir)
     if branch is None and dist.is_main:
         branch = rundir.left_behind(run_dir, resume_run_id)
     if branch is not None:
@@ -177,6 +178,16 @@ def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None
     if point is not None and resume_run_id is None and dist.is_main:
         rundir.carry_over(tracker, run_dir, point.state.step, branch)
     return tracker
+
+
+def trial_run_id(cfg: DictConfig, run_dir: Path) -> str | None:
+    """A sweep trial launched again into its run dir with no checkpoint to resume (rerun-failed, a resumed study):
+    the MLflow run the run dir already has, so that the trial keeps one child run."""
+    uri = cfg.tracking.get("uri") if in_sweep() else None
+    marker = rundir.read_json(Path(run_dir) / RUN_MARKER) if uri else None
+    if isinstance(marker, dict) and marker.get("tracking_uri") == absolute_uri(str(uri)):
+        return marker.get("run_id")
+    return None
 
 
 def restore_everywhere(checkpointer: Checkpointer, point, dist: exp_dist.Dist) -> TrainState:

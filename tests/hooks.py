@@ -13,17 +13,46 @@ from exp.loop import Callback
 
 class SignalAt(Callback):
     """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists; with
-    `rank`, only the process of that rank (RANK) signals itself."""
+    `rank`, only the process of that rank (RANK) signals itself; with `once` (a file), only the first launch does
+    (it creates the file), so that a rerun goes on."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM", wait_for: str | None = None, rank: int | None = None):
+    def __init__(
+        self,
+        step: int,
+        signal_name: str = "SIGTERM",
+        wait_for: str | None = None,
+        rank: int | None = None,
+        once: str | None = None,
+    ):
         self.step, self.signum, self.wait_for, self.rank = step, getattr(signal, signal_name), wait_for, rank
+        self.once = once
 
     def on_step_end(self, state, loss):
+        if self.once and os.path.exists(self.once):
+            return
         if state.step == self.step and (self.rank is None or int(os.environ.get("RANK", "0")) == self.rank):
+            if self.once:
+                open(self.once, "w").close()
             deadline = time.time() + 60
             while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
                 time.sleep(0.05)
             os.kill(os.getpid(), self.signum)
+
+
+class SignalAtLr(SignalAt):
+    """SignalAt, only in a run whose learning rate is `lr`: one point of a sweep stopped by a signal."""
+
+    def __init__(self, lr: float, **kwargs):
+        super().__init__(**kwargs)
+        self.lr = lr
+
+    def on_build(self, model, optimizer, scheduler):
+        self.optimizer = optimizer
+
+    def on_step_end(self, state, loss):
+        lr = max(g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups)
+        if abs(lr - self.lr) <= 1e-9 * self.lr:
+            super().on_step_end(state, loss)
 
 
 class InterruptAt(Callback):
@@ -83,13 +112,15 @@ class StallCheckpointAt(Callback):
 
 
 class SleepEachStep(Callback):
-    """Makes every step take at least `seconds`, so a test can act while a run is in flight."""
+    """Makes every step take at least `seconds`, so a test can act while a run is in flight; not once the file
+    `until` exists (a test's rerun goes at full speed)."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, until: str | None = None):
+        self.seconds, self.until = seconds, until
 
     def on_step_end(self, state, loss):
-        time.sleep(self.seconds)
+        if not (self.until and os.path.exists(self.until)):
+            time.sleep(self.seconds)
 
 
 class RecordHooks(Callback):

@@ -41,7 +41,8 @@ def other_data(corpus, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(data_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pre") / "run"
-    exp.run.train(compose_train(*PRETRAIN, "data=memmap", f"data.path={data_dir}", run_dir=run_dir))
+    tracked = [o for o in PRETRAIN if o != "tracking=none"] + [f"tracking.uri=sqlite:///{run_dir.parent}/mlflow.db"]
+    exp.run.train(compose_train(*tracked, "data=memmap", f"data.path={data_dir}", run_dir=run_dir))
     return run_dir
 
 
@@ -64,6 +65,17 @@ def test_checkpoints_carry_the_tokenizer_and_the_sample_uses_it(pretrained, data
     summary = json.loads((pretrained / "summary.json").read_text())
     assert isinstance(summary["sample"], str) and summary["sample"]  # decoded by the BPE: no byte fallback
     assert saved_tokenizer(pretrained).fingerprint == meta["tokenizer"]["fingerprint"]
+
+
+def test_the_runs_model_artifact_in_mlflow_carries_its_tokenizer(pretrained, data_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    marker = json.loads((pretrained / "mlflow_run.json").read_text())
+    client = MlflowClient(tracking_uri=marker["tracking_uri"])
+    names = {a.path for a in client.list_artifacts(marker["run_id"], "model")}
+    assert names == {"model/model.safetensors", "model/config.yaml", "model/tokenizer.json"}
+    got = client.download_artifacts(marker["run_id"], "model/tokenizer.json", str(tmp_path))
+    assert open(got, "rb").read() == (data_dir / "tokenizer.json").read_bytes()
 
 
 def test_resume_with_more_steps_keeps_the_tokenizer(pretrained, data_dir, tmp_path):

@@ -105,7 +105,7 @@ def test_the_sweep_files_run_trials_side_by_side_as_the_readme_says(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return yaml.safe_load(proc.stdout)["hydra"]
 
-    local = hydra_of("optuna")  # README: "2 in flight"
+    local = hydra_of("optuna")  # docs/sweeps.md: "2 in flight"
     assert local["launcher"]["_target_"].endswith("exp_launcher.LocalLauncher") and local["sweeper"]["parallelism"] == 2
     assert hydra_of("optuna_slurm")["launcher"]["_target_"].endswith("exp_launcher.SlurmLauncher")
 
@@ -130,12 +130,14 @@ def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
 
 # points enqueued in order (the sampler's are not predictable): a long trial; one that raises at its first step (lr
 # above RaiseAboveLr's limit) and so ends first; a short one, asked the moment the failed one ends while the long
-# one still runs; and one that cannot learn at lr 1e-6, pruned at its first evaluation (worse than a completed trial)
+# one still runs; one that cannot learn at lr 1e-6, pruned at its first evaluation (worse than a completed trial);
+# and one stopped by a SIGTERM after its first step (SignalAtLr) while the study goes on
 POINTS = [
     {"stage.learning_rate": 1e-2, "stage.num_steps": 80},
     {"stage.learning_rate": 0.5, "stage.num_steps": 4},
     {"stage.learning_rate": 1e-2, "stage.num_steps": 4},
     {"stage.learning_rate": 1e-6, "stage.num_steps": 8},
+    {"stage.learning_rate": 0.05, "stage.num_steps": 4},
 ]
 
 
@@ -156,7 +158,8 @@ def local_study(tmp_path_factory):
         "stage.num_steps=choice(4, 8, 80)",
         SLEEP % 0.25,  # 80 steps: 20 s, while the others run
         "+callbacks.fail={_target_:tests.hooks.RaiseAboveLr,max_lr:0.1}",
-        "hydra.sweeper.n_trials=4",
+        "+callbacks.term={_target_:tests.hooks.SignalAtLr,lr:0.05,step:1}",
+        "hydra.sweeper.n_trials=5",
         "hydra.sweeper.parallelism=2",
         "hydra.sweeper.pruner_args.n_startup_trials=1",
         "hydra.sweeper.pruner_args.n_warmup_steps=0",
@@ -173,11 +176,12 @@ def local_study(tmp_path_factory):
 def test_local_study_runs_n_trials_and_exits_1_for_its_failed_one(local_study):
     proc, sweep = local_study["proc"], local_study["sweep"]
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"1 of 4 trials FAILED: python -m exp.sweep status {sweep}"
+    said = f"2 of 5 trials did not finish (1 FAILED, 1 KILLED): python -m exp.sweep status {sweep}"
+    assert proc.stderr.strip().splitlines()[-1] == said
     states = [t.state for t in study_of(sweep).trials]
-    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
-    assert sorted(trials(sweep), key=int) == ["0", "1", "2", "3"]
-    assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert sorted(trials(sweep), key=int) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3", "4"]
 
 
 @pytest.mark.slow
@@ -218,6 +222,45 @@ def test_failing_trial_is_fail_and_failed_and_the_search_goes_on(local_study):
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "FAILED"
     after = trials(sweep)["2"]
     assert after["started"] >= entry["ended"] and after["status"] == "FINISHED"  # asked after the failure
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_a_signal_is_killed_everywhere_and_the_search_goes_on(local_study):
+    from mlflow.tracking import MlflowClient
+
+    sweep = local_study["sweep"]
+    trial = study_of(sweep).trials[4]  # Optuna has no KILLED: FAIL, with exp's status as a user attribute
+    assert trial.state == TrialState.FAIL and trial.user_attrs["status"] == "KILLED"
+    entry = trials(sweep)["4"]
+    assert entry["status"] == "KILLED" and "ended" in entry
+    summary = json.loads((sweep / "4" / "summary.json").read_text())
+    assert summary["status"] == "KILLED" and summary["checkpoint"].endswith("step_00000001")
+    assert MlflowClient(tracking_uri=local_study["store"]).get_run(entry["mlflow_run_id"]).info.status == "KILLED"
+    out = subprocess.run(
+        [sys.executable, "-m", "exp.sweep", "status", str(sweep)], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert any(line.split()[:2] == ["4", "KILLED"] for line in out.splitlines()), out
+    assert [t.user_attrs["status"] for t in study_of(sweep).trials] == [e["status"] for e in trials(sweep).values()]
+
+
+@pytest.mark.slow
+def test_the_sweeps_mlflow_run_has_the_best_trial_and_each_trial_one_run_named_by_its_point(local_study):
+    from mlflow.tracking import MlflowClient
+
+    client, sweep = MlflowClient(tracking_uri=local_study["store"]), local_study["sweep"]
+    study = study_of(sweep)
+    parent = client.get_run(json.loads((sweep / "sweep.json").read_text())["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert {k: parent.data.tags[f"best.{k}"] for k in study.best_params} == {
+        k: str(v) for k, v in study.best_params.items()
+    }
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    names = sorted(r.info.run_name for r in children)
+    assert len(names) == 5 and [n.split()[0] for n in names] == ["#0", "#1", "#2", "#3", "#4"]
+    assert "stage.learning_rate=0.05" in names[4] and "stage.num_steps=4" in names[4]
+    assert all(r.info.status != "RUNNING" for r in children)
 
 
 @pytest.mark.slow
@@ -302,8 +345,80 @@ def test_killed_launcher_resumed_ends_with_exactly_n_trials(tmp_path):
     assert all(t.state == TrialState.COMPLETE for t in study_of(sweep).trials)
     assert sorted(trials(sweep), key=int) == ["0", "1", "2", "3"]
     assert all(t["status"] == "FINISHED" for t in trials(sweep).values())
-    for num in checkpointed:  # rerun in its run dir from the checkpoint it had
+    for num in checkpointed:  # rerun in its run dir from the checkpoint it had, and said so
         assert "resumed from" in (sweep / str(num) / "train.log").read_text()
+        said = f"trial #{num}: was in flight; rerunning it in {sweep / str(num)} from its checkpoint step_"
+        assert said in proc.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_parallel_local_study_saves_its_trials_and_the_resume_continues_them(tmp_path):
+    """SIGINT to the study's process group, as a terminal's Ctrl-C: each trial in flight gets one SIGINT (submitit's
+    controller sends no second one, nor SIGKILL), saves and ends KILLED in every record; no traceback; the resume
+    continues both from their checkpoints in their own MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    sweep, store = tmp_path / "sweep", f"sqlite:///{tmp_path}/mlflow.db"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *SWEEP,
+        *TRIAL,
+        f"tracking.uri={store}",
+        "hydra/launcher=exp_local",
+        "stage.num_steps=200",
+        f"+callbacks.slow={{_target_:tests.hooks.SleepEachStep,seconds:0.25,until:'{tmp_path / 'fast'}'}}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.parallelism=2",
+        "hydra.sweeper.pruner=none",
+        "hydra.sweeper.poll_interval_s=0.2",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job's children ignore it
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 240
+    started = ("metrics.jsonl", "mlflow_run.json")  # both are training, with their MLflow runs
+    while not all((sweep / n / f).exists() for n in "01" for f in started):
+        assert time.time() < deadline and launcher.poll() is None, "the trials never started training"
+        time.sleep(0.2)
+    os.killpg(launcher.pid, signal.SIGINT)
+    (tmp_path / "fast").touch()  # the resumed trials need not wait
+    out = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 130, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    said = "interrupted: 2 trial(s) in flight stopped KILLED (2 with a checkpoint); continue with: "
+    assert out.strip().splitlines()[-1] == said + f"python -m exp.sweep resume {sweep}"
+    client = MlflowClient(tracking_uri=store)
+    runs = {}
+    for num, entry in trials(sweep).items():
+        summary = json.loads((sweep / num / "summary.json").read_text())
+        assert entry["status"] == summary["status"] == "KILLED" and "SIGINT" in summary["stop_reason"]
+        assert os.path.isdir(summary["checkpoint"])
+        assert client.get_run(entry["mlflow_run_id"]).info.status == "KILLED"
+        runs[num] = entry["mlflow_run_id"]
+    # in flight in the study (so that the resume continues them), with exp's status beside it
+    assert [(t.state, t.user_attrs["status"]) for t in study_of(sweep).trials] == [(TrialState.RUNNING, "KILLED")] * 2
+    command = [sys.executable, "-m", "exp.sweep", "status", str(sweep)]
+    status = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert status.stdout.splitlines()[-1] == "2 trials: 2 KILLED"
+
+    proc = resume(sweep, env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for num in "01":
+        assert f"trial #{num}: was in flight; rerunning it in {sweep / num} from its checkpoint step_" in proc.stdout
+        assert "resumed from" in (sweep / num / "train.log").read_text()
+    assert all(t["status"] == "FINISHED" for t in trials(sweep).values())
+    assert {n: t["mlflow_run_id"] for n, t in trials(sweep).items()} == runs  # continued, not a second run
+    assert all(client.get_run(r).info.status == "FINISHED" for r in runs.values())
 
 
 # --- SLURM --------------------------------------------------------------------------------------------

@@ -15,19 +15,20 @@ from .conftest import ROOT, run_train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHARED = ["model.n_layer=1", "stage.num_steps=20"]
-# num -> (varying overrides, status, final val loss); 2 failed, 3 was killed before writing a summary
+# num -> (varying overrides, status, final val loss); 2 failed, 3 was killed before writing a summary (KILLED: it
+# started, and nothing holds its run dir's lock)
 GRID = {
     0: (["optimizer=adamw", "stage.learning_rate=0.001"], "FINISHED", 3.5),
     1: (["optimizer=adamw", "stage.learning_rate=0.01"], "FINISHED", 2.9),
     2: (["optimizer=sgd", "stage.learning_rate=0.001"], "FAILED", None),
-    3: (["optimizer=sgd", "stage.learning_rate=0.01"], "RUNNING", None),
+    3: (["optimizer=sgd", "stage.learning_rate=0.01"], "KILLED", None),
     4: (["optimizer=sgd", "stage.learning_rate=0.1"], "FINISHED", 3.1),
 }
 ERROR = "TrainingFailed: loss at step 3 (loss=nan)\nTraceback (most recent call last): ..."
 
 
 def write_run(run_dir, overrides, status, val_loss, steps=(10, 20)):
-    """A run dir as train.py leaves it: .hydra/overrides.yaml, metrics.jsonl and (unless RUNNING) summary.json."""
+    """A run dir as train.py leaves it: .hydra/overrides.yaml, metrics.jsonl and (unless killed) summary.json."""
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     rows = []
@@ -99,7 +100,7 @@ def test_failed_and_unfinished_trials_come_last_with_their_error(grid_sweep, cap
     assert [line.split()[0] for line in lines] == ["1", "2", "3", "-", "-"]
     assert lines[3].endswith("FAILED: TrainingFailed: loss at step 3 (loss=nan)")  # the first line only
     assert "Traceback" not in out
-    assert lines[4].split()[1] == "3" and lines[4].endswith("RUNNING")
+    assert lines[4].split()[1] == "3" and "KILLED: its trainer was killed without writing summary.json" in lines[4]
     # a failed trial without a summary train loss falls back to its last logged one
     assert lines[3].split()[4] == "5.0000"
 
@@ -183,7 +184,7 @@ def test_bad_targets_exit_2_with_one_line(tmp_path, capsys, target, needle):
 def test_status_refreshes_the_manifest_and_counts(grid_sweep, capsys):
     assert sweep.main(["status", str(grid_sweep)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "5 trials: 1 FAILED, 3 FINISHED, 1 RUNNING"
+    assert lines[-1] == "5 trials: 1 FAILED, 3 FINISHED, 1 KILLED"
     row = lines[2].split()
     assert row[:6] == ["1", "FINISHED", "2.9000", str(grid_sweep / "1"), "77", "abc"]
     assert lines[3].split()[1] == "FAILED" and "TrainingFailed" in lines[3]
@@ -192,16 +193,41 @@ def test_status_refreshes_the_manifest_and_counts(grid_sweep, capsys):
         "FINISHED",
         "FINISHED",
         "FAILED",
-        "RUNNING",
+        "KILLED",
         "FINISHED",
     ]
+
+
+def test_a_trial_is_running_while_its_trainer_holds_the_lock_and_killed_once_it_dies(grid_sweep, capsys):
+    """No summary: RUNNING while a live process holds the run dir's lock; SIGKILLed, it is KILLED and rerun."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from exp.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(120)", str(grid_sweep / "3")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert sweep.main(["status", str(grid_sweep)]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == "5 trials: 1 FAILED, 3 FINISHED, 1 RUNNING"
+        assert sweep.main(["rerun-failed", str(grid_sweep), "--dry-run"]) == 0
+        assert "trial 3" not in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sweep.main(["status", str(grid_sweep)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "5 trials: 1 FAILED, 3 FINISHED, 1 KILLED"
+    assert out[4].split()[:2] == ["3", "KILLED"] and out[4].endswith("(SIGKILL, node failure or out of memory)")
+    assert json.loads((grid_sweep / "sweep.json").read_text())["trials"]["3"]["status"] == "KILLED"
 
 
 def test_resume_dry_run_lists_exactly_the_unfinished_trials(grid_sweep, capsys):
     assert sweep.main(["resume", str(grid_sweep), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     trials = [line for line in lines if line.startswith("trial ")]
-    assert trials == [f"trial 2 (FAILED) -> {grid_sweep / '2'}", f"trial 3 (RUNNING) -> {grid_sweep / '3'}"]
+    assert trials == [f"trial 2 (FAILED) -> {grid_sweep / '2'}", f"trial 3 (KILLED) -> {grid_sweep / '3'}"]
     commands = [line for line in lines if line.startswith("  cd ")]
     assert len(commands) == 2
     assert "train.py -m" in commands[1] and f"hydra.sweep.subdir={grid_sweep / '3'}" in commands[1]
@@ -210,8 +236,9 @@ def test_resume_dry_run_lists_exactly_the_unfinished_trials(grid_sweep, capsys):
     assert "relaunches" not in json.loads((grid_sweep / "sweep.json").read_text())
     assert sweep.main(["rerun-failed", str(grid_sweep), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if line.startswith("trial ")] == [
-        f"trial 2 (FAILED) -> {grid_sweep / '2'}"
+    assert [line for line in out.splitlines() if line.startswith("trial ")] == [  # a killed trial is rerun too
+        f"trial 2 (FAILED) -> {grid_sweep / '2'}",
+        f"trial 3 (KILLED) -> {grid_sweep / '3'}",
     ]
 
 

@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from exp.rundir import RunLock  # noqa: E402
 from exp.serve import Settings, create_app  # noqa: E402
 
 from .conftest import TINY  # noqa: E402
@@ -161,7 +162,7 @@ def test_sweep_is_known_at_once_under_its_folder_name(service, monkeypatch):
         (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
         trials[str(num)] = {"num": num, "overrides": [f"seed={num}"], "run_dir": str(run_dir), "status": "PENDING"}
     (sweep_dir / "0" / "summary.json").write_text(json.dumps({"status": "FINISHED", "step": 4, "val_loss": 5.0}))
-    (sweep_dir / "1" / ".lock").write_text(f"host=here pid={os.getpid()}\n")  # a live process holds it
+    held = RunLock(sweep_dir / "1").acquire()  # a live process (this one) holds it
     (sweep_dir / "sweep.json").write_text(json.dumps({"sweep_dir": str(sweep_dir), "trials": trials}))
     kill(pids[0])
     assert wait_for(lambda: service.app.state.launcher.poll(pids[0]) is not None)
@@ -174,7 +175,8 @@ def test_sweep_is_known_at_once_under_its_folder_name(service, monkeypatch):
     )
     forced = service.post(f"/api/training/sweeps/{sweep_id}/resume", json={"force": True})
     assert forced.status_code == 202 and forced.json()["pid"] == pids[1]
-    (sweep_dir / "1" / ".lock").write_text(f"host=here pid={pids[0]}\n")  # the trial's process has ended
+    held.release()  # the trial's process has ended
+    (sweep_dir / "1" / ".lock").write_text(f"host=here pid={pids[0]}\n")
     r = service.post(f"/api/training/sweeps/{sweep_id}/resume")
     assert r.status_code == 409 and f"(its process {pids[1]} is running)" in r.json()["detail"]
     kill(pids[1])

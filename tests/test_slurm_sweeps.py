@@ -36,7 +36,20 @@ def trials(sweep_dir):
     return json.loads((sweep_dir / "sweep.json").read_text())["trials"]
 
 
-def test_grid_on_slurm_with_a_failing_trial_records_both(tmp_path):
+# three points: a trial that fails (NaN), one whose trainer is SIGKILLed once its MLflow run exists (node death; a
+# rerun goes on) and one that finishes
+POINTS = (
+    "{_target_:tests.hooks.PoisonWeightsAt,step:3}",
+    "{_target_:tests.hooks.SignalAt,step:3,signal_name:SIGKILL,wait_for:'${run_dir}/mlflow_run.json',"
+    "once:'${run_dir}/killed'}",
+    "{_target_:tests.hooks.PoisonWeightsAt,step:1000}",
+)
+
+
+def test_grid_on_slurm_supervises_every_trial_to_its_end_and_reruns_the_killed_one(tmp_path):
+    """A trial whose trainer dies without a result (SIGKILL) is KILLED (sacct and its free run lock), its MLflow run
+    closed; the other trials are still supervised to their end, the sweep's MLflow run (closed after them) has the
+    best trial, child runs are named by their point, and rerun-failed continues the killed trial's own run."""
     store = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = tmp_path / "sweep"
     proc = run_train(
@@ -45,27 +58,51 @@ def test_grid_on_slurm_with_a_failing_trial_records_both(tmp_path):
         *TINY,
         "stage.num_steps=10",
         "nan.max_rollbacks=0",
-        "+callbacks.p._target_=tests.hooks.PoisonWeightsAt",
-        "+callbacks.p.step=3,1000",
+        "+callbacks.p=" + ",".join(POINTS),
         f"tracking.uri={store}",
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         timeout=600,
     )
-    assert proc.returncode == 1, proc.stderr[-3000:]  # all trials ran, one FAILED
-    assert proc.stderr.strip().splitlines()[-1] == f"1 of 2 trials FAILED: python -m exp.sweep status {sweep}"
+    assert proc.returncode == 1, proc.stderr[-3000:]  # all trials ran, one FAILED, one KILLED
+    said = f"2 of 3 trials did not finish (1 FAILED, 1 KILLED): python -m exp.sweep status {sweep}"
+    assert proc.stderr.strip().splitlines()[-1] == said
     by_num = trials(sweep)
     assert by_num["0"]["status"] == "FAILED" and "TrainingFailed" in by_num["0"]["error"]
-    assert by_num["1"]["status"] == "FINISHED" and by_num["1"]["val_loss"] > 0
-    assert all(t["slurm_job_id"] for t in by_num.values())
+    assert by_num["1"]["status"] == "KILLED" and "without writing summary.json" in by_num["1"]["error"]
+    assert "FAILED" in by_num["1"]["error"] and not (sweep / "1" / "summary.json").exists()  # sacct's word
+    assert by_num["2"]["status"] == "FINISHED" and by_num["2"]["val_loss"] > 0
+    assert all(t["slurm_job_id"] and "ended" in t for t in by_num.values())
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(by_num["0"]["mlflow_run_id"]).info.status == "FAILED"
-    finished = client.get_run(by_num["1"]["mlflow_run_id"])
+    killed_run = by_num["1"]["mlflow_run_id"]
+    assert client.get_run(killed_run).info.status == "KILLED"  # never left RUNNING
+    finished = client.get_run(by_num["2"]["mlflow_run_id"])
     assert finished.info.status == "FINISHED"
-    parent = json.loads((sweep / "sweep.json").read_text())["mlflow_parent_run_id"]
-    assert finished.data.tags["mlflow.parentRunId"] == parent
-    assert finished.data.tags["slurm_job_id"] == by_num["1"]["slurm_job_id"]
+    parent = client.get_run(json.loads((sweep / "sweep.json").read_text())["mlflow_parent_run_id"])
+    assert finished.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert finished.data.tags["slurm_job_id"] == by_num["2"]["slurm_job_id"]
+    assert finished.info.run_name == "#2 callbacks.p={_target_:tests.hooks.PoisonWeightsAt,step:1000}"
+    # closed after the last trial ended, with the best one
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= 1000 * max(t["ended"] for t in by_num.values())
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(by_num["2"]["val_loss"])
+    assert parent.data.tags["best_trial"] == "2" and parent.data.tags["best.callbacks.p"] == POINTS[2]
     assert (sweep / ".submitit").is_dir()  # submitit's logs stay inside the sweep
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "exp.sweep", "rerun-failed", str(sweep)]
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 1, rerun.stderr[-3000:]  # trial 0 FAILED again; the killed one goes on
+    assert [line.split()[:3] for line in rerun.stdout.splitlines() if line.startswith("trial ")][:2] == [
+        ["trial", "0", "(FAILED)"],
+        ["trial", "1", "(KILLED)"],
+    ]
+    after = trials(sweep)
+    assert [after[n]["status"] for n in "012"] == ["FAILED", "FINISHED", "FINISHED"]
+    assert after["1"]["mlflow_run_id"] == killed_run  # its own child run, continued
+    assert client.get_run(killed_run).info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3  # one per trial
 
 
 def test_gpu_sweep_from_a_machine_without_a_gpu_is_submitted_and_fails_on_its_node(tmp_path):

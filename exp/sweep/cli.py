@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shlex
 import shutil
@@ -13,8 +12,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from exp.sweep.jobs import lock_holder
 from exp.sweep.manifest import SweepError, hydra_config, load_sweep, trials_of, write_manifest
 from exp.text import fmt_loss
+from exp.tracking.worker import RUN_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,33 +117,20 @@ def is_slurm(sweep_dir: Path, manifest: dict) -> bool:
     return any("slurm" in n.lower() for n in names)
 
 
-def in_use(run_dir: Path) -> str | None:
-    """Who holds the run dir's lock (a trial still training), or None."""
-    path = Path(run_dir) / ".lock"
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
+in_use = lock_holder  # who holds a run dir's lock (a trial still training), or None
 
 
 def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = False) -> int:
-    """Rerun the trials `mode` selects (resume: not FINISHED; rerun-failed: FAILED); 0 when every launch exited 0."""
+    """Rerun the trials `mode` selects (resume: not FINISHED or PRUNED; rerun-failed: FAILED or KILLED); 0 when
+    every launch exited 0."""
     sweep_dir = Path(sweep_dir)
     manifest = load_sweep(sweep_dir, write=not dry_run)
     if mode == "resume" and is_study(sweep_dir, manifest):
         return resume_study(sweep_dir, manifest, dry_run)
-    wanted = [
-        t
-        for t in trials_of(manifest)
-        if (t["status"] == "FAILED" if mode == "rerun-failed" else t["status"] not in ("FINISHED", "PRUNED"))
-    ]
+    if mode == "rerun-failed":
+        wanted = [t for t in trials_of(manifest) if t["status"] in ("FAILED", "KILLED")]
+    else:
+        wanted = [t for t in trials_of(manifest) if t["status"] not in ("FINISHED", "PRUNED")]
     trials = []
     for trial in wanted:
         holder = in_use(Path(trial["run_dir"]))
@@ -161,9 +149,12 @@ def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = Fa
         print(f"  cd {shlex.quote(c['cwd'])} && {shlex.join(c['cmd'])}")
     if dry_run:
         return 0
-    if fresh:
+    if fresh:  # from scratch: no checkpoint to resume, and a new MLflow run (the old one stays as it ended)
         for trial in trials:
             shutil.rmtree(Path(trial["run_dir"]) / "checkpoints", ignore_errors=True)
+            (Path(trial["run_dir"]) / RUN_MARKER).unlink(missing_ok=True)
+    for trial in trials:  # a summary.json older than this is the previous launch's
+        manifest["trials"][str(trial["num"])]["started"] = time.time()
     marker = sweep_dir / "mlflow_run.json"
     for c in commands:
         c["scratch"].mkdir(parents=True, exist_ok=True)

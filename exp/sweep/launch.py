@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +23,26 @@ from omegaconf import OmegaConf, open_dict
 
 from exp import config
 from exp.sweep.manifest import mark_unsubmitted, new_manifest, read_manifest, refresh_manifest, write_manifest
-from exp.text import first_line
+from exp.sweep.supervise import (
+    INTERRUPTED_EXIT,
+    Flight,
+    Interrupts,
+    Outcome,
+    Watch,
+    best_trial,
+    point_name,
+    stopped_line,
+    swept_points,
+    waiting_line,
+)
+from exp.text import first_line, fmt_loss
 from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
 _launched: list[Path] = []  # sweep directories this process launched into (exp.cli reports their failures)
 # overrides the launcher or sweeper adds to a point, not part of what was tried: left out of sweep.json
-UNRECORDED = ("tracking.parent", "callbacks.optuna")
+UNRECORDED = ("tracking.parent", "callbacks.optuna", "run_name=")
+POLL_S = 1.0  # how often a grid's launcher looks at its jobs
 
 
 def launched_sweeps() -> list[Path]:
@@ -34,13 +51,64 @@ def launched_sweeps() -> list[Path]:
 
 
 def failed_trials_message(sweep_dir: Path) -> str | None:
-    """`N of M trials FAILED` and where to look, or None when none failed."""
+    """`N of M trials FAILED` (and `K KILLED`) and where to look, or None when none failed or was killed."""
     manifest = read_manifest(sweep_dir) or {"trials": {}}
     trials = manifest["trials"].values()
     failed = sum(t.get("status") == "FAILED" for t in trials)
-    if not failed:
+    killed = sum(t.get("status") == "KILLED" for t in trials)
+    if not failed and not killed:
         return None
-    return f"{failed} of {len(trials)} trials FAILED: python -m exp.sweep status {sweep_dir}"
+    if failed and killed:
+        head = f"{failed + killed} of {len(trials)} trials did not finish ({failed} FAILED, {killed} KILLED)"
+    else:
+        head = f"{failed or killed} of {len(trials)} trials {'FAILED' if failed else 'KILLED'}"
+    return f"{head}: python -m exp.sweep status {sweep_dir}"
+
+
+def close_parent(parent: ParentRun, manifest: dict, status: str, direction: str = "minimize") -> None:
+    """The sweep's MLflow run gets its best FINISHED trial (val loss, point, number), then `status`."""
+    best = best_trial(manifest, direction)
+    if best is not None:
+        parent.record_best(best["val_loss"], best.get("params") or {}, int(best["num"]))
+    parent.end(status)
+
+
+def log_ended(trials) -> None:
+    """One error line per FAILED or KILLED trial, at the end of a batch."""
+    for trial in trials:
+        if trial["status"] in ("FAILED", "KILLED"):
+            overrides = " ".join(trial["overrides"])
+            log.error(f"trial #{trial['num']} ({overrides}) {trial['status']}: {trial.get('error')}")
+
+
+def supervise(sweep_dir: Path, flights: list[Flight]) -> tuple[dict[int, Outcome], bool]:
+    """Watch the flights until every one has ended, recording each; Ctrl-C stops them (they save and end KILLED)
+    and is waited out, a second one leaves them running. The outcomes by trial number and whether interrupted."""
+    watch, outcomes = Watch(sweep_dir, list(flights)), {}
+    with Interrupts() as ctrl_c:
+        try:
+            while watch.flights:
+                for flight, outcome in watch.ended():
+                    outcomes[flight.number] = outcome
+                    log.info(f"trial #{flight.number} {outcome.status}: val loss {fmt_loss(outcome.value)}")
+                if ctrl_c.requested and not watch.stopping:
+                    print(waiting_line(watch.flights), flush=True)
+                    watch.stop()
+                if watch.flights:
+                    time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            nums = ", ".join(f"#{f.number}" for f in watch.flights)
+            print(f"interrupted again: no longer waiting for {nums}", flush=True)
+    return outcomes, ctrl_c.requested
+
+
+def job_return(overrides: list[str], outcome: Outcome):
+    """What Hydra's sweeper gets for a trial: its value (NaN unless FINISHED), never an exception to re-raise."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    returned = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    returned.return_value = outcome.value if math.isfinite(outcome.value) else float("nan")
+    return returned
 
 
 class ValidatedSweep:
@@ -52,28 +120,37 @@ class ValidatedSweep:
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         job_overrides, parent = self.prepare(job_overrides, initial_job_idx)
+        status = "KILLED"  # a trial in this process stopped by a signal ends the sweep (SystemExit)
         try:
             results = super().launch(job_overrides, initial_job_idx)
+            status = "FINISHED"
         finally:
             manifest = refresh_manifest(sweep_dir)
-            parent.end("FINISHED")
-        failed = [t for t in manifest["trials"].values() if t["status"] == "FAILED"]
-        for trial in failed:
-            log.error(f"trial #{trial['num']} ({' '.join(trial['overrides'])}) FAILED: {trial.get('error')}")
+            close_parent(parent, manifest, status)
+        log_ended(manifest["trials"].values())
         return results
 
     def prepare(
-        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, parent: ParentRun | None = None
+        self,
+        job_overrides: Sequence[Sequence[str]],
+        initial_job_idx: int,
+        parent: ParentRun | None = None,
+        points: list[dict] | None = None,
     ) -> tuple[list[list[str]], ParentRun]:
         """Validate the points, open (or reuse) the sweep's MLflow parent run and record the points in sweep.json
-        as PENDING; the overrides to launch them with (the parent run's id added) and the parent run."""
+        as PENDING; the overrides to launch them with (the parent run's id and the run's name added) and the
+        parent run. `points`: each job's swept values (default: those that differ between the jobs)."""
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         run_dirs, tracked = self._validate(job_overrides, initial_job_idx, sweep_dir)
         self._preflight(sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if parent is None:
             parent = open_parent_run(self.config, sweep_dir, kind="sweep") if tracked else ParentRun(kind="sweep")
-        job_overrides = [list(o) for o in job_overrides]
+        points = points if points is not None else swept_points([list(o) for o in job_overrides])
+        job_overrides = [
+            [*o, f"++run_name='{point_name(initial_job_idx + i, points[i])}'"] if points[i] else list(o)
+            for i, o in enumerate(job_overrides)
+        ]
         if parent.run_id is not None:
             job_overrides = [[*o, f"tracking.parent_run_id={parent.run_id}"] for o in job_overrides]
         manifest = read_manifest(sweep_dir) or new_manifest(
@@ -89,6 +166,8 @@ class ValidatedSweep:
                 "overrides": [o for o in overrides if not o.lstrip("+").startswith(UNRECORDED)],
                 "run_dir": str(run_dirs[i]),
                 "status": "PENDING",
+                "started": time.time(),  # a summary.json older than this is an earlier launch's
+                **({"params": points[i]} if points[i] else {}),
             }
         write_manifest(sweep_dir, manifest)
         _launched.append(sweep_dir)
@@ -143,17 +222,79 @@ class Ended:
 
 
 class SubmititSweep(ValidatedSweep):
-    """A launcher in front of submitit's: start() submits one point as its own job and returns at once."""
+    """A launcher in front of submitit's: start() submits one point as its own job and returns at once; launch()
+    submits a batch (on SLURM one job array) and supervises every trial to its end (exp.sweep.supervise)."""
 
     _executor = None
 
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        job_overrides, parent = self.prepare(job_overrides, initial_job_idx)
+        status, outcomes, interrupted = "FAILED", {}, False
+        try:
+            flights = self.submit(job_overrides, initial_job_idx)
+            outcomes, interrupted = supervise(sweep_dir, flights)
+            status = "KILLED" if interrupted else "FINISHED"
+        finally:
+            manifest = read_manifest(sweep_dir)
+            close_parent(parent, manifest, status)
+        if interrupted:
+            entries = [manifest["trials"][str(initial_job_idx + i)] for i in range(len(job_overrides))]
+            print(stopped_line(sweep_dir, entries, "resume"), flush=True)
+            raise SystemExit(INTERRUPTED_EXIT)
+        log_ended(manifest["trials"].values())
+        return [job_return(o, outcomes[initial_job_idx + i]) for i, o in enumerate(job_overrides)]
+
     def start(self, overrides: Sequence[str], job_idx: int):
+        return self.submit([overrides], job_idx)[0].job
+
+    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Flight]:
+        """Submit the prepared points (several: as one array); their flights, with the job ids in sweep.json."""
         from hydra.core.singleton import Singleton
 
         if self._executor is None:
             self._executor = self._make_executor()
         state = Singleton.get_state()
-        return self._executor.submit(self, list(overrides), "hydra.sweep.dir", job_idx, f"job_id_for_{job_idx}", state)
+        nums = [initial_job_idx + i for i in range(len(job_overrides))]
+        args = [
+            (list(o), "hydra.sweep.dir", n, f"job_id_for_{n}", state) for o, n in zip(job_overrides, nums, strict=True)
+        ]
+        started = time.time()
+        with self._controllers_keep_running():
+            jobs = self._executor.map_array(self, *zip(*args, strict=True))
+        return self._record_jobs(nums, jobs, started)
+
+    def _record_jobs(self, nums: list[int], jobs: list, started: float) -> list[Flight]:
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        manifest = read_manifest(sweep_dir)
+        flights = []
+        for num, job in zip(nums, jobs, strict=True):
+            entry = manifest["trials"][str(num)]
+            entry.update(job_id=str(job.job_id), started=started)
+            if self._EXECUTOR == "slurm":  # what `exp.sweep status` asks sacct about until the trial has a summary
+                entry["slurm_job_id"] = str(job.job_id)
+            flights.append(Flight(num, job, Path(entry["run_dir"]), started))
+        write_manifest(sweep_dir, manifest)
+        return flights
+
+    @contextlib.contextmanager
+    def _controllers_keep_running(self):
+        """submitit's local controller, on Ctrl-C, sends its tasks a second SIGINT and SIGKILL a second later:
+        started with SIGINT ignored it never does, and the trainers (which get the terminal's Ctrl-C themselves)
+        finish their step, save and end KILLED."""
+        if self._EXECUTOR != "local" or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def __call__(self, *args, **kwargs):
+        """The job itself: Ctrl-C back to Python's KeyboardInterrupt (its controller was started ignoring it)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().__call__(*args, **kwargs)
 
     def _make_executor(self):
         """The executor submitit's Hydra launcher builds for a batch (BaseSubmititLauncher.launch, which offers no

@@ -7,6 +7,7 @@ Optuna) has no sweep.json: its numbered run directories are its trials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,16 @@ from pathlib import Path
 import yaml
 
 from exp.errors import ExpError
-from exp.rundir import read_summary, write_json
+from exp.rundir import write_json
+from exp.sweep.jobs import (
+    SlurmState,
+    close_left_running,
+    fresh_summary,
+    has_started,
+    lock_holder,
+    mlflow_run_of,
+    slurm_states,
+)
 
 MANIFEST = "sweep.json"
 # what sweep.json keeps of each trial's summary.json
@@ -63,22 +73,58 @@ def mark_unsubmitted(sweep_dir: Path) -> None:
     write_manifest(sweep_dir, manifest)
 
 
-def refresh_trial(trial: dict, run_dir) -> None:
-    """A trial's status, losses, MLflow run and SLURM job, from its run directory."""
-    summary = read_summary(run_dir)
+def refresh_trial(trial: dict, run_dir, slurm: dict[str, SlurmState] | None = None) -> None:
+    """A trial's status, losses, MLflow run and SLURM job, from its run directory; without a summary, from its
+    lock and SLURM job (`slurm`: slurm_states of the sweep's jobs): RUNNING while either holds, else KILLED once
+    it had started (its trainer died without a summary)."""
+    if lock_holder(run_dir):
+        trial["status"] = "RUNNING"
+        return
+    summary = fresh_summary(run_dir, trial.get("started"))
     if summary is not None:
         trial.update({k: summary.get(k) for k in SUMMARY_KEYS})
-    elif (Path(run_dir) / "metrics.jsonl").exists():
-        trial["status"] = "RUNNING"  # started, no summary yet: running, or killed without one
+    else:
+        _refresh_unsummarised(trial, run_dir, slurm or {})
+    found = mlflow_run_of(run_dir) if not trial.get("mlflow_run_id") else None
+    if found is not None:  # its trainer died, or stopped, before it knew its run's id
+        trial["mlflow_run_id"] = found[1]
 
 
-def refresh_manifest(sweep_dir) -> dict:
-    """Each trial refreshed from its run directory (refresh_trial); written back."""
+def _refresh_unsummarised(trial: dict, run_dir, slurm: dict[str, SlurmState]) -> None:
+    job_id = str(trial.get("slurm_job_id") or "")
+    job = slurm.get(job_id)
+    if job is not None and job.active:
+        trial["status"] = "RUNNING" if job.state == "RUNNING" else "PENDING"
+    elif (job is not None or has_started(run_dir)) and trial.get("status") in (None, "PENDING", "RUNNING"):
+        trial["status"] = "KILLED"
+        trial["error"] = killed_error(job_id, job)
+
+
+def killed_error(job_id: str, job: SlurmState | None) -> str:
+    """Why a trial ended without a summary."""
+    said = "its trainer was killed without writing summary.json (SIGKILL, node failure or out of memory)"
+    return f"{said}; {job.describe(job_id)}" if job is not None else said
+
+
+def refresh_manifest(sweep_dir, close_killed: bool = True) -> dict:
+    """Each trial refreshed from its run directory (refresh_trial); written back. A trial found dead has its MLflow
+    run closed KILLED when `close_killed` (its trainer could not)."""
     manifest = read_manifest(sweep_dir)
-    for trial in manifest["trials"].values():
-        refresh_trial(trial, trial["run_dir"])
+    refresh_all(manifest["trials"].values(), close_killed=close_killed)
     write_manifest(sweep_dir, manifest)
     return manifest
+
+
+def refresh_all(trials, close_killed: bool = False) -> None:
+    """refresh_trial for each trial, with one SLURM query for the jobs of those without a summary."""
+    trials = list(trials)
+    waiting = [t for t in trials if not (Path(t["run_dir"]) / "summary.json").exists()]
+    slurm = slurm_states(t.get("slurm_job_id") for t in waiting)
+    for trial in trials:
+        before = trial.get("status")
+        refresh_trial(trial, trial["run_dir"], slurm)
+        if close_killed and trial["status"] == "KILLED" and before in (None, "PENDING", "RUNNING"):
+            close_left_running(trial["run_dir"], "KILLED")
 
 
 # --- reading any sweep directory ----------------------------------------------------------------------
@@ -99,12 +145,8 @@ def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
         raise SweepError(f"{sweep_dir}: no such directory")
     if not is_sweep_dir(sweep_dir):
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {MANIFEST}, multirun.yaml or numbered run dirs)")
-    manifest = None
-    if (sweep_dir / MANIFEST).exists():
-        try:
-            manifest = refresh_manifest(sweep_dir) if write else read_manifest(sweep_dir)
-        except OSError:  # a read-only sweep dir still reports
-            manifest = read_manifest(sweep_dir)
+    manifest = read_manifest(sweep_dir) if (sweep_dir / MANIFEST).exists() else None
+    ours = manifest is not None
     if manifest is None:  # launched without exp's launchers: the numbered run dirs are the trials
         manifest = {"sweep_dir": str(sweep_dir.resolve()), "trials": {}}
         for path in _numbered(sweep_dir):
@@ -117,10 +159,14 @@ def load_sweep(sweep_dir: Path, write: bool = True) -> dict:
             }
     launch_cwd = hydra_config(sweep_dir).get("runtime", {}).get("cwd")
     launch_cwd = Path(launch_cwd) if launch_cwd else None
+    recorded = {num: trial["run_dir"] for num, trial in manifest["trials"].items()}
     for trial in manifest["trials"].values():
-        run_dir = resolve_run_dir(sweep_dir, trial, launch_cwd)
-        trial["run_dir"] = str(run_dir)
-        refresh_trial(trial, run_dir)
+        trial["run_dir"] = str(resolve_run_dir(sweep_dir, trial, launch_cwd))
+    refresh_all(manifest["trials"].values(), close_killed=write)
+    if write and ours:
+        kept = {num: {**t, "run_dir": recorded[num]} for num, t in manifest["trials"].items()}
+        with contextlib.suppress(OSError):  # a read-only sweep dir still reports
+            write_manifest(sweep_dir, {**manifest, "trials": kept})
     if not manifest["trials"]:
         raise SweepError(f"{sweep_dir}: the sweep has no trials")
     return manifest

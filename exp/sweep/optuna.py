@@ -31,10 +31,21 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from exp.rundir import RunDirInUse, RunLock, read_summary, write_json
+from exp.sweep.jobs import checkpoints_of, fresh_summary, lock_holder, slurm_states
 from exp.sweep.launch import SlurmSweep, SubmititSweep, ValidatedSweep, refuse
-from exp.sweep.manifest import read_manifest, refresh_trial, write_manifest
+from exp.sweep.manifest import read_manifest, write_manifest
 from exp.sweep.pruning import JOURNAL, make_pruner, storage_spec
-from exp.text import first_line
+from exp.sweep.supervise import (
+    INTERRUPTED_EXIT,
+    Flight,
+    Interrupts,
+    NoResult,
+    Outcome,
+    Watch,
+    stopped_line,
+    waiting_line,
+)
+from exp.text import first_line, fmt_loss
 
 log = logging.getLogger("exp")
 
@@ -43,15 +54,6 @@ KEYS = (
     "sampler direction study_name storage n_trials parallelism pruner pruner_args max_failure_rate params "
     "poll_interval_s synchronous"
 ).split()
-
-
-@dataclass
-class InFlight:
-    """A trial whose job has not ended: its number, the job handle (done(), results()) and its run dir."""
-
-    number: int
-    job: Any
-    run_dir: Path
 
 
 class OptunaSweeper(Sweeper):
@@ -175,28 +177,60 @@ class OptunaSweeper(Sweeper):
 
 
 class StudyRun:
-    """One process driving a study: ask, launch, poll, tell, until n_trials have ended (or too many failed)."""
+    """One process driving a study: ask, launch, poll, tell, until n_trials have ended (or too many failed).
+    Ctrl-C stops asking: the trials in flight save and end KILLED, and stay in flight in the study (RUNNING, user
+    attribute status=KILLED) so that `python -m exp.sweep resume` continues them from their checkpoints."""
 
     def __init__(self, launcher, study, cfg: dict, sweep_dir: Path):
         self.launcher, self.study, self.cfg, self.sweep_dir = launcher, study, cfg, sweep_dir
         self.parent = None
-        self.in_flight: list[InFlight] = []
+        self.watch = Watch(sweep_dir)
+        self.interrupted = False
+        self._stopped: list[int] = []  # trials the study's own Ctrl-C stopped: left in flight for a resume
         # exp_basic runs a trial in this process: start() returns once it has ended
         self.parallelism = cfg["parallelism"] if isinstance(launcher, SubmititSweep) else 1
         if self.parallelism < cfg["parallelism"]:
             n = cfg["parallelism"]
             log.info(f"hydra/launcher=exp_basic runs one trial at a time; exp_local or exp_slurm run {n}")
 
-    def run(self) -> list:
-        from optuna.trial import TrialState
+    @property
+    def in_flight(self) -> list[Flight]:
+        return self.watch.flights
 
-        self._continue_in_flight()
+    def run(self) -> list:
+        status = "KILLED"  # a trial run in this process and stopped by a signal ends the study (SystemExit)
+        stopped = []
+        try:
+            with Interrupts() as ctrl_c:
+                try:
+                    self._continue_in_flight()
+                    self._loop(ctrl_c)
+                except KeyboardInterrupt:
+                    nums = ", ".join(f"#{f.number}" for f in self.in_flight)
+                    print(f"interrupted again: no longer waiting for {nums}", flush=True)
+                stopped = [f.number for f in self.in_flight]
+            status = "KILLED" if ctrl_c.requested else "FINISHED"
+            self.interrupted = ctrl_c.requested
+        finally:
+            self._end(status)
+        if self.interrupted:
+            manifest = read_manifest(self.sweep_dir)
+            ended = [manifest["trials"][str(n)] for n in self._stopped + stopped if str(n) in manifest["trials"]]
+            print(stopped_line(self.sweep_dir, ended, "resume"), flush=True)
+            raise SystemExit(INTERRUPTED_EXIT)
+        return []
+
+    def _loop(self, ctrl_c: Interrupts) -> None:
         stopping = False
         while True:
+            if ctrl_c.requested and not self.watch.stopping:
+                print(waiting_line(self.in_flight), flush=True)
+                self.watch.stop()
             # synchronous: a batch of `parallelism` trials, the next asked once all have ended (Hydra's sweepers)
             batch_open = not (self.cfg["synchronous"] and self.in_flight)
             while (
                 not stopping
+                and not ctrl_c.requested
                 and batch_open
                 and len(self.in_flight) < self.parallelism
                 and self._asked() < self.cfg["n_trials"]
@@ -208,8 +242,11 @@ class StudyRun:
                 break
             time.sleep(self.cfg["poll_interval_s"])
             stopping = self._collect_ended() or stopping
-        if self.parent is not None:
-            self.parent.end("FINISHED")
+
+    def _end(self, status: str) -> None:
+        """The study's results (optimization_results.yaml, one log line) and its MLflow run closed with its best."""
+        from optuna.trial import TrialState
+
         trials = self.study.get_trials(deepcopy=False)
         counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items())
@@ -221,9 +258,12 @@ class StudyRun:
                 {"name": "optuna", "best_params": best.params, "best_value": best.value, "best_trial": best.number},
             )
             log.info(f"study {self.study.study_name}: {summary}; best #{best.number} {best.value:.4f} {best.params}")
+            if self.parent is not None:
+                self.parent.record_best(best.value, best.params, best.number)
         else:
             log.info(f"study {self.study.study_name}: {summary}; no trial completed")
-        return []
+        if self.parent is not None:
+            self.parent.end(status)
 
     def _asked(self) -> int:
         """Trials of the study so far; enqueued ones (WAITING) count once asked."""
@@ -239,31 +279,31 @@ class StudyRun:
             f"+callbacks.optuna={{_target_:exp.sweep.pruning.OptunaPruning,storage:'{spec}',"
             f"study_name:'{name}',trial_number:{number}}}"
         )
-        launched, self.parent = self.launcher.prepare([[*overrides, callback]], number, parent=self.parent)
+        launched, self.parent = self.launcher.prepare(
+            [[*overrides, callback]], number, parent=self.parent, points=[params or {}]
+        )
         manifest = read_manifest(self.sweep_dir)
         manifest.setdefault(
             "study",
             {"storage": spec, "study_name": name, "direction": self.cfg["direction"], "pruner": self.cfg["pruner"]},
         )
         entry = manifest["trials"][str(number)]
-        entry["started"] = time.time()
+        entry["started"] = started = time.time()
         entry.pop("ended", None)
-        if params is not None:
-            entry["params"] = params
+        entry.pop("error", None)
         write_manifest(self.sweep_dir, manifest)
         log.info(f"trial #{number} starting: {' '.join(o for o in overrides)}")  # in-process: before it runs
-        job = self.launcher.start(launched[0], number)
-        job_id = getattr(job, "job_id", None)
-        if job_id is not None:  # a resumed study waits for a SLURM job still running
-            manifest = read_manifest(self.sweep_dir)
-            manifest["trials"][str(number)]["job_id"] = str(job_id)
-            write_manifest(self.sweep_dir, manifest)
-            log.info(f"trial #{number}: job {job_id}")
-        self.in_flight.append(InFlight(number, job, Path(entry["run_dir"])))
+        if isinstance(self.launcher, SubmititSweep):
+            flight = self.launcher.submit(launched, number)[0]
+            log.info(f"trial #{number}: job {flight.job.job_id}")
+        else:
+            flight = Flight(number, self.launcher.start(launched[0], number), Path(entry["run_dir"]), started)
+        self.watch.flights.append(flight)
 
     def _continue_in_flight(self) -> None:
-        """Trials the study holds as RUNNING: a previous launching process died with them in flight. A job that
-        still runs (SLURM) is waited for; the others are rerun in their run dirs, resuming from a checkpoint."""
+        """Trials the study holds as RUNNING: a previous launching process died (or was interrupted) with them in
+        flight. A job that still runs (SLURM) is waited for; the others are rerun in their run dirs, resuming from
+        their last checkpoint when they have one."""
         from optuna.trial import TrialState
 
         manifest = read_manifest(self.sweep_dir) or {"trials": {}}
@@ -275,26 +315,28 @@ class StudyRun:
             job = self._reattach(entry)
             if job is not None:
                 log.info(f"trial #{trial.number}: was in flight; waiting for its job {entry.get('job_id')}")
-                self.in_flight.append(InFlight(trial.number, job, Path(entry["run_dir"])))
+                self.watch.flights.append(Flight(trial.number, job, Path(entry["run_dir"]), entry.get("started")))
                 continue
-            log.info(f"trial #{trial.number}: was in flight; rerunning it in {entry['run_dir']} (from its checkpoint)")
-            self._start(trial.number, list(entry["overrides"]))
+            saved = checkpoints_of(entry["run_dir"])
+            where = f"from its checkpoint {saved[-1].name}" if saved else "from the start (it saved no checkpoint)"
+            log.info(f"trial #{trial.number}: was in flight; rerunning it in {entry['run_dir']} {where}")
+            self._start(trial.number, list(entry["overrides"]), trial.params)
 
     def _reattach(self, entry: dict):
         """The job of a trial in flight when the previous launching process died, when it still runs or has
         ended since; None when it must be rerun."""
-        from exp.sweep.cli import in_use
-
         run_dir = Path(entry["run_dir"])
         if entry.get("job_id") and isinstance(self.launcher, SlurmSweep):
             import submitit
 
             job = submitit.SlurmJob(folder=self.launcher.params["submitit_folder"], job_id=entry["job_id"])
-            if not job.done():
+            state = slurm_states([entry["job_id"]]).get(entry["job_id"])
+            if state is not None and state.active:
                 return job
-        if in_use(run_dir):  # a process still trains in the run dir (a local job that outlived its launcher)
+        if lock_holder(run_dir):  # a process still trains in the run dir (a local job that outlived its launcher)
             return Holding(run_dir)
-        if (read_summary(run_dir) or {}).get("status") in ("FINISHED", "PRUNED", "FAILED"):
+        summary = fresh_summary(run_dir, entry.get("started")) or {}
+        if summary.get("status") in ("FINISHED", "PRUNED", "FAILED"):
             return Holding(run_dir)  # it ended after its launcher died: told from its summary, not rerun
         return None
 
@@ -302,39 +344,34 @@ class StudyRun:
 
     def _collect_ended(self) -> bool:
         """Tell the study about every trial whose job ended; whether the sweep must stop (too many failures)."""
-        ended = [f for f in self.in_flight if f.job.done()]
-        for flight in ended:
-            self.in_flight.remove(flight)
-            self._tell(flight)
+        ended = self.watch.ended()
+        for flight, outcome in ended:
+            self._tell(flight, outcome)
         return bool(ended) and self._too_many_failures()
 
-    def _tell(self, flight: InFlight) -> None:
+    def _tell(self, flight: Flight, outcome: Outcome) -> None:
+        """The study learns how the trial ended: COMPLETE with its value, PRUNED, or FAIL (FAILED, or KILLED by a
+        signal while the study went on); a trial stopped by the study's own Ctrl-C stays in flight (RUNNING).
+        The user attribute `status` holds exp's status, which Optuna has no state for."""
+        import optuna
         from optuna.trial import TrialState
 
-        error = None
-        try:
-            value = flight.job.results()[0].return_value  # raises what the job raised
-        except Exception as e:
-            value, error = float("nan"), f"{type(e).__name__}: {first_line(e)}"
-        summary = read_summary(flight.run_dir) or {}
-        status = summary.get("status")
-        if status == "PRUNED":
+        status = outcome.status
+        optuna.trial.Trial(self.study, self._trial_id(flight.number)).set_user_attr("status", status)
+        if status == "KILLED" and self.watch.stopping:
+            self._stopped.append(flight.number)
+        elif status == "PRUNED":
             self.study.tell(flight.number, state=TrialState.PRUNED)
-        elif status == "FINISHED" and isinstance(value, (int, float)) and math.isfinite(value):
-            self.study.tell(flight.number, float(value))
+        elif status == "FINISHED" and math.isfinite(outcome.value):
+            self.study.tell(flight.number, outcome.value)
         else:
             self.study.tell(flight.number, state=TrialState.FAIL)
-            status = "FAILED"
-        manifest = read_manifest(self.sweep_dir)
-        entry = manifest["trials"][str(flight.number)]
-        refresh_trial(entry, flight.run_dir)
-        entry["status"], entry["ended"] = status, time.time()
-        if error and not entry.get("error"):
-            entry["error"] = error
-        write_manifest(self.sweep_dir, manifest)
-        loss = summary.get("val_loss")
-        shown = f"{loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "n/a"
-        log.info(f"trial #{flight.number} {status}: val loss {shown}" + (f" ({entry.get('error')})" if error else ""))
+        said = f" ({outcome.error})" if outcome.error and status != "FINISHED" else ""
+        log.info(f"trial #{flight.number} {status}: val loss {fmt_loss(outcome.value)}{said}")
+
+    def _trial_id(self, number: int) -> int:
+        storage = self.study._storage
+        return storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
 
     def _too_many_failures(self) -> bool:
         from optuna.trial import TrialState
@@ -354,18 +391,19 @@ class StudyRun:
 
 
 class Holding:
-    """A trial another process still trains (it holds the run dir's lock): done once the lock is free."""
+    """A trial another process still trains (it holds the run dir's lock), or one that ended while no launcher
+    watched it: done once the lock is free; its result is its summary's."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
 
     def done(self) -> bool:
-        from exp.sweep.cli import in_use
-
-        return not in_use(self.run_dir)
+        return not lock_holder(self.run_dir)
 
     def results(self) -> list:
-        summary = read_summary(self.run_dir) or {}
+        summary = read_summary(self.run_dir)
+        if summary is None:
+            raise NoResult(f"{self.run_dir}: its trainer ended without summary.json")
         return [Returned(summary.get("val_loss"))]
 
 

@@ -33,6 +33,21 @@ class ParentRun:
         self.client, self.run_id, self.kind = client, run_id, kind
         self.uri: str | None = client.tracking_uri if client is not None else None
 
+    def record_best(self, value: float, params: dict, trial: int, metric: str = "best_val_loss") -> None:
+        """The best member so far on the run: `metric` (a point per call, stepped by trial number) and tags
+        `best_trial` and `best.<key>` (tags, since a resumed sweep may find a better point and params are fixed)."""
+        if self.client is None:
+            return
+        from mlflow.entities import Metric, RunTag
+
+        tags = [RunTag("best_trial", str(trial))]
+        tags += [RunTag(f"best.{k}"[:250], str(v)[:5000]) for k, v in params.items()]
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(metric, float(value), int(time.time() * 1000), trial)])
+            self.client.log_batch(self.run_id, tags=tags)
+        except Exception as e:
+            log.warning(f"could not record the best of the {self.kind}'s MLflow run {self.run_id}: {first_line(e)}")
+
     def end(self, status: str) -> None:
         """Close the run with `status` (FINISHED, FAILED, KILLED); a store that fails here costs one warning."""
         if self.client is None:

@@ -218,6 +218,8 @@ class MlflowTracker(Callback):
             if status == "FINISHED" and (final / "model.safetensors").exists():  # the final weights, uploaded
                 self.log_artifact(final / "model.safetensors", "model")
                 self.log_artifact(final / "config.yaml", "model")
+                if (final / "tokenizer.json").exists():  # a BPE run's weights are unusable without their tokenizer
+                    self.log_artifact(final / "tokenizer.json", "model")
         if status not in MLFLOW_STATUSES:  # PRUNED: MLflow has no such status; KILLED, with the status as a tag
             self.set_tags({"status": status})
         self._send(End(status if status in MLFLOW_STATUSES else "KILLED"))
@@ -225,19 +227,21 @@ class MlflowTracker(Callback):
         self._poll(until=Done, timeout=CLOSE_TIMEOUT_S)
         if not self._done and not self._proc.is_alive():  # the worker died during the run
             self._close_from_here(status if status in MLFLOW_STATUSES else "KILLED")
-        elif not self._done:
-            log.warning(
-                f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run; "
-                "the run's metrics are in metrics.jsonl"
-            )
+        elif not self._done:  # never left RUNNING: the worker is stopped and the run closed from here
             self._proc.kill()
+            self._close_from_here(
+                status if status in MLFLOW_STATUSES else "KILLED",
+                f"MLflow at {self.uri} did not answer within {CLOSE_TIMEOUT_S:.0f} s at the end of the run",
+                tags={"status": status} if status not in MLFLOW_STATUSES else {},
+            )
         self._proc.join(10)
 
-    def _close_from_here(self, status: str) -> None:
-        """The worker process is gone (killed by the OOM killer or a signal): the run's ending is set from this
-        process, so MLflow does not show it RUNNING; what the worker had not logged stays in metrics.jsonl."""
+    def _close_from_here(self, status: str, why: str | None = None, tags: dict | None = None) -> None:
+        """The worker process is gone (killed by the OOM killer or a signal) or did not answer (`why`): the run's
+        ending is set from this process, so MLflow does not show it RUNNING; what the worker had not logged stays
+        in metrics.jsonl."""
         message = (
-            f"the MLflow worker process ended during the run (exit code {self._proc.exitcode}); "
+            f"{why or f'the MLflow worker process ended during the run (exit code {self._proc.exitcode})'}; "
             "the run's metrics are in metrics.jsonl"
         )
         if self._run_id is None:  # killed before its Started message: the run it created, if any, is in the marker
@@ -250,7 +254,10 @@ class MlflowTracker(Callback):
             from mlflow.tracking import MlflowClient
 
             fail_fast_http()
-            MlflowClient(tracking_uri=self.uri).set_terminated(self._run_id, status)
+            client = MlflowClient(tracking_uri=self.uri)
+            for key, value in (tags or {}).items():
+                client.set_tag(self._run_id, key, value)
+            client.set_terminated(self._run_id, status)
             log.warning(f"{message}; MLflow run {self._run_id} closed {status} from the trainer")
         except Exception as e:
             log.warning(f"{message}; MLflow run {self._run_id} could not be closed ({first_line(e)})")
