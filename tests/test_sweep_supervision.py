@@ -1,9 +1,11 @@
 """The records of a sweep's trials, apart from the sweeps that test them end to end (tests/test_slurm_sweeps.py,
-tests/test_optuna_sweeper.py, tests/test_report.py): the run a worker did not close, the failure line, the names."""
+tests/test_optuna_sweeper.py, tests/test_report.py): the run a worker did not close, a worker Ctrl-C must not end,
+the failure line, the names."""
 
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -33,6 +35,22 @@ def test_a_run_whose_worker_does_not_answer_at_the_end_is_closed_from_the_traine
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["status"] == "PRUNED"
     assert not tracker._proc.is_alive()
+
+
+def test_the_mlflow_worker_is_born_ignoring_ctrl_c():
+    """Ctrl-C reaches the whole process group, the trainer's MLflow worker too, maybe while its interpreter is
+    still starting: that must not end it (the trainer decides when its run ends)."""
+    from exp.tracking.worker import Handle
+
+    handle = Handle()
+    try:
+        for _ in range(3):  # during the interpreter's start-up and its imports
+            os.kill(handle.process.pid, signal.SIGINT)
+            time.sleep(0.3)
+        assert handle.process.is_alive(), handle.process.exitcode
+    finally:
+        handle.process.kill()
+        handle.process.join()
 
 
 @pytest.mark.parametrize(
