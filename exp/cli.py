@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,12 @@ def run_cli(main: Callable) -> None:
     except SystemExit as e:
         if e.code == 1 and not config.job_has_started():
             sys.exit(config.CONFIG_ERROR_EXIT)
+        if isinstance(e.code, int) and e.code > 128:  # stopped by a signal, its ending written: exit as it says
+            _ignore_stop_signals()
         raise
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (before it, or again once its ending is written)
+        _ignore_stop_signals()
+        sys.exit(128 + signal.SIGINT)
     except HydraException as e:  # composing the config failed: an unknown key or group option, a bad override
         if config.job_has_started() or not os.environ.get(_OURS):
             raise
@@ -79,6 +85,13 @@ def run_cli(main: Callable) -> None:
         if message:
             print(message, file=sys.stderr)
             sys.exit(FAILED_TRIALS_EXIT)
+
+
+def _ignore_stop_signals() -> None:
+    """The process is exiting because of a signal: another Ctrl-C or SIGTERM must not change how (Python resets its
+    own handlers to the default at exit, so a late SIGINT would kill the process with a different status)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _saved_run_config(argv: list[str]) -> Path | None:

@@ -30,6 +30,10 @@ class TrainingFailed(ExpError, RuntimeError):
     """Training cannot go on; the message says why and what to change."""
 
 
+class DiskFull(TrainingFailed):
+    """A checkpoint did not fit on its disk; the message names the directory and the space it needs."""
+
+
 class Stopped(ExpError):
     """A signal stopped the run after its step and a checkpoint: exit 128 + the signal's number."""
 

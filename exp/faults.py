@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -219,27 +220,82 @@ class StopSignals(Callback):
     next step boundary, the run saves a checkpoint, and only then `hand_over()` passes the signal to submitit,
     which requeues the job. This class is the one place that owns preemption; after training has ended a
     SIGUSR2 is ignored, so a job that finished never requeues.
+
+    exp.run installs the handlers before the run starts and restores them once its ending (summary.json, the
+    MLflow close) is complete, so that no signal breaks the ending. The phase decides what a signal does:
+    "opening" (before the run's record can be written) notes it and `starting()` raises it; "starting" (building,
+    restoring) interrupts at once with KeyboardInterrupt; "training" stops after the step, and a second SIGINT
+    interrupts at once; "ending" notes the first signal (the run ends KILLED if its status is not decided yet)
+    and ignores the others.
     """
 
     def __init__(self):
         self.received: int | None = None
+        self.phase = "opening"
         self._previous: dict = {}
+        self._installed_by_run = False
 
-    def on_train_start(self, state: TrainState) -> None:
+    def install(self) -> StopSignals:
+        """Take SIGINT, SIGTERM (and submitit's SIGUSR2) until restore(); the run's owner calls both."""
+        self._installed_by_run = True
+        self._install()
+        return self
+
+    def _install(self) -> None:
         signals = [signal.SIGINT, signal.SIGTERM]
         if callable(signal.getsignal(signal.SIGUSR2)):  # submitit installed its requeue handler
             signals.append(signal.SIGUSR2)
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+    def starting(self) -> None:
+        """The run's record is open: a signal from now on interrupts the start-up at once (one noted already, now)."""
+        self.phase = "starting"
+        if self.received is not None:
+            self.phase = "ending"
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def training(self):
+        """The loop's steps: a signal stops after the step, a second SIGINT at once; after them, the ending."""
+        self.phase = "training"
+        try:
+            yield
+        finally:
+            self.phase = "ending"
+
+    def interrupted(self) -> None:
+        """A KeyboardInterrupt reached the run (a signal at start-up, a second SIGINT, or raised by code): it ends."""
+        self.phase = "ending"
+        if self.received is None:
+            self._note(signal.SIGINT)
+
+    def on_train_start(self, state: TrainState) -> None:
+        if not self._installed_by_run:  # used as a plain callback (benchmarks): the loop's steps only
+            self._install()
+            self.phase = "training"
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        first = self.received is None
+        if first:
+            self._note(signum)
+        if self.phase == "starting" or (self.phase == "training" and not first and signum == signal.SIGINT):
+            self.phase = "ending"  # one interruption; later signals wait for the ending
+            log.warning(f"{name}: interrupting now" + (" (start-up)" if first else ""))
+            raise KeyboardInterrupt
+        if not first:
+            log.warning(f"{name}: already stopping; the run's ending (summary.json, MLflow) completes first")
+            return
+        what = "preemption or time limit" if signum == signal.SIGUSR2 else name
+        when = {"training": "after this step and saving a checkpoint", "opening": "once the run is open"}
+        log.warning(f"{what} ({name}): stopping {when.get(self.phase, 'as the run ends')}")
+
+    def _note(self, signum: int) -> None:
         self.received = signum
         self.should_stop = True
         what = "preemption or time limit" if signum == signal.SIGUSR2 else signal.Signals(signum).name
         self.stop_reason = f"{what} ({signal.Signals(signum).name})"
-        log.warning(f"{what} ({signal.Signals(signum).name}): stopping after this step and saving a checkpoint")
 
     @property
     def preempted(self) -> bool:
@@ -250,6 +306,12 @@ class StopSignals(Callback):
         return 128 + (self.received or 0)
 
     def on_train_end(self, state: TrainState, status: str) -> None:
+        self.phase = "ending"
+        if not self._installed_by_run:
+            self.restore()
+
+    def restore(self) -> None:
+        """The handlers from before install(); SIGUSR2 is ignored from now on (a finished job never requeues)."""
         for sig, handler in self._previous.items():
             if sig == signal.SIGUSR2:
                 self._requeue = handler

@@ -79,6 +79,16 @@ def train(cfg: DictConfig) -> float:
 
 
 def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:
+    """_run with the stop signals taken until its ending is written: a signal never breaks summary.json or the
+    MLflow close (exp.faults.StopSignals)."""
+    signals = StopSignals().install()
+    try:
+        return _run(cfg, valid, run_dir, dist, signals)
+    finally:
+        signals.restore()
+
+
+def _run(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist, signals: StopSignals) -> float:
     started, run = time.perf_counter(), valid.run
     point = find_resume(cfg, run.resume, dist)
     if point is not None:
@@ -86,16 +96,18 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
     # a resume opens its MLflow run once every rank has restored the checkpoint: a resume refused or failed before
     # that leaves the run's record (summary.json, the MLflow run) as it was
     tracker = open_tracker(cfg, run_dir, dist) if point is None else PendingTracker()
-    signals, clock = StopSignals(), FirstStepClock()
+    clock = FirstStepClock()
     stateful = {"early_stopping": EarlyStopping(run.early_stopping)}  # kept in checkpoints (Callback.state_dict)
     stateful |= {f"callbacks.{name}": instantiate(node) for name, node in cfg.callbacks.items()}
     events = Events([clock, signals, *stateful.values()])
     state, status, stage = point.state if point else TrainState(), "FAILED", valid.stage
     recorder = None  # the tracker as the loop's events reach it
+    checkpointer = None  # until built: an ending before then names no checkpoint
     try:
+        signals.starting()  # a signal from here on ends the run with its record written
         built = build(cfg, valid, dist, init_weights=point is None)
         events.on_build(built.trained.model, built.trained.optimizer, built.trained.scheduler)
-        checkpointer: Checkpointer = instantiate(cfg.checkpoint)(
+        checkpointer = instantiate(cfg.checkpoint)(
             trained=built.trained,
             sampler=built.batches,
             tracker=tracker,
@@ -128,15 +140,22 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         # steps, what it records waits for a checkpoint to cover it: MLflow cannot take a point back
         recorder = HoldUntilCheckpoint(tracker, armed=point is not None) if run.nan.max_rollbacks else tracker
         events.add(recorder)
-        state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)
+        with signals.training():
+            state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)
         final = checkpointer.save(state)
         # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
         status = "KILLED" if signals.received else (events.stop_status or "FINISHED")
         if dist.is_main:
             finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal at start-up, or a second SIGINT while training: no checkpoint of this step
         status = "KILLED"
-        raise
+        signals.interrupted()
+        if dist.is_main and not isinstance(tracker, PendingTracker):  # a resume not restored keeps its record
+            reason = f"{signals.stop_reason}: interrupted at step {state.step}"
+            ending = {"status": status, "stop_reason": reason, "checkpoints": kept_checkpoints(checkpointer)}
+            write_failure_summary(
+                run_dir, state, tracker, None, stage_name=stage.name, num_steps=stage.num_steps, **ending
+            )
     except Exception as e:
         if isinstance(tracker, PendingTracker):  # a refused or failed resume: the record stays as it was
             if not isinstance(e, ExpError):  # a refusal is one line, from exp.cli
@@ -145,7 +164,10 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
             log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")
             if dist.is_main:
                 error = f"{type(e).__name__}: {first_line(e)}"
-                write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
+                ending = {"stop_reason": first_line(e), "checkpoints": kept_checkpoints(checkpointer)}
+                write_failure_summary(
+                    run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps, **ending
+                )
         if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
             return float("nan")
         raise
@@ -153,7 +175,8 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         if recorder is None:
             events.add(tracker)
         events.on_train_end(state, status)
-    if signals.received and dist.is_main:  # other ranks end quietly: rank 0 requeues or reports the stop
+    signals.restore()  # the ending is written; a signal after it (its status was decided) changes nothing
+    if status == "KILLED" and signals.received and dist.is_main:  # other ranks end quietly: rank 0 requeues or reports
         if signals.preempted:
             signals.hand_over()  # submitit requeues the job and exits; the requeued job resumes from the checkpoint
         name = signal.Signals(signals.received).name
@@ -409,11 +432,25 @@ def fail_at_start(cfg: DictConfig, error: ConfigError) -> float:
     return float("nan")
 
 
-def write_failure_summary(run_dir: Path, state: TrainState, tracker, error: str, *, stage_name, num_steps) -> None:
-    """summary.json of a failed run: where it stopped and why."""
+def write_failure_summary(
+    run_dir: Path,
+    state: TrainState,
+    tracker,
+    error: str | None,
+    *,
+    stage_name,
+    num_steps,
+    status: str = "FAILED",
+    stop_reason: str | None = None,
+    checkpoints: dict | None = None,
+) -> None:
+    """summary.json of a run that failed (or was interrupted, KILLED): where it stopped, why, and the checkpoints
+    it leaves (kept_checkpoints)."""
     summary = {
-        "status": "FAILED",
+        "status": status,
         "error": error,
+        "stop_reason": stop_reason,
+        **(checkpoints or {}),
         "stage": stage_name,
         "step": state.step,
         "num_steps": num_steps,
@@ -424,6 +461,17 @@ def write_failure_summary(run_dir: Path, state: TrainState, tracker, error: str,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
     rundir.write_summary(run_dir, summary)
+
+
+def kept_checkpoints(checkpointer: Checkpointer | None) -> dict:
+    """The run's newest and best checkpoints that still exist (a failed save removed its own half)."""
+
+    def named(path: Path | None) -> str | None:
+        return str(path.resolve()) if path is not None and path.is_dir() else None
+
+    if checkpointer is None:
+        return {"checkpoint": None, "best_checkpoint": None}
+    return {"checkpoint": named(checkpointer.last_path), "best_checkpoint": named(checkpointer.best_path)}
 
 
 def seed_everything(seed: int) -> None:

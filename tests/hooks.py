@@ -255,3 +255,21 @@ def row_digests(batch) -> list[str]:
 
     x, y = batch
     return [hashlib.sha1(a.numpy().tobytes() + b.numpy().tobytes()).hexdigest()[:16] for a, b in zip(x, y, strict=True)]
+
+
+class PauseIn(Callback):
+    """Creates the file `ready`, then waits in one hook (on_build, on_checkpoint, on_train_end, ...; with `step`,
+    only at that step) until the file `release` exists or `seconds` pass: a test signals the run while it starts up
+    or ends."""
+
+    def __init__(self, hook: str, ready: str, release: str | None = None, seconds: float = 30, step: int | None = None):
+        self.ready, self.release, self.seconds, self.step = ready, release, seconds, step
+        setattr(self, hook, self._pause)
+
+    def _pause(self, *args):
+        if self.step is not None and getattr(args[0], "step", None) != self.step:
+            return
+        open(self.ready, "w").close()
+        deadline = time.time() + self.seconds
+        while time.time() < deadline and not (self.release and os.path.exists(self.release)):
+            time.sleep(0.05)

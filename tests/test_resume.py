@@ -98,11 +98,8 @@ def test_resumed_run_is_bit_identical(straight, tmp_path, k, stop):
     run_dir = tmp_path / "run"
     if stop:
         train(run_dir, f"+callbacks.stop._target_=tests.hooks.{stop}", f"+callbacks.stop.step={k}")
-        summary = run_dir / "summary.json"
-        assert (stop == "SignalAt") == summary.exists()
-        if stop == "SignalAt":
-            assert json.loads(summary.read_text())["status"] == "KILLED"
-            assert json.loads(summary.read_text())["step"] == k
+        summary = json.loads((run_dir / "summary.json").read_text())  # an interrupt at once writes its ending too
+        assert (summary["status"], summary["step"]) == ("KILLED", k)
     else:
         shutil.copytree(straight, run_dir)
     train(run_dir, "resume=auto")

@@ -15,6 +15,9 @@ from exp.checkpoint.format import (
     MANIFEST,
     CheckpointError,
     checkpoint_name,
+    expected_size,
+    free_space,
+    is_disk_full,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -28,7 +31,7 @@ from exp.checkpoint.format import (
 from exp.checkpoint.layout import LAYOUT_KEYS, check_layout, describe, is_sharded, layout_of, saved_layout
 from exp.checkpoint.weights import tokenizer_entry
 from exp.data.tokenizer import TOKENIZER_FILE
-from exp.errors import ConfigError, ResumeError
+from exp.errors import ConfigError, DiskFull, ResumeError
 from exp.events import Callback, Events, TrainState
 from exp.optim import STAGE_LINKS, hyperparameters, resume_with_changes
 from exp.rundir import BRANCHES, read_json, record_branch, write_json
@@ -304,10 +307,17 @@ class Checkpointer(Callback):
     # --- saving ---------------------------------------------------------------------------------------
 
     def save(self, state: TrainState) -> Path:
-        """Save now (once per step), rotate, and tell every callback (the tracker records the reference)."""
+        """Save now (once per step), rotate, and tell every callback (the tracker records the reference). A disk
+        too full for it raises DiskFull (one line: the directory and the space needed); nothing half-written stays."""
         if self.last_step == state.step:
             return self.last_path
-        path = self._write(state)
+        expected = self._make_room() if self.trained.dist.is_main else None
+        try:
+            path = self._write(state)
+        except Exception as e:
+            if is_disk_full(e):
+                raise self._disk_full(state, expected) from None
+            raise
         self.last_path, self.last_step = path, state.step
         if self.trained.dist.is_main:
             protect = {self.best_path} if self.best_path else set()
@@ -315,6 +325,30 @@ class Checkpointer(Callback):
         if self.trained.dist.is_main or self.sharded:  # DDP: only rank 0 wrote it
             self.events.on_checkpoint(state, path)
         return path
+
+    def _make_room(self) -> int:
+        """The next checkpoint's expected size; when the disk has less free, the checkpoints rotation would delete
+        after this save go first (never the best, never the newest this run saved or resumed from)."""
+        t = self.trained
+        expected = expected_size(self.dir, t.model, t.optimizer)
+        free = free_space(self.dir)
+        if self.keep_last and free < expected:
+            protect = {p for p in (self.best_path, self.last_path) if p is not None}
+            gone = rotate_checkpoints(self.dir, max(self.keep_last - 1, 1), protect)
+            if gone:
+                log.warning(
+                    f"{self.dir} has {_mb(free)} free and the next checkpoint needs about {_mb(expected)}: removed "
+                    f"{', '.join(p.name for p in gone)} before saving it (rotation removes them after the save)"
+                )
+        return expected
+
+    def _disk_full(self, state: TrainState, expected: int | None) -> DiskFull:
+        name = checkpoint_name(state.step)
+        needed = f"about {_mb(expected)}" if expected else "more"
+        return DiskFull(
+            f"no space left in {self.dir} for checkpoint {name}: it needs {needed}, {_mb(free_space(self.dir))} "
+            "is free; free some space there or set checkpoint.dir to a larger disk"
+        )
 
     def _write(self, state: TrainState) -> Path:
         t = self.trained
@@ -370,3 +404,7 @@ class Checkpointer(Callback):
         t.scheduler.base_lrs = [lr * lr_factor for lr in t.scheduler.base_lrs]
         self.follow(state)  # the best checkpoint is the one the restored state knows
         return True
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"

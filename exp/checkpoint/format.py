@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import math
@@ -458,3 +459,43 @@ def rotate_checkpoints(root, keep_last: int, protect: set[Path] = frozenset()) -
     if deleted:
         fsync(Path(root))
     return deleted
+
+
+def folder_size(path) -> int:
+    """Bytes in a checkpoint folder's files (a sharded one's dcp/ included)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def state_size(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the model's and the optimizer's tensors: what a checkpoint of them holds, give or take its JSON."""
+    tensors = {id(t): t for t in unwrap(model).state_dict().values() if isinstance(t, torch.Tensor)}
+    for values in optimizer.state.values():
+        tensors |= {id(t): t for t in values.values() if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def expected_size(root, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The size the next checkpoint under root will have: the newest one's, or the model and optimizer state's."""
+    saved = list_checkpoints(root)
+    return folder_size(saved[-1]) if saved else state_size(model, optimizer)
+
+
+def free_space(path) -> int:
+    """Bytes free to this user on the disk holding path (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a full disk or quota: safetensors reports `os error 28`."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "os error 28" in str(error) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
