@@ -144,6 +144,15 @@ def grad_sync(model: torch.nn.Module, enabled: bool):
         yield
 
 
-def shutdown() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean ending the ranks leave together: a gloo rank that tears its group
+    down while a peer is still busy (rank 0 writing the summary and sample) can abort at exit (SIGABRT) and fail
+    a job that finished. After an error no barrier: the peer may be gone."""
+    if not tdist.is_initialized():
+        return
+    if clean:
+        try:
+            tdist.barrier()
+        except Exception:  # a peer that died at its very end: leaving is all that is left to do
+            pass
+    tdist.destroy_process_group()

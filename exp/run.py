@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> float:
                 return find_lr(cfg, valid, run_dir, dist)
             return _train(cfg, valid, run_dir, dist)
     finally:
-        exp_dist.shutdown()
+        exp_dist.shutdown(clean=sys.exc_info()[0] is None)
 
 
 def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from exp.config import EXP_KEYS
 from exp.model import GPT, SwiGLU
 from exp.model.moe import MoEMLP, router_stats
 
@@ -242,9 +243,10 @@ def test_overfits_single_batch_with_router_loss():
 def test_config_keys_are_constructor_parameters():
     cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "model" / "gpt_moe_tiny.yaml")
     params = inspect.signature(GPT).parameters
-    assert set(cfg) - {"_target_", "freeze"} <= set(params)  # freeze: exp's own key (exp.config.EXP_KEYS)
+    own = {"_target_", *EXP_KEYS["model"]}  # exp's own keys: freeze, recipe (exp.config.EXP_KEYS)
+    assert set(cfg) - own <= set(params)
     assert cfg.num_experts == 4 and cfg.top_k == 2
-    kw = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "vocab_size", "freeze")}
+    kw = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in own | {"vocab_size"}}
     with torch.device("meta"):
         model = GPT(vocab_size=264, **kw)
     assert model.num_experts == 4 and model.router_coefs["z_loss_coef"] == cfg.z_loss_coef
