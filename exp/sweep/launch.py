@@ -13,7 +13,6 @@ import math
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from exp import config
+from exp.signals import sigint_ignored
 from exp.sweep.manifest import mark_unsubmitted, new_manifest, read_manifest, refresh_manifest, write_manifest
 from exp.sweep.supervise import (
     INTERRUPTED_EXIT,
@@ -277,19 +277,11 @@ class SubmititSweep(ValidatedSweep):
         write_manifest(sweep_dir, manifest)
         return flights
 
-    @contextlib.contextmanager
     def _controllers_keep_running(self):
         """submitit's local controller, on Ctrl-C, sends its tasks a second SIGINT and SIGKILL a second later:
         started with SIGINT ignored it never does, and the trainers (which get the terminal's Ctrl-C themselves)
         finish their step, save and end KILLED."""
-        if self._EXECUTOR != "local" or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        return sigint_ignored() if self._EXECUTOR == "local" else contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):
         """The job itself: Ctrl-C back to Python's KeyboardInterrupt (its controller was started ignoring it)."""

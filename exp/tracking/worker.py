@@ -13,20 +13,19 @@ on CPU time training leaves idle.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import multiprocessing
 import multiprocessing.util  # registers its exit handler now, so that ours (below) runs before it
 import os
 import queue
 import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from exp.rundir import write_json
+from exp.signals import sigint_ignored
 from exp.text import first_line
 
 MAX_KEY = 250
@@ -115,7 +114,7 @@ class Handle:
         # the trainer's pid, not the worker's later getppid(): a trainer killed while the worker starts is gone by then
         args = (self.inbox, self.outbox, uri, os.getpid())
         self.process = ctx.Process(target=main, args=args, name="mlflow-tracker", daemon=True)
-        with _ctrl_c_ignored():  # from birth: a Ctrl-C to the process group while it imports must not end it
+        with sigint_ignored():  # from birth: a Ctrl-C to the process group while it imports must not end it
             self.process.start()
         _yield_cpu(self.process.pid)
         _started[:] = [h for h in _started if h.process.is_alive()] + [self]
@@ -159,20 +158,6 @@ def _kill_leftovers() -> None:
         if handle.process.is_alive():
             handle.process.kill()
             handle.process.join()
-
-
-@contextlib.contextmanager
-def _ctrl_c_ignored():
-    """SIGINT ignored while a child is started, so that it inherits that (main() ignores it too, but only once its
-    interpreter has started and imported this module)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _yield_cpu(pid: int) -> None:
