@@ -116,6 +116,26 @@ def read_summary(run_dir) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+def lock_holder(run_dir) -> str | None:
+    """Who holds the run dir's lock (a trainer still running: its `host=... pid=...` line), or None. The one
+    reader of the lock: sweeps, the sweep CLI and the job service ask here."""
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """Exclusive flock on run_dir/.lock for as long as the context is open; a second holder is refused."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.paths import TRAIN_PY
-from exp.rundir import METRICS, SUMMARY, read_json, read_summary
+from exp.rundir import METRICS, SUMMARY, lock_holder, read_json, read_summary
 from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
 
@@ -341,7 +341,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     elif alive:
         queued = slurm is not None and slurm["state"] == "PENDING"
         status = "RUNNING" if _started(job, run_dir) and not queued else "PENDING"
-    elif job["source"] == "cli" and _lock_held(run_dir):
+    elif job["source"] == "cli" and lock_holder(run_dir):
         status = "RUNNING"
     else:
         signalled = killed_by(launcher.poll(job.get("pid"))) or bool(summary)  # a summary still saying RUNNING
@@ -455,25 +455,12 @@ def _written_before_launch(job: dict, run_dir: Path) -> bool:
         return False
 
 
-def _lock_held(run_dir: Path) -> bool:
-    """Whether a process named in the run directory's lock file is alive (a CLI run still training)."""
-    try:
-        text = (run_dir / ".lock").read_text()
-    except OSError:
-        return False
-    fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
-    try:
-        return process_start_time(int(fields.get("pid", ""))) is not None
-    except ValueError:
-        return False
-
-
 def sweep_running(process: dict | None, trials: list[dict]) -> str | None:
     """Why a sweep is still running (the process the service started for it lives, a trial trains), or None."""
     if process and process_alive(process):
         return f"its process {process['pid']} is running"
     for trial in trials:
-        if trial.get("status") == "RUNNING" and _lock_held(Path(trial["run_dir"])):
+        if trial.get("status") == "RUNNING" and lock_holder(trial["run_dir"]):
             return f"trial {trial['num']} is RUNNING"
     return None
 

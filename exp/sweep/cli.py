@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from exp.sweep.jobs import lock_holder
+from exp.rundir import lock_holder
 from exp.sweep.manifest import SweepError, hydra_config, load_sweep, trials_of, write_manifest
 from exp.text import fmt_loss
 from exp.tracking.worker import RUN_MARKER
@@ -95,7 +95,7 @@ def resume_study(sweep_dir: Path, manifest: dict, dry_run: bool = False) -> int:
         *overrides.get("task", []),
         f"hydra.sweep.dir={Path(sweep_dir).resolve()}",
     ]
-    holder = in_use(Path(sweep_dir))
+    holder = lock_holder(Path(sweep_dir))
     if holder:
         print(f"error: the study in {sweep_dir} is still being run by {holder}", file=sys.stderr)
         return 2
@@ -117,7 +117,6 @@ def is_slurm(sweep_dir: Path, manifest: dict) -> bool:
     return any("slurm" in n.lower() for n in names)
 
 
-in_use = lock_holder  # who holds a run dir's lock (a trial still training), or None
 
 
 def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = False) -> int:
@@ -133,7 +132,7 @@ def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = Fa
         wanted = [t for t in trials_of(manifest) if t["status"] not in ("FINISHED", "PRUNED")]
     trials = []
     for trial in wanted:
-        holder = in_use(Path(trial["run_dir"]))
+        holder = lock_holder(Path(trial["run_dir"]))
         if holder:
             print(f"trial {trial['num']}: skipped, {trial['run_dir']} is in use by {holder}")
         else:

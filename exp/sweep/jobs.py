@@ -7,8 +7,6 @@ active; once neither holds it was killed (SIGKILL, node failure, the OOM killer)
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
 import shutil
 import subprocess
@@ -39,25 +37,6 @@ class SlurmState:
 
     def describe(self, job_id: str) -> str:
         return f"SLURM job {job_id} {self.detail or self.state}"
-
-
-def lock_holder(run_dir) -> str | None:
-    """Who holds the run dir's lock (a trainer still running), or None."""
-    path = Path(run_dir) / ".lock"
-    if not path.exists():
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
 
 
 def slurm_states(job_ids) -> dict[str, SlurmState]:

@@ -15,13 +15,12 @@ from pathlib import Path
 import yaml
 
 from exp.errors import ExpError
-from exp.rundir import write_json
+from exp.rundir import lock_holder, write_json
 from exp.sweep.jobs import (
     SlurmState,
     close_left_running,
     fresh_summary,
     has_started,
-    lock_holder,
     mlflow_run_of,
     slurm_states,
 )

@@ -30,8 +30,8 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from exp.rundir import RunDirInUse, RunLock, read_summary, write_json
-from exp.sweep.jobs import checkpoints_of, fresh_summary, lock_holder, slurm_states
+from exp.rundir import RunDirInUse, RunLock, lock_holder, read_summary, write_json
+from exp.sweep.jobs import checkpoints_of, fresh_summary, slurm_states
 from exp.sweep.launch import SlurmSweep, SubmititSweep, ValidatedSweep, refuse
 from exp.sweep.manifest import read_manifest, write_manifest
 from exp.sweep.pruning import JOURNAL, make_pruner, storage_spec
