@@ -16,7 +16,6 @@ from exp.checkpoint.weights import allowed_prefixes
 from exp.errors import ConfigError
 from exp.paths import CONF_DIR
 from exp.targets import Allowlist
-from exp.text import first_line
 
 # the service decides where a run goes, how it is launched, what it resumes from and where it records: a client
 # names none of these, in any syntax (a key, a parent node set to a mapping, a GROUP@PACKAGE placement)
@@ -177,30 +176,21 @@ def search_points(overrides: list[str], sampler: str = "tpe", max_points: int = 
     interval's low bound with each choice's first value, then every other value of each choice swapped in one at
     a time, so every value the sampler may draw for a choice (a group option, a `_target_`) is composed, validated
     and checked against the allowlist as a grid's points are. ConfigError for what the sweeper would refuse."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from exp.sweep.optuna import as_overrides, distribution, first_point, make_sampler
+    from exp.sweep.optuna import SpaceError, as_overrides, first_point, make_sampler, parse_space
 
     check_overrides(overrides)
-    parser = OverridesParser.create()
-    space, fixed = {}, []
-    for line in overrides:
-        try:
-            override = parser.parse_override(line)
-        except Exception as e:
-            raise ConfigError(f"sweep overrides: {config.hydra_message(e)}") from None
-        if not override.is_sweep_override():
-            fixed.append(line)
-            continue
-        try:
-            space[override.get_key_element()] = distribution(override)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{line}: {first_line(e)}") from None
-    if not space:
-        raise ConfigError(
-            "an Optuna search needs a search space: KEY=interval(a, b), tag(log, interval(a, b)), choice(a, b), "
-            "range(a, b) or a,b"
-        )
+    try:
+        space, fixed = parse_space({line.split("=", 1)[0].lstrip("+~"): line for line in overrides})
+    except SpaceError as e:
+        if e.key is None:
+            raise ConfigError(
+                "an Optuna search needs a search space: KEY=interval(a, b), tag(log, interval(a, b)), choice(a, b), "
+                "range(a, b) or a,b"
+            ) from None
+        if isinstance(e.__cause__, (ValueError, TypeError)):  # parsed, but no distribution the sweeper can draw
+            line = next(o for o in overrides if o.split("=", 1)[0].lstrip("+~") == e.key)
+            raise ConfigError(f"{line}: {e}") from None
+        raise ConfigError(f"sweep overrides: {config.hydra_message(e.__cause__)}") from None  # Hydra's syntax
     try:
         make_sampler(sampler, {}, space)
     except ValueError as e:

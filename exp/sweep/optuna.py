@@ -415,15 +415,21 @@ class Returned:
 # --- the search space -----------------------------------------------------------------------------------
 
 
-def search_space(params: dict, arguments: list[str], sweep_dir: Path) -> tuple[dict, list[str]]:
-    """Optuna distributions of the sweep overrides in `params` and on the command line (which wins), and the
-    overrides that are not sweeps, fixed for every trial."""
+class SpaceError(ValueError):
+    """A search-space override that does not parse or names no distribution (`key` says which), or no search
+    space at all (`key` None)."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def parse_space(lines: dict[str, str]) -> tuple[dict, list[str]]:
+    """The one reading of a search space: Optuna distributions of the sweep overrides among `lines` ({key: the
+    override line}), and the other overrides, fixed for every trial. The sweeper and the job service call it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    lines = {str(k): f"{k}={v}" for k, v in params.items()}
-    for argument in arguments:
-        lines[argument.split("=", 1)[0].lstrip("+~")] = argument
     parser = OverridesParser.create()
     space, fixed = {}, []
     for key, line in lines.items():
@@ -434,12 +440,26 @@ def search_space(params: dict, arguments: list[str], sweep_dir: Path) -> tuple[d
                 continue
             space[override.get_key_element()] = distribution(override)
         except (HydraException, ValueError, TypeError) as e:
-            where = f"hydra.sweeper.params.{key}" if key in params else key
-            refuse(sweep_dir, f"{where}: {first_line(e)}")
+            raise SpaceError(key, first_line(e)) from e
     if not space:
-        example = "stage.learning_rate: tag(log, interval(1e-4, 1e-2))"
-        refuse(sweep_dir, f"hydra.sweeper.params: no search space (e.g. {example})")
+        raise SpaceError(None, "no search space")
     return space, fixed
+
+
+def search_space(params: dict, arguments: list[str], sweep_dir: Path) -> tuple[dict, list[str]]:
+    """Optuna distributions of the sweep overrides in `params` and on the command line (which wins), and the
+    overrides that are not sweeps, fixed for every trial; a bad one refused with its key."""
+    lines = {str(k): f"{k}={v}" for k, v in params.items()}
+    for argument in arguments:
+        lines[argument.split("=", 1)[0].lstrip("+~")] = argument
+    try:
+        return parse_space(lines)
+    except SpaceError as e:
+        if e.key is None:
+            example = "stage.learning_rate: tag(log, interval(1e-4, 1e-2))"
+            refuse(sweep_dir, f"hydra.sweeper.params: no search space (e.g. {example})")
+        where = f"hydra.sweeper.params.{e.key}" if e.key in params else e.key
+        refuse(sweep_dir, f"{where}: {e}")
 
 
 def _is_sweep(argument: str) -> bool:
