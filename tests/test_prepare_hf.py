@@ -253,7 +253,7 @@ def test_interrupted_prepare_writes_nothing(tmp_path):
             time.sleep(0.05)
         assert list(tmp_path.glob("out.tmp-*")), "prepare never started writing"
         proc.send_signal(signal.SIGINT)
-    # the input ends now: the kernel may hand SIGINT to a helper thread (tqdm's monitor), and then only the main
+    # the input ends now: the kernel may hand SIGINT to a helper thread (OpenBLAS's, say), and then only the main
     # thread's next bytecode raises KeyboardInterrupt, which needs its read of the FIFO to return
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted: nothing written" in err, err
