@@ -22,9 +22,11 @@ from exp.text import first_line
 def is_hf_folder(path) -> bool:
     """A transformers folder (config.json and model.safetensors), not an exp export (config.yaml)."""
     path = Path(path)
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file() and not (
-        path / "config.yaml"
-    ).is_file()
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and not (path / "config.yaml").is_file()
+    )
 
 
 def gpt_config(hf: dict, source) -> dict:

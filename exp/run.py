@@ -172,6 +172,8 @@ def _run(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist
             return float("nan")
         raise
     finally:
+        if checkpointer is not None:
+            checkpointer.settle()
         if recorder is None:
             events.add(tracker)
         events.on_train_end(state, status)
@@ -471,6 +473,7 @@ def kept_checkpoints(checkpointer: Checkpointer | None) -> dict:
 
     if checkpointer is None:
         return {"checkpoint": None, "best_checkpoint": None}
+    checkpointer.settle()  # a save in flight is a checkpoint once written
     return {"checkpoint": named(checkpointer.last_path), "best_checkpoint": named(checkpointer.best_path)}
 
 

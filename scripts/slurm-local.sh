@@ -65,8 +65,9 @@ launch() {
     local name=$1 logfile=$2
     shift 2
     rm -f "$PIDS/$name.pid"
+    # 3>&-: the daemon must not keep this script's log descriptor (the caller's stderr pipe) open for ever
     # shellcheck disable=SC2016 # $$, $0 and $@ belong to the inner shell
-    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PIDS/$name.pid" "$@" </dev/null >>"$logfile" 2>&1 &
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PIDS/$name.pid" "$@" </dev/null >>"$logfile" 2>&1 3>&- &
 }
 
 # wait_until NAME LOGFILE DESCRIPTION CMD...: poll CMD until it succeeds. Give up with the log

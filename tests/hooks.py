@@ -101,14 +101,14 @@ class StallCheckpointAt(Callback):
     def on_build(self, model, optimizer, scheduler):
         import exp.checkpoint.checkpointer as checkpointer
 
-        original = checkpointer.save_checkpoint  # the Checkpointer looks it up at each save
+        original = checkpointer.write_snapshot  # the Checkpointer looks it up at each save
 
-        def stalled(root, step, **kwargs):
-            if step == self.step:
-                kwargs["before_rename"] = lambda tmp: time.sleep(self.seconds)
-            return original(root, step, **kwargs)
+        def stalled(root, snapshot, before_rename=None):
+            if snapshot.step == self.step:
+                before_rename = lambda tmp: time.sleep(self.seconds)  # noqa: E731
+            return original(root, snapshot, before_rename)
 
-        checkpointer.save_checkpoint = stalled
+        checkpointer.write_snapshot = stalled
 
 
 class SleepEachStep(Callback):
@@ -273,3 +273,47 @@ class PauseIn(Callback):
         deadline = time.time() + self.seconds
         while time.time() < deadline and not (self.release and os.path.exists(self.release)):
             time.sleep(0.05)
+
+
+class GateCheckpointWriter(Callback):
+    """Holds the writing of the checkpoint of `step` until the training thread has ended step `until`, and appends
+    each checkpoint write's step, start and end time, thread and whether its gate opened to `log` (JSON lines).
+
+    A background writer is released while training goes on; a save on the training thread waits for a step that
+    cannot come, and the gate gives up after `seconds` (recorded as not opened)."""
+
+    def __init__(self, step: int, until: int, log: str, seconds: float = 20.0):
+        import threading
+
+        self.step, self.until, self.log, self.seconds = step, until, log, seconds
+        self.opened = threading.Event()
+        self.original = None
+
+    def on_build(self, model, optimizer, scheduler):
+        import json
+        import threading
+
+        import exp.checkpoint.checkpointer as checkpointer
+
+        self.original = original = checkpointer.write_snapshot
+
+        def gated(root, snapshot, before_rename=None):
+            start = time.time()
+            opened = self.opened.wait(self.seconds) if snapshot.step == self.step else None
+            path = original(root, snapshot, before_rename)
+            entry = {"step": snapshot.step, "start": start, "end": time.time(), "opened": opened}
+            with open(self.log, "a") as f:
+                f.write(json.dumps({**entry, "thread": threading.current_thread().name}) + "\n")
+            return path
+
+        checkpointer.write_snapshot = gated
+
+    def on_step_end(self, state, loss):
+        if state.step == self.until:
+            self.opened.set()
+
+    def on_train_end(self, state, status):
+        import exp.checkpoint.checkpointer as checkpointer
+
+        if self.original is not None:  # in-process runs: the next run saves as usual
+            checkpointer.write_snapshot = self.original

@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import socket
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from exp.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from exp.checkpoint.format import verify_together
 from exp.checkpoint.sharded import consolidate, is_sharded, load_sharded, save_sharded
 from exp.model import GPT
 
@@ -92,12 +95,41 @@ def worker(rank: int, port: int, root: str, phase: str) -> None:
                 root, 3, model=model, optimizer=opt, scheduler=sched, trainer_state={"step": 3}, config_yaml=CONFIG
             )
             out["path"], out["saved"] = str(path), full_state(model)
+            # the same step saved asynchronously: DCP copies the shards now and writes them while training goes on
+            complete = save_sharded(
+                f"{root}/../async",
+                3,
+                model=model,
+                optimizer=opt,
+                scheduler=sched,
+                trainer_state={"step": 3},
+                config_yaml=CONFIG,
+                async_group=dist.new_group(backend="gloo"),
+            )
+            writer = threading.Thread(target=lambda: out.update(async_path=str(complete())))
+            writer.start()
         else:
             out["state"] = load_sharded(f"{root}/step_00000003", model=model, optimizer=opt, scheduler=sched)
         out["rand"] = torch.rand(4)  # rank 0's RNG as saved, on every rank after the load
         out["losses"] = train(model, opt, sched, rank, range(3, 6))
         out["final"], out["lr"] = full_state(model), sched.get_last_lr()
+        if phase == "save":
+            writer.join()
+            dist.barrier()
         if phase == "resume":
+            # a corrupt file in rank 1's share of the hashing: every rank refuses the checkpoint, naming it
+            bad = f"{root}/../corrupt/step_00000003"
+            if rank == 0:
+                shutil.copytree(f"{root}/step_00000003", bad)
+                name = sorted(json.loads(open(f"{bad}/manifest.json").read())["files"])[1]
+                data = bytearray(open(f"{bad}/{name}", "rb").read())
+                data[len(data) // 2] ^= 1
+                open(f"{bad}/{name}", "wb").write(bytes(data))
+            dist.barrier()
+            try:
+                verify_together(bad)
+            except CheckpointError as e:
+                out["verify_error"] = str(e)
             # A failure on rank 0 alone (JSON) must reach every rank instead of leaving them at a barrier.
             parts = dict(model=model, optimizer=opt, scheduler=sched)
             try:
@@ -268,3 +300,23 @@ def test_integrity_listing_and_rotation(runs, tmp_path):
     (copy / "step_00000005" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="malformed entry"):
         verify_checkpoint(copy / "step_00000005")
+
+
+def test_an_async_save_holds_its_step_while_training_goes_on(runs):
+    """DCP's async_save copied the shards when called: the steps trained while it wrote are not in it."""
+    root, out = runs
+    path = root.parent / "async" / "step_00000003"
+    assert {Path(out["save", r]["async_path"]).resolve() for r in range(WORLD)} == {path.resolve()}
+    assert verify_checkpoint(path)["sharded"] is True
+    state, saved = consolidate(path), out["save", 0]["saved"]
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert not torch.equal(state["tok_emb.weight"], out["save", 0]["final"]["tok_emb.weight"])
+
+
+def test_every_rank_refuses_a_file_another_rank_hashed(runs):
+    root, out = runs
+    bad = root.parent / "corrupt" / "step_00000003"
+    name = sorted(json.loads((bad / "manifest.json").read_text())["files"])[1]
+    verify_checkpoint(bad, share=(0, 2))  # rank 0's share does not hold it: only rank 1 hashed it
+    for rank in range(WORLD):
+        assert f"{name} does not match its SHA-256" in out["resume", rank]["verify_error"]

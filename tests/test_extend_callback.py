@@ -48,6 +48,9 @@ def test_a_users_callback_stops_the_run_keeps_its_state_and_hears_of_checkpoints
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["step"] == 6 and summary["stop_reason"].endswith("reached 100 at step 6")
     saved = [line.split() for line in record.read_text().splitlines()]
-    # steps 2 and 4 in the first process; 6 after resuming, by then with 3 evaluations (2 of them restored)
-    assert [(int(s), int(n)) for s, _, n in saved] == [(2, 1), (4, 2), (6, 3)]
+    # steps 2 and 4 in the first process; 6 after resuming, each told once it is on disk, holding the callback's
+    # state of its step: 1, 2 and 3 evaluations (2 of them restored)
+    assert [int(s) for s, _, _ in saved] == [2, 4, 6]
     assert saved[-1][1].endswith("step_00000006")
+    kept = [json.loads((run_dir / "checkpoints" / f"step_{s:08d}" / "trainer_state.json").read_text()) for s in (4, 6)]
+    assert [len(k["callbacks"]["callbacks.mine"]["evals"]) for k in kept] == [2, 3]

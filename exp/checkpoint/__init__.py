@@ -18,8 +18,10 @@ from exp.checkpoint.format import (
     restore_rng,
     rotate_checkpoints,
     save_checkpoint,
+    take_snapshot,
     unwrap,
     verify_checkpoint,
+    write_snapshot,
 )
 from exp.checkpoint.weights import (
     ALLOWED_TARGETS,
@@ -59,6 +61,8 @@ __all__ = [
     "restore_rng",
     "rotate_checkpoints",
     "save_checkpoint",
+    "take_snapshot",
     "unwrap",
     "verify_checkpoint",
+    "write_snapshot",
 ]

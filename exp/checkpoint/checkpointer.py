@@ -4,8 +4,11 @@ restores, saves (plain or sharded), rotates and rolls back. `conf/checkpoint` ta
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,10 @@ from exp.checkpoint.format import (
     read_saved_config,
     read_trainer_state,
     rotate_checkpoints,
-    save_checkpoint,
     set_aside_checkpoints,
-    verify_checkpoint,
+    take_snapshot,
+    verify_together,
+    write_snapshot,
 )
 from exp.checkpoint.layout import LAYOUT_KEYS, check_layout, describe, is_sharded, layout_of, saved_layout
 from exp.checkpoint.weights import tokenizer_entry
@@ -35,6 +39,7 @@ from exp.errors import ConfigError, DiskFull, ResumeError
 from exp.events import Callback, Events, TrainState
 from exp.optim import STAGE_LINKS, hyperparameters, resume_with_changes
 from exp.rundir import BRANCHES, read_json, record_branch, write_json
+from exp.text import first_line
 
 log = logging.getLogger("exp")
 
@@ -72,14 +77,12 @@ class ResumePoint:
 
 
 def find_resume(cfg: DictConfig, resume, dist) -> ResumePoint | None:
-    """The checkpoint to continue from (resume.path: auto, a checkpoint, a run dir; null: none), checked for
-    config drift; rank 0 looks and every rank gets its answer. Raises ConfigError or ResumeError."""
+    """The checkpoint to continue from (resume.path: auto, a checkpoint, a run dir; null: none), verified once, the
+    ranks splitting the hashing, and checked for config drift. Collective. Raises ConfigError or ResumeError."""
     root = Path(cfg.checkpoint.dir)
-    found = _find(resume, root) if dist.is_main else None
-    found = dist.broadcast_str(str(found or ""))
-    if not found:
+    path = _find(resume, root, dist)
+    if path is None:
         return None
-    path = Path(found)
     try:
         trainer_state = read_trainer_state(path)
         before = saved_layout(trainer_state, read_saved_config(path / "config.yaml"))
@@ -92,7 +95,36 @@ def find_resume(cfg: DictConfig, resume, dist) -> ResumePoint | None:
     return ResumePoint(path, trainer_state, saved, current, changes, layout)
 
 
-def _find(resume, root: Path) -> Path | None:
+def _find(resume, root: Path, dist) -> Path | None:
+    """Rank 0 decides where to look; every rank then verifies its share of each candidate's files."""
+    where, refusal = None, ""
+    if dist.is_main:
+        try:
+            where = _where(resume, root)
+        except ConfigError as e:
+            refusal = str(e)
+    refusal, where = json.loads(dist.broadcast_str(json.dumps([refusal, where])))
+    if refusal:
+        raise ConfigError(refusal)
+    if where is None:
+        return None
+    if where["checkpoint"]:
+        try:
+            verify_together(where["checkpoint"])
+        except CheckpointError as e:
+            raise ResumeError(f"cannot resume: {e}") from None
+        return Path(where["checkpoint"])
+    warn = log.warning if dist.is_main else _quiet
+    for folder in where["folders"]:
+        if found := latest_valid_checkpoint(folder, warn=warn, verify=verify_together):
+            return found
+    if resume.path == "auto":
+        return None
+    raise ConfigError(f"resume.path={where['folders'][-1]} holds no valid checkpoint")
+
+
+def _where(resume, root: Path) -> dict | None:
+    """{"checkpoint": one to verify} or {"folders": to search, in order}; None: start fresh."""
     if resume.path is None:
         if list_checkpoints(root):
             raise ConfigError(
@@ -101,19 +133,15 @@ def _find(resume, root: Path) -> Path | None:
             )
         return None
     if resume.path == "auto":
-        return latest_valid_checkpoint(root, warn=log.warning)
+        return {"checkpoint": None, "folders": [str(root)]}
     path = Path(resume.path).expanduser()
     if (path / MANIFEST).exists() or (path / "trainer_state.json").exists():
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as e:
-            raise ResumeError(f"cannot resume: {e}") from None
-        return path
-    for candidate in (path / "checkpoints", path):
-        found = latest_valid_checkpoint(candidate, warn=log.warning)
-        if found:
-            return found
-    raise ConfigError(f"resume.path={path} holds no valid checkpoint")
+        return {"checkpoint": str(path), "folders": []}
+    return {"checkpoint": None, "folders": [str(path / "checkpoints"), str(path)]}
+
+
+def _quiet(_line: str) -> None:
+    pass
 
 
 def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool, ignore=()) -> tuple[dict, dict, dict]:
@@ -172,6 +200,12 @@ class Checkpointer(Callback):
     """A run's checkpoints: saves every `every_n_steps`, at each new best val loss (`keep_best`) and at the end;
     keeps the newest `keep_last` plus the best; restores a resume point and rolls back after faults.
 
+    With `async_save` the saves during training do not wait for the disk: the training thread copies the state
+    to host memory (DCP's async_save for sharded runs) and a background writer writes, hashes and publishes it;
+    the next save, a rollback or the end waits for it first (never two in flight). The final save, a save on
+    SIGUSR1 and a preemption's are synchronous. A checkpoint counts (rotation, best, the tracker told) once
+    published, which the training thread notices at the next step.
+
     Built by exp.run as a partial of the `checkpoint` config with the run's objects: `trained`
     (exp.loop.Trained: model, optimizer, scheduler, scaler, dist), the data `sampler`, the `tracker` (its run
     id, if known yet, goes into trainer_state.json), `events` (told of each save), the `stateful` callbacks whose
@@ -185,6 +219,7 @@ class Checkpointer(Callback):
         keep_last: int = 3,
         keep_best: bool = True,
         dir: str = "checkpoints",
+        async_save: bool = True,
         *,
         trained=None,
         sampler=None,
@@ -209,7 +244,17 @@ class Checkpointer(Callback):
         self.last_path: Path | None = None
         self.last_step: int | None = None
         self.best_path: Path | None = None
+        self._best_at: int | None = None  # the step of a new best whose checkpoint is in flight
         self._evaluated_at: int | None = None
+        self.async_save = async_save and trained is not None
+        self._pending: _Pending | None = None
+        self._host_buffers: dict = {}  # the snapshots' copies, reused from save to save (one in flight at most)
+        # DCP's background writer gathers over a process group of its own (gloo: host memory), never the training's
+        self._async_group = None
+        if self.async_save and self.sharded:
+            import torch.distributed as tdist
+
+            self._async_group = tdist.new_group(backend="gloo")
 
     # --- resume ---------------------------------------------------------------------------------------
 
@@ -218,7 +263,7 @@ class Checkpointer(Callback):
         t = self.trained
         configured = hyperparameters(t.optimizer)  # this config's settings, before the checkpoint's replace them
         try:
-            restored = self._load(point.path)
+            restored = self._load(point.path, verified=True)  # find_resume verified it
         except CheckpointError as e:
             raise ResumeError(f"cannot resume from {point.path}: {e}") from None
         self.sampler.load_state_dict(restored["sampler"])
@@ -269,13 +314,14 @@ class Checkpointer(Callback):
         self.tracker.set_tags({"config_changed": "true", f"config_changes.step_{step}": listing})
         self.tracker.log_artifact(path)
 
-    def _load(self, path: Path) -> dict:
+    def _load(self, path: Path, verified: bool = False) -> dict:
         t = self.trained
         if self.sharded or is_sharded(path):  # DCP reshards to any number of ranks, a single process included
             from exp.checkpoint.sharded import load_sharded as load
         else:
             load = load_checkpoint
-        return load(path, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, scaler=t.scaler)
+        objects = dict(model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, scaler=t.scaler)
+        return load(path, **objects, verified=verified)
 
     # --- the loop's hooks -----------------------------------------------------------------------------
 
@@ -298,33 +344,86 @@ class Checkpointer(Callback):
         self._evaluated_at = state.step
 
     def on_step_end(self, state: TrainState, loss: float) -> None:
+        self._publish_if_done()
         new_best = self.keep_best and self._evaluated_at == state.step and state.best_step == state.step
-        if new_best or (self.every_n_steps and state.step % self.every_n_steps == 0):
-            self.save(state)
         if new_best:
-            self.best_path = self.last_path
+            self._best_at = state.step  # its checkpoint becomes the best once published
+        if new_best or (self.every_n_steps and state.step % self.every_n_steps == 0):
+            final = state.step >= self.trained.stage.num_steps  # the end waits for it anyway
+            self.save(state, blocking=final or not self.async_save)
 
     # --- saving ---------------------------------------------------------------------------------------
 
-    def save(self, state: TrainState) -> Path:
+    def save(self, state: TrainState, blocking: bool = True) -> Path:
         """Save now (once per step), rotate, and tell every callback (the tracker records the reference). A disk
-        too full for it raises DiskFull (one line: the directory and the space needed); nothing half-written stays."""
+        too full for it raises DiskFull (one line: the directory and the space needed); nothing half-written stays.
+        blocking=False (async_save) returns the path the checkpoint will have once the background writer is done."""
+        pending = self._pending
+        if pending is not None and pending.step == state.step:
+            return self.wait() if blocking else pending.path
+        self.wait()  # never two in flight
         if self.last_step == state.step:
             return self.last_path
         expected = self._make_room() if self.trained.dist.is_main else None
         try:
-            path = self._write(state)
+            job = self._write(state, blocking)
         except Exception as e:
             if is_disk_full(e):
                 raise self._disk_full(state, expected) from None
             raise
+        if isinstance(job, Path):
+            self._published(dataclasses.replace(state), job)
+            return job
+        path = self.dir / checkpoint_name(state.step)
+        self._pending = _Pending(state.step, path, dataclasses.replace(state), expected)
+        self._pending.start(job)
+        return self._pending.path
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight, publish it and return its path (the newest checkpoint's, without one).
+        Its failure raises here, on the training thread: a full disk as DiskFull."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                path = pending.result()
+            except Exception as e:
+                if is_disk_full(e):
+                    raise self._disk_full(pending.state, pending.expected) from None
+                raise
+            self._published(pending.state, path)
+        return self.last_path
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """At an ending that is already a failure: let a save in flight finish (it is a valid checkpoint) without
+        raising; one that does not end within `timeout` is left behind (its temp folder is never a checkpoint)."""
+        pending = self._pending
+        if pending is None:
+            return
+        pending.thread.join(timeout)
+        if pending.thread.is_alive():
+            log.warning(f"the checkpoint of step {pending.step} was still being written; it is not counted")
+            self._pending = None
+            return
+        try:
+            self.wait()
+        except Exception as e:
+            log.warning(f"the checkpoint of step {pending.step} could not be written: {first_line(e)}")
+
+    def _publish_if_done(self) -> None:
+        if self._pending is not None and not self._pending.thread.is_alive():
+            self.wait()
+
+    def _published(self, state: TrainState, path: Path) -> None:
+        """A checkpoint is on disk: it is the newest (the best, if it was saved as one), rotation runs, every
+        callback hears of it."""
         self.last_path, self.last_step = path, state.step
+        if self._best_at == state.step:
+            self.best_path = path
         if self.trained.dist.is_main:
             protect = {self.best_path} if self.best_path else set()
             rotate_checkpoints(self.dir, self.keep_last, protect | {path})
         if self.trained.dist.is_main or self.sharded:  # DDP: only rank 0 wrote it
             self.events.on_checkpoint(state, path)
-        return path
 
     def _make_room(self) -> int:
         """The next checkpoint's expected size; when the disk has less free, the checkpoints rotation would delete
@@ -350,13 +449,11 @@ class Checkpointer(Callback):
             "is free; free some space there or set checkpoint.dir to a larger disk"
         )
 
-    def _write(self, state: TrainState) -> Path:
+    def _write(self, state: TrainState, blocking: bool = True) -> Path | Callable[[], Path]:
+        """Write the checkpoint of this step; not blocking: take it (on this thread) and return the rest of the work,
+        for the background writer."""
         t = self.trained
-        if self.sharded:  # every rank writes its shard
-            from exp.checkpoint.sharded import save_sharded as saver
-        elif t.dist.is_main:
-            saver = save_checkpoint
-        else:  # DDP: the replicas are identical; rank 0 writes
+        if not self.sharded and not t.dist.is_main:  # DDP: the replicas are identical; rank 0 writes
             return self.dir / checkpoint_name(state.step)
         trainer_state = {
             "state": state_to_dict(state),
@@ -370,17 +467,17 @@ class Checkpointer(Callback):
             "tokenizer": tokenizer_entry(self.tokenizer),
         }
         data = self.tokenizer.to_json() if self.tokenizer is not None else None
-        return saver(
-            self.dir,
-            state.step,
-            model=t.model,
-            optimizer=t.optimizer,
-            scheduler=t.scheduler,
-            scaler=t.scaler,
-            trainer_state=trainer_state,
-            config_yaml=self.config_yaml,
-            files={TOKENIZER_FILE: data} if data is not None else None,
-        )
+        objects = dict(model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, scaler=t.scaler)
+        objects |= dict(trainer_state=trainer_state, config_yaml=self.config_yaml)
+        objects["files"] = {TOKENIZER_FILE: data} if data is not None else None
+        if self.sharded:  # every rank writes its shard
+            from exp.checkpoint.sharded import save_sharded
+
+            return save_sharded(self.dir, state.step, **objects, async_group=None if blocking else self._async_group)
+        snapshot = take_snapshot(state.step, **objects, into=None if blocking else self._host_buffers)
+        if blocking:
+            return write_snapshot(self.dir, snapshot)
+        return lambda: write_snapshot(self.dir, snapshot)
 
     # --- faults ---------------------------------------------------------------------------------------
 
@@ -388,11 +485,12 @@ class Checkpointer(Callback):
         """Restore the newest valid checkpoint into the run's objects and `state` with the learning rate times
         lr_factor; False when there is none. The data sampler is not rewound (the bad windows are not replayed)."""
         t = self.trained
+        self.wait()  # a save in flight is the newest checkpoint once written
         t.dist.barrier()  # rank 0 may still be writing the newest checkpoint
-        found = latest_valid_checkpoint(self.dir, warn=log.warning) if t.dist.is_main else None
-        if not (found := t.dist.broadcast_str(str(found or ""))):
+        warn = log.warning if t.dist.is_main else _quiet
+        if not (found := latest_valid_checkpoint(self.dir, warn=warn, verify=verify_together)):
             return False
-        back = self._load(Path(found))
+        back = self._load(found, verified=True)
         for key, value in dataclasses.asdict(state_from_dict(back["state"])).items():
             setattr(state, key, value)
         self.last_path, self.last_step = Path(found), state.step  # a newer, unusable checkpoint is written again
@@ -404,6 +502,32 @@ class Checkpointer(Callback):
         t.scheduler.base_lrs = [lr * lr_factor for lr in t.scheduler.base_lrs]
         self.follow(state)  # the best checkpoint is the one the restored state knows
         return True
+
+
+class _Pending:
+    """The save in flight: its step and path, the state it was taken at, and the background thread writing it."""
+
+    def __init__(self, step: int, path: Path, state: TrainState, expected: int | None):
+        self.step, self.path, self.state, self.expected = step, path, state, expected
+        self.thread: threading.Thread | None = None
+        self._result: Path | None = None
+        self._error: BaseException | None = None
+
+    def start(self, job: Callable[[], Path]) -> None:
+        def run() -> None:
+            try:
+                self._result = job()
+            except BaseException as e:  # handed to the training thread by result()
+                self._error = e
+
+        self.thread = threading.Thread(target=run, name=f"checkpoint-{self.step}", daemon=True)
+        self.thread.start()
+
+    def result(self) -> Path:
+        self.thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def _mb(size: int) -> str:

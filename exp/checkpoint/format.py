@@ -12,12 +12,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from exp.model.protocol import inner as unwrap  # strip DDP and torch.compile wrappers before saving
@@ -199,6 +201,81 @@ def _is_leftover(path: Path) -> bool:
     return path.is_dir() and re.fullmatch(r"\.step_\d{8,}\.(tmp|trash)-\d+", path.name) is not None
 
 
+@dataclass
+class Snapshot:
+    """What a checkpoint folder will hold, taken on the training thread: tensors (copies, when the training goes on
+    while they are written), JSON texts (the RNG states of the moment included) and files. write_snapshot writes it."""
+
+    step: int
+    tensors: dict[str, dict[str, torch.Tensor]]  # file name -> its tensors
+    metadata: dict[str, dict[str, str]]  # file name -> its safetensors metadata
+    texts: dict[str, str]
+    files: dict[str, bytes]
+
+
+def take_snapshot(
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    trainer_state: dict,
+    config_yaml: str,
+    scaler=None,
+    files: dict[str, bytes] | None = None,
+    into: dict | None = None,
+) -> Snapshot:
+    """The checkpoint of this moment. With `into` (host buffers by file and tensor name, filled the first time and
+    reused after: allocating fresh memory for each save costs more than the copy) every tensor is copied to host
+    memory, so training may change the originals while a background writer saves the copy (the Checkpointer's
+    asynchronous saves); without, the snapshot holds the tensors themselves."""
+    if RNG_KEY in trainer_state:
+        raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
+    # JSON first: an unserialisable value fails before hundreds of MB are copied or written.
+    opt_tensors: dict[str, torch.Tensor] = {}
+    texts = {
+        "optimizer.json": _json_text(optimizer.state_dict(), "optimizer.json", opt_tensors),
+        "scheduler.json": _json_text(scheduler.state_dict(), "scheduler.json"),
+        "trainer_state.json": _json_text({**trainer_state, RNG_KEY: capture_rng()}, "trainer_state.json"),
+        "config.yaml": config_yaml,
+    }
+    if scaler is not None:
+        texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")  # {} for a disabled scaler
+    weights, metadata = _model_tensors(model, step)
+    tensors = {"model.safetensors": weights, "optimizer.safetensors": opt_tensors}
+    if into is not None:
+        tensors = {name: _copy_into(into.setdefault(name, {}), group) for name, group in tensors.items()}
+    meta = {"model.safetensors": metadata, "optimizer.safetensors": {"step": str(step)}}
+    return Snapshot(step, tensors, meta, texts, dict(files or {}))
+
+
+def _copy_into(buffers: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors copied into host buffers of their shape and dtype (pinned where CUDA copies from them); buffers
+    of tensors that are gone are dropped."""
+    for gone in buffers.keys() - tensors.keys():
+        del buffers[gone]
+    for key, t in tensors.items():
+        buf = buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+        buf.copy_(t)
+    return dict(buffers)
+
+
+def _model_tensors(model: nn.Module, step: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors as safetensors.torch.save_model writes them (one name per shared tensor, the others
+    named in the metadata), so a snapshot's file is the very file save_model writes."""
+    from safetensors.torch import _remove_duplicate_names  # save_model's own choice of the names to keep
+
+    state = unwrap(model).state_dict()
+    metadata = {"step": str(step)}
+    for kept, removed in _remove_duplicate_names(state).items():
+        for name in removed:
+            metadata.setdefault(name, kept)
+            del state[name]
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata
+
+
 def save_checkpoint(
     root,
     step: int,
@@ -214,38 +291,43 @@ def save_checkpoint(
 ) -> Path:
     """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path; `files` are
     written into it as they are (tokenizer.json) and listed in the manifest."""
-    if RNG_KEY in trainer_state:
-        raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
+    snapshot = take_snapshot(
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state=trainer_state,
+        config_yaml=config_yaml,
+        scaler=scaler,
+        files=files,
+    )
+    return write_snapshot(root, snapshot, before_rename)
+
+
+def write_snapshot(root, snapshot: Snapshot, before_rename: Callable[[Path], None] | None = None) -> Path:
+    """Write a snapshot as root/step_{step:08d}/ atomically: temp folder, manifest of sizes and SHA-256, fsync,
+    rename. Safe on a background thread: it touches nothing but the snapshot and the folder."""
     root = Path(root)
     if not root.is_dir():
         root.mkdir(parents=True)
         fsync(root.parent)
-    name = checkpoint_name(step)
+    name = checkpoint_name(snapshot.step)
     final, tmp = root / name, root / f".{name}.tmp-{os.getpid()}"
-    extra_files = dict(files or {})
-    # JSON first: an unserialisable value fails before hundreds of MB are written.
-    opt_tensors: dict[str, torch.Tensor] = {}
-    texts = {
-        "optimizer.json": _json_text(optimizer.state_dict(), "optimizer.json", opt_tensors),
-        "scheduler.json": _json_text(scheduler.state_dict(), "scheduler.json"),
-        "trainer_state.json": _json_text({**trainer_state, RNG_KEY: capture_rng()}, "trainer_state.json"),
-        "config.yaml": config_yaml,
-    }
-    if scaler is not None:
-        texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")  # {} for a disabled scaler
     # One writer per root (RunLock), so any temp/trash folder here is debris from a crashed save.
     for leftover in filter(_is_leftover, root.iterdir()):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(unwrap(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"step": str(step)})
-        for fname, text in texts.items():
+        for fname, tensors in snapshot.tensors.items():
+            save_file(tensors, str(tmp / fname), metadata=snapshot.metadata.get(fname))
+        for fname, text in snapshot.texts.items():
             (tmp / fname).write_text(text)
-        for fname, data in extra_files.items():
+        for fname, data in snapshot.files.items():
             (tmp / fname).write_bytes(data)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files}
+        entries = sorted(tmp.iterdir())
+        hashes = hash_files(entries)
+        files = {p.name: {"size": p.stat().st_size, "sha256": hashes[p]} for p in entries}
+        manifest = {"format_version": FORMAT_VERSION, "step": snapshot.step, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         publish_dir(tmp, final, before_rename)
     except BaseException:
@@ -254,8 +336,19 @@ def save_checkpoint(
     return final
 
 
-def verify_checkpoint(path) -> dict:
-    """Check every file against manifest.json (presence, size, SHA-256) and return the manifest."""
+def hash_files(paths) -> dict[Path, str]:
+    """SHA-256 of each file, several at once (hashlib releases the GIL): a checkpoint's model and optimizer files
+    hash in the time of the larger one."""
+    paths = list(paths)
+    if len(paths) <= 1:
+        return {p: _sha256(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=min(len(paths), os.cpu_count() or 1, 8)) as pool:
+        return dict(zip(paths, pool.map(_sha256, paths), strict=True))
+
+
+def verify_checkpoint(path, share: tuple[int, int] | None = None) -> dict:
+    """Check every file against manifest.json (presence, size, SHA-256) and return the manifest. With `share`
+    (index, count) this process hashes only every count-th file from index: the ranks of a run split the work."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -272,20 +365,43 @@ def verify_checkpoint(path) -> dict:
     for name in SHARDED_REQUIRED_FILES if sharded else REQUIRED_FILES:
         if name not in files:
             raise CheckpointError(f"{path / MANIFEST}: does not list {name}")
-    for name, entry in files.items():
+    to_hash = {}
+    for i, (name, entry) in enumerate(sorted(files.items())):
         # Only plain names inside the folder (or its dcp/ when sharded), so a doctored manifest cannot point elsewhere.
         parts = name.split("/") if sharded and name.startswith("dcp/") else [name]
         plain = len(parts) <= 2 and all(Path(p).name == p and p not in ("", ".", "..") for p in parts)
         if not plain or not isinstance(entry, dict) or not {"size", "sha256"} <= entry.keys():
             raise CheckpointError(f"{path / MANIFEST}: malformed entry {name!r}")
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
+        if file.is_symlink() or not file.is_file():
+            raise CheckpointError(f"{file} is missing" if not file.is_symlink() else f"{file} is a symlink")
         size = file.stat().st_size
         if size != entry["size"]:
             raise CheckpointError(f"{file} has {size} bytes, the manifest says {entry['size']}")
-        if _sha256(file) != entry["sha256"]:
+        if share is None or i % share[1] == share[0]:
+            to_hash[file] = entry["sha256"]
+    for file, digest in hash_files(to_hash).items():
+        if digest != to_hash[file]:
             raise CheckpointError(f"{file} does not match its SHA-256 in the manifest (corrupted)")
+    return manifest
+
+
+def verify_together(path) -> dict:
+    """verify_checkpoint split over the ranks of a run (collective when torch.distributed is initialized): each
+    rank hashes its share of the files, and every rank raises the first failure any rank found."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return verify_checkpoint(path)
+    manifest, error = None, ""
+    try:
+        manifest = verify_checkpoint(path, share=(tdist.get_rank(), tdist.get_world_size()))
+    except (CheckpointError, OSError) as e:
+        error = str(e) or type(e).__name__
+    errors: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(errors, error)
+    if first := next((e for e in errors if e), None):
+        raise CheckpointError(first)
     return manifest
 
 
@@ -358,10 +474,13 @@ def load_checkpoint(
     scheduler=None,
     scaler=None,
     strict_shapes: bool = True,
+    verified: bool = False,
 ) -> dict:
-    """Verify, load everything given, restore the RNG states, and return the caller's trainer state."""
+    """Verify (unless `verified`: this run checked it just before), load everything given, restore the RNG states,
+    and return the caller's trainer state."""
     path = Path(path)
-    verify_checkpoint(path)
+    if not verified:
+        verify_checkpoint(path)
     skipped = load_model_weights(path / "model.safetensors", model, strict_shapes)
     if skipped and optimizer is not None:
         raise CheckpointError(
@@ -425,13 +544,14 @@ def set_aside_checkpoints(root, after_step: int) -> Path | None:
     return folder
 
 
-def latest_valid_checkpoint(root, warn: Callable[[str], object] = print) -> Path | None:
-    """The newest checkpoint that verifies; each newer unusable one is reported through warn. Read-only."""
+def latest_valid_checkpoint(root, warn: Callable[[str], object] = print, verify=verify_checkpoint) -> Path | None:
+    """The newest checkpoint that verifies (`verify`: raises CheckpointError, or OSError); each newer unusable one
+    is reported through warn. Read-only."""
     unusable = []
     found = None
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
+            verify(path)
         except (CheckpointError, OSError) as e:
             unusable.append((path, e))
             continue

@@ -33,13 +33,15 @@ from exp.checkpoint.format import (
     CheckpointError,
     _is_leftover,
     _json_text,
-    _sha256,
+    _read_json,
     capture_rng,
     checkpoint_name,
     fill_tied,
+    hash_files,
     load_run_state,
     read_optimizer_state,
     verify_checkpoint,
+    verify_together,
 )
 from exp.checkpoint.layout import is_sharded  # noqa: F401  (exp.checkpoint.sharded.is_sharded)
 from exp.rundir import fsync, publish_dir
@@ -87,9 +89,15 @@ def save_sharded(
     config_yaml: str,
     scaler=None,
     files: dict[str, bytes] | None = None,
-) -> Path:
+    async_group=None,
+) -> Path | Callable[[], Path]:
     """Collective: write root/step_{step:08d}/ (DCP shards of model and optimizer plus JSON state, and `files` as
-    they are) atomically."""
+    they are) atomically.
+
+    With `async_group` (a process group of its own, so the writer's collectives never meet the training's), DCP
+    copies the shards to host memory and writes them on a background thread: the return is then a function that
+    waits for the shards and (rank 0) publishes the folder, to run off the training thread; it calls no collective.
+    """
     if RNG_KEY in trainer_state:
         raise CheckpointError(f"trainer_state.json: key {RNG_KEY!r} is reserved for the RNG states")
     root = Path(root)
@@ -116,13 +124,7 @@ def save_sharded(
 
     _on_rank0(prepare)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    try:
-        # Every rank writes its own __<rank>_0.distcp (fsynced); rank 0 writes .metadata once all are written.
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, storage_writer=FileSystemWriter(tmp / DCP_DIR))
-    except BaseException:  # CheckpointException derives from BaseException
-        if not _distributed() or dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    is_writer = not _distributed() or dist.get_rank() == 0
 
     def finish() -> None:
         try:
@@ -131,7 +133,8 @@ def save_sharded(
             for fname, data in extra_files.items():
                 (tmp / fname).write_bytes(data)
             entries = sorted(p for p in tmp.rglob("*") if p.is_file())
-            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in entries}
+            hashes = hash_files(entries)
+            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": hashes[p]} for p in entries}
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "step": step,
@@ -145,13 +148,44 @@ def save_sharded(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    state = {"model": model_sd, "optimizer": optim_sd}
+    if async_group is not None:
+        # Staging (the copy to host memory) happens here; the writes, and the gather after which rank 0 writes
+        # .metadata, on DCP's thread over async_group: rank 0's future ends once every rank's shard is written.
+        future = dcp.async_save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR), process_group=async_group)
+
+        def complete() -> Path:
+            try:
+                future.result()
+            except BaseException:
+                if is_writer:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if is_writer:
+                finish()
+            return final
+
+        return complete
+    try:
+        # Every rank writes its own __<rank>_0.distcp (fsynced); rank 0 writes .metadata once all are written.
+        dcp.save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR))
+    except BaseException:  # CheckpointException derives from BaseException
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     # The broadcast in _on_rank0 doubles as the closing barrier: no rank returns before the rename.
     _on_rank0(finish)
     return final
 
 
 def load_sharded(
-    path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler=None, scaler=None
+    path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    scaler=None,
+    verified: bool = False,
 ):
     """Collective: verify, load everything given, restore rank 0's RNG states on all ranks, return the trainer state.
 
@@ -159,8 +193,9 @@ def load_sharded(
     whole model in one process; a single-file checkpoint fills a sharded model, each rank keeping its shards.
     """
     path = Path(path)
-    # Rank 0 hashes the files once; the shared filesystem means the other ranks read the same bytes.
-    manifest = _on_rank0(lambda: verify_checkpoint(path))
+    # Each rank hashes its share of the files (unless this run verified them just before): the ranks read the same
+    # bytes from the shared filesystem, so one check of each file covers them all.
+    manifest = _read_json(path / MANIFEST) if verified else verify_together(path)
     load = _load_dcp if manifest.get("sharded") is True else _load_whole
     try:
         load(path, model, optimizer)

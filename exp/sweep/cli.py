@@ -117,8 +117,6 @@ def is_slurm(sweep_dir: Path, manifest: dict) -> bool:
     return any("slurm" in n.lower() for n in names)
 
 
-
-
 def relaunch(sweep_dir: Path, mode: str, dry_run: bool = False, fresh: bool = False) -> int:
     """Rerun the trials `mode` selects (resume: not FINISHED or PRUNED; rerun-failed: FAILED or KILLED); 0 when
     every launch exited 0."""
