@@ -98,18 +98,23 @@ class HoldUntilCheckpoint(Callback):
     `armed`: a resumed run can roll back to its resume point), released at each checkpoint and at the end; a
     rollback drops what is held. A recorder with log_metrics(step, metrics, stamp) keeps each record's own time."""
 
-    def __init__(self, inner: Callback, armed: bool = False):
-        self.inner, self.armed = inner, armed
+    def __init__(self, inner: Callback, armed: bool = False, saving: Callable[[], bool] | None = None):
+        self.inner, self.armed, self.saving = inner, armed, saving
         self.held: list[tuple[str, TrainState, dict, float]] = []
 
     def _hold(self, hook: str, state: TrainState, metrics: dict[str, float]) -> None:
+        # `saving`: whether a checkpoint is being written; a rollback may return to it once it is published
+        self.armed = self.armed or (self.saving is not None and self.saving())
         if self.armed:
             self.held.append((hook, dataclasses.replace(state), dict(metrics), time.time()))
         else:
             getattr(self.inner, hook)(state, metrics)
 
-    def _release(self) -> None:
-        held, self.held = self.held, []
+    def _release(self, up_to: int | None = None) -> None:
+        """Pass on the held records (those of steps up to `up_to`: a checkpoint written in the background covers
+        the steps up to its own, not those trained while it was written)."""
+        held = [h for h in self.held if up_to is None or h[1].step <= up_to]
+        self.held = [h for h in self.held if up_to is not None and h[1].step > up_to]
         log_metrics = getattr(self.inner, "log_metrics", None)
         for hook, state, metrics, stamp in held:
             if log_metrics is not None:
@@ -131,7 +136,7 @@ class HoldUntilCheckpoint(Callback):
         self._hold("on_rollback", state, metrics)
 
     def on_checkpoint(self, state: TrainState, path) -> None:
-        self._release()
+        self._release(up_to=state.step)
         self.armed = True
         self.inner.on_checkpoint(state, path)
 

@@ -138,7 +138,8 @@ def _run(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist
         events.on_train_start(state)
         # after on_train_start: the tracker has started its run since it was built. While a rollback can replay
         # steps, what it records waits for a checkpoint to cover it: MLflow cannot take a point back
-        recorder = HoldUntilCheckpoint(tracker, armed=point is not None) if run.nan.max_rollbacks else tracker
+        held = HoldUntilCheckpoint(tracker, armed=point is not None, saving=checkpointer.saving)
+        recorder = held if run.nan.max_rollbacks else tracker
         events.add(recorder)
         with signals.training():
             state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)

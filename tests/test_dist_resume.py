@@ -138,3 +138,31 @@ def test_ddp_sft_resumes_at_two_ranks_then_one_and_back_on_the_same_stream(sft_d
         },
     }
     assert json.loads((chain["run_dir"] / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def test_a_refused_two_rank_resume_leaves_the_finished_runs_record_as_it_was(tmp_path):
+    """Under torchrun too: a resume that cannot load (another model shape, allowed as a config change) fails on
+    both ranks and leaves summary.json, metrics.jsonl, the checkpoints and the MLflow run (FINISHED, its end time,
+    no new run) exactly as the finished run left them."""
+    from mlflow.tracking import MlflowClient
+
+    store, run_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
+    args = ["hardware=ddp", *BASE, "stage.batch_size_per_gpu=4", "tracking=mlflow", f"tracking.uri={store}"]
+    first = torchrun(*args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def record():
+        client = MlflowClient(tracking_uri=store)
+        run = client.get_run(json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"])
+        files = [run_dir / "summary.json", run_dir / "metrics.jsonl", *sorted((run_dir / "checkpoints").rglob("*"))]
+        runs = len(client.search_runs([run.info.experiment_id]))
+        return {str(p): p.read_bytes() for p in files if p.is_file()}, (run.info.status, run.info.end_time), runs
+
+    before = record()
+    assert before[1][0] == "FINISHED"
+    again = torchrun(
+        *args, f"hydra.run.dir={run_dir}", "model.n_layer=3", "resume.allow_config_change=true", cwd=tmp_path
+    )
+    assert again.returncode != 0
+    assert "cannot resume from" in again.stderr, again.stderr[-3000:]
+    assert record() == before

@@ -71,7 +71,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_valid_checkpoints(tmp_path, 
 
 def test_a_short_disk_rotates_the_old_checkpoint_out_before_saving(tmp_path, small_disk, checkpoint_size):
     """keep_last=2: at step 6 the step-2 checkpoint would be rotated out after the save; deleted first, two fit."""
-    disk = small_disk(int(2.5 * checkpoint_size))
+    disk = small_disk(int(1.9 * checkpoint_size))
     ckpts, run_dir = disk / "checkpoints", tmp_path / "run"
     overrides = ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2", "checkpoint.keep_best=false"]
     done = run_train(
@@ -162,3 +162,24 @@ def test_a_run_interrupted_at_once_closes_its_mlflow_run_killed(tmp_path):
     out = summary(tmp_path / "run")
     assert out["status"] == "KILLED" and out["mlflow_run_id"]
     assert MlflowClient(store).get_run(out["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_two_fsdp_ranks_ends_in_one_line_and_keeps_the_valid_checkpoint(
+    tmp_path, small_disk, checkpoint_size
+):
+    from .test_dist import torchrun
+
+    disk = small_disk(int(1.9 * checkpoint_size))  # the sharded step-2 checkpoint (DCP: larger) fits, not step 4
+    ckpts, run_dir = disk / "checkpoints", tmp_path / "run"
+    overrides = ["hardware=fsdp", "hardware.device=cpu", "checkpoint.every_n_steps=2", "checkpoint.keep_last=0"]
+    done = torchrun(*TINY, *overrides, f"checkpoint.dir={ckpts}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "no space left" in line]
+    assert lines and all(str(ckpts) in line and "step_00000004" in line for line in lines), done.stderr[-3000:]
+    assert not [line for line in done.stderr.splitlines() if line.startswith("[rank")], done.stderr[-3000:]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"]  # no temporary folder left
+    out = summary(run_dir)
+    assert out["status"] == "FAILED" and "space" in out["stop_reason"]
+    assert out["checkpoint"] == str(ckpts / "step_00000002")
+    verify_checkpoint(out["checkpoint"])

@@ -364,11 +364,11 @@ class Checkpointer(Callback):
         self.wait()  # never two in flight
         if self.last_step == state.step:
             return self.last_path
-        expected = self._make_room() if self.trained.dist.is_main else None
+        expected = self._make_room() if self.trained.dist.is_main or self.sharded else None
         try:
             job = self._write(state, blocking)
         except Exception as e:
-            if is_disk_full(e):
+            if self._out_of_space(e, expected):
                 raise self._disk_full(state, expected) from None
             raise
         if isinstance(job, Path):
@@ -387,11 +387,15 @@ class Checkpointer(Callback):
             try:
                 path = pending.result()
             except Exception as e:
-                if is_disk_full(e):
+                if self._out_of_space(e, pending.expected):
                     raise self._disk_full(pending.state, pending.expected) from None
                 raise
             self._published(pending.state, path)
         return self.last_path
+
+    def saving(self) -> bool:
+        """Whether a checkpoint is being written in the background."""
+        return self._pending is not None
 
     def settle(self, timeout: float = 120.0) -> None:
         """At an ending that is already a failure: let a save in flight finish (it is a valid checkpoint) without
@@ -425,13 +429,18 @@ class Checkpointer(Callback):
         if self.trained.dist.is_main or self.sharded:  # DDP: only rank 0 wrote it
             self.events.on_checkpoint(state, path)
 
+    def _out_of_space(self, error: Exception, expected: int | None) -> bool:
+        """Whether a failed save failed for want of space: the error says so, or (DCP's writer reports a full disk
+        as a torch.save zip error) the disk, its half-written folder removed, cannot hold the checkpoint."""
+        return is_disk_full(error) or (expected is not None and free_space(self.dir) < expected)
+
     def _make_room(self) -> int:
         """The next checkpoint's expected size; when the disk has less free, the checkpoints rotation would delete
-        after this save go first (never the best, never the newest this run saved or resumed from)."""
+        after this save go first (never the best, never the newest this run saved or resumed from). Rank 0 rotates."""
         t = self.trained
         expected = expected_size(self.dir, t.model, t.optimizer)
         free = free_space(self.dir)
-        if self.keep_last and free < expected:
+        if self.keep_last and free < expected and t.dist.is_main:
             protect = {p for p in (self.best_path, self.last_path) if p is not None}
             gone = rotate_checkpoints(self.dir, max(self.keep_last - 1, 1), protect)
             if gone:

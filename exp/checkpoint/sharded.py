@@ -157,9 +157,11 @@ def save_sharded(
         def complete() -> Path:
             try:
                 future.result()
-            except BaseException:
+            except BaseException as e:
                 if is_writer:
                     shutil.rmtree(tmp, ignore_errors=True)
+                if isinstance(e, CheckpointException):
+                    raise _write_failed(tmp, e) from e
                 raise
             if is_writer:
                 finish()
@@ -169,13 +171,29 @@ def save_sharded(
     try:
         # Every rank writes its own __<rank>_0.distcp (fsynced); rank 0 writes .metadata once all are written.
         dcp.save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR))
-    except BaseException:  # CheckpointException derives from BaseException
+    except BaseException as e:  # CheckpointException derives from BaseException
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointException):
+            raise _write_failed(tmp, e) from e
         raise
     # The broadcast in _on_rank0 doubles as the closing barrier: no rank returns before the rename.
     _on_rank0(finish)
     return final
+
+
+def _write_failed(tmp: Path, error: CheckpointException) -> CheckpointError:
+    """DCP's CheckpointException (a BaseException, which no `except Exception` sees) as a CheckpointError naming
+    the first rank's failure."""
+    failures = getattr(error, "failures", None) or {}
+    first = next(iter(failures.items()), None)
+    if first is not None:
+        rank, failure = first
+        failure = failure[0] if isinstance(failure, tuple) else failure  # (exception, traceback)
+        cause = f"rank {rank}: {first_line(failure)}"
+    else:
+        cause = first_line(error)
+    return CheckpointError(f"{tmp.parent}: the shards of {tmp.name} could not be written ({cause})")
 
 
 def load_sharded(
