@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +31,10 @@ from exp.checkpoint import (
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
-from exp.model.protocol import generate, num_params
+from exp.model.protocol import num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
-from exp.sampling import chat_reply, data_prompt
+from exp.sampling import end_of_run_sample
 from exp.stages import SFT
 from exp.text import first_line, fmt_loss
 from exp.tracking import NullTracker, PendingTracker, resumed_run_id
@@ -88,106 +87,174 @@ def _train(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_di
         signals.restore()
 
 
+@dataclass
+class Launch:
+    """One launch of a run, as its steps and its ending read it: what it was given, what it built, what it records."""
+
+    cfg: DictConfig
+    valid: config.Validated
+    run_dir: Path
+    dist: exp_dist.Dist
+    signals: StopSignals
+    started: float  # perf_counter at the start
+    events: Events
+    clock: FirstStepClock
+    stateful: dict  # the callbacks whose state goes into each checkpoint, by name
+    tracker: object  # a PendingTracker until a resume has restored its checkpoint everywhere
+    point: object = None  # the ResumePoint, or None
+    state: TrainState = field(default_factory=TrainState)
+    status: str = "FAILED"
+    built: Built | None = None
+    checkpointer: Checkpointer | None = None
+    guard: FaultGuard | None = None
+    recorder: object = None  # the tracker as the loop's events reach it (held while a rollback may replay steps)
+    final: Path | None = None  # the final checkpoint
+
+    def write_failure(self, error: str | None, status: str = "FAILED", stop_reason: str | None = None) -> None:
+        """summary.json of a launch that failed or was interrupted, naming the checkpoints it leaves."""
+        stage = self.valid.stage
+        summary = rundir.failure_summary(
+            self.run_dir,
+            self.state,
+            self.tracker,
+            error,
+            stage_name=stage.name,
+            num_steps=stage.num_steps,
+            status=status,
+            stop_reason=stop_reason,
+            checkpoints=kept_checkpoints(self.checkpointer),
+        )
+        rundir.write_summary(self.run_dir, summary)
+
+
 def _run(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist, signals: StopSignals) -> float:
-    started, run = time.perf_counter(), valid.run
-    point = find_resume(cfg, run.resume, dist)
+    launch = _launch(cfg, valid, run_dir, dist, signals)
+    try:
+        signals.starting()  # a signal from here on ends the run with its record written
+        _prepare(launch)
+        t = launch.built.trained
+        with signals.training():
+            launch.state = loop.train(
+                t, launch.built.batches, launch.built.val_batches, launch.events, launch.state, launch.guard
+            )
+        launch.final = launch.checkpointer.save(launch.state)
+        # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
+        launch.status = "KILLED" if signals.received else (launch.events.stop_status or "FINISHED")
+        if dist.is_main:
+            finish(launch)
+    except KeyboardInterrupt:  # a signal at start-up, or a second SIGINT while training: no checkpoint of this step
+        _interrupted(launch)
+    except Exception as e:
+        _failed(launch, e)
+        if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
+            return float("nan")
+        raise
+    finally:
+        _close(launch)
+    return _after(launch)
+
+
+def _launch(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist.Dist, signals) -> Launch:
+    """Find the resume point and set up what records the run before anything is built."""
+    started = time.perf_counter()
+    point = find_resume(cfg, valid.run.resume, dist)
     if point is not None:
         check_resume_tokenizer(cfg, point)
     # a resume opens its MLflow run once every rank has restored the checkpoint: a resume refused or failed before
     # that leaves the run's record (summary.json, the MLflow run) as it was
     tracker = open_tracker(cfg, run_dir, dist) if point is None else PendingTracker()
     clock = FirstStepClock()
-    stateful = {"early_stopping": EarlyStopping(run.early_stopping)}  # kept in checkpoints (Callback.state_dict)
+    stateful = {"early_stopping": EarlyStopping(valid.run.early_stopping)}  # kept in checkpoints (state_dict)
     stateful |= {f"callbacks.{name}": instantiate(node) for name, node in cfg.callbacks.items()}
     events = Events([clock, signals, *stateful.values()])
-    state, status, stage = point.state if point else TrainState(), "FAILED", valid.stage
-    recorder = None  # the tracker as the loop's events reach it
-    checkpointer = None  # until built: an ending before then names no checkpoint
-    try:
-        signals.starting()  # a signal from here on ends the run with its record written
-        built = build(cfg, valid, dist, init_weights=point is None)
-        events.on_build(built.trained.model, built.trained.optimizer, built.trained.scheduler)
-        checkpointer = instantiate(cfg.checkpoint)(
-            trained=built.trained,
-            sampler=built.batches,
-            tracker=tracker,
-            events=events,
-            stateful=stateful,
-            config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            seed=run.seed,
-            run_dir=str(run_dir),
-            tokenizer=built.tokenizer,
-        )
-        state, branch = TrainState(), None
-        if point is not None:
-            state = restore_everywhere(checkpointer, point, dist)
-            if dist.is_main:  # from before the run's newest checkpoint: a new branch
-                branch = checkpointer.start_branch(point, resumed_run_id(point.trainer_state, point.path))
-            tracker = checkpointer.tracker = tracker.replay(open_tracker(cfg, run_dir, dist, point, branch))
-        reporters = [ConsoleLog(stage.num_steps, stage.num_epochs is not None), ProgressBar(stage.num_steps)]
-        reporters.append(MetricsFile(run_dir / rundir.METRICS, keep_until_step=state.step))
-        saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
-        events.add(checkpointer, saver, *(reporters if dist.is_main else []))
-        guard = FaultGuard(run.nan, checkpointer.rollback, on_event=events.on_fault, on_rollback=events.on_rollback)
-        t = built.trained
-        log.info(
-            f"run dir {run_dir} | {num_params(t.model):,} parameters | {t.rt.device} {t.rt.dtype} "
-            f"| {stage.num_steps} steps of {stage.samples_per_step} x {cfg.data.seq_len} tokens"
-            + (f" | {dist.world_size} ranks ({dist.strategy})" if dist.enabled else "")
-        )
-        events.on_train_start(state)
-        # after on_train_start: the tracker has started its run since it was built. While a rollback can replay
-        # steps, what it records waits for a checkpoint to cover it: MLflow cannot take a point back
-        held = HoldUntilCheckpoint(tracker, armed=point is not None, saving=checkpointer.saving)
-        recorder = held if run.nan.max_rollbacks else tracker
-        events.add(recorder)
-        with signals.training():
-            state = loop.train(built.trained, built.batches, built.val_batches, events, state, guard)
-        final = checkpointer.save(state)
-        # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
-        status = "KILLED" if signals.received else (events.stop_status or "FINISHED")
-        if dist.is_main:
-            finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run)
-    except KeyboardInterrupt:  # a signal at start-up, or a second SIGINT while training: no checkpoint of this step
-        status = "KILLED"
-        signals.interrupted()
-        if dist.is_main and not isinstance(tracker, PendingTracker):  # a resume not restored keeps its record
-            reason = f"{signals.stop_reason}: interrupted at step {state.step}"
-            ending = {"status": status, "stop_reason": reason, "checkpoints": kept_checkpoints(checkpointer)}
-            write_failure_summary(
-                run_dir, state, tracker, None, stage_name=stage.name, num_steps=stage.num_steps, **ending
+    state = point.state if point else TrainState()
+    return Launch(cfg, valid, run_dir, dist, signals, started, events, clock, stateful, tracker, point, state)
+
+
+def _prepare(launch: Launch) -> None:
+    """Build; restore the resume point (a new branch when older than the run's newest checkpoint) and open its
+    tracker; add the checkpointer, the reporters and the fault guard; start."""
+    cfg, dist, run = launch.cfg, launch.dist, launch.valid.run
+    launch.built = build(cfg, launch.valid, dist, init_weights=launch.point is None)
+    t = launch.built.trained
+    launch.events.on_build(t.model, t.optimizer, t.scheduler)
+    launch.checkpointer = checkpointer = instantiate(cfg.checkpoint)(
+        trained=t,
+        sampler=launch.built.batches,
+        tracker=launch.tracker,
+        events=launch.events,
+        stateful=launch.stateful,
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        seed=run.seed,
+        run_dir=str(launch.run_dir),
+        tokenizer=launch.built.tokenizer,
+    )
+    launch.state, branch = TrainState(), None
+    if launch.point is not None:
+        launch.state = restore_everywhere(checkpointer, launch.point, dist)
+        if dist.is_main:  # from before the run's newest checkpoint: a new branch
+            branch = checkpointer.start_branch(
+                launch.point, resumed_run_id(launch.point.trainer_state, launch.point.path)
             )
-    except Exception as e:
-        if isinstance(tracker, PendingTracker):  # a refused or failed resume: the record stays as it was
-            if not isinstance(e, ExpError):  # a refusal is one line, from exp.cli
-                log.exception(f"resume failed: {e}")
-        else:
-            log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")
-            if dist.is_main:
-                error = f"{type(e).__name__}: {first_line(e)}"
-                ending = {"stop_reason": first_line(e), "checkpoints": kept_checkpoints(checkpointer)}
-                write_failure_summary(
-                    run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps, **ending
-                )
-        if in_sweep():  # one failed trial is recorded (FAILED) and the sweep goes on
-            return float("nan")
-        raise
-    finally:
-        if checkpointer is not None:
-            checkpointer.settle()
-        if recorder is None:
-            events.add(tracker)
-        events.on_train_end(state, status)
+        opened = open_tracker(cfg, launch.run_dir, dist, launch.point, branch)
+        launch.tracker = checkpointer.tracker = launch.tracker.replay(opened)
+    reporters = [ConsoleLog(t.stage.num_steps, t.stage.num_epochs is not None), ProgressBar(t.stage.num_steps)]
+    reporters.append(MetricsFile(launch.run_dir / rundir.METRICS, keep_until_step=launch.state.step))
+    saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
+    launch.events.add(checkpointer, saver, *(reporters if dist.is_main else []))
+    launch.guard = FaultGuard(
+        run.nan, checkpointer.rollback, on_event=launch.events.on_fault, on_rollback=launch.events.on_rollback
+    )
+    log.info(
+        f"run dir {launch.run_dir} | {num_params(t.model):,} parameters | {t.rt.device} {t.rt.dtype} "
+        f"| {t.stage.num_steps} steps of {t.stage.samples_per_step} x {cfg.data.seq_len} tokens"
+        + (f" | {dist.world_size} ranks ({dist.strategy})" if dist.enabled else "")
+    )
+    launch.events.on_train_start(launch.state)
+    # after on_train_start: the tracker has started its run since it was built. While a rollback can replay
+    # steps, what it records waits for a checkpoint to cover it: MLflow cannot take a point back
+    held = HoldUntilCheckpoint(launch.tracker, armed=launch.point is not None, saving=checkpointer.saving)
+    launch.recorder = held if run.nan.max_rollbacks else launch.tracker
+    launch.events.add(launch.recorder)
+
+
+def _interrupted(launch: Launch) -> None:
+    launch.status = "KILLED"
+    launch.signals.interrupted()
+    if launch.dist.is_main and not isinstance(launch.tracker, PendingTracker):  # a resume not restored keeps its record
+        reason = f"{launch.signals.stop_reason}: interrupted at step {launch.state.step}"
+        launch.write_failure(None, status="KILLED", stop_reason=reason)
+
+
+def _failed(launch: Launch, e: Exception) -> None:
+    if isinstance(launch.tracker, PendingTracker):  # a refused or failed resume: the record stays as it was
+        if not isinstance(e, ExpError):  # a refusal is one line, from exp.cli
+            log.exception(f"resume failed: {e}")
+        return
+    log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")
+    if launch.dist.is_main:
+        launch.write_failure(f"{type(e).__name__}: {first_line(e)}", stop_reason=first_line(e))
+
+
+def _close(launch: Launch) -> None:
+    if launch.checkpointer is not None:
+        launch.checkpointer.settle()  # a save in flight is a checkpoint once written
+    if launch.recorder is None:
+        launch.events.add(launch.tracker)
+    launch.events.on_train_end(launch.state, launch.status)
+
+
+def _after(launch: Launch) -> float:
+    """The launch's result once its ending is written; a signal's ending raises Stopped (exit 128+N) on rank 0."""
+    signals = launch.signals
     signals.restore()  # the ending is written; a signal after it (its status was decided) changes nothing
-    if status == "KILLED" and signals.received and dist.is_main:  # other ranks end quietly: rank 0 requeues or reports
+    if launch.status == "KILLED" and signals.received and launch.dist.is_main:  # other ranks end quietly
         if signals.preempted:
             signals.hand_over()  # submitit requeues the job and exits; the requeued job resumes from the checkpoint
-        name = signal.Signals(signals.received).name
-        raise Stopped(
-            f"stopped by {name} at step {state.step}; rerun with the same hydra.run.dir (resume=auto) to continue",
-            signals.received,
-        )
-    return state.val_loss
+        name, step = signal.Signals(signals.received).name, launch.state.step
+        again = "rerun with the same hydra.run.dir (resume=auto) to continue"
+        raise Stopped(f"stopped by {name} at step {step}; {again}", signals.received)
+    return launch.state.val_loss
 
 
 def open_tracker(cfg: DictConfig, run_dir: Path, dist: exp_dist.Dist, point=None, branch: dict | None = None):
@@ -274,7 +341,12 @@ def find_lr(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_d
         log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"lr_find failed: {e}")
         if dist.is_main:
             error = f"{type(e).__name__}: {first_line(e)}"
-            write_failure_summary(run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps)
+            rundir.write_summary(
+                run_dir,
+                rundir.failure_summary(
+                    run_dir, state, tracker, error, stage_name=stage.name, num_steps=stage.num_steps
+                ),
+            )
         raise
     finally:
         tracker.on_train_end(state, status)
@@ -350,46 +422,43 @@ def check_resume_tokenizer(cfg: DictConfig, point) -> None:
         raise ResumeError(str(e)) from None
 
 
-def finish(run_dir, state, built, tracker, checkpointer, events, guard, clock, status, final, started, run) -> None:
+def finish(launch: Launch) -> None:
     """The end of a run on rank 0: the sample, summary.json, the plot and artifacts, and the last log line."""
-    t = built.trained
-    stop_reason = events.stop_reason
+    t, state, tracker, checkpointer = launch.built.trained, launch.state, launch.tracker, launch.checkpointer
+    stop_reason = launch.events.stop_reason
     if stop_reason:
         tracker.set_tags({"stop_reason": stop_reason, "stopped_at_step": str(state.step)})
     sample = None
-    chat = isinstance(t.stage, SFT)  # SFT taught the chat template: the prompt is the user's turn
-    prompt = run.sample.prompt
-    if prompt is None:  # SFT: a user's turn; else the data's own (exp.sampling.prompt_from_text: "def " for code)
-        prompt = SAMPLE_CHAT_PROMPT if chat else data_prompt(built.data, built.tokenizer)
-    if status == "FINISHED" and not checkpointer.sharded:  # a sharded model has no whole copy here to sample
-        sample = generate_sample(t.model, run.sample, prompt, built.tokenizer, t.rt, chat=chat)
-    if sample is not None and chat:
-        log.info(f"sample (the reply to the user's turn, up to <|end|>):\n{prompt.rstrip()}\n> {sample}")
-    elif sample is not None:
-        log.info(f"sample:\n{prompt}{sample}")
-    summary = write_summary(
-        run_dir,
+    if launch.status == "FINISHED" and not checkpointer.sharded:  # a sharded model has no whole copy here to sample
+        chat = isinstance(t.stage, SFT)  # SFT taught the chat template: the prompt is the user's turn
+        sample = end_of_run_sample(
+            t.model, launch.built.data, launch.built.tokenizer, launch.valid.run.sample, t.rt, chat
+        )
+    summary = rundir.run_summary(
+        launch.run_dir,
         state,
         t.stage,
-        t.model,
+        num_params(t.model),
         tracker,
         sample,
-        time.perf_counter() - started,
-        status=status,
-        checkpoint=final,
+        time.perf_counter() - launch.started,
+        status=launch.status,
+        checkpoint=launch.final,
         best_checkpoint=checkpointer.best_path,
-        first_step_time=clock.first_step_time,
-        num_skipped_steps=guard.num_skipped,
-        num_rollbacks=guard.num_rollbacks,
-        data=built.data_info,
+        first_step_time=launch.clock.first_step_time,
+        num_skipped_steps=launch.guard.num_skipped,
+        num_rollbacks=launch.guard.num_rollbacks,
+        data=launch.built.data_info,
         stop_reason=stop_reason,
         compiled=t.rt.compile,
     )
-    _log_run_artifacts(run_dir, tracker)
+    rundir.write_summary(launch.run_dir, summary)
+    _log_run_artifacts(launch.run_dir, tracker)
     compiled = f" (compile {summary['compile_seconds']:.1f} s)" if summary["compile_seconds"] is not None else ""
     log.info(
-        f"{status.lower()}: step {state.step} | val loss {fmt_loss(state.val_loss, 'n/a')} "
-        f"| {summary['tokens_per_s']:,.0f} tok/s{compiled} | checkpoint {final} | summary {run_dir / rundir.SUMMARY}"
+        f"{launch.status.lower()}: step {state.step} | val loss {fmt_loss(state.val_loss, 'n/a')} "
+        f"| {summary['tokens_per_s']:,.0f} tok/s{compiled} | checkpoint {launch.final} "
+        f"| summary {launch.run_dir / rundir.SUMMARY}"
     )
 
 
@@ -429,41 +498,13 @@ def fail_at_start(cfg: DictConfig, error: ConfigError) -> float:
         tracker = NullTracker()
     state = TrainState()
     stage_name, num_steps = OmegaConf.select(cfg, "stage.name"), OmegaConf.select(cfg, "stage.num_steps")
-    write_failure_summary(run_dir, state, tracker, f"ConfigError: {error}", stage_name=stage_name, num_steps=num_steps)
+    summary = rundir.failure_summary(
+        run_dir, state, tracker, f"ConfigError: {error}", stage_name=stage_name, num_steps=num_steps
+    )
+    rundir.write_summary(run_dir, summary)
     tracker.set_tags({"error": message})
     tracker.on_train_end(state, "FAILED")
     return float("nan")
-
-
-def write_failure_summary(
-    run_dir: Path,
-    state: TrainState,
-    tracker,
-    error: str | None,
-    *,
-    stage_name,
-    num_steps,
-    status: str = "FAILED",
-    stop_reason: str | None = None,
-    checkpoints: dict | None = None,
-) -> None:
-    """summary.json of a run that failed (or was interrupted, KILLED): where it stopped, why, and the checkpoints
-    it leaves (kept_checkpoints)."""
-    summary = {
-        "status": status,
-        "error": error,
-        "stop_reason": stop_reason,
-        **(checkpoints or {}),
-        "stage": stage_name,
-        "step": state.step,
-        "num_steps": num_steps,
-        "val_loss": state.val_loss,
-        "run_dir": str(run_dir.resolve()),
-        "mlflow_tracking_uri": tracker.uri,
-        "mlflow_run_id": tracker.run_id,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
-    rundir.write_summary(run_dir, summary)
 
 
 def kept_checkpoints(checkpointer: Checkpointer | None) -> dict:
@@ -483,114 +524,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# the end-of-run sample's prompt of an SFT run when sample.prompt is null: a user's turn like the default SFT set's,
-# a def line and its docstring, answered with the body
-SAMPLE_CHAT_PROMPT = 'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n'
-
-
-@torch.no_grad()
-def generate_sample(model, sample, prompt: str, tokenizer, rt: hardware.Runtime, chat: bool = False) -> str | None:
-    """Text continued from `prompt` by the trained model (ending at end-of-text), or with `chat` the assistant's
-    reply to `prompt` as a user's turn in the chat template; None when the data has no tokenizer."""
-    if sample.max_new_tokens == 0 or tokenizer is None:
-        return None
-    if chat:
-        model.eval()
-        try:
-            with rt.autocast():
-                turns = [{"role": "user", "content": prompt}]
-                return chat_reply(
-                    model,
-                    tokenizer.with_chat_tokens(),
-                    turns,
-                    sample.max_new_tokens,
-                    sample.temperature,
-                    sample.top_k,
-                    seed=0,
-                )
-        finally:
-            model.train()
-    ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.EOT]], device=rt.device)
-    generator = torch.Generator(rt.device).manual_seed(0)
-    model.eval()
-    with rt.autocast():
-        out = generate(
-            model,
-            ids,
-            sample.max_new_tokens,
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            generator=generator,
-            stop_token_ids=[tokenizer.EOT],
-            vocab_limit=tokenizer.vocab_size,
-        )
-    model.train()
-    return tokenizer.decode([i for i in out[0, ids.size(1) :].tolist() if i != tokenizer.EOT])
-
-
-def write_summary(
-    run_dir: Path,
-    state: TrainState,
-    stage,
-    model,
-    tracker,
-    sample: str | None,
-    wall_seconds: float,
-    *,
-    status: str = "FINISHED",
-    checkpoint: Path | None = None,
-    best_checkpoint: Path | None = None,
-    first_step_time: float | None = None,
-    num_skipped_steps: int = 0,
-    num_rollbacks: int = 0,
-    data: dict | None = None,
-    stop_reason: str | None = None,
-    compiled: bool = False,
-) -> dict:
-    """summary.json: final metrics and where to find the run's record and weights, written atomically.
-
-    tokens_per_s is the steady state: each process's first step (compilation with hardware.compile=true,
-    warm-up otherwise) is left out and reported as first_step_seconds (compile_seconds when compiling).
-    """
-    steady_tokens = state.tokens_seen - state.warmup_tokens
-    steady_seconds = state.train_seconds - state.warmup_seconds
-    steady = steady_tokens > 0 and steady_seconds > 0
-    tokens_per_s = steady_tokens / steady_seconds if steady else state.tokens_seen / max(state.train_seconds, 1e-9)
-    # what the first steps took beyond their tokens at the steady rate: compilation, when compiling
-    compile_seconds = (
-        max(0.0, state.warmup_seconds - state.warmup_tokens / tokens_per_s) if compiled and steady else None
-    )
-    summary = {
-        "status": status,
-        "stage": stage.name,
-        "step": state.step,
-        "num_steps": stage.num_steps,
-        "tokens_seen": state.tokens_seen,
-        "train_loss": state.train_loss,
-        "val_loss": state.val_loss,
-        "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
-        "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
-        "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
-        "tokens_per_s": tokens_per_s,
-        "train_seconds": state.train_seconds,
-        "first_step_seconds": state.warmup_seconds,  # summed over the processes that trained this run
-        "compile_seconds": compile_seconds,
-        "wall_seconds": wall_seconds,
-        "first_step_time": first_step_time,  # Unix time the first step of this process finished
-        "num_params": num_params(model),
-        "num_skipped_steps": num_skipped_steps,
-        "num_rollbacks": num_rollbacks,
-        "stop_reason": stop_reason,  # why training ended before num_steps (early stopping, a signal), or null
-        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-        "best_checkpoint": str(best_checkpoint.resolve()) if best_checkpoint else None,
-        "run_dir": str(run_dir.resolve()),
-        "mlflow_tracking_uri": tracker.uri,
-        "mlflow_run_id": tracker.run_id,
-        "sample": sample,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
-    }
-    rundir.write_summary(run_dir, summary)
-    return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import socket
@@ -108,6 +109,102 @@ def discard_untouched(run_dir) -> None:
 def write_summary(run_dir, summary: dict) -> Path:
     """summary.json of a run or pipeline: status, losses, where its record and weights are."""
     return write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def run_summary(
+    run_dir: Path,
+    state: TrainState,
+    stage,
+    num_params: int,
+    tracker,
+    sample: str | None,
+    wall_seconds: float,
+    *,
+    status: str = "FINISHED",
+    checkpoint: Path | None = None,
+    best_checkpoint: Path | None = None,
+    first_step_time: float | None = None,
+    num_skipped_steps: int = 0,
+    num_rollbacks: int = 0,
+    data: dict | None = None,
+    stop_reason: str | None = None,
+    compiled: bool = False,
+) -> dict:
+    """summary.json of a run that ended as planned (or stopped: `status`): final metrics and where to find the
+    run's record and weights; write_summary writes it.
+
+    tokens_per_s is the steady state: each process's first step (compilation with hardware.compile=true,
+    warm-up otherwise) is left out and reported as first_step_seconds (compile_seconds when compiling).
+    """
+    steady_tokens = state.tokens_seen - state.warmup_tokens
+    steady_seconds = state.train_seconds - state.warmup_seconds
+    steady = steady_tokens > 0 and steady_seconds > 0
+    tokens_per_s = steady_tokens / steady_seconds if steady else state.tokens_seen / max(state.train_seconds, 1e-9)
+    # what the first steps took beyond their tokens at the steady rate: compilation, when compiling
+    compile_seconds = (
+        max(0.0, state.warmup_seconds - state.warmup_tokens / tokens_per_s) if compiled and steady else None
+    )
+    summary = {
+        "status": status,
+        "stage": stage.name,
+        "step": state.step,
+        "num_steps": stage.num_steps,
+        "tokens_seen": state.tokens_seen,
+        "train_loss": state.train_loss,
+        "val_loss": state.val_loss,
+        "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
+        "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
+        "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
+        "tokens_per_s": tokens_per_s,
+        "train_seconds": state.train_seconds,
+        "first_step_seconds": state.warmup_seconds,  # summed over the processes that trained this run
+        "compile_seconds": compile_seconds,
+        "wall_seconds": wall_seconds,
+        "first_step_time": first_step_time,  # Unix time the first step of this process finished
+        "num_params": num_params,
+        "num_skipped_steps": num_skipped_steps,
+        "num_rollbacks": num_rollbacks,
+        "stop_reason": stop_reason,  # why training ended before num_steps (early stopping, a signal), or null
+        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+        "best_checkpoint": str(best_checkpoint.resolve()) if best_checkpoint else None,
+        "run_dir": str(run_dir.resolve()),
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+        "sample": sample,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
+    }
+    return summary
+
+
+def failure_summary(
+    run_dir: Path,
+    state: TrainState,
+    tracker,
+    error: str | None,
+    *,
+    stage_name,
+    num_steps,
+    status: str = "FAILED",
+    stop_reason: str | None = None,
+    checkpoints: dict | None = None,
+) -> dict:
+    """summary.json of a run that failed (or was interrupted, KILLED): where it stopped, why, and the checkpoints
+    it leaves (Checkpointer.kept); write_summary writes it."""
+    return {
+        "status": status,
+        "error": error,
+        "stop_reason": stop_reason,
+        **(checkpoints or {}),
+        "stage": stage_name,
+        "step": state.step,
+        "num_steps": num_steps,
+        "val_loss": state.val_loss,
+        "run_dir": str(run_dir.resolve()),
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_run_id": tracker.run_id,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
 
 
 def read_summary(run_dir) -> dict | None:

@@ -4,6 +4,7 @@ end-of-run sample."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Sequence
 
@@ -13,6 +14,8 @@ import torch
 from exp.data.sft.template import chat_markers, chat_prompt
 from exp.data.tokenizer import ByteTokenizer
 from exp.model.protocol import generate
+
+log = logging.getLogger("exp")
 
 CODE_PROMPT = "def "  # Python text's own way into a function: what the stdlib corpus's validation text gives
 PYTHON_DEF = re.compile(r"^[ \t]*(async )?def \w+\(", re.M)
@@ -137,3 +140,62 @@ def chat_reply(model, tokenizer, turns, max_new_tokens, temperature, top_k, seed
         out.write(text.result()[printed:] + "\n")
         out.flush()
     return text.result()
+
+
+def end_of_run_sample(model, data, tokenizer, sample, rt, chat: bool) -> str | None:
+    """The end-of-run sample (run.sample), logged: from sample.prompt, else (chat) SAMPLE_CHAT_PROMPT as the user's
+    turn, else the data's own prompt (data_prompt: "def " for code); None without a tokenizer or with no tokens."""
+    prompt = sample.prompt
+    if prompt is None:
+        prompt = SAMPLE_CHAT_PROMPT if chat else data_prompt(data, tokenizer)
+    text = generate_sample(model, sample, prompt, tokenizer, rt, chat=chat)
+    if text is not None and chat:
+        log.info(f"sample (the reply to the user's turn, up to <|end|>):\n{prompt.rstrip()}\n> {text}")
+    elif text is not None:
+        log.info(f"sample:\n{prompt}{text}")
+    return text
+
+
+# the end-of-run sample's prompt of an SFT run when sample.prompt is null: a user's turn like the default SFT set's,
+# a def line and its docstring, answered with the body
+SAMPLE_CHAT_PROMPT = 'def clamp(value, low, high):\n    """Return value limited to the range [low, high]."""\n'
+
+
+@torch.no_grad()
+def generate_sample(model, sample, prompt: str, tokenizer, rt, chat: bool = False) -> str | None:
+    """Text continued from `prompt` by the trained model (ending at end-of-text), or with `chat` the assistant's
+    reply to `prompt` as a user's turn in the chat template; None when the data has no tokenizer."""
+    if sample.max_new_tokens == 0 or tokenizer is None:
+        return None
+    if chat:
+        model.eval()
+        try:
+            with rt.autocast():
+                turns = [{"role": "user", "content": prompt}]
+                return chat_reply(
+                    model,
+                    tokenizer.with_chat_tokens(),
+                    turns,
+                    sample.max_new_tokens,
+                    sample.temperature,
+                    sample.top_k,
+                    seed=0,
+                )
+        finally:
+            model.train()
+    ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.EOT]], device=rt.device)
+    generator = torch.Generator(rt.device).manual_seed(0)
+    model.eval()
+    with rt.autocast():
+        out = generate(
+            model,
+            ids,
+            sample.max_new_tokens,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            generator=generator,
+            stop_token_ids=[tokenizer.EOT],
+            vocab_limit=tokenizer.vocab_size,
+        )
+    model.train()
+    return tokenizer.decode([i for i in out[0, ids.size(1) :].tolist() if i != tokenizer.EOT])

@@ -71,7 +71,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_valid_checkpoints(tmp_path, 
 
 def test_a_short_disk_rotates_the_old_checkpoint_out_before_saving(tmp_path, small_disk, checkpoint_size):
     """keep_last=2: at step 6 the step-2 checkpoint would be rotated out after the save; deleted first, two fit."""
-    disk = small_disk(int(1.9 * checkpoint_size))
+    disk = small_disk(int(2.5 * checkpoint_size))
     ckpts, run_dir = disk / "checkpoints", tmp_path / "run"
     overrides = ["checkpoint.every_n_steps=2", "checkpoint.keep_last=2", "checkpoint.keep_best=false"]
     done = run_train(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -126,48 +127,10 @@ def save_sharded(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     is_writer = not _distributed() or dist.get_rank() == 0
 
-    def finish() -> None:
-        try:
-            for fname, text in texts.items():
-                (tmp / fname).write_text(text)
-            for fname, data in extra_files.items():
-                (tmp / fname).write_bytes(data)
-            entries = sorted(p for p in tmp.rglob("*") if p.is_file())
-            hashes = hash_files(entries)
-            files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": hashes[p]} for p in entries}
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "sharded": True,
-                "world_size": _world_size(),
-                "files": files,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            publish_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
+    finish = functools.partial(_publish, tmp, final, step, texts, extra_files)
     state = {"model": model_sd, "optimizer": optim_sd}
     if async_group is not None:
-        # Staging (the copy to host memory) happens here; the writes, and the gather after which rank 0 writes
-        # .metadata, on DCP's thread over async_group: rank 0's future ends once every rank's shard is written.
-        future = dcp.async_save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR), process_group=async_group)
-
-        def complete() -> Path:
-            try:
-                future.result()
-            except BaseException as e:
-                if is_writer:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(e, CheckpointException):
-                    raise _write_failed(tmp, e) from e
-                raise
-            if is_writer:
-                finish()
-            return final
-
-        return complete
+        return _save_async(state, tmp, final, async_group, is_writer, finish)
     try:
         # Every rank writes its own __<rank>_0.distcp (fsynced); rank 0 writes .metadata once all are written.
         dcp.save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR))
@@ -179,6 +142,53 @@ def save_sharded(
         raise
     # The broadcast in _on_rank0 doubles as the closing barrier: no rank returns before the rename.
     _on_rank0(finish)
+    return final
+
+
+def _save_async(
+    state: dict, tmp: Path, final: Path, group, is_writer: bool, finish: Callable[[], Path]
+) -> Callable[[], Path]:
+    """DCP's async_save of the shards (staged to host memory here; the writes, and the gather after which rank 0
+    writes .metadata, on DCP's thread over `group`: rank 0's future ends once every rank's shard is written), and
+    the function that waits for it and (rank 0) publishes the folder."""
+    future = dcp.async_save(state, storage_writer=FileSystemWriter(tmp / DCP_DIR), process_group=group)
+
+    def complete() -> Path:
+        try:
+            future.result()
+        except BaseException as e:
+            if is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, CheckpointException):
+                raise _write_failed(tmp, e) from e
+            raise
+        return finish() if is_writer else final
+
+    return complete
+
+
+def _publish(tmp: Path, final: Path, step: int, texts: dict[str, str], files: dict[str, bytes]) -> Path:
+    """Rank 0, once every shard is written: the JSON state and files, the manifest, then the atomic rename."""
+    try:
+        for fname, text in texts.items():
+            (tmp / fname).write_text(text)
+        for fname, data in files.items():
+            (tmp / fname).write_bytes(data)
+        entries = sorted(p for p in tmp.rglob("*") if p.is_file())
+        hashes = hash_files(entries)
+        listed = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": hashes[p]} for p in entries}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "sharded": True,
+            "world_size": _world_size(),
+            "files": listed,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
