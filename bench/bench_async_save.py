@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from exp.checkpoint import load_checkpoint, save_checkpoint, take_snapshot, verify_checkpoint, write_snapshot
 from exp.checkpoint.format import read_optimizer_state
 from exp.model import GPT
-from exp.optim import cosine
 from exp.paths import CONF_DIR
+from exp.schedules import cosine
 
 
 def build(name: str, tokens: int):

@@ -20,7 +20,7 @@ import torch
 
 from exp.checkpoint import load_checkpoint, save_checkpoint
 from exp.model import GPT
-from exp.optim import cosine
+from exp.schedules import cosine
 
 
 def folder_bytes(path: Path) -> int:

@@ -188,7 +188,7 @@ def resolve(config: Config) -> dict:
     expected = {
         "model._target_": (model["_target_"], "exp.model.GPT"),
         "optimizer._target_": (optimizer["_target_"], "torch.optim.AdamW"),
-        "scheduler._target_": (scheduler["_target_"], "exp.optim.cosine"),
+        "scheduler._target_": (scheduler["_target_"], "exp.schedules.cosine"),
         "stage.gradient_accumulation_steps": (stage["gradient_accumulation_steps"], 1),
         "stage.dtype": (stage["dtype"], "float32"),
         "stage.label_smoothing": (stage.get("label_smoothing", 0.0), 0.0),

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from exp import checkpoint as ckpt
-from exp import optim
+from exp import optim, schedules
 from exp.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
@@ -47,7 +47,7 @@ def make(seed=0, **model_kw):
     torch.manual_seed(seed)
     model = GPT(**{**dict(vocab_size=264, seq_len=16, n_layer=2, n_head=2, d_model=32), **model_kw})
     opt = torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-2)
-    return model, opt, optim.cosine(opt, num_steps=20, warmup_steps=2)
+    return model, opt, schedules.cosine(opt, num_steps=20, warmup_steps=2)
 
 
 def batches(n, seed=1):
@@ -282,7 +282,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import torch
-from exp import optim
+from exp import optim, schedules
 from exp.checkpoint import save_checkpoint
 from exp.rundir import RunLock
 from exp.model import GPT
@@ -292,7 +292,7 @@ root = Path(sys.argv[1])
 lock = RunLock(root.parent).acquire()
 model = GPT(vocab_size=264, seq_len=16, n_layer=2, n_head=2, d_model=32)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-kw = dict(model=model, optimizer=opt, scheduler=optim.cosine(opt, 10), trainer_state={}, config_yaml="")
+kw = dict(model=model, optimizer=opt, scheduler=schedules.cosine(opt, 10), trainer_state={}, config_yaml="")
 save_checkpoint(root, 1, **kw)
 
 def hang(tmp):

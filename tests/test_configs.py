@@ -57,7 +57,7 @@ def test_defaults_compose_to_the_documented_choices():
     cfg = compose_train(run_dir="/tmp/x")
     assert cfg.model._target_ == "exp.model.GPT"
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
-    assert cfg.scheduler._target_ == "exp.optim.cosine"
+    assert cfg.scheduler._target_ == "exp.schedules.cosine"
     assert cfg.data._target_ == "exp.data.PyStdlib"
     assert cfg.stage.name == "pretrain"
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from exp import export, optim
+from exp import export, optim, schedules
 from exp.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
@@ -54,7 +54,7 @@ def build(sharded: bool):
             fully_shard(block)
         fully_shard(model)
     opt = torch.optim.AdamW(optim.param_groups(model, 0.1), lr=1e-2)
-    return model, opt, optim.cosine(opt, num_steps=12, warmup_steps=2)
+    return model, opt, schedules.cosine(opt, num_steps=12, warmup_steps=2)
 
 
 def batch(step: int, rank: int) -> torch.Tensor:

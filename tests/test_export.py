@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from exp import export, generate, optim
+from exp import export, generate, schedules
 from exp.checkpoint import CheckpointError, save_checkpoint
 from exp.model import GPT
 
@@ -34,7 +34,7 @@ def write_checkpoint(root, step, seed=0, text=None, vocab_size=264):
         step,
         model=model,
         optimizer=opt,
-        scheduler=optim.cosine(opt, 10),
+        scheduler=schedules.cosine(opt, 10),
         trainer_state={"step": step},
         config_yaml=text or config_yaml(vocab_size=vocab_size),
     )

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exp import export, optim
+from exp import export, schedules
 from exp.checkpoint import save_checkpoint
 from exp.data.bpe import encode, train_bpe
 from exp.data.sft.template import encode_chat
@@ -45,7 +45,7 @@ def write_checkpoint(root, seed=0, vocab_size=264, files=None, **model_kw):
         1,
         model=model,
         optimizer=opt,
-        scheduler=optim.cosine(opt, 10),
+        scheduler=schedules.cosine(opt, 10),
         trainer_state={"step": 1},
         config_yaml=OmegaConf.to_yaml(OmegaConf.create({"model": node, "seed": 0})),
         files=files,

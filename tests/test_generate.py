@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from exp import export, generate, optim
+from exp import export, generate, schedules
 from exp.checkpoint import save_checkpoint
 from exp.data.tokenizer import EOT, ByteTokenizer
 from exp.generate import generate_text
@@ -125,7 +125,7 @@ def test_cli_stops_at_end_of_text_and_at_repeated_stop_strings(tmp_path, capsys)
         1,
         model=model,
         optimizer=opt,
-        scheduler=optim.cosine(opt, 10),
+        scheduler=schedules.cosine(opt, 10),
         trainer_state={"step": 1},
         config_yaml=cfg,
     )

@@ -12,7 +12,8 @@ from exp.config import validate
 from exp.errors import ConfigError
 from exp.model import GPT
 from exp.model.protocol import logits_of
-from exp.optim import build_optimizer, cosine, group_rules
+from exp.optim import build_optimizer, group_rules
+from exp.schedules import cosine
 
 from .conftest import TINY, compose_train
 

@@ -182,3 +182,23 @@ def test_resume_comparison_fails_when_any_piece_of_state_is_not_restored(straigh
     monkeypatch.undo()
     assert final_state(straight_fp16)["scaler.json"]["_growth_tracker"] == NUM_STEPS  # the scaler really ran
     assert differs(final_state(run_dir), final_state(straight_fp16)) == (piece is not None)
+
+
+def test_a_checkpoint_naming_a_schedule_at_its_old_place_resumes_bit_identically(straight, tmp_path):
+    """Schedules moved from exp.optim to exp.schedules: a checkpoint saved before (its config.yaml says
+    exp.optim.cosine) is the same config, and continues exactly."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=6")
+    folder = run_dir / "checkpoints" / "step_00000006"
+    config = folder / "config.yaml"
+    text = config.read_text()
+    assert "_target_: exp.schedules.cosine" in text
+    config.write_text(text.replace("_target_: exp.schedules.cosine", "_target_: exp.optim.cosine"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["files"]["config.yaml"]
+    entry["size"], entry["sha256"] = config.stat().st_size, exp.checkpoint.format._sha256(config)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    train(run_dir)  # resume=auto, nothing changed: not refused
+    assert not (run_dir / "config_changes.json").exists()
+    assert_same(final_state(run_dir), final_state(straight))
+    assert trajectory(run_dir) == trajectory(straight)

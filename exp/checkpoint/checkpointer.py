@@ -37,8 +37,9 @@ from exp.checkpoint.weights import tokenizer_entry
 from exp.data.tokenizer import TOKENIZER_FILE
 from exp.errors import ConfigError, DiskFull, ResumeError
 from exp.events import Callback, Events, TrainState
-from exp.optim import STAGE_LINKS, hyperparameters, resume_with_changes
+from exp.optim import STAGE_LINKS, hyperparameters
 from exp.rundir import BRANCHES, read_json, record_branch, write_json
+from exp.schedules import resume_with_changes
 from exp.text import first_line
 
 log = logging.getLogger("exp")
@@ -58,6 +59,11 @@ RESUME_IGNORES = (
     "hardware.num_threads",
 )
 CONFIG_CHANGES = "config_changes.json"
+# `_target_`s that moved: a checkpoint saved before names the same object at its old place
+MOVED_TARGETS = {
+    f"exp.optim.{name}": f"exp.schedules.{name}"
+    for name in ("constant", "linear_warmup", "linear", "linear_to_zero", "cosine", "exponential", "wsd")
+}
 
 
 @dataclass
@@ -149,7 +155,7 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool, ignore
 
     Returns the checkpoint's and this run's resolved configs and the changed keys (but `ignore`) as {key: (old, new)}.
     """
-    saved_tree = read_saved_config(saved_yaml)  # resolves nothing: the folder may come from elsewhere
+    saved_tree = _moved(read_saved_config(saved_yaml))  # resolves nothing: the folder may come from elsewhere
     current_tree = OmegaConf.to_container(cfg, resolve=True)
     saved, current = _flat(saved_tree), _flat(current_tree)
     changed = {
@@ -172,6 +178,15 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool, ignore
         f"config differs from the checkpoint's {saved_yaml}: {listing}; "
         "set resume.allow_config_change=true to resume anyway"
     )
+
+
+def _moved(node):
+    """A saved config with the `_target_`s that moved since (MOVED_TARGETS) named at their new place."""
+    if isinstance(node, dict):
+        return {k: MOVED_TARGETS.get(v, v) if k == "_target_" else _moved(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_moved(v) for v in node]
+    return node
 
 
 def _flat(node, prefix: str = "") -> dict:
