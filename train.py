@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from exp.cli import run_cli, run_job
+from exp.job import run_cli, run_job
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -1,4 +1,4 @@
-"""The errors exp reports as one line and an exit status instead of a traceback (exp.cli maps them)."""
+"""The errors exp reports as one line and an exit status instead of a traceback (exp.job maps them)."""
 
 from __future__ import annotations
 

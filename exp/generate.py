@@ -64,7 +64,7 @@ def _chat(args, model, tokenizer) -> None:
 
 def _load(args):
     """(model, tokenizer) of a checkpoint, run directory, exp export or `--format hf` export folder."""
-    from exp.import_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
+    from exp.export.from_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
 
     if is_hf_folder(args.checkpoint):  # read as exp's GPT: transformers is not needed
         return load_hf_folder(args.checkpoint, resolve_device(args.device))[0], hf_folder_tokenizer(args.checkpoint)

@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  note: that run was launched from {run.cwd}; relative paths are now read from {Path.cwd()}")
         print(f"  = python {shlex.quote(str(TRAIN_PY))} {shlex.join(p.argv)}", flush=True)
     sys.argv = [str(TRAIN_PY), *p.argv]
-    runpy.run_path(str(TRAIN_PY), run_name="__main__")  # train.py itself: @hydra.main under exp.cli.run_cli
+    runpy.run_path(str(TRAIN_PY), run_name="__main__")  # train.py itself: @hydra.main under exp.job.run_cli
 
 
 if __name__ == "__main__":

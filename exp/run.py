@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> float:
     """Validate, build, train, evaluate, sample and summarise one run; return the final validation loss.
 
     Bad input raises ConfigError before anything is written; a failure inside a sweep is recorded (FAILED)
-    and returns NaN so the sweep goes on. exp.cli turns the errors into one line and an exit status.
+    and returns NaN so the sweep goes on. exp.job turns the errors into one line and an exit status.
     """
     config.job_started()
     try:
@@ -228,7 +228,7 @@ def _interrupted(launch: Launch) -> None:
 
 def _failed(launch: Launch, e: Exception) -> None:
     if isinstance(launch.tracker, PendingTracker):  # a refused or failed resume: the record stays as it was
-        if not isinstance(e, ExpError):  # a refusal is one line, from exp.cli
+        if not isinstance(e, ExpError):  # a refusal is one line, from exp.job
             log.exception(f"resume failed: {e}")
         return
     log.error(e.line()) if isinstance(e, ExpError) else log.exception(f"training failed: {e}")

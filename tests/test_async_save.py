@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_model
 
-import exp.cli
+import exp.job
 from exp.checkpoint import list_checkpoints, take_snapshot, verify_checkpoint, write_snapshot
 from exp.model import GPT
 from exp.rundir import read_metrics
@@ -75,7 +75,7 @@ def same_file(a, b) -> bool:
 
 
 def run(run_dir, *overrides):
-    return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
+    return exp.job.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
 
 
 def test_saves_are_written_behind_training_one_at_a_time_and_equal_synchronous_ones(tmp_path):

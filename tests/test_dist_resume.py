@@ -9,7 +9,7 @@ import json
 import pytest
 from hydra.utils import instantiate
 
-import exp.cli
+import exp.job
 
 from .conftest import compose_train
 from .hooks import row_digests
@@ -55,7 +55,7 @@ def reference(base, data) -> dict:
     cfg = compose_train(
         "hardware=cpu", *BASE, *data, "stage.batch_size_per_gpu=8", *record(base / "ref"), run_dir=run_dir
     )
-    exp.cli.run_job(cfg)
+    exp.job.run_job(cfg)
     sampler = instantiate(cfg.data).train_sampler(1, seed=cfg.seed)
     stream = [row for _ in range(NUM_STEPS * 16) for row in row_digests(next(sampler))]
     return {"run_dir": run_dir, "rows": consumed(base / "ref"), "stream": stream}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import exp.cli
+import exp.job
 from exp.checkpoint import verify_checkpoint
 from exp.config import NanConfig
 from exp.faults import FaultGuard, HoldUntilCheckpoint
@@ -30,7 +30,7 @@ BASE = [
 
 
 def train(run_dir, *overrides):
-    return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
+    return exp.job.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
 
 
 def summary(run_dir):
@@ -68,7 +68,7 @@ def test_mlflow_holds_one_value_per_step_through_a_rollback_and_a_branch(tmp_pat
 
     def tracked_run(*overrides):
         try:
-            exp.cli.run_job(compose_train(*tracked, *overrides, run_dir=run_dir))
+            exp.job.run_job(compose_train(*tracked, *overrides, run_dir=run_dir))
         except SystemExit:  # stopped by the signal: part of the scenario
             pass
 

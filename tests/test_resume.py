@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import exp.checkpoint.format
-import exp.cli
+import exp.job
 from exp.data.batches import WindowSampler
 from exp.rundir import read_metrics
 from exp.serve import control
@@ -33,7 +33,7 @@ BASE = [
 def train(run_dir, *overrides):
     """train.py's job in this process; a stop by signal or interrupt is part of the scenario, not a failure."""
     try:
-        return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
+        return exp.job.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
     except (SystemExit, KeyboardInterrupt):
         return None
 

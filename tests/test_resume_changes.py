@@ -7,7 +7,7 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
-import exp.cli
+import exp.job
 from exp.rundir import read_metrics
 
 from .conftest import TINY, compose_train
@@ -23,7 +23,7 @@ BASE = [
 
 def train(run_dir, *overrides):
     try:
-        return exp.cli.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
+        return exp.job.run_job(compose_train(*BASE, *overrides, run_dir=run_dir))
     except SystemExit as e:  # a stop by signal is part of some scenarios
         return e.code
 

@@ -411,11 +411,11 @@ def test_checkpoints_never_wait_for_the_mlflow_worker_and_a_resume_continues_its
     run_id, status = _status(store, run_dir)
     assert status == "RUNNING"
 
-    from exp import cli
+    from exp import job
 
     from .conftest import compose_train
 
-    cli.run_job(compose_train(*BASE, "stage.num_steps=4", f"tracking.uri={store}", run_dir=run_dir))  # resume=auto
+    job.run_job(compose_train(*BASE, "stage.num_steps=4", f"tracking.uri={store}", run_dir=run_dir))  # resume=auto
     assert summary(run_dir)["mlflow_run_id"] == run_id and summary(run_dir)["status"] == "FINISHED"
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(run_id).info.status == "FINISHED"
@@ -451,12 +451,12 @@ def test_a_refused_resume_leaves_the_finished_runs_record_as_it_was(store, tmp_p
     """A resume refused after the config was accepted (another model shape, resume.allow_config_change=true:
     the checkpoint does not load) exits 2 with one line; summary.json, metrics.jsonl, the checkpoints and the
     MLflow run (status, end time) stay exactly as the finished run left them."""
-    from exp import cli
+    from exp import job
 
     from .conftest import compose_train
 
     run_dir = tmp_path / "run"
-    cli.run_job(compose_train(*BASE, f"tracking.uri={store}", run_dir=run_dir))
+    job.run_job(compose_train(*BASE, f"tracking.uri={store}", run_dir=run_dir))
 
     def record():
         client = MlflowClient(tracking_uri=store)

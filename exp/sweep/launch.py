@@ -39,7 +39,7 @@ from exp.text import first_line, fmt_loss
 from exp.tracking.parent import ParentRun, open_parent_run
 
 log = logging.getLogger("exp")
-_launched: list[Path] = []  # sweep directories this process launched into (exp.cli reports their failures)
+_launched: list[Path] = []  # sweep directories this process launched into (exp.job reports their failures)
 # overrides the launcher or sweeper adds to a point, not part of what was tried: left out of sweep.json
 UNRECORDED = ("tracking.parent", "callbacks.optuna", "run_name=")
 POLL_S = 1.0  # how often a grid's launcher looks at its jobs

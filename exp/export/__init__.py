@@ -1,5 +1,6 @@
 """Export a checkpoint's weights and model config for inference: python -m exp.export CHECKPOINT OUT;
---format hf writes a folder Hugging Face transformers loads as a causal LM (exp.export_hf)."""
+--format hf writes a folder Hugging Face transformers loads as a causal LM (exp.export.hf; exp.export.from_hf
+reads such a folder back)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from exp.checkpoint import (
 )
 from exp.checkpoint.weights import ALLOW_TARGET_HELP
 from exp.data.tokenizer import TOKENIZER_FILE
-from exp.export_hf import DTYPES, export_hf
+from exp.export.hf import DTYPES, export_hf
 from exp.model.protocol import num_params
 from exp.rundir import atomic_file, write_atomic, write_json
 
@@ -30,7 +31,7 @@ def export_checkpoint(checkpoint, out, allow=(), format="exp", dtype=None, token
     """Write out/model.safetensors, out/config.yaml (resolved model node), the checkpoint's tokenizer.json (if it
     has one) and out/export.json (which names the tokenizer: byte tokens without the file).
     `allow`: model packages or classes to build besides exp's own (--allow-target).
-    format="hf": a transformers folder instead (exp.export_hf.export_hf, with `dtype` and `tokenizer`)."""
+    format="hf": a transformers folder instead (exp.export.hf.export_hf, with `dtype` and `tokenizer`)."""
     source = find_checkpoint(checkpoint)
     model, model_cfg = load_model_for_inference(source, allow=allow)
     step = json.loads((source / MANIFEST).read_text())["step"]
@@ -83,7 +84,3 @@ def main(argv=None) -> int:
     fmt = f" as transformers {info['dtype']}" if info.get("format") == "hf" else ""
     print(f"exported step {info['step']} ({info['num_params']:,} parameters) from {info['source']} to {out}{fmt}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

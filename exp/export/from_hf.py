@@ -1,8 +1,8 @@
-"""Read a `python -m exp.export RUN OUT --format hf` folder back into exp's GPT: the inverse of exp.export_hf.
+"""Read a `python -m exp.export RUN OUT --format hf` folder back into exp's GPT: the inverse of exp.export.hf.
 
 config.json's LlamaConfig keys become GPT's arguments and model.safetensors' names exp's (q/k/v_proj fused back into
 qkv), so `python -m exp.generate OUT` works on the folder without transformers. Its tokenizer.json is exp's byte
-tokenizer when it is the one export_hf writes for byte tokens, else read as a tokenizer.json (the `tokenizers` package).
+tokenizer when it is the one exp.export.hf writes for byte tokens, else read as a tokenizer.json (`tokenizers`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def is_hf_folder(path) -> bool:
 
 
 def gpt_config(hf: dict, source) -> dict:
-    """GPT's arguments for a LlamaForCausalLM config.json (what export_hf.hf_config writes)."""
+    """GPT's arguments for a LlamaForCausalLM config.json (what exp.export.hf.hf_config writes)."""
     if hf.get("model_type") != "llama" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: not a Llama model without biases as exp exports (model_type llama)")
     if hf.get("head_dim") and hf["head_dim"] * hf.get("num_attention_heads", 0) != hf.get("hidden_size"):
@@ -55,7 +55,7 @@ def gpt_config(hf: dict, source) -> dict:
 
 
 def exp_state_dict(weights: dict[str, torch.Tensor], model: GPT, source) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's tensors under exp's names (the inverse of export_hf.hf_state_dict)."""
+    """LlamaForCausalLM's tensors under exp's names (the inverse of exp.export.hf.hf_state_dict)."""
     w = dict(weights)
     try:
         out = {"tok_emb.weight": w.pop("model.embed_tokens.weight"), "norm.weight": w.pop("model.norm.weight")}
@@ -100,8 +100,8 @@ def load_hf_folder(path, device="cpu") -> tuple[GPT, dict]:
 
 
 def hf_folder_tokenizer(path):
-    """The folder's tokenizer: exp's byte tokenizer when tokenizer.json is the one export_hf writes for it."""
-    from exp.export_hf import byte_tokenizer_json
+    """The folder's tokenizer: exp's byte tokenizer when tokenizer.json is the one exp.export.hf writes for it."""
+    from exp.export.hf import byte_tokenizer_json
 
     file = Path(path) / TOKENIZER_FILE
     try:

@@ -1,4 +1,5 @@
-"""Exit codes of train.py in one place: 2 for bad input before anything runs, 1 for a sweep with failed trials."""
+"""train.py's job and its exit codes in one place: 2 for bad input before anything runs, 1 for a failed run or a sweep
+with failed trials, 128+N for a signal."""
 
 from __future__ import annotations
 
