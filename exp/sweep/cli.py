@@ -12,13 +12,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from exp.paths import TRAIN_PY
 from exp.rundir import lock_holder
 from exp.sweep.manifest import SweepError, hydra_config, load_sweep, trials_of, write_manifest
 from exp.text import fmt_loss
 from exp.tracking.worker import RUN_MARKER
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 # --- relaunching ------------------------------------------------------------------------------------
 # Hydra's sweepers only expand products of values, so trials with different overrides cannot share one multirun,
@@ -60,9 +58,9 @@ def train_command(hydra: dict) -> list[str]:
     runtime, job = hydra.get("runtime", {}), hydra.get("job", {})
     main_conf = next((s["path"] for s in runtime.get("config_sources", []) if s.get("provider") == "main"), None)
     # the program that composed the sweep, so its conf/ and the trial configs match; this repo's otherwise
-    train_py = Path(main_conf).parent / "train.py" if main_conf else REPO / "train.py"
+    train_py = Path(main_conf).parent / "train.py" if main_conf else TRAIN_PY
     if not train_py.exists():
-        train_py = REPO / "train.py"
+        train_py = TRAIN_PY
     head = [sys.executable, str(train_py), "-m"]
     for source in runtime.get("config_sources", []):
         if source.get("provider") == "command-line" and source.get("schema") == "file":

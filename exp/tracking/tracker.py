@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from exp.events import Callback, TrainState
+from exp.paths import REPO_ROOT
 from exp.rundir import read_json, write_json
 from exp.text import first_line
 from exp.tracking.worker import (
@@ -312,7 +313,7 @@ def run_tags(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
 
 def git_state() -> tuple[str | None, bool]:
     """(commit, dirty) of the code that is running, or (None, False) outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
+    root = REPO_ROOT
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
