@@ -12,7 +12,8 @@ from exp.loop import Callback
 
 
 class SignalAt(Callback):
-    """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists; with
+    """Sends this process a signal at the end of a chosen step (SIGKILL included), once `wait_for` exists (a path, or
+    a list of paths: a checkpoint written in the background included); with
     `rank`, only the process of that rank (RANK) signals itself; with `once` (a file), only the first launch does
     (it creates the file), so that a rerun goes on."""
 
@@ -34,7 +35,8 @@ class SignalAt(Callback):
             if self.once:
                 open(self.once, "w").close()
             deadline = time.time() + 60
-            while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
+            paths = [self.wait_for] if isinstance(self.wait_for, str) else list(self.wait_for or [])
+            while not all(os.path.exists(p) for p in paths) and time.time() < deadline:
                 time.sleep(0.05)
             os.kill(os.getpid(), self.signum)
 
@@ -203,7 +205,8 @@ class KillTrackerAt(Callback):
             import multiprocessing
 
             deadline = time.time() + 60
-            while self.wait_for and not os.path.exists(self.wait_for) and time.time() < deadline:
+            paths = [self.wait_for] if isinstance(self.wait_for, str) else list(self.wait_for or [])
+            while not all(os.path.exists(p) for p in paths) and time.time() < deadline:
                 time.sleep(0.05)
 
             for child in multiprocessing.active_children():

@@ -228,7 +228,8 @@ def test_sigkilled_run_is_reconciled_and_resume_continues_the_same_run_without_d
         "+callbacks.stop._target_=tests.hooks.SignalAt",
         "+callbacks.stop.step=6",
         "+callbacks.stop.signal_name=SIGKILL",
-        f"+callbacks.stop.wait_for={run_dir / 'mlflow_run.json'}",  # once the worker has created the run
+        # once the worker has created the run and the step-4 checkpoint (written in the background) is on disk
+        f"+callbacks.stop.wait_for=[{run_dir / 'mlflow_run.json'},{run_dir / 'checkpoints' / 'step_00000004'}]",
         cwd=tmp_path,
     )
     assert proc.returncode == -signal.SIGKILL
