@@ -20,7 +20,7 @@ from functools import cache
 
 EXP_PACKAGE = "exp"
 # Every target exp's own configs (conf/) and callbacks name: the only exp objects a config from elsewhere builds.
-# tests/test_targets.py checks each conf/ _target_ is here.
+# tests/unit/test_targets.py checks each conf/ _target_ is here.
 EXP_TARGETS = (
     "exp.model.GPT",
     "exp.schedules.constant",
