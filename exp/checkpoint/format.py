@@ -98,7 +98,7 @@ def _encode(obj, tensors: dict | None = None, key: str = ""):
     if isinstance(obj, torch.Tensor):
         if tensors is None:
             raise TypeError(f"tensor at {key or 'top level'} cannot go to JSON")
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach()  # where it is: take_snapshot brings it to host memory once
         return {"__tensor__": key}
     if isinstance(obj, dict):
         out = {str(k): _encode(v, tensors, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
@@ -243,8 +243,10 @@ def take_snapshot(
         texts["scaler.json"] = _json_text(scaler.state_dict(), "scaler.json")  # {} for a disabled scaler
     weights, metadata = _model_tensors(model, step)
     tensors = {"model.safetensors": weights, "optimizer.safetensors": opt_tensors}
-    if into is not None:
+    if into is not None:  # one copy, device to the reused host buffers
         tensors = {name: _copy_into(into.setdefault(name, {}), group) for name, group in tensors.items()}
+    else:
+        tensors = {name: {k: t.cpu().contiguous() for k, t in group.items()} for name, group in tensors.items()}
     meta = {"model.safetensors": metadata, "optimizer.safetensors": {"step": str(step)}}
     return Snapshot(step, tensors, meta, texts, dict(files or {}))
 
@@ -273,7 +275,7 @@ def _model_tensors(model: nn.Module, step: int) -> tuple[dict[str, torch.Tensor]
         for name in removed:
             metadata.setdefault(name, kept)
             del state[name]
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata
+    return {k: v.detach() for k, v in state.items()}, metadata
 
 
 def save_checkpoint(
