@@ -278,32 +278,11 @@ def _model_tensors(model: nn.Module, step: int) -> tuple[dict[str, torch.Tensor]
     return {k: v.detach() for k, v in state.items()}, metadata
 
 
-def save_checkpoint(
-    root,
-    step: int,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    trainer_state: dict,
-    config_yaml: str,
-    scaler=None,
-    before_rename: Callable[[Path], None] | None = None,
-    files: dict[str, bytes] | None = None,
-) -> Path:
-    """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path; `files` are
-    written into it as they are (tokenizer.json) and listed in the manifest."""
-    snapshot = take_snapshot(
-        step,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        trainer_state=trainer_state,
-        config_yaml=config_yaml,
-        scaler=scaler,
-        files=files,
-    )
-    return write_snapshot(root, snapshot, before_rename)
+def save_checkpoint(root, step: int, *, before_rename: Callable[[Path], None] | None = None, **state) -> Path:
+    """Write root/step_{step:08d}/ atomically (temp folder, fsync, rename) and return its path. `state`: what
+    take_snapshot takes (model, optimizer, scheduler, trainer_state, config_yaml, scaler, files: written into the
+    folder as they are, tokenizer.json, and listed in the manifest)."""
+    return write_snapshot(root, take_snapshot(step, **state), before_rename)
 
 
 def write_snapshot(root, snapshot: Snapshot, before_rename: Callable[[Path], None] | None = None) -> Path:
