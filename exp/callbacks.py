@@ -38,6 +38,17 @@ class ConsoleLog(Callback):
             f"| ppl {metrics['val/perplexity']:.2f} | acc {metrics['val/accuracy']:.3f}"
         )
 
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        tasks: dict[str, list[str]] = {}
+        for key, value in metrics.items():
+            if key.count("/") < 2:
+                continue
+            _, task, metric = key.split("/", 2)
+            if not metric.endswith("_stderr") and metric != "sample_len":
+                tasks.setdefault(task, []).append(f"{metric} {value:.4g}")
+        for task, values in tasks.items():
+            log.info(f"tasks {state.step:>{self.width}}/{self.num_steps} | {task} | " + " | ".join(values))
+
 
 class ProgressBar(Callback):
     """A live tqdm bar on an interactive terminal; nothing in batch logs, where the log lines suffice."""

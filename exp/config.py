@@ -118,6 +118,46 @@ class LRFindConfig:
 
 
 @dataclass(kw_only=True)
+class EvalConfig:
+    """Downstream evaluation (the `eval` group: eval=none, eval=lm_eval; exp/eval/)."""
+
+    harness: str | None = None  # None: validation loss only; lm_eval: lm-evaluation-harness tasks
+    tasks: list[str] = dataclasses.field(default_factory=list)  # []: exp's offline exp_stdlib_mc
+    include_path: str | None = None  # a folder of task YAMLs of your own
+    num_fewshot: int | None = None
+    limit: float | None = None  # examples per task (a fraction when below 1); null: all
+    batch_size: int = 16
+    seed: int = 0
+    every_n_steps: int = 0  # 0: only at the end
+    at_end: bool = True
+    bootstrap_iters: int = 1000
+    max_gen_toks: int = 256
+
+    def __post_init__(self):
+        if self.harness not in (None, "lm_eval"):
+            raise ValueError(f"eval.harness={self.harness} must be lm_eval or null (eval=none)")
+        if self.batch_size < 1 or self.every_n_steps < 0 or self.max_gen_toks < 1 or self.bootstrap_iters < 0:
+            raise ValueError(
+                "eval.batch_size and eval.max_gen_toks must be >= 1, eval.every_n_steps and eval.bootstrap_iters >= 0"
+            )
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"eval.limit={self.limit} must be > 0 (a count, or a fraction below 1), or null")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"eval.num_fewshot={self.num_fewshot} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.harness is not None
+
+    def spec(self):
+        """What exp.eval.harness runs."""
+        from exp.eval.harness import Spec
+
+        fields = ("tasks", "include_path", "num_fewshot", "limit", "batch_size", "seed", "bootstrap_iters")
+        return Spec(**{f: getattr(self, f) for f in fields}, max_gen_toks=self.max_gen_toks)
+
+
+@dataclass(kw_only=True)
 class ResumeConfig:
     """Where a run continues from."""
 
@@ -145,6 +185,7 @@ class RunConfig:
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     lr_find: LRFindConfig = dataclasses.field(default_factory=LRFindConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 @dataclass
@@ -196,6 +237,10 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
         _guard("stage", lambda: check_dtype_name(stage.dtype or hardware.dtype))
     _check_writable("checkpoint.dir", cfg.checkpoint.dir)
     _check_buildable(cfg, stage)
+    if run.eval.enabled:
+        from exp.eval.harness import check_tasks
+
+        check_tasks(run.eval.spec())  # lm-eval installed, the task YAMLs parse, every task is known
     return Validated(run=run, stage=stage, hardware=hardware)
 
 

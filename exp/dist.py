@@ -49,6 +49,32 @@ class Dist:
         tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
         return out.to(values.device)
 
+    def max(self, value: int) -> int:
+        """The largest of an integer over ranks (how many batches every rank must run when forwards are collective)."""
+        if not self.enabled:
+            return int(value)
+        t = torch.tensor([int(value)], device=_collective_device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return int(t.item())
+
+    def gather_objects(self, obj, dst: int = 0) -> list | None:
+        """Every rank's picklable obj, in rank order, on rank dst (None elsewhere); [obj] in one process.
+        Only for what exp's own ranks made (never data from outside)."""
+        if not self.enabled:
+            return [obj]
+        parts = [None] * self.world_size if self.rank == dst else None
+        tdist.gather_object(obj, parts, dst=dst)
+        return parts
+
+    def all_gather_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor (same shape everywhere), flattened and concatenated in rank order."""
+        if not self.enabled:
+            return tensor
+        local = tensor.detach().to(_collective_device())
+        parts = [torch.zeros_like(local) for _ in range(self.world_size)]
+        tdist.all_gather(parts, local)
+        return torch.cat([p.reshape(-1) for p in parts]).to(tensor.device)
+
     def broadcast_str(self, text: str) -> str:
         """Rank 0's string on every rank."""
         if not self.enabled:

@@ -72,6 +72,9 @@ class Callback:
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """Downstream task scores at state.step (exp.eval: eval/<task>/<metric>), on rank 0."""
+
     def on_train_end(self, state: TrainState, status: str) -> None: ...
 
 
@@ -138,6 +141,10 @@ class Events(Callback):
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_eval_end(state, metrics)
+
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_task_eval(state, metrics)
 
     def on_train_end(self, state: TrainState, status: str) -> None:
         for cb in self.callbacks:

@@ -131,6 +131,9 @@ class HoldUntilCheckpoint(Callback):
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._hold("on_fault", state, metrics)
 
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._hold("on_task_eval", state, metrics)
+
     def on_rollback(self, state: TrainState, metrics: dict[str, float]) -> None:
         self.held.clear()  # the first values of the replayed steps never leave
         self._hold("on_rollback", state, metrics)

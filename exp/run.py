@@ -109,6 +109,7 @@ class Launch:
     guard: FaultGuard | None = None
     recorder: object = None  # the tracker as the loop's events reach it (held while a rollback may replay steps)
     final: Path | None = None  # the final checkpoint
+    task_eval: object = None  # exp.eval.callback.TaskEval with eval=lm_eval
 
     def write_failure(self, error: str | None, status: str = "FAILED", stop_reason: str | None = None) -> None:
         """summary.json of a launch that failed or was interrupted, naming the checkpoints it leaves."""
@@ -138,6 +139,8 @@ def _run(cfg: DictConfig, valid: config.Validated, run_dir: Path, dist: exp_dist
                 t, launch.built.batches, launch.built.val_batches, launch.events, launch.state, launch.guard
             )
         launch.final = launch.checkpointer.save(launch.state)
+        if launch.task_eval is not None and not signals.received:
+            launch.task_eval.at_end(launch.state)
         # a preempted job is KILLED until requeued; a callback that stopped the run may name its status (PRUNED)
         launch.status = "KILLED" if signals.received else (launch.events.stop_status or "FINISHED")
         if dist.is_main:
@@ -202,6 +205,11 @@ def _prepare(launch: Launch) -> None:
     reporters.append(MetricsFile(launch.run_dir / rundir.METRICS, keep_until_step=launch.state.step))
     saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
     launch.events.add(checkpointer, saver, *(reporters if dist.is_main else []))
+    if run.eval.enabled:
+        from exp.eval.callback import TaskEval
+
+        launch.task_eval = TaskEval(run.eval, t, launch.built.tokenizer, launch.events, launch.run_dir, launch.tracker)
+        launch.events.add(launch.task_eval)
     launch.guard = FaultGuard(
         run.nan, checkpointer.rollback, on_event=launch.events.on_fault, on_rollback=launch.events.on_rollback
     )
@@ -451,6 +459,7 @@ def finish(launch: Launch) -> None:
         data=launch.built.data_info,
         stop_reason=stop_reason,
         compiled=t.rt.compile,
+        evaluation=_evaluation(launch.task_eval),
     )
     rundir.write_summary(launch.run_dir, summary)
     _log_run_artifacts(launch.run_dir, tracker)
@@ -460,6 +469,13 @@ def finish(launch: Launch) -> None:
         f"| {summary['tokens_per_s']:,.0f} tok/s{compiled} | checkpoint {launch.final} "
         f"| summary {launch.run_dir / rundir.SUMMARY}"
     )
+
+
+def _evaluation(task_eval) -> dict | None:
+    """summary.json's `eval`: the step of the last downstream evaluation and its scores."""
+    if task_eval is None or task_eval.last_step is None:
+        return None
+    return {"step": task_eval.last_step, "metrics": task_eval.last}
 
 
 def _log_run_artifacts(run_dir: Path, tracker) -> None:

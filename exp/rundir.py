@@ -129,6 +129,7 @@ def run_summary(
     data: dict | None = None,
     stop_reason: str | None = None,
     compiled: bool = False,
+    evaluation: dict | None = None,
 ) -> dict:
     """summary.json of a run that ended as planned (or stopped: `status`): final metrics and where to find the
     run's record and weights; write_summary writes it.
@@ -174,6 +175,8 @@ def run_summary(
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "data": data,  # what was trained on; SFT sets add their example, truncation and drop counts
     }
+    if evaluation:  # eval=lm_eval: the last evaluation's step and scores (eval/<task>/<metric>)
+        summary["eval"] = evaluation
     return summary
 
 
@@ -320,6 +323,9 @@ class MetricsFile(Callback):
         self._write(state.step, metrics)
 
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._write(state.step, metrics)
+
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._write(state.step, metrics)
 
 

@@ -101,6 +101,16 @@ def check_confined(cfg: DictConfig, run_dir: Path) -> None:
         raise Refused(f"checkpoint.dir={folder}: must be inside the job's run directory {run_dir}")
 
 
+def check_eval_code(cfg: DictConfig) -> None:
+    """A folder of task YAMLs can run code (lm-eval's `!function` imports a Python file beside them): not over
+    HTTP. Tasks by name come from the installed harness and exp (validation refuses anything else, paths too)."""
+    if OmegaConf.select(cfg, "eval.include_path", default=None) is not None:
+        raise Refused(
+            "eval.include_path is not accepted over HTTP: task YAMLs can run Python (!function); name installed "
+            "lm-eval tasks in eval.tasks, or run the job with train.py"
+        )
+
+
 def compose(
     overrides: list[str],
     run_dir: Path,
@@ -139,6 +149,7 @@ def compose(
         with open_dict(cfg):
             del cfg["hydra"]
         check_confined(cfg, run_dir)
+        check_eval_code(cfg)
         config.validate(cfg, node=node)
         if check is not None:
             check(cfg)

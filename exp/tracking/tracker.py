@@ -185,6 +185,9 @@ class MlflowTracker(Callback):
     def on_fault(self, state: TrainState, metrics: dict[str, float]) -> None:
         self._send(Metrics(state.step, time.time(), metrics))
 
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._send(Metrics(state.step, time.time(), metrics))
+
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         """Checkpoints are recorded by reference (path, step, bytes, SHA-256), never uploaded."""
         manifest = json.loads((Path(path) / "manifest.json").read_text())

@@ -190,3 +190,24 @@ def test_ordinary_choices_of_those_groups_still_work(world):
     overrides = [*TINY, "tracking=mlflow", "tracking.experiment=mine", "checkpoint=default", "checkpoint.keep_last=2"]
     r = client.post("/api/training/configs", json={"name": "ok", "overrides": overrides})
     assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "eval.include_path=TASKS",
+        "eval={harness: lm_eval, include_path: TASKS, tasks: [evil]}",
+        "eval.tasks=[TASKS/evil.yaml]",  # a task given as a file path is not a task name
+    ],
+)
+def test_task_yamls_that_would_run_code_are_refused(world, override):
+    client, runs, outside = world
+    tasks, probe = outside / "tasks", outside / "proof-eval"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "evil.py").write_text(f"import pathlib\npathlib.Path({str(probe)!r}).mkdir()\ndef load(**kw): ...\n")
+    (tasks / "evil.yaml").write_text("task: evil\ncustom_dataset: !function evil.load\noutput_type: multiple_choice\n")
+    before = snapshot(runs)
+    for r in post_everywhere(client, [*TINY, "eval=lm_eval", override.replace("TASKS", str(tasks))]):
+        assert r.status_code == 422, r.text
+        assert "eval.include_path is not accepted over HTTP" in r.json()["detail"] or "unknown task" in r.text
+    assert not probe.exists() and snapshot(runs) == before

@@ -32,12 +32,12 @@ def write_checkpoint(root, seed=0, vocab_size=264, files=None, **model_kw):
     """A checkpoint of a GPT whose every weight, norms included, is random: a swapped or misnamed tensor
     changes the logits (trained-from-init norms are all ones and would hide a swap)."""
     torch.manual_seed(seed)
-    model = GPT(vocab_size=vocab_size, **SIZES, **model_kw)
+    model = GPT(vocab_size=vocab_size, **{**SIZES, **model_kw})
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(1 + 0.3 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    node = {"_target_": "exp.model.GPT", "vocab_size": vocab_size, **SIZES, **model_kw}
+    node = {"_target_": "exp.model.GPT", "vocab_size": vocab_size, **{**SIZES, **model_kw}}
     path = save_checkpoint(
         root,
         1,

@@ -7,7 +7,7 @@ from ..conftest import ROOT
 
 PACKAGE = ROOT / "exp"
 # Command-line tools over a run's results: a run must not need them (nor the CLI layer above it).
-CLI_MODULES = ("exp.job", "exp.report", "exp.sweep", "exp.export", "exp.generate", "exp.repeat")
+CLI_MODULES = ("exp.job", "exp.report", "exp.sweep", "exp.export", "exp.generate", "exp.repeat", "exp.eval.cli")
 
 
 def module_name(path: Path) -> str:

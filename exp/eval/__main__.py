@@ -1,0 +1,5 @@
+import sys
+
+from exp.eval.cli import main
+
+sys.exit(main())
