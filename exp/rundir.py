@@ -388,7 +388,8 @@ def carry_over(tracker, run_dir, step: int, branch: dict | None = None) -> None:
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path | None:
-    """A PNG of train/val loss and the learning rate against step; None when nothing was logged."""
+    """A PNG of train/val loss, the downstream scores (eval=lm_eval) and the learning rate against step; None when
+    nothing was logged."""
     rows = read_metrics(metrics_path)
     train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
     if not train:
@@ -396,7 +397,16 @@ def plot_run(metrics_path: Path, out: Path) -> Path | None:
     plt = pyplot()
     val = [(m["step"], m["val/loss"]) for m in rows if "val/loss" in m]
     lr = [(m["step"], m["train/lr"]) for m in rows if "train/lr" in m]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    scores = task_scores(rows)
+    if scores:
+        fig, (ax_loss, ax_eval, ax_lr) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=[3, 2, 1])
+        for name, points in scores.items():
+            ax_eval.plot(*zip(*points, strict=True), "o-", label=name)
+        ax_eval.set_ylabel("task score")
+        ax_eval.grid(alpha=0.3)
+        ax_eval.legend(fontsize=7)
+    else:
+        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
     ax_loss.plot(*zip(*train, strict=True), label="train/loss")
     if val:
         ax_loss.plot(*zip(*val, strict=True), "o-", label="val/loss")
@@ -413,6 +423,18 @@ def plot_run(metrics_path: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def task_scores(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The downstream scores of metrics.jsonl rows, {"<task>/<metric>": [(step, value)]}: the eval/ metrics that
+    are fractions (accuracies, exact match), not their stderr and not perplexities."""
+    found: dict[str, list[tuple[int, float]]] = {}
+    for m in rows:
+        for key, value in m.items():
+            lower_is_better = "perplexity" in key or "bits_per_byte" in key
+            if key.startswith("eval/") and not key.endswith("_stderr") and not lower_is_better:
+                found.setdefault(key[5:], []).append((m["step"], value))
+    return {k: v for k, v in found.items() if all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for _, x in v)}
 
 
 def pyplot():

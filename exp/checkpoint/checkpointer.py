@@ -259,7 +259,6 @@ class Checkpointer(Callback):
         self.last_path: Path | None = None
         self.last_step: int | None = None
         self.best_path: Path | None = None
-        self._best_at: int | None = None  # the step of a new best whose checkpoint is in flight
         self._evaluated_at: int | None = None
         self.async_save = async_save and trained is not None
         self._pending: _Pending | None = None
@@ -361,8 +360,6 @@ class Checkpointer(Callback):
     def on_step_end(self, state: TrainState, loss: float) -> None:
         self._publish_if_done()
         new_best = self.keep_best and self._evaluated_at == state.step and state.best_step == state.step
-        if new_best:
-            self._best_at = state.step  # its checkpoint becomes the best once published
         if new_best or (self.every_n_steps and state.step % self.every_n_steps == 0):
             final = state.step >= self.trained.stage.num_steps  # the end waits for it anyway
             self.save(state, blocking=final or not self.async_save)
@@ -436,8 +433,8 @@ class Checkpointer(Callback):
         """A checkpoint is on disk: it is the newest (the best, if it was saved as one), rotation runs, every
         callback hears of it."""
         self.last_path, self.last_step = path, state.step
-        if self._best_at == state.step:
-            self.best_path = path
+        if self.keep_best and state.best_step == state.step:  # the state the checkpoint was taken at: a new best
+            self.best_path = path  # (a save in flight may publish after a later step evaluated a newer best)
         if self.trained.dist.is_main:
             protect = {self.best_path} if self.best_path else set()
             rotate_checkpoints(self.dir, self.keep_last, protect | {path})

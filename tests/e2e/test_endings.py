@@ -58,7 +58,10 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_valid_checkpoints(tmp_path, 
     disk = small_disk(int(1.6 * checkpoint_size))  # the step-2 checkpoint fits, the step-4 one does not
     ckpts, run_dir = disk / "checkpoints", tmp_path / "run"
     overrides = ["checkpoint.every_n_steps=2", "checkpoint.keep_last=0", f"checkpoint.dir={ckpts}"]
-    done = run_train(*TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    # the step-2 save (a new best) is still being written when step 4 evaluates a newer best: a slow disk
+    gate = ["+callbacks.gate._target_=tests.hooks.GateCheckpointWriter", "+callbacks.gate.step=2"]
+    gate += ["+callbacks.gate.until=4", f"+callbacks.gate.log={tmp_path / 'writes.jsonl'}"]
+    done = run_train(*TINY, *overrides, *gate, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert str(ckpts) in line and "step_00000004" in line and "needs about 1." in line and "MB" in line, line
