@@ -31,6 +31,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from exp.rundir import RunDirInUse, RunLock, lock_holder, read_summary, write_json
+from exp.sweep import objective
 from exp.sweep.jobs import checkpoints_of, fresh_summary, slurm_states
 from exp.sweep.launch import SlurmSweep, SubmititSweep, ValidatedSweep, refuse
 from exp.sweep.manifest import read_manifest, write_manifest
@@ -51,7 +52,7 @@ log = logging.getLogger("exp")
 
 SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "random": "RandomSampler", "grid": "GridSampler"}
 KEYS = (
-    "sampler direction study_name storage n_trials parallelism pruner pruner_args max_failure_rate params "
+    "sampler objective direction study_name storage n_trials parallelism pruner pruner_args max_failure_rate params "
     "poll_interval_s synchronous"
 ).split()
 
@@ -77,8 +78,10 @@ class OptunaSweeper(Sweeper):
         if unknown:
             hint = " (trials in flight: hydra.sweeper.parallelism)" if "n_jobs" in unknown else ""
             refuse(sweep_dir, f"hydra.sweeper.{unknown[0]}: unknown key{hint}; known: {', '.join(KEYS)}")
-        if s.get("direction", "minimize") not in ("minimize", "maximize"):
-            refuse(sweep_dir, f"hydra.sweeper.direction={s['direction']}: must be minimize or maximize")
+        try:
+            objectives = objective.parse(s.get("objective", objective.DEFAULT), s.get("direction", "minimize"))
+        except ValueError as e:
+            refuse(sweep_dir, str(e))
         for key in ("n_trials", "parallelism"):
             if not isinstance(s.get(key, 1), int) or isinstance(s.get(key, 1), bool) or s.get(key, 1) < 1:
                 refuse(sweep_dir, f"hydra.sweeper.{key}={s.get(key)}: must be an integer >= 1")
@@ -90,6 +93,8 @@ class OptunaSweeper(Sweeper):
             make_pruner(pruner, s.get("pruner_args"))
         except ValueError as e:
             refuse(sweep_dir, f"hydra.sweeper.pruner={pruner}: {e}")
+        if objectives.multi and pruner != "none":
+            refuse(sweep_dir, f"hydra.sweeper.pruner={pruner}: Optuna prunes single-objective studies only")
         space, fixed = search_space(s.get("params") or {}, arguments, sweep_dir)
         sampler_cfg = dict(s.get("sampler") or {"name": "tpe"})
         name = sampler_cfg.pop("name", "tpe")
@@ -97,6 +102,8 @@ class OptunaSweeper(Sweeper):
             sampler = make_sampler(name, sampler_cfg, space)
         except ValueError as e:
             refuse(sweep_dir, f"hydra.sweeper.sampler: {e}")
+        if objectives.multi and name == "cmaes":
+            refuse(sweep_dir, "hydra.sweeper.sampler=cmaes: CMA-ES optimises one objective (use tpe or random)")
         storage = storage_spec(s.get("storage"), sweep_dir)
         if not storage.startswith(JOURNAL):
             try:  # a URL SQLAlchemy cannot read, or a database it has no driver for
@@ -118,7 +125,8 @@ class OptunaSweeper(Sweeper):
             "pruner_args": s.get("pruner_args") or {},
             "storage": storage,
             "study_name": str(s.get("study_name") or "exp"),
-            "direction": s.get("direction", "minimize"),
+            "objectives": objectives,
+            "direction": objectives.directions[0] if not objectives.multi else list(objectives.directions),
             "n_trials": n_trials,
             "parallelism": s.get("parallelism", 1),
             "max_failure_rate": float(rate),
@@ -145,7 +153,12 @@ class OptunaSweeper(Sweeper):
         cfg = self._settings(arguments, sweep_dir)
         # one point of the space, checked like every trial before anything is written: a bad fixed override
         # (`stage.num_stepz=3`) ends here with one line and exit 2
-        self.launcher._validate([[*cfg["fixed"], *as_overrides(first_point(cfg["space"]))]], 0, sweep_dir)
+        point = [*cfg["fixed"], *as_overrides(first_point(cfg["space"]))]
+        self.launcher._validate([point], 0, sweep_dir)
+        try:  # an objective no trial would log (eval/<task>/... without that task evaluated) ends here too
+            objective.check_logged(cfg["objectives"], self._trial_config(point))
+        except ValueError as e:
+            refuse(sweep_dir, str(e))
         try:  # one process drives a study: a second (`exp.sweep resume` while it runs) is refused
             lock = RunLock(sweep_dir).acquire()
         except RunDirInUse as e:
@@ -155,14 +168,22 @@ class OptunaSweeper(Sweeper):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         from exp.sweep.pruning import open_storage
 
+        objectives = cfg["objectives"]
         study = optuna.create_study(
             storage=open_storage(cfg["storage"]),
             study_name=cfg["study_name"],
             sampler=cfg["sampler"],
             pruner=make_pruner(cfg["pruner"], cfg["pruner_args"]),
-            direction=cfg["direction"],
+            directions=list(objectives.directions),
             load_if_exists=True,
         )
+        if [d.name.lower() for d in study.directions] != list(objectives.directions):
+            refuse(
+                sweep_dir,
+                f"hydra.sweeper.direction: the study {cfg['study_name']} in {cfg['storage']} was "
+                f"created for {len(study.directions)} objective(s) {[d.name.lower() for d in study.directions]}",
+            )
+        study.set_user_attr("objectives", list(objectives.names))
         seed, num_existing = cfg["sampler_args"].get("seed"), len(study.trials)
         if seed is not None and num_existing:  # resumed: a sampler seeded as before would replay the same points
             study.sampler = make_sampler(
@@ -174,6 +195,11 @@ class OptunaSweeper(Sweeper):
             return StudyRun(self.launcher, study, cfg, sweep_dir).run()
         finally:
             lock.release()
+
+    def _trial_config(self, overrides: list[str]) -> DictConfig:
+        """A trial's composed config (its `eval` node says which tasks it evaluates)."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 class StudyRun:
@@ -251,7 +277,20 @@ class StudyRun:
         counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items())
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if complete:
+        if complete and self.cfg["objectives"].multi:
+            front = sorted(self.study.best_trials, key=lambda t: t.number)
+            write_json(
+                self.sweep_dir / "optimization_results.yaml",
+                {
+                    "name": "optuna",
+                    "objectives": list(self.cfg["objectives"].names),
+                    "directions": list(self.cfg["objectives"].directions),
+                    "pareto_front": [{"trial": t.number, "values": t.values, "params": t.params} for t in front],
+                },
+            )
+            numbers = ", ".join(f"#{t.number}" for t in front)
+            log.info(f"study {self.study.study_name}: {summary}; Pareto front: {numbers}")
+        elif complete:
             best = self.study.best_trial
             write_json(
                 self.sweep_dir / "optimization_results.yaml",  # JSON is YAML: the file Hydra's Optuna sweeper wrote
@@ -275,9 +314,12 @@ class StudyRun:
 
     def _start(self, number: int, overrides: list[str], params: dict | None = None) -> None:
         spec, name = self.cfg["storage"], self.cfg["study_name"]
+        metric = self.cfg["objectives"].names[0] if not self.cfg["objectives"].multi else None
         callback = (
             f"+callbacks.optuna={{_target_:exp.sweep.pruning.OptunaPruning,storage:'{spec}',"
-            f"study_name:'{name}',trial_number:{number}}}"
+            f"study_name:'{name}',trial_number:{number}"
+            + (f",metric:'{metric}'" if metric and metric != objective.DEFAULT else "")
+            + "}"
         )
         launched, self.parent = self.launcher.prepare(
             [[*overrides, callback]], number, parent=self.parent, points=[params or {}]
@@ -285,7 +327,13 @@ class StudyRun:
         manifest = read_manifest(self.sweep_dir)
         manifest.setdefault(
             "study",
-            {"storage": spec, "study_name": name, "direction": self.cfg["direction"], "pruner": self.cfg["pruner"]},
+            {
+                "storage": spec,
+                "study_name": name,
+                "objective": list(self.cfg["objectives"].names),
+                "direction": self.cfg["direction"],
+                "pruner": self.cfg["pruner"],
+            },
         )
         entry = manifest["trials"][str(number)]
         entry["started"] = started = time.time()
@@ -362,12 +410,44 @@ class StudyRun:
             self._stopped.append(flight.number)
         elif status == "PRUNED":
             self.study.tell(flight.number, state=TrialState.PRUNED)
-        elif status == "FINISHED" and math.isfinite(outcome.value):
-            self.study.tell(flight.number, outcome.value)
+        elif status == "FINISHED" and self._objective_values(flight, outcome) is not None:
+            values = outcome.objective_values
+            self.study.tell(flight.number, values if self.cfg["objectives"].multi else values[0])
         else:
             self.study.tell(flight.number, state=TrialState.FAIL)
+            status = "FAILED" if status == "FINISHED" else status
         said = f" ({outcome.error})" if outcome.error and status != "FINISHED" else ""
-        log.info(f"trial #{flight.number} {status}: val loss {fmt_loss(outcome.value)}{said}")
+        log.info(f"trial #{flight.number} {status}: {self._said(flight, outcome)}{said}")
+
+    def _objective_values(self, flight: Flight, outcome: Outcome) -> list[float] | None:
+        """The finished trial's objective values; None (the trial FAILED in the study and in sweep.json, with the
+        line saying which metric was missing) when one was never logged."""
+        objectives = self.cfg["objectives"]
+        if objectives.is_default:
+            outcome.objective_values = [outcome.value] if math.isfinite(outcome.value) else None
+            return outcome.objective_values
+        try:
+            outcome.objective_values = objective.values(flight.run_dir, objectives)
+        except objective.MissingObjective as e:
+            import optuna
+
+            outcome.error = str(e)
+            optuna.trial.Trial(self.study, self._trial_id(flight.number)).set_user_attr("status", "FAILED")
+            self._record_failed(flight, outcome.error)
+            return None
+        return outcome.objective_values
+
+    def _record_failed(self, flight: Flight, error: str) -> None:
+        manifest = read_manifest(self.sweep_dir)
+        entry = manifest["trials"][str(flight.number)]
+        entry["status"], entry["error"] = "FAILED", error
+        write_manifest(self.sweep_dir, manifest)
+
+    def _said(self, flight: Flight, outcome: Outcome) -> str:
+        values = outcome.objective_values
+        if values is None or self.cfg["objectives"].is_default:
+            return f"val loss {fmt_loss(outcome.value)}"
+        return ", ".join(f"{n} {v:.4g}" for n, v in zip(self.cfg["objectives"].names, values, strict=True))
 
     def _trial_id(self, number: int) -> int:
         storage = self.study._storage

@@ -72,8 +72,9 @@ class OptunaPruning(Callback):
 
     stop_status = "PRUNED"
 
-    def __init__(self, storage: str, study_name: str, trial_number: int):
+    def __init__(self, storage: str, study_name: str, trial_number: int, metric: str = "val/loss"):
         self.storage, self.study_name, self.trial_number = storage, study_name, int(trial_number)
+        self.metric = metric  # the study's objective: val/loss, or any metric an evaluation logs (eval/<task>/...)
         self.trial = None
         self.pruner_name = "none"
 
@@ -89,6 +90,8 @@ class OptunaPruning(Callback):
         study.pruner = make_pruner(self.pruner_name, attrs.get("pruner_args"))
         study_id = storage.get_study_id_from_name(self.study_name)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, self.trial_number)
+        if len(study.directions) > 1:  # Optuna prunes single-objective studies only: nothing to report
+            return
         if storage.get_trial(trial_id).state.is_finished():  # a repeat of a finished trial reports nothing
             log.info(
                 f"trial {self.trial_number} of study {self.study_name} has ended; its evaluations are not reported"
@@ -97,14 +100,21 @@ class OptunaPruning(Callback):
         self.trial = optuna.trial.Trial(study, trial_id)
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        loss = metrics.get("val/loss")
-        if self.trial is None or loss is None or not math.isfinite(loss):
+        self._report(state, metrics)
+
+    def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._report(state, metrics)
+
+    def _report(self, state: TrainState, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.metric)
+        if self.trial is None or value is None or not math.isfinite(value):
             return
-        self.trial.report(float(loss), state.step)
+        self.trial.report(float(value), state.step)
         if self.trial.should_prune():
+            what = "val loss" if self.metric == "val/loss" else self.metric
             self.stop_reason = (
                 f"pruned at step {state.step} by the {self.pruner_name} pruner of study {self.study_name} "
-                f"(val loss {loss:.4f})"
+                f"({what} {value:.4f})"
             )
             log.info(self.stop_reason)
             self.should_stop = True

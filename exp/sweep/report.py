@@ -135,12 +135,17 @@ def study_plots(sweep_dir: Path, out_dir: Path) -> list[Path]:
     plt = pyplot()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.load_study(study_name=study_info["study_name"], storage=open_storage(study_info["storage"]))
+    objectives = study.user_attrs.get("objectives") or ["val/loss"]
+    multi = len(study.directions) > 1
+    print_objectives(study, objectives)
+    plots_of_study = {"optuna_pareto.png": "plot_pareto_front"} if multi else STUDY_PLOTS
     written = []
-    for name, function in STUDY_PLOTS.items():
+    for name, function in plots_of_study.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
-                ax = getattr(plots, function)(study)
+                names = {"target_names": objectives} if multi else {}
+                ax = getattr(plots, function)(study, **names)
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
             fig.set_size_inches(max(fig.get_size_inches()[0], 10), max(fig.get_size_inches()[1], 5.5))
             fig.tight_layout()
@@ -150,6 +155,24 @@ def study_plots(sweep_dir: Path, out_dir: Path) -> list[Path]:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             print(f"{name}: not drawn ({first_line(e)})")
     return written
+
+
+def print_objectives(study, objectives: list[str]) -> None:
+    """What the study optimised and its result: the best trial, or the Pareto front of a multi-objective study."""
+    from optuna.trial import TrialState
+
+    directions = [d.name.lower() for d in study.directions]
+    print("objective: " + ", ".join(f"{d} {n}" for n, d in zip(objectives, directions, strict=True)))
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return
+    if len(directions) == 1:
+        best = study.best_trial
+        print(f"best: #{best.number} {objectives[0]} {best.value:.6g} {best.params}")
+        return
+    print(f"Pareto front ({len(study.best_trials)} trials):")
+    for t in sorted(study.best_trials, key=lambda t: t.number):
+        values = ", ".join(f"{n} {v:.6g}" for n, v in zip(objectives, t.values, strict=True))
+        print(f"  #{t.number}: {values} {t.params}")
 
 
 def experiment_trials(name: str, uri: str) -> list[Trial]:

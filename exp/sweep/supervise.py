@@ -52,6 +52,7 @@ class Outcome:
     value: float = math.nan
     error: str | None = None
     returned: Any = None  # the job's hydra JobReturn, when it returned one
+    objective_values: list[float] | None = None  # a study's objectives, read from the finished trial's metrics
 
 
 def is_slurm_job(job) -> bool:

@@ -86,6 +86,16 @@ def test_search_space_is_written_as_today(tmp_path):
         ("hydra.sweeper.sampler.name=grid", "config error: hydra.sweeper.sampler: grid needs choices"),
         ("+stage.num_stepz=3", "stage.num_stepz"),
         ("hydra.sweeper.storage=nosuchdb://x", "config error: hydra.sweeper.storage=nosuchdb://x"),
+        (
+            "hydra.sweeper.objective=eval/arc_easy/acc",
+            "config error: hydra.sweeper.objective=eval/arc_easy/acc: the trials do not evaluate tasks",
+        ),
+        ("hydra.sweeper.objective=val/los", "config error: hydra.sweeper.objective=val/los: never logged by a run"),
+        ("hydra.sweeper.direction=[minimize,maximize]", "config error: hydra.sweeper.direction=[minimize, maximize]"),
+        (
+            "hydra.sweeper.objective=[val/loss,val/accuracy]",  # sweeps/optuna.yaml prunes with the median pruner
+            "config error: hydra.sweeper.pruner=median: Optuna prunes single-objective studies only",
+        ),
     ],
 )
 def test_bad_settings_end_with_one_line_and_exit_2_writing_nothing(tmp_path, override, line):
@@ -124,6 +134,26 @@ def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
     callback.on_eval_end(TrainState(step=2), {"val/loss": 5.0})
     assert callback.should_stop and callback.stop_status == "PRUNED" and "median" in callback.stop_reason
     assert study.trials[bad.number].intermediate_values == {2: 5.0}
+
+
+def test_pruning_follows_a_downstream_objective(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(
+        study_name="s", storage=storage, direction="maximize", pruner=optuna.pruners.MedianPruner(1, 0)
+    )
+    study.set_user_attr("pruner", "median")
+    study.set_user_attr("pruner_args", {"n_startup_trials": 1, "n_warmup_steps": 0})
+    good = study.ask()
+    good.report(0.6, 2)
+    study.tell(good, 0.6)
+    bad = study.ask()
+    callback = OptunaPruning(storage, "s", bad.number, metric="eval/exp_stdlib_mc/acc")
+    callback.on_train_start(TrainState())
+    callback.on_eval_end(TrainState(step=2), {"val/loss": 0.1})  # not the objective: nothing reported
+    assert study.trials[bad.number].intermediate_values == {} and not callback.should_stop
+    callback.on_task_eval(TrainState(step=2), {"eval/exp_stdlib_mc/acc": 0.3})  # worse than the median: maximising
+    assert study.trials[bad.number].intermediate_values == {2: 0.3}
+    assert callback.should_stop and "eval/exp_stdlib_mc/acc 0.3000" in callback.stop_reason
 
 
 # --- a study on local subprocesses ---------------------------------------------------------------------
@@ -509,3 +539,52 @@ def test_ddp_trials_on_slurm_are_one_two_task_job_each(tmp_path):
     for t in trials(sweep).values():
         assert t["status"] == "FINISHED"
         assert len(list((sweep / ".submitit" / t["job_id"]).glob("*_result.pkl"))) == 2  # two tasks
+
+
+# --- what the study optimises ------------------------------------------------------------------------------
+
+EVAL = ["eval=lm_eval", "eval.limit=16", "model.seq_len=128", "hydra/launcher=exp_basic", "tracking=none"]
+
+
+def test_a_two_objective_study_ends_with_its_pareto_front_in_the_results_and_the_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        *SWEEP, *TRIAL, *EVAL, "stage.num_steps=4",
+        "hydra.sweeper.objective=[val/loss,eval/exp_stdlib_mc/acc_norm]", "hydra.sweeper.direction=[minimize,maximize]",
+        "hydra.sweeper.pruner=none", "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = study_of(sweep)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3
+    for t in done:  # each value is the trial's own last logged one
+        rows = [json.loads(line) for line in (sweep / str(t.number) / "metrics.jsonl").read_text().splitlines()]
+        assert t.values == [
+            [r["val/loss"] for r in rows if "val/loss" in r][-1],
+            [r["eval/exp_stdlib_mc/acc_norm"] for r in rows if "eval/exp_stdlib_mc/acc_norm" in r][-1],
+        ]
+    results = json.loads((sweep / "optimization_results.yaml").read_text())
+    assert sorted(p["trial"] for p in results["pareto_front"]) == sorted(t.number for t in study.best_trials)
+    report = subprocess.run(
+        [sys.executable, "-m", "exp.report", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "objective: minimize val/loss, maximize eval/exp_stdlib_mc/acc_norm" in report.stdout
+    assert f"Pareto front ({len(study.best_trials)} trials):" in report.stdout
+    assert (sweep / "optuna_pareto.png").stat().st_size > 10_000
+
+
+def test_a_trial_that_never_logs_the_objective_fails_with_the_metric_named(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(
+        *SWEEP, *TRIAL, *EVAL, "stage.num_steps=2", "hydra.sweeper.objective=eval/exp_stdlib_mc/accuracy",
+        "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failure_rate=1.0",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    said = "objective eval/exp_stdlib_mc/accuracy was never logged (the run logged eval/exp_stdlib_mc/acc, "
+    assert said in proc.stdout + proc.stderr
+    assert [t.state for t in study_of(sweep).trials] == [TrialState.FAIL]
+    (entry,) = trials(sweep).values()
+    assert entry["status"] == "FAILED" and entry["error"].startswith("objective eval/exp_stdlib_mc/accuracy")
