@@ -43,6 +43,7 @@ class Trial:
     tokens_per_s: float | None = None
     error: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)  # eval=lm_eval: the last value of each task metric
 
     @property
     def ranked(self) -> bool:
@@ -104,9 +105,20 @@ def sweep_trials(sweep_dir: Path) -> tuple[list[Trial], bool]:
                 tokens_per_s=entry.get("tokens_per_s") or (speed[-1] if speed else None),
                 error=entry.get("error"),
                 curve=val,
+                scores=last_scores(rows),
             )
         )
     return trials, (Path(sweep_dir) / "optimization_results.yaml").exists() or bool(manifest.get("study"))
+
+
+def last_scores(rows: list[dict]) -> dict[str, float]:
+    """{"<task>/<metric>": the last value} of a run's downstream evaluations (not their stderr)."""
+    scores = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("eval/") and not key.endswith("_stderr") and isinstance(value, (int, float)):
+                scores[key[5:]] = float(value)
+    return scores
 
 
 # Optuna's own plots of a study (matplotlib), written beside report.png: file name -> plot function
@@ -239,8 +251,10 @@ def distinct_keys(trials: list[Trial], keys: list[str]) -> list[str]:
 
 
 def format_table(trials: list[Trial], keys: list[str]) -> str:
-    """The ranked table: rank, trial, the varying keys, losses, speed and status (with the error's first line)."""
-    header = ["rank", "trial", *keys, "train loss", "val loss", "best val", "tokens/s", "status"]
+    """The ranked table: rank, trial, the varying keys, losses, the downstream scores (eval=lm_eval), speed and status
+    (with the error's first line)."""
+    scored = sorted({name for t in trials for name in t.scores})
+    header = ["rank", "trial", *keys, "train loss", "val loss", "best val", *scored, "tokens/s", "status"]
     rows, position = [header], 0
     for t in rank(trials):
         position += t.ranked
@@ -253,11 +267,12 @@ def format_table(trials: list[Trial], keys: list[str]) -> str:
                 fmt_loss(t.train_loss),
                 fmt_loss(t.val_loss),
                 fmt_loss(t.best_val_loss),
+                *(f"{t.scores[n]:.4g}" if n in t.scores else "-" for n in scored),
                 f"{t.tokens_per_s:,.0f}" if _finite(t.tokens_per_s) else "-",
                 status,
             ]
         )
-    numeric = {0, 1, *range(len(header) - 5, len(header) - 1)}
+    numeric = {0, 1, *range(len(header) - 5 - len(scored), len(header) - 1)}
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     lines = []
     for r in rows:

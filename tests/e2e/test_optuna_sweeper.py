@@ -572,6 +572,8 @@ def test_a_two_objective_study_ends_with_its_pareto_front_in_the_results_and_the
     assert report.returncode == 0, report.stderr[-2000:]
     assert "objective: minimize val/loss, maximize eval/exp_stdlib_mc/acc_norm" in report.stdout
     assert f"Pareto front ({len(study.best_trials)} trials):" in report.stdout
+    header = next(line for line in report.stdout.splitlines() if line.startswith("rank"))
+    assert "exp_stdlib_mc/acc_norm" in header and "exp_stdlib_mc/acc " in header + " "  # the scores, per trial
     assert (sweep / "optuna_pareto.png").stat().st_size > 10_000
 
 
