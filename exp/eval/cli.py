@@ -17,7 +17,7 @@ from pathlib import Path
 
 from exp.checkpoint import CheckpointError, load_model_for_inference
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state, verify_checkpoint
-from exp.checkpoint.weights import ALLOW_TARGET_HELP
+from exp.checkpoint.weights import ALLOW_TARGET_HELP, find_checkpoint
 from exp.errors import ConfigError, ExpError
 from exp.eval import harness
 from exp.eval.callback import EVAL_DIR, results_path
@@ -95,8 +95,8 @@ def _targets(path: Path, every: bool) -> list[Path]:
     written, in temporary folders, are named on stderr)."""
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if not every:
-        return [path]
+    if not every:  # a run directory: its newest valid checkpoint (named on stderr when newer ones are unusable)
+        return [find_checkpoint(path) if (path / "checkpoints").is_dir() else path]
     root = path / "checkpoints"
     if not root.is_dir():
         raise CheckpointError(f"--all-checkpoints: {path} is not a run directory (no checkpoints/ folder)")

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 import exp.serve.control as control
 from exp.errors import ConfigError
 from exp.serve.guard import Guard, Refused
-from exp.serve.routes import checkpoints, configs, jobs, metrics, sweeps
+from exp.serve.routes import checkpoints, configs, evaluations, jobs, metrics, sweeps
 from exp.serve.state import Service, Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Guard, token=settings.token, max_body_bytes=settings.max_body_bytes, hosts=tuple(settings.hosts))
     for error, status in ANSWERS.items():
         app.add_exception_handler(error, _answer(status))
-    for module in (configs, jobs, metrics, checkpoints, sweeps):
+    for module in (configs, jobs, metrics, checkpoints, sweeps, evaluations):
         app.include_router(module.router)
     app.add_api_route("/", _dashboard, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

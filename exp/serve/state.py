@@ -41,6 +41,7 @@ class Service:
         self.launcher = control.Launcher(self.runs_dir, env=configs.job_env(settings.allow_targets))
         self.cache = control.MetricsCache()
         self.claims = control.Claims()  # starts and resumes under way: a duplicate is refused, not raced
+        self.evaluations: dict = {}  # job id -> the `python -m exp.eval` process "evaluate now" started
 
     def job_or_404(self, job_id: str) -> dict:
         job = self.registry.job(job_id)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -424,3 +425,27 @@ def test_cross_origin_resume_is_refused_and_launches_nothing(client, cli_job, ru
     assert after["source"] == "cli" and after["pid"] is None and after["status"] == "FINISHED"
     assert (sorted(logs.iterdir()) if logs.exists() else []) == before
     assert client.get("/api/training/jobs", headers={"Host": "evil.example"}).status_code == 421
+
+
+def test_evaluate_now_scores_the_newest_checkpoint_beside_the_run(client, cli_job, runs):
+    job_id = cli_job["job_id"]
+    url = f"/api/training/jobs/{job_id}"
+    assert client.get(f"{url}/evaluations").json() == {"job_id": job_id, "steps": [], "running": False}
+    for body, status, said in [
+        ({"tasks": ["no_such_task"]}, 422, "unknown task 'no_such_task'"),
+        ({"tasks": ["../../etc/passwd"]}, 422, "pattern"),  # a task is a name, never a path
+        ({"tasks": ["exp_stdlib_ppl"], "limit": -1}, 422, "greater than 0"),
+    ]:
+        r = client.post(f"{url}/evaluate", json=body)
+        assert r.status_code == status and said in r.text, r.text
+    r = client.post(f"{url}/evaluate", json={"tasks": ["exp_stdlib_ppl"], "limit": 3})
+    assert r.status_code == 202 and r.json()["tasks"] == ["exp_stdlib_ppl"], r.text
+    again = client.post(f"{url}/evaluate", json={"tasks": ["exp_stdlib_ppl"]})
+    assert again.status_code == 409 and "being evaluated already" in again.text
+    deadline = time.time() + 180
+    while client.get(f"{url}/evaluations").json()["running"]:
+        assert time.time() < deadline, (runs / "cli" / "one" / "eval" / "evaluate.log").read_text()[-2000:]
+        time.sleep(0.5)
+    (scored,) = client.get(f"{url}/evaluations").json()["steps"]
+    assert scored["step"] == 6 and scored["tasks"]["exp_stdlib_ppl"]["bits_per_byte"] > 0
+    assert client.get(f"{url}/status").json()["status"] == "FINISHED"  # the run's record is as it was

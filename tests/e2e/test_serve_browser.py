@@ -240,3 +240,37 @@ def test_dashboard_sweep_trials_and_start_form(tmp_path):
     finally:
         browser.close()
         service.kill()
+
+
+def test_dashboard_shows_downstream_scores_and_evaluates_now(tmp_path, corpus_cache):
+    """A run that evaluated exp_stdlib_ppl in its loop: its scores by step in the job's table; "Evaluate now" scores
+    the newest checkpoint again in a process of its own."""
+    from ..conftest import TINY, run_train
+
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp_path / "runs" / "cli" / "evaluated"
+    overrides = ["eval=lm_eval", "eval.tasks=[exp_stdlib_ppl]", "eval.limit=3", "eval.every_n_steps=2"]
+    done = run_train(*TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    service = Service(tmp_path / "runs", token=TOKEN).start()
+    browser = Browser()
+    try:
+        open_with_token(browser, service)
+        browser.wait_for("!!document.querySelector('#jobs tbody tr')", "the run in the jobs table")
+        browser.click("#jobs tbody tr td")
+        rows = "[...document.querySelectorAll('#evaluations tbody tr')]"
+        browser.wait_for(f"{rows}.length === 2 && {rows}[0].dataset.step === '2'", "the scores of steps 2 and 4")
+        cells = browser.js(f"{rows}.map(r => [...r.cells].map(c => c.textContent))")
+        assert [c[:2] for c in cells] == [["2", "exp_stdlib_ppl"], ["4", "exp_stdlib_ppl"]]
+        assert "bits_per_byte" in cells[1][2] and "byte_perplexity" in cells[1][2]
+        browser.screenshot(shots / "dashboard-evaluations.png")
+        before = (run_dir / "eval" / "step_00000004.json").stat().st_mtime_ns
+        browser.click("#evaluate-button")
+        browser.wait_for("document.getElementById('evaluate-button').disabled", "the evaluation to start")
+        browser.wait_for("!document.getElementById('evaluate-button').disabled", "the evaluation to end", timeout=180)
+        assert (run_dir / "eval" / "step_00000004.json").stat().st_mtime_ns > before
+        assert "exp_stdlib_ppl" in (run_dir / "eval" / "evaluate.log").read_text()
+    finally:
+        browser.close()
+        service.kill()

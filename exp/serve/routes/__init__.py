@@ -1,2 +1,2 @@
 """The job service's routes, one router per concern: configs (and the service's own), jobs, metrics, checkpoints,
-sweeps."""
+sweeps, evaluations."""

@@ -138,13 +138,15 @@ async function refreshJob() {
   if (!selected) return;
   const jobId = selected;
   try {
-    const [job, checkpoints, logs] = await Promise.all([
+    const [job, checkpoints, logs, evaluations] = await Promise.all([
       api(`/api/training/jobs/${jobId}/status`),
       api(`/api/training/jobs/${jobId}/checkpoints`),
       api(`/api/training/jobs/${jobId}/logs?tail_bytes=6000`),
+      api(`/api/training/jobs/${jobId}/evaluations`),
     ]);
     if (jobId !== selected) return;
     showStatus(job);
+    showEvaluations(evaluations, checkpoints.length > 0);
     document.querySelector("#checkpoints tbody").replaceChildren(...checkpoints.map((c) =>
       el("tr", { "data-step": c.step },
         el("td", {}, String(c.step)),
@@ -159,6 +161,34 @@ async function refreshJob() {
   } catch (e) {
     document.getElementById("action-result").textContent = e.message;
   }
+}
+
+// downstream scores: one row per task and step (eval=lm_eval in the loop, python -m exp.eval, "Evaluate now")
+function showEvaluations(evaluations, hasCheckpoint) {
+  const rows = [];
+  for (const { step, tasks } of evaluations.steps) {
+    for (const [task, metrics] of Object.entries(tasks)) {
+      const shown = Object.entries(metrics).filter(([name]) => !name.endsWith("_stderr"));
+      const num = (v) => (Math.abs(v) >= 1e5 ? v.toExponential(3) : fmt(v));  // perplexities of words run large
+      const text = shown.map(([name, value]) => `${name} ${num(value)}` + (metrics[`${name}_stderr`] != null ? ` ± ${num(metrics[`${name}_stderr`])}` : "")).join(" · ");
+      rows.push(el("tr", { "data-step": step, "data-task": task }, el("td", {}, String(step)), el("td", {}, task), el("td", {}, text)));
+    }
+  }
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "3", class: "muted" }, "no downstream evaluation yet")));
+  document.querySelector("#evaluations tbody").replaceChildren(...rows);
+  document.getElementById("evaluate-button").disabled = evaluations.running || !hasCheckpoint;
+  document.getElementById("evaluate-state").textContent = evaluations.running ? "evaluating the newest checkpoint…" : "";
+}
+
+async function evaluateNow() {
+  const state = document.getElementById("evaluate-state");
+  try {
+    const answer = await api(`/api/training/jobs/${selected}/evaluate`, { method: "POST", body: "{}" });
+    state.textContent = `evaluating ${answer.tasks.join(", ")}…`;
+  } catch (e) {
+    state.textContent = e.message;
+  }
+  setTimeout(refreshJob, 700);
 }
 
 async function act(what, step) {
@@ -293,6 +323,7 @@ document.getElementById("start-form").addEventListener("submit", startRun);
 document.getElementById("stop-button").addEventListener("click", () => act("stop"));
 document.getElementById("save-button").addEventListener("click", () => act("checkpoint"));
 document.getElementById("resume-button").addEventListener("click", () => act("resume"));
+document.getElementById("evaluate-button").addEventListener("click", evaluateNow);
 loadOptions().catch((e) => { document.getElementById("start-error").textContent = e.message; });
 refreshJobs();
 refreshSweeps();
