@@ -18,7 +18,9 @@ from exp.serve import Settings, create_app  # noqa: E402
 _runs = tempfile.TemporaryDirectory(prefix="exp-serve-schema-")
 # schemathesis calls the app as Host: testserver, a name the operator would have to allow (--allowed-host)
 app = create_app(Settings(runs_dir=Path(_runs.name) / "runs", hosts=("testserver",)))
-schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(path_regex=r"/(start|resume|rerun-failed|evaluate)$")
+schema = schemathesis.openapi.from_asgi("/openapi.json", app).exclude(
+    path_regex=r"/(start|resume|rerun-failed|evaluate)$"
+)
 
 
 @schema.parametrize()
