@@ -132,8 +132,12 @@ class EvalConfig:
     at_end: bool = True
     bootstrap_iters: int = 1000
     max_gen_toks: int = 256
+    launcher: str = "local"  # local: in the training process; slurm: each new checkpoint in a SLURM job of its own
+    slurm: dict[str, Any] = dataclasses.field(default_factory=dict)  # partition, timeout_min, cpus_per_task, ...
 
     def __post_init__(self):
+        if self.launcher not in ("local", "slurm"):
+            raise ValueError(f"eval.launcher={self.launcher} must be local or slurm")
         if self.harness not in (None, "lm_eval"):
             raise ValueError(f"eval.harness={self.harness} must be lm_eval or null (eval=none)")
         if self.batch_size < 1 or self.every_n_steps < 0 or self.max_gen_toks < 1 or self.bootstrap_iters < 0:
@@ -241,6 +245,10 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
         from exp.eval.harness import check_tasks
 
         check_tasks(run.eval.spec())  # lm-eval installed, the task YAMLs parse, every task is known
+        if run.eval.launcher == "slurm":
+            from exp.eval.side import check_slurm
+
+            _guard("eval", check_slurm)
     return Validated(run=run, stage=stage, hardware=hardware)
 
 

@@ -205,7 +205,11 @@ def _prepare(launch: Launch) -> None:
     reporters.append(MetricsFile(launch.run_dir / rundir.METRICS, keep_until_step=launch.state.step))
     saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
     launch.events.add(checkpointer, saver, *(reporters if dist.is_main else []))
-    if run.eval.enabled:
+    if run.eval.enabled and run.eval.launcher == "slurm":  # each new checkpoint in a SLURM job of its own
+        from exp.eval.side import SideJobs
+
+        launch.events.add(*([SideJobs(run.eval, launch.run_dir)] if dist.is_main else []))
+    elif run.eval.enabled:
         from exp.eval.callback import TaskEval
 
         launch.task_eval = TaskEval(run.eval, t, launch.built.tokenizer, launch.events, launch.run_dir, launch.tracker)

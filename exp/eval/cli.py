@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from exp.hardware import resolve_device
 from exp.text import first_line
 
 log = logging.getLogger("exp")
+
+RUN_ID_WAIT_S = 300  # eval.launcher=slurm: how long a job waits for the training run to name its MLflow run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-record", action="store_true", help="print only: nothing goes to MLflow or the run dir")
     p.add_argument("--output", metavar="FILE", help="also write the harness's results JSON to FILE (one PATH only)")
     p.add_argument("--allow-target", action="append", default=[], metavar="PREFIX", help=ALLOW_TARGET_HELP)
+    # eval.launcher=slurm's jobs: the checkpoint's hard links in RUN_DIR/eval/pending/, scored into RUN_DIR's run
+    p.add_argument("--record-into", metavar="RUN_DIR", help=argparse.SUPPRESS)
+    p.add_argument("--remove-after", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -68,10 +74,24 @@ def main(argv=None) -> int:
             evaluated += 1
         except (CheckpointError, OSError, ValueError, KeyError) as e:
             print(f"skipped {target}: {first_line(e)}", file=sys.stderr)
+            if args.record_into:  # a side job's failure, where the run's readers look: RUN_DIR/eval/
+                failed = Path(args.record_into) / EVAL_DIR / f"{target.name}.failed"
+                failed.write_text(f"{type(e).__name__}: {first_line(e)}\n")
+        finally:
+            _remove_pending(target, args)
     if not evaluated:
         print(f"error: {args.path}: no checkpoint could be evaluated", file=sys.stderr)
         return 2
     return 0
+
+
+def _remove_pending(target: Path, args) -> None:
+    """--remove-after: the hard links a side job was given, and only those (a folder under RUN_DIR/eval/pending)."""
+    if not (args.remove_after and args.record_into):
+        return
+    pending = Path(args.record_into).resolve() / EVAL_DIR / "pending"
+    if target.resolve().parent == pending and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def _spec(args) -> harness.Spec:
@@ -130,7 +150,7 @@ def _evaluate(target: Path, spec: harness.Spec, manager, args) -> None:
     if args.output:
         Path(args.output).write_text(harness.results_json(results))
     if checkpoint is not None and not args.no_record:
-        _record(checkpoint, step, results)
+        _record(checkpoint, step, results, Path(args.record_into) if args.record_into else None)
 
 
 def _load(target: Path, args):
@@ -145,12 +165,16 @@ def _load(target: Path, args):
     return model, model_tokenizer(target, model)
 
 
-def _record(checkpoint: Path, step: int, results: dict) -> None:
-    """The results JSON in the run dir's eval/ folder, and the scores in the checkpoint's MLflow run at its step."""
+def _record(checkpoint: Path, step: int, results: dict, run_dir: Path | None = None) -> None:
+    """The results JSON in the run dir's eval/ folder, and the scores in the checkpoint's MLflow run at its step
+    (`run_dir`: the run the checkpoint belongs to, when it is not the folder above checkpoints/)."""
     from exp.tracking import resumed_run_id
 
-    run_dir = checkpoint.parent.parent
-    if checkpoint.parent.name == "checkpoints":
+    if run_dir is not None:  # the run dir names the MLflow run where the checkpoint does not yet
+        checkpoint_in_run = run_dir / "checkpoints" / checkpoint.name
+    else:
+        run_dir, checkpoint_in_run = checkpoint.parent.parent, checkpoint
+    if checkpoint_in_run.parent.name == "checkpoints":
         path = results_path(run_dir, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
@@ -159,7 +183,11 @@ def _record(checkpoint: Path, step: int, results: dict) -> None:
     else:
         path = None
     state = read_trainer_state(checkpoint)
-    uri, run_id = state.get("mlflow_tracking_uri"), resumed_run_id(state, checkpoint)
+    uri, run_id = state.get("mlflow_tracking_uri"), resumed_run_id(state, checkpoint_in_run)
+    deadline = time.monotonic() + RUN_ID_WAIT_S
+    while uri and run_id is None and checkpoint_in_run != checkpoint and time.monotonic() < deadline:
+        time.sleep(1)  # a side job of a run whose MLflow worker has not named its run yet (mlflow_run.json)
+        run_id = resumed_run_id(state, checkpoint_in_run)
     if not uri or not run_id:
         return
     from mlflow.entities import Metric

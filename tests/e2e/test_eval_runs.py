@@ -3,8 +3,10 @@ with `lm_eval --model hf` on its export, 2-rank runs, and bad input refused befo
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -173,3 +175,32 @@ def test_bad_eval_input_is_one_line_exit_2_before_anything_is_written(tmp_path):
         assert not run_dir.exists()
     proc = cli(str(tmp_path), "--tasks", "no_such_task")
     assert proc.returncode == 2 and "--tasks: unknown task 'no_such_task'" in proc.stderr
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="no sbatch: run scripts/slurm-local.sh")
+def test_slurm_side_jobs_score_each_checkpoint_into_the_run_while_training_goes_on(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    side = ["eval=lm_eval", "eval.launcher=slurm", "eval.limit=3", "eval.slurm={cpus_per_task:1,mem_gb:1}"]
+    common = [*TINY, "checkpoint.every_n_steps=2", "checkpoint.keep_last=1", "tracking=mlflow", f"tracking.uri={uri}"]
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    proc = run_train(*common, *side, "eval.tasks=[exp_stdlib_ppl]", f"hydra.run.dir={good}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluation of step 2: SLURM job" in proc.stdout + proc.stderr
+    # exp_stdlib_mc's continuations do not fit a 32-token context: that job fails, the run is not touched
+    failing = run_train(*common, *side, "eval.tasks=[exp_stdlib_mc]", f"hydra.run.dir={bad}", cwd=tmp_path)
+    assert failing.returncode == 0, failing.stderr[-3000:]
+    deadline = time.time() + 240
+    wanted = [good / "eval" / "step_00000002.json", good / "eval" / "step_00000004.json"]
+    wanted += [bad / "eval" / "step_00000004.failed"]
+    while not all(p.exists() for p in wanted):
+        assert time.time() < deadline, sorted(str(p) for p in tmp_path.rglob("eval/*"))
+        time.sleep(1)
+    summary = json.loads((good / "summary.json").read_text())
+    history = MlflowClient(uri).get_metric_history(summary["mlflow_run_id"], "eval/exp_stdlib_ppl/bits_per_byte")
+    assert sorted(h.step for h in history) == [2, 4]
+    assert [p.name for p in (good / "checkpoints").iterdir() if p.name.startswith("step_")] == ["step_00000004"]
+    assert not list((good / "eval" / "pending").iterdir())  # each job removed its hard links
+    assert [j["step"] for j in json.loads((good / "eval" / "jobs.json").read_text())] == [2, 4]
+    assert "longer than the model's context" in (bad / "eval" / "step_00000004.failed").read_text()
+    assert json.loads((bad / "summary.json").read_text())["status"] == "FINISHED"
