@@ -6,7 +6,8 @@
    own Hugging Face path (lm_eval's HFLM on the `--format hf` export of the same weights), on the same tasks, in
    one process (target >= 1.0x): exp_stdlib_mc (multiple choice) and exp_stdlib_ppl (rolling windows).
 2. What evaluating in the loop costs a run: the main job's model trained `--steps` steps with eval=lm_eval every
-   quarter of the run against the same run with eval=none (wall time; training throughput is the steps' alone).
+   quarter of the run against the same run with eval=none (wall time; training throughput is the steps' alone);
+   with sbatch on PATH, also the same evaluations as SLURM side jobs (eval.launcher=slurm) beside the training.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,20 @@ def main() -> None:
         print(f"  run wall time {evaluated:.1f} s vs {plain:.1f} s without: {evaluated / plain:.2f}x")
         ratio = speed["eval"] / speed["plain"]
         print(f"  training tokens/s {speed['eval']:,.0f} vs {speed['plain']:,.0f}: {ratio:.2f}x")
+        if shutil.which("sbatch"):  # the same evaluations as SLURM side jobs (scripts/slurm-local.sh on one machine)
+            started = time.perf_counter()
+            side = train(
+                tmp / "side", args.steps, "eval=lm_eval", "eval.launcher=slurm", f"eval.limit={args.limit}",
+                f"checkpoint.every_n_steps={every}", "checkpoint.keep_last=0", "eval.slurm.mem_gb=1",
+            )  # fmt: skip
+            tokens = json.loads((tmp / "side" / "summary.json").read_text())["tokens_per_s"]
+            jobs = json.loads((tmp / "side" / "eval" / "jobs.json").read_text())
+            done = [tmp / "side" / "eval" / f"step_{j['step']:08d}.{ext}" for j in jobs for ext in ("json", "failed")]
+            while sum(p.exists() for p in done) < len(jobs):  # the jobs end before the next measurement starts
+                time.sleep(1)
+            print(f"  {len(jobs)} side jobs ended {time.perf_counter() - started - side:.1f} s after the run")
+            print(f"side jobs (eval.launcher=slurm): run wall time {side:.1f} s vs {plain:.1f} s: {side / plain:.2f}x")
+            print(f"  training tokens/s {tokens:,.0f} vs {speed['plain']:,.0f}: {tokens / speed['plain']:.2f}x")
         export.main([str(tmp / "plain"), str(tmp / "hf"), "--format", "hf"])
         model, _ = load_model_for_inference(tmp / "plain", torch.device("cpu"))
         ours = ExpLM(model, model_tokenizer(tmp / "plain", model), batch_size=16)

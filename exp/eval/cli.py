@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import time
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """CLI entry point: 0 when something was evaluated; 2 on bad input (before any model is loaded)."""
     args = _parser().parse_args(argv)
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit():  # a SLURM job (eval.launcher=slurm) uses the cores it was given, not the node's
+        import torch
+
+        torch.set_num_threads(int(cpus))
     try:
         spec = _spec(args)
         manager = harness.check_tasks(spec, where="--")
