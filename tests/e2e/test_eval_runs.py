@@ -107,6 +107,11 @@ def test_lm_eval_hf_on_the_export_agrees_with_exps_adapter(run, tmp_path):
         for metric, value in reference[task].items():
             if isinstance(value, float) and "stderr" not in metric:
                 assert ours["results"][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+    # python -m exp.eval reads the HF export as well (its tokenizer included) and scores it the same
+    scored = tmp_path / "hf_scores.json"
+    proc = cli(str(tmp_path / "hf"), "--tasks", "exp_stdlib_mc", "--limit", "30", "--output", str(scored))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(scored.read_text())["results"]["exp_stdlib_mc"] == pytest.approx(ours["results"]["exp_stdlib_mc"])
     # per example: exp's adapter on the checkpoint, in process, against the harness's samples
     import torch
     from lm_eval import simple_evaluate

@@ -444,8 +444,23 @@ def test_evaluate_now_scores_the_newest_checkpoint_beside_the_run(client, cli_jo
     assert again.status_code == 409 and "being evaluated already" in again.text
     deadline = time.time() + 180
     while client.get(f"{url}/evaluations").json()["running"]:
-        assert time.time() < deadline, (runs / "cli" / "one" / "eval" / "evaluate.log").read_text()[-2000:]
+        assert time.time() < deadline, (runs / ".serve" / "logs" / f"{job_id}-evaluate.log").read_text()[-2000:]
         time.sleep(0.5)
     (scored,) = client.get(f"{url}/evaluations").json()["steps"]
     assert scored["step"] == 6 and scored["tasks"]["exp_stdlib_ppl"]["bits_per_byte"] > 0
     assert client.get(f"{url}/status").json()["status"] == "FINISHED"  # the run's record is as it was
+
+
+def test_planted_links_in_a_runs_eval_folder_are_not_read(client, cli_job, runs, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"results": {"stolen": {"acc,none": 0.123456}}}))
+    folder = Path(cli_job["run_dir"]) / "eval"
+    folder.mkdir(exist_ok=True)
+    link = folder / "step_00000099.json"
+    link.symlink_to(secret)
+    try:
+        answer = client.get(f"/api/training/jobs/{cli_job['job_id']}/evaluations")
+        assert answer.status_code == 200 and "stolen" not in answer.text and "0.123456" not in answer.text
+        assert 99 not in [s["step"] for s in answer.json()["steps"]]
+    finally:
+        link.unlink()

@@ -270,7 +270,7 @@ def test_dashboard_shows_downstream_scores_and_evaluates_now(tmp_path, corpus_ca
         browser.wait_for("document.getElementById('evaluate-button').disabled", "the evaluation to start")
         browser.wait_for("!document.getElementById('evaluate-button').disabled", "the evaluation to end", timeout=180)
         assert (run_dir / "eval" / "step_00000004.json").stat().st_mtime_ns > before
-        assert "exp_stdlib_ppl" in (run_dir / "eval" / "evaluate.log").read_text()
+        assert "exp_stdlib_ppl" in next((tmp_path / "runs" / ".serve" / "logs").glob("*-evaluate.log")).read_text()
     finally:
         browser.close()
         service.kill()

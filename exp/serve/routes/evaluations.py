@@ -1,7 +1,7 @@
 """Downstream evaluation of a job: its scores by step (RUN_DIR/eval/step_<N>.json, written by eval=lm_eval in the
 loop or by python -m exp.eval), and "evaluate now": python -m exp.eval on the job's newest checkpoint, in a process
 of its own beside the training (which it never touches), its scores logged into the job's MLflow run at that
-checkpoint's step."""
+checkpoint's step (its output: RUNS/.serve/logs/<job>-evaluate.log)."""
 
 from __future__ import annotations
 
@@ -86,11 +86,12 @@ def evaluate_now(job_id: ID, svc: ServiceDep, body: Annotated[EvaluateIn | None,
         running = svc.evaluations.get(job_id)
         if running is not None and running.poll() is None:
             raise HTTPException(409, f"job {job_id} is being evaluated already")
-        (run_dir / EVAL_DIR).mkdir(exist_ok=True)
         command = [sys.executable, "-m", "exp.eval", str(run_dir), "--tasks", ",".join(tasks)]
         command += [a for prefix in svc.settings.allow_targets for a in ("--allow-target", prefix)]
         command += ["--limit", f"{body.limit:g}"] if body.limit else []
-        with open(run_dir / EVAL_DIR / "evaluate.log", "ab") as log:
+        # the output goes to the service's own folder: nothing is written through a link planted in a run dir
+        svc.launcher.logs.mkdir(parents=True, exist_ok=True)
+        with open(svc.launcher.logs / f"{job_id}-evaluate.log", "ab") as log:
             svc.evaluations[job_id] = svc.launcher.spawn(
                 command,
                 cwd=svc.runs_dir.parent,
