@@ -112,6 +112,20 @@ class Launcher:
             self._exited.pop(child.pid, None)  # a pid the system reused
         return child
 
+    def spawn_logged(self, command: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+        """A process of the service (a sweep, an evaluation) in its own session, from the folder that holds the runs
+        directory, its output appended to log_path."""
+        with open(log_path, "ab") as log:
+            return self.spawn(
+                command,
+                cwd=self.runs_dir.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **kwargs,
+            )
+
     def command(self, overrides: list[str], run_dir: Path) -> list[str]:
         return [sys.executable, str(TRAIN_PY), *overrides, f"hydra.run.dir={run_dir}"]
 

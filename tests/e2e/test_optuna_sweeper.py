@@ -120,15 +120,22 @@ def test_the_sweep_files_run_trials_side_by_side_as_the_readme_says(tmp_path):
     assert hydra_of("optuna_slurm")["launcher"]["_target_"].endswith("exp_launcher.SlurmLauncher")
 
 
-def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
+def median_pruned_study(tmp_path, direction: str, completed: float):
+    """(storage, study, a new trial) of a study with the median pruner and one trial completed at `completed`, having
+    reported it at step 2."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(study_name="s", storage=storage, pruner=optuna.pruners.MedianPruner(1, 0))
+    pruner = optuna.pruners.MedianPruner(1, 0)
+    study = optuna.create_study(study_name="s", storage=storage, direction=direction, pruner=pruner)
     study.set_user_attr("pruner", "median")
     study.set_user_attr("pruner_args", {"n_startup_trials": 1, "n_warmup_steps": 0})
     good = study.ask()
-    good.report(3.0, 2)
-    study.tell(good, 3.0)
-    bad = study.ask()
+    good.report(completed, 2)
+    study.tell(good, completed)
+    return storage, study, study.ask()
+
+
+def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
+    storage, study, bad = median_pruned_study(tmp_path, "minimize", 3.0)
     callback = OptunaPruning(storage=storage, study_name="s", trial_number=bad.number)
     callback.on_train_start(TrainState())
     callback.on_eval_end(TrainState(step=2), {"val/loss": 5.0})
@@ -137,16 +144,7 @@ def test_pruning_callback_reports_and_stops_a_bad_trial(tmp_path):
 
 
 def test_pruning_follows_a_downstream_objective(tmp_path):
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(
-        study_name="s", storage=storage, direction="maximize", pruner=optuna.pruners.MedianPruner(1, 0)
-    )
-    study.set_user_attr("pruner", "median")
-    study.set_user_attr("pruner_args", {"n_startup_trials": 1, "n_warmup_steps": 0})
-    good = study.ask()
-    good.report(0.6, 2)
-    study.tell(good, 0.6)
-    bad = study.ask()
+    storage, study, bad = median_pruned_study(tmp_path, "maximize", 0.6)
     callback = OptunaPruning(storage, "s", bad.number, metric="eval/exp_stdlib_mc/acc")
     callback.on_train_start(TrainState())
     callback.on_eval_end(TrainState(step=2), {"val/loss": 0.1})  # not the objective: nothing reported

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -91,15 +90,7 @@ def evaluate_now(job_id: ID, svc: ServiceDep, body: Annotated[EvaluateIn | None,
         command += ["--limit", f"{body.limit:g}"] if body.limit else []
         # the output goes to the service's own folder: nothing is written through a link planted in a run dir
         svc.launcher.logs.mkdir(parents=True, exist_ok=True)
-        with open(svc.launcher.logs / f"{job_id}-evaluate.log", "ab") as log:
-            svc.evaluations[job_id] = svc.launcher.spawn(
-                command,
-                cwd=svc.runs_dir.parent,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        svc.evaluations[job_id] = svc.launcher.spawn_logged(command, svc.launcher.logs / f"{job_id}-evaluate.log")
     summary = read_summary(run_dir) or {}
     return {"job_id": job_id, "requested": "evaluate", "tasks": tasks, "status": summary.get("status")}
 

@@ -146,16 +146,7 @@ def _log_dir(svc: Service) -> Path:
 
 def _spawn(svc: Service, command: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
     """A sweep's process in its own session, from the directory that holds the runs directory, logging to log_path."""
-    with open(log_path, "ab") as log:
-        return svc.launcher.spawn(
-            command,
-            cwd=svc.runs_dir.parent,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **kwargs,
-        )
+    return svc.launcher.spawn_logged(command, log_path, **kwargs)
 
 
 @router.post("/api/training/sweeps/start", status_code=201)
