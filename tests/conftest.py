@@ -37,6 +37,27 @@ TINY = [
 ]
 
 
+# The end-to-end files that take longest, started first: the suite runs on two workers, a file each at a time
+# (-n 2 --dist loadfile), and a long file handed out last would run alone at the end (docs/testing.md).
+LONGEST_FIRST = (
+    "test_optuna_sweeper.py",
+    "test_tracking.py",
+    "test_eval_runs.py",
+    "test_slurm_sweeps.py",
+    "test_dist.py",
+    "test_dist_resume.py",
+    "test_serve_slurm.py",
+    "test_pipeline.py",
+    "test_serve_e2e.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).name, len(rank)))  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def corpus_cache(tmp_path_factory):
     """One stdlib corpus for the whole session, outside the user's cache."""

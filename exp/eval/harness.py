@@ -8,6 +8,7 @@ that `eval=none` (the default) and the rest of exp never need it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -87,11 +88,22 @@ def task_manager(spec: Spec, where: str = "eval."):
     from lm_eval.tasks import TaskManager
 
     folder = check_include_path(spec.include_path, f"{where}include_path".replace("--include_path", "--include-path"))
-    paths = [str(BUILTIN_TASKS)] + ([str(folder)] if folder else [])
+    if folder is None:  # the installed harness's and exp's tasks only: indexed once per process
+        manager = _installed_tasks(False)
+        return manager if all(t in manager.all_tasks for t in spec.tasks) else _installed_tasks(True)
+    paths = [str(BUILTIN_TASKS), str(folder)]  # a folder of the user's: read again each time (it may change)
     manager = TaskManager(include_path=paths, include_defaults=False, verbosity="ERROR")
     if all(t in manager.all_tasks for t in spec.tasks):
         return manager
     return TaskManager(include_path=paths, include_defaults=True, verbosity="ERROR")
+
+
+@functools.lru_cache(maxsize=2)
+def _installed_tasks(include_defaults: bool):
+    """exp's built-in tasks, with the harness's own (thousands of YAMLs, seconds to index) when asked."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(BUILTIN_TASKS)], include_defaults=include_defaults, verbosity="ERROR")
 
 
 def check_tasks(spec: Spec, manager=None, where: str = "eval."):

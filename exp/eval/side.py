@@ -57,9 +57,12 @@ class SideJobs(Callback):
         if pending.exists():
             shutil.rmtree(pending)
         pending.mkdir(parents=True)
-        for file in checkpoint.iterdir():  # hard links: rotation may remove the checkpoint while the job waits
-            if file.is_file() and not file.is_symlink():
-                os.link(file, pending / file.name)
+        for file in sorted(checkpoint.rglob("*")):  # hard links: rotation may remove the checkpoint meanwhile
+            target = pending / file.relative_to(checkpoint)
+            if file.is_dir() and not file.is_symlink():
+                target.mkdir(exist_ok=True)  # a sharded checkpoint's folders
+            elif file.is_file() and not file.is_symlink():
+                os.link(file, target)
         command = [sys.executable, "-m", "exp.eval", str(pending), "--record-into", str(self.run_dir)]
         command += ["--remove-after", "--tasks", ",".join(self.cfg.tasks or ["exp_stdlib_mc"])]
         command += ["--limit", f"{self.cfg.limit:g}"] if self.cfg.limit else []

@@ -30,7 +30,8 @@ from exp.text import first_line
 
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
-RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
+RUN_MARKER = "mlflow_run.json"
+WORKER_IGNORES = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}  # the trainer's to act on (with SIGINT)  # in the run dir: which MLflow run this directory last wrote to
 
 
 # --- the messages -----------------------------------------------------------------------------------
@@ -114,8 +115,16 @@ class Handle:
         # the trainer's pid, not the worker's later getppid(): a trainer killed while the worker starts is gone by then
         args = (self.inbox, self.outbox, uri, os.getpid())
         self.process = ctx.Process(target=main, args=args, name="mlflow-tracker", daemon=True)
-        with sigint_ignored():  # from birth: a Ctrl-C to the process group while it imports must not end it
-            self.process.start()
+        # from birth: a Ctrl-C to the process group, or SLURM's signals to every process of the job (scancel
+        # --signal=USR1 for save now), must not end it while it starts. SIGINT is ignored (inherited across exec);
+        # the others are blocked for the start only, so the trainer still gets each one (delivered once unblocked)
+        # and the worker ignores them before it unblocks them (main).
+        with sigint_ignored():
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORES)
+            try:
+                self.process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
         _yield_cpu(self.process.pid)
         _started[:] = [h for h in _started if h.process.is_alive()] + [self]
 
@@ -196,8 +205,9 @@ def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
     # The trainer decides when the run ends: Ctrl-C (sent to the whole process group), SIGTERM or SLURM's
     # USR2 must reach it, not stop this process before it has logged the ending.
     # SIGUSR1 (save now) too: on SLURM, scancel --signal reaches every process of the job, this one included
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGINT, *WORKER_IGNORES):
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORES)  # blocked by the trainer while this process started
     trainer = trainer or os.getppid()
     if os.getppid() != trainer:  # SIGKILLed while this process started: this one is an orphan already
         return

@@ -11,9 +11,11 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from exp.config import ConfigError, validate
+from exp.eval.cli import main as eval_main
 from exp.rundir import read_metrics
 
-from ..conftest import ROOT, TINY, run_train
+from ..conftest import ROOT, TINY, compose_train, run_train
 from .test_dist import torchrun
 
 TASKS = "eval.tasks=[exp_stdlib_mc,exp_stdlib_ppl]"
@@ -157,7 +159,7 @@ def test_two_ranks_share_the_requests_and_score_as_one_process(tmp_path, strateg
     assert [p.name for p in (tmp_path / "run" / "eval").iterdir()] == ["step_00000006.json"]  # --no-record
 
 
-def test_bad_eval_input_is_one_line_exit_2_before_anything_is_written(tmp_path):
+def test_bad_eval_input_is_one_line_exit_2_before_anything_is_written(tmp_path, capsys):
     bad = tmp_path / "tasks"
     bad.mkdir()
     (bad / "mine.yaml").write_text("task: mine\nmetric_list: [acc\n")
@@ -165,7 +167,6 @@ def test_bad_eval_input_is_one_line_exit_2_before_anything_is_written(tmp_path):
     no_lm_eval.mkdir(parents=True)
     (no_lm_eval / "__init__.py").write_text("raise ImportError('No module named lm_eval')\n")
     cases = [
-        (["eval=lm_eval", "eval.tasks=[no_such_task]"], ENV, "eval.tasks: unknown task 'no_such_task'"),
         (["eval=lm_eval", f"eval.include_path={bad}"], ENV, "mine.yaml line 3: not a task YAML"),
         (["eval=lm_eval"], {**ENV, "PYTHONPATH": f"{no_lm_eval.parent}:{ROOT}"}, "lm-eval is not installed"),
     ]
@@ -178,8 +179,12 @@ def test_bad_eval_input_is_one_line_exit_2_before_anything_is_written(tmp_path):
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and message in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
         assert not run_dir.exists()
-    proc = cli(str(tmp_path), "--tasks", "no_such_task")
-    assert proc.returncode == 2 and "--tasks: unknown task 'no_such_task'" in proc.stderr
+    # an unknown task: the same check, in this process (train.py's validation, then exp.eval's command line)
+    with pytest.raises(ConfigError, match="eval.tasks: unknown task 'no_such_task'"):
+        validate(compose_train(*TINY, "eval=lm_eval", "eval.tasks=[no_such_task]", run_dir=tmp_path / "run"))
+    assert eval_main([str(tmp_path), "--tasks", "no_such_task"]) == 2
+    assert "--tasks: unknown task 'no_such_task'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slurm

@@ -480,3 +480,24 @@ def test_a_refused_resume_leaves_the_finished_runs_record_as_it_was(store, tmp_p
     errors = [line for line in proc.stderr.splitlines() if "cannot resume" in line]
     assert len(errors) == 1 and errors[0].startswith("error: cannot resume from "), proc.stderr[-3000:]
     assert record() == before
+
+
+def test_slurm_signals_to_every_process_of_the_job_never_end_a_starting_worker():
+    """scancel --signal=USR1 (save now), TERM or USR2 reach every process of a SLURM job, a worker still importing
+    Python included: it is born with them blocked and ignores them, while the trainer still receives its own."""
+    from exp.tracking.worker import Handle
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: received.append("USR1"))
+    try:
+        handle = Handle()
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2):
+            os.kill(handle.process.pid, sig)  # at once: the new interpreter has not reached main() yet
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(3)
+        assert handle.process.is_alive(), handle.process.exitcode
+        assert received == ["USR1"]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        handle.process.kill()
+        handle.process.join()
