@@ -44,10 +44,17 @@ class Trial:
     error: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)  # eval=lm_eval: the last value of each task metric
+    # an Optuna study's own objective, when it is one metric other than val/loss: what the trials are ranked by
+    objective: float | None = None
+    maximize: bool = False
+
+    @property
+    def rank_value(self) -> float | None:
+        return self.objective if self.objective is not None else self.val_loss
 
     @property
     def ranked(self) -> bool:
-        return self.status == "FINISHED" and _finite(self.val_loss)
+        return self.status == "FINISHED" and _finite(self.rank_value)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -66,8 +73,9 @@ def varying_keys(trials: list[Trial]) -> list[str]:
 
 
 def rank(trials: list[Trial]) -> list[Trial]:
-    """FINISHED trials by final val loss, then the failed and unfinished ones in job order."""
-    done = sorted((t for t in trials if t.ranked), key=lambda t: t.val_loss)
+    """FINISHED trials by final val loss (or by the study's objective, in its direction), then the failed and
+    unfinished ones in job order."""
+    done = sorted((t for t in trials if t.ranked), key=lambda t: -t.rank_value if t.maximize else t.rank_value)
     rest = sorted((t for t in trials if not t.ranked), key=lambda t: _num_key(t.num))
     return done + rest
 
@@ -108,7 +116,18 @@ def sweep_trials(sweep_dir: Path) -> tuple[list[Trial], bool]:
                 scores=last_scores(rows),
             )
         )
+        trials[-1].objective, trials[-1].maximize = study_objective(manifest.get("study") or {}, rows)
     return trials, (Path(sweep_dir) / "optimization_results.yaml").exists() or bool(manifest.get("study"))
+
+
+def study_objective(study: dict, rows: list[dict]) -> tuple[float | None, bool]:
+    """(the trial's last value of the study's objective, whether it is maximised) when the study optimised one
+    metric other than val/loss; (None, False) otherwise (ranked by val loss)."""
+    names, direction = study.get("objective") or ["val/loss"], study.get("direction") or "minimize"
+    if len(names) != 1 or names[0] == "val/loss" or not isinstance(direction, str):
+        return None, False
+    values = [r[names[0]] for r in rows if isinstance(r.get(names[0]), (int, float)) and _finite(r[names[0]])]
+    return (values[-1] if values else None), direction == "maximize"
 
 
 def last_scores(rows: list[dict]) -> dict[str, float]:

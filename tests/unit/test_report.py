@@ -7,6 +7,7 @@ import yaml
 
 from exp.sweep import cli as sweep
 from exp.sweep import report
+from exp.sweep.report import rank, sweep_trials
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SHARED = ["model.n_layer=1", "stage.num_steps=20"]
@@ -210,3 +211,25 @@ def test_resume_dry_run_lists_exactly_the_unfinished_trials(grid_sweep, capsys):
         f"trial 2 (FAILED) -> {grid_sweep / '2'}",
         f"trial 3 (KILLED) -> {grid_sweep / '3'}",
     ]
+
+
+def test_a_study_with_a_downstream_objective_ranks_by_it_in_its_direction(tmp_path, capsys):
+    sweep_dir = tmp_path / "study"
+    trials = {}
+    for num, (val, acc) in enumerate([(2.0, 0.30), (3.0, 0.45), (2.5, 0.40)]):
+        run_dir = sweep_dir / str(num)
+        write_run(run_dir, [f"stage.learning_rate=0.00{num + 1}"], "FINISHED", val)
+        with (run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 20, "eval/exp_stdlib_mc/acc": acc}) + "\n")
+        trials[str(num)] = {"num": num, "overrides": [f"stage.learning_rate=0.00{num + 1}"], "run_dir": str(run_dir)}
+    study = {"objective": ["eval/exp_stdlib_mc/acc"], "direction": "maximize"}
+    manifest = {"sweep_dir": str(sweep_dir), "launcher": "x", "trials": trials, "study": study}
+    (sweep_dir / "sweep.json").write_text(json.dumps(manifest))
+    found, optuna = sweep_trials(sweep_dir)
+    assert optuna and [t.num for t in rank(found)] == ["1", "2", "0"]  # by accuracy, highest first
+    study["direction"] = "minimize"
+    (sweep_dir / "sweep.json").write_text(json.dumps(manifest))
+    assert [t.num for t in rank(sweep_trials(sweep_dir)[0])] == ["0", "2", "1"]
+    study["objective"] = ["val/loss"]
+    (sweep_dir / "sweep.json").write_text(json.dumps(manifest))
+    assert [t.num for t in rank(sweep_trials(sweep_dir)[0])] == ["0", "2", "1"]  # val loss, as always
