@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from exp.model.layers import Attention, RMSNorm, SwiGLU, rope_cache
+from exp.model.layers import Attention, RMSNorm, SwiGLU, document_mask, document_positions, rope_cache
 from exp.model.moe import MoEMLP
 from exp.model.protocol import sample
 
@@ -27,9 +27,9 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
         """x: (B, T, d_model) -> (B, T, d_model)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -130,19 +130,27 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx, targets: (B, T) int64 -> logits (B, T, vocab), mean CE over targets != -100 (or None)."""
+        """idx, targets: (B, T) int64 -> logits (B, T, vocab), mean CE over targets != -100 (or None).
+
+        doc_ids (B, T), non-decreasing along each row, says which document each token belongs to when several are
+        packed in a row: attention then never crosses a document boundary and rotary positions restart at each
+        document, so each document is computed as it would be alone. None: one causal sequence per row."""
         T = idx.shape[1]
         if T > self.seq_len:
             raise ValueError(f"sequence length T={T} exceeds seq_len={self.seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim / 2)
+        cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # (T, head_dim / 2)
+        if doc_ids is not None:
+            positions = document_positions(doc_ids)  # (B, T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd / 2)
+            mask = document_mask(doc_ids)
         x = self.drop(self.tok_emb(idx))  # (B, T, d_model)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, mask)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:

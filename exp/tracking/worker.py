@@ -30,8 +30,8 @@ from exp.text import first_line
 
 MAX_KEY = 250
 BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-call limits of log_batch
-RUN_MARKER = "mlflow_run.json"
-WORKER_IGNORES = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}  # the trainer's to act on (with SIGINT)  # in the run dir: which MLflow run this directory last wrote to
+RUN_MARKER = "mlflow_run.json"  # in the run dir: which MLflow run this directory last wrote to
+WORKER_IGNORES = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}  # the trainer's to act on (with SIGINT)
 
 
 # --- the messages -----------------------------------------------------------------------------------

@@ -294,3 +294,23 @@ def test_overfits_single_batch():
         opt.step()
     final = model(idx, tgt)[1].item()
     assert final < 0.5 * first, (first, final)
+
+
+def test_documents_packed_in_a_row_are_computed_as_each_alone():
+    """doc_ids: attention never crosses a document boundary and rotary positions restart at each document; without
+    them the later documents see the earlier ones."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=264, seq_len=32, n_layer=2, d_model=64, n_head=4, n_kv_head=2).eval()
+    docs = [torch.randint(0, 256, (1, n)) for n in (11, 9, 12)]
+    row = torch.cat(docs, 1)
+    doc_ids = torch.cat([torch.full((1, d.shape[1]), i) for i, d in enumerate(docs)], 1)
+    with torch.no_grad():
+        packed = model(row, doc_ids=doc_ids)[0]
+        plain = model(row)[0]
+        start = 0
+        for doc in docs:
+            alone = model(doc)[0]
+            assert torch.allclose(packed[:, start : start + doc.shape[1]], alone, atol=1e-5)
+            start += doc.shape[1]
+        assert not torch.allclose(plain[:, 11:20], model(docs[1])[0], atol=1e-2)  # the mask is what does it
+        assert torch.allclose(model(row, doc_ids=torch.zeros_like(doc_ids))[0], plain, atol=1e-6)  # one document
