@@ -44,7 +44,7 @@ class ConsoleLog(Callback):
             if key.count("/") < 2:
                 continue
             _, task, metric = key.split("/", 2)
-            if not metric.endswith("_stderr") and metric != "sample_len":
+            if not metric.endswith("_stderr"):
                 tasks.setdefault(task, []).append(f"{metric} {value:.4g}")
         for task, values in tasks.items():
             log.info(f"tasks {state.step:>{self.width}}/{self.num_steps} | {task} | " + " | ".join(values))

@@ -62,14 +62,19 @@ def _chat(args, model, tokenizer) -> None:
         turns.append({"role": "assistant", "content": reply})
 
 
-def _load(args):
-    """(model, tokenizer) of a checkpoint, run directory, exp export or `--format hf` export folder."""
+def load_with_tokenizer(path, device, allow=()):
+    """(model, tokenizer) of a checkpoint, run directory, exp export or `--format hf` export folder (exp.generate and
+    exp.eval read models this way)."""
     from exp.export.from_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
 
-    if is_hf_folder(args.checkpoint):  # read as exp's GPT: transformers is not needed
-        return load_hf_folder(args.checkpoint, resolve_device(args.device))[0], hf_folder_tokenizer(args.checkpoint)
-    model, _ = load_model_for_inference(args.checkpoint, resolve_device(args.device), allow=args.allow_target)
-    return model, model_tokenizer(args.checkpoint, model)
+    if is_hf_folder(path):  # read as exp's GPT: transformers is not needed
+        return load_hf_folder(path, device)[0], hf_folder_tokenizer(path)
+    model, _ = load_model_for_inference(path, device, allow=allow)
+    return model, model_tokenizer(path, model)
+
+
+def _load(args):
+    return load_with_tokenizer(args.checkpoint, resolve_device(args.device), args.allow_target)
 
 
 def main(argv=None) -> int:

@@ -425,16 +425,25 @@ def plot_run(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
-def task_scores(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """The downstream scores of metrics.jsonl rows, {"<task>/<metric>": [(step, value)]}: the eval/ metrics that
-    are fractions (accuracies, exact match), not their stderr and not perplexities."""
+def task_metrics(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The downstream evaluations (eval=lm_eval) of metrics.jsonl rows, {"<task>/<metric>": [(step, value)]}, their
+    stderr left out."""
     found: dict[str, list[tuple[int, float]]] = {}
     for m in rows:
         for key, value in m.items():
-            lower_is_better = "perplexity" in key or "bits_per_byte" in key
-            if key.startswith("eval/") and not key.endswith("_stderr") and not lower_is_better:
-                found.setdefault(key[5:], []).append((m["step"], value))
-    return {k: v for k, v in found.items() if all(isinstance(x, (int, float)) and 0.0 <= x <= 1.0 for _, x in v)}
+            if key.startswith("eval/") and not key.endswith("_stderr") and isinstance(value, (int, float)):
+                found.setdefault(key[5:], []).append((m["step"], float(value)))
+    return found
+
+
+def task_scores(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """task_metrics that are fractions (accuracies, exact match): the ones a plot of scores shows, not perplexities."""
+    lower_is_better = ("perplexity", "bits_per_byte")
+    return {
+        k: v
+        for k, v in task_metrics(rows).items()
+        if not any(w in k for w in lower_is_better) and all(0.0 <= x <= 1.0 for _, x in v)
+    }
 
 
 def pyplot():

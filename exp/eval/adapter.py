@@ -17,6 +17,7 @@ forwards: rolling windows and batches are padded to the largest rank's count and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -90,7 +91,7 @@ class ExpLM(TemplateLM):
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._autocast() if self._autocast else _nothing():
+            with self._autocast() if self._autocast else contextlib.nullcontext():
                 logits = logits_of(self.model(batch.to(self._device)))
         finally:
             self.model.train(was_training)
@@ -221,11 +222,3 @@ def _choose(logprobs: torch.Tensor, options: dict, generator: torch.Generator) -
         return int(logprobs.argmax())
     probs = torch.softmax(logprobs.float().cpu() / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exp.eval import harness
 from exp.events import Callback, Events, TrainState
+from exp.rundir import write_atomic
 
 log = logging.getLogger("exp")
 
@@ -17,6 +18,13 @@ EVAL_DIR = "eval"  # in the run dir: step_<N>.json, the harness's results of eac
 
 def results_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / EVAL_DIR / f"step_{step:08d}.json"
+
+
+def write_results(run_dir: Path, step: int, results: dict) -> Path:
+    """The harness's results of the evaluation at `step`, written atomically into RUN_DIR/eval/."""
+    path = results_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, harness.results_json(results))
 
 
 class TaskEval(Callback):
@@ -71,11 +79,7 @@ class TaskEval(Callback):
         metrics = harness.metrics_of(results)
         metrics["perf/eval_seconds"] = time.perf_counter() - started
         self.last = metrics
-        path = results_path(self.run_dir, state.step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(harness.results_json(results))
-        tmp.replace(path)
+        path = write_results(self.run_dir, state.step, results)
         self.events.on_task_eval(state, metrics)
         if self.tracker is not None:
             self.tracker.log_artifact(path, EVAL_DIR)

@@ -17,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from exp.checkpoint import CheckpointError, load_model_for_inference
+from exp.checkpoint import CheckpointError
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state, verify_checkpoint
 from exp.checkpoint.weights import ALLOW_TARGET_HELP, find_checkpoint
 from exp.errors import ConfigError, ExpError
 from exp.eval import harness
-from exp.eval.callback import EVAL_DIR, results_path
+from exp.eval.callback import EVAL_DIR, write_results
+from exp.generate import load_with_tokenizer
 from exp.hardware import resolve_device
+from exp.rundir import write_atomic
 from exp.text import first_line
 
 log = logging.getLogger("exp")
@@ -142,7 +144,7 @@ def _evaluate(target: Path, spec: harness.Spec, manager, args) -> None:
     checkpoint = target if (target / MANIFEST).is_file() else None
     if checkpoint is not None:
         verify_checkpoint(checkpoint)  # a corrupt or half-copied checkpoint is named, not scored
-    model, tokenizer = _load(target, args)
+    model, tokenizer = load_with_tokenizer(target, resolve_device(args.device), args.allow_target)
     dtype = getattr(torch, args.dtype)
     device = next(model.parameters()).device
     autocast = None if dtype is torch.float32 else (lambda: torch.autocast(device.type, dtype=dtype))
@@ -154,21 +156,9 @@ def _evaluate(target: Path, spec: harness.Spec, manager, args) -> None:
     print(f"{target}" + (f" (step {step})" if step is not None else "") + f": {seconds:.1f} s")
     print(harness.table(results))
     if args.output:
-        Path(args.output).write_text(harness.results_json(results))
+        write_atomic(args.output, harness.results_json(results))
     if checkpoint is not None and not args.no_record:
         _record(checkpoint, step, results, Path(args.record_into) if args.record_into else None)
-
-
-def _load(target: Path, args):
-    """(model, tokenizer), as exp.generate reads them."""
-    from exp.export.from_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
-    from exp.generate import model_tokenizer
-
-    device = resolve_device(args.device)
-    if is_hf_folder(target):
-        return load_hf_folder(target, device)[0], hf_folder_tokenizer(target)
-    model, _ = load_model_for_inference(target, device, allow=args.allow_target)
-    return model, model_tokenizer(target, model)
 
 
 def _record(checkpoint: Path, step: int, results: dict, run_dir: Path | None = None) -> None:
@@ -180,14 +170,7 @@ def _record(checkpoint: Path, step: int, results: dict, run_dir: Path | None = N
         checkpoint_in_run = run_dir / "checkpoints" / checkpoint.name
     else:
         run_dir, checkpoint_in_run = checkpoint.parent.parent, checkpoint
-    if checkpoint_in_run.parent.name == "checkpoints":
-        path = results_path(run_dir, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(harness.results_json(results))
-        tmp.replace(path)
-    else:
-        path = None
+    path = write_results(run_dir, step, results) if checkpoint_in_run.parent.name == "checkpoints" else None
     state = read_trainer_state(checkpoint)
     uri, run_id = state.get("mlflow_tracking_uri"), resumed_run_id(state, checkpoint_in_run)
     deadline = time.monotonic() + RUN_ID_WAIT_S

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from exp.rundir import read_metrics
+from exp.rundir import read_metrics, task_metrics
 
 DEFAULT = "val/loss"
 DIRECTIONS = ("minimize", "maximize")
@@ -102,15 +102,15 @@ def values(run_dir: Path, objectives: Objectives) -> list[float]:
     """Each objective's last value in the trial's metrics.jsonl; MissingObjective naming the first one absent (or
     never finite)."""
     last: dict[str, float] = {}
-    for row in read_metrics(Path(run_dir) / "metrics.jsonl"):
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    for row in rows:
         for name in objectives.names:
             value = row.get(name)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 last[name] = float(value)
     missing = [n for n in objectives.names if n not in last]
     if missing:
-        task_metrics = sorted({k for row in read_metrics(Path(run_dir) / "metrics.jsonl") for k in row if "/" in k})
-        hint = [k for k in task_metrics if k.startswith("eval/") and not k.endswith("_stderr")]
+        hint = [f"eval/{name}" for name in sorted(task_metrics(rows))]
         raise MissingObjective(
             f"objective {missing[0]} was never logged" + (f" (the run logged {', '.join(hint)})" if hint else "")
         )

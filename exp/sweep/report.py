@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exp.errors import ExpError
-from exp.rundir import plot_run, pyplot, read_metrics, read_summary
+from exp.rundir import plot_run, pyplot, read_metrics, read_summary, task_metrics
 from exp.sweep.manifest import SweepError, is_sweep_dir, load_sweep, trials_of
 from exp.text import first_line, fmt_loss
 
@@ -113,7 +113,7 @@ def sweep_trials(sweep_dir: Path) -> tuple[list[Trial], bool]:
                 tokens_per_s=entry.get("tokens_per_s") or (speed[-1] if speed else None),
                 error=entry.get("error"),
                 curve=val,
-                scores=last_scores(rows),
+                scores={name: points[-1][1] for name, points in task_metrics(rows).items()},
             )
         )
         trials[-1].objective, trials[-1].maximize = study_objective(manifest.get("study") or {}, rows)
@@ -128,16 +128,6 @@ def study_objective(study: dict, rows: list[dict]) -> tuple[float | None, bool]:
         return None, False
     values = [r[names[0]] for r in rows if isinstance(r.get(names[0]), (int, float)) and _finite(r[names[0]])]
     return (values[-1] if values else None), direction == "maximize"
-
-
-def last_scores(rows: list[dict]) -> dict[str, float]:
-    """{"<task>/<metric>": the last value} of a run's downstream evaluations (not their stderr)."""
-    scores = {}
-    for row in rows:
-        for key, value in row.items():
-            if key.startswith("eval/") and not key.endswith("_stderr") and isinstance(value, (int, float)):
-                scores[key[5:]] = float(value)
-    return scores
 
 
 # Optuna's own plots of a study (matplotlib), written beside report.png: file name -> plot function

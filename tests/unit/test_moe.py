@@ -12,21 +12,17 @@ from exp.config import EXP_KEYS
 from exp.model import GPT, SwiGLU
 from exp.model.moe import MoEMLP, router_stats
 
-V, T, L, H, D, C = 64, 16, 2, 4, 32, 4
+from . import test_model as dense
+from .test_model import D, H, L, T, V, batch  # noqa: F401  (the same shapes and batches as the dense model's tests)
+
+C = 4
 HIDDEN = 128  # default SwiGLU width for D=32
 LN2, LN3 = math.log(2), math.log(3)
 
 
 def make(seed: int = 0, **kw) -> GPT:
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=V, seq_len=T, n_layer=L, n_head=H, d_model=D, num_experts=C, top_k=2)
-    cfg.update(kw)
-    return GPT(**cfg)
-
-
-def batch(b: int = 2, t: int = T, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, (b, t), generator=g), torch.randint(0, V, (b, t), generator=g)
+    """test_model's GPT with C experts, top-2 routing."""
+    return dense.make(seed, **{"num_experts": C, "top_k": 2, **kw})
 
 
 def test_router_stats_by_hand_top1():
