@@ -505,14 +505,29 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
     dummy = torch.nn.Parameter(torch.zeros(1))
     optimizer = _guard("optimizer", lambda: instantiate(component(cfg, "optimizer"))([dummy]))
     _guard("scheduler", lambda: instantiate(cfg.scheduler)(optimizer))
-    from exp.data import check_data_source
+    from exp.data import check_data_source, document_token
 
     data = _guard("data", lambda: instantiate(cfg.data))
     _guard("data", lambda: check_data_source(data))  # a plain Dataset given as data: say what to use instead
     _guard("data", data.check)
+    _check_documents(model, _guard("data", lambda: document_token(data)), stage)
     if stage is not None:  # the stage's weights (init_from, a teacher) after the data: the tokenizer says most
         _check_tokenizers(stage, _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None))
         _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
+
+
+def _check_documents(model, token: int | None, stage) -> None:
+    """data.document_mask needs a model whose forward takes the rows' document ids; the stage passes them on."""
+    from exp.model.protocol import takes_documents
+
+    if token is not None and not takes_documents(model):
+        kind = type(model).__qualname__
+        raise ConfigError(
+            f"data.document_mask=true but model {kind}.forward takes no doc_ids (the documents packed in each row): "
+            "set data.document_mask=false, or give forward a doc_ids keyword (exp.model.protocol)"
+        )
+    if stage is not None:
+        stage.document_token = token
 
 
 def _check_tokenizers(stage, tokenizer) -> None:

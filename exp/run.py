@@ -28,6 +28,7 @@ from exp.checkpoint import (
     load_model_weights,
     locate_model,
 )
+from exp.data import document_token
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
@@ -409,6 +410,7 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     ]
     data_info = data.describe() | (data.stats() if hasattr(data, "stats") else {})
     stage.epoch_size = data.epoch_size() if hasattr(data, "epoch_size") else None  # progress/epoch in the logs
+    stage.document_token = document_token(data)  # rows of several documents: the models get their ids
     log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
     stage.setup(model, rt)
     if init_weights and stage.init_from:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from exp.losses import IGNORE_INDEX, kd_loss, lm_loss
+from exp.model.layers import document_ids
 from exp.model.protocol import logits_of, router_losses
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -62,6 +63,9 @@ class StageConfig:
         for ok, key, rule in checks:
             if not ok:
                 raise ValueError(f"stage.{key}={getattr(self, key)!r} {rule}")
+        # not a config key: the data's end-of-text id when its rows pack documents (data.document_mask), set by
+        # exp.run; the models then get each row's document ids (exp.model.protocol.takes_documents)
+        self.document_token: int | None = None
 
     @property
     def samples_per_step(self) -> int:
@@ -69,6 +73,12 @@ class StageConfig:
 
     def check(self, model_cfg: dict) -> None:
         """Checks that need the (student) model's config; raise ValueError naming the key."""
+
+    def logits(self, model, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for x; with documents packed in the rows, each row's document ids go with it."""
+        if self.document_token is None:
+            return logits_of(model(x))
+        return logits_of(model(x, doc_ids=document_ids(x, self.document_token)))
 
     def setup(self, model, rt) -> None:
         """Build what the stage needs beside the trained model (a teacher), on the run's device."""
@@ -82,7 +92,7 @@ class StageConfig:
     def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy on the labelled positions: comparable across stages."""
         x, y = batch
-        return lm_loss(logits_of(model(x)), y)
+        return lm_loss(self.logits(model, x), y)
 
 
 def with_router_losses(model, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +121,7 @@ class Pretrain(StageConfig):
         on the step that closes a log interval.
         """
         x, y = batch
-        logits = logits_of(model(x))
+        logits = self.logits(model, x)
         return with_router_losses(model, lm_loss(logits, y, self.label_smoothing, accuracy=diagnostics))
 
 
@@ -176,10 +186,16 @@ class Distill(StageConfig):
 
     def check(self, model_cfg: dict) -> None:
         from exp.checkpoint.weights import model_class
+        from exp.model.protocol import takes_documents
 
         teacher_cfg = self._teacher_config()
         source = f"stage.teacher.path={self.teacher.path}" if self.teacher.path else "stage.teacher.model"
-        model_class(teacher_cfg.get("_target_"), source)  # an unallowed teacher class is refused now, not in setup
+        cls = model_class(teacher_cfg.get("_target_"), source)  # an unallowed teacher class is refused now
+        if self.document_token is not None and not takes_documents(cls):
+            raise ValueError(
+                f"{source}: the teacher's {cls.__qualname__}.forward takes no doc_ids, and data.document_mask is on "
+                "(the teacher would see across documents)"
+            )
         teacher_vocab, student_vocab = teacher_cfg.get("vocab_size"), model_cfg.get("vocab_size")
         if teacher_vocab != student_vocab:
             raise ValueError(
@@ -203,9 +219,9 @@ class Distill(StageConfig):
 
     def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = logits_of(model(x))
+        logits = self.logits(model, x)
         with torch.no_grad():
-            teacher_logits = logits_of(self._teacher(x))
+            teacher_logits = self.logits(self._teacher, x)
         out = kd_loss(logits, teacher_logits, y, self.temperature, self.alpha, diagnostics)
         return with_router_losses(model, out)
 

@@ -7,7 +7,7 @@ corpus, cache the token-file writer and the cached stdlib corpus; prepare (CLI) 
 Configs name the targets by the short paths below (exp.data.PyStdlib, exp.data.sft.SFTJsonl).
 """
 
-from .protocol import Batch, DataError, DataSource, TrainSampler, check_data_source
+from .protocol import Batch, DataError, DataSource, TrainSampler, check_data_source, document_token
 from .tokenizer import EOT, PAD, VOCAB_SIZE, ByteTokenizer
 from .tokens import Memmap, PyStdlib, TokenData, max_token_id
 from .torch_dataset import TorchDataset
@@ -26,5 +26,6 @@ __all__ = [
     "TorchDataset",
     "TrainSampler",
     "check_data_source",
+    "document_token",
     "max_token_id",
 ]

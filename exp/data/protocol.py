@@ -49,7 +49,9 @@ class DataSource(Protocol):
 
     Constructors take `seq_len` and `vocab_size` (model configs interpolate ${data.seq_len} and
     ${data.vocab_size} from them, and a run reads them back) and stay cheap: no file is opened before
-    check(). Optionally, `stats() -> dict` adds counts (examples, truncation) to the log and summary.json, and
+    check(). Optionally, `document_mask: bool` says the rows pack several documents, each ending in the
+    tokenizer's end-of-text token, that must not attend to one another (document_token; data.document_mask),
+    and `stats() -> dict` adds counts (examples, truncation) to the log and summary.json, and
     `tokenizer()` returns the tokenizer that made the ids (exp.data.tokenizer: ByteTokenizer or HFTokenizer) or
     None: the run's sample, checkpoints and exports use it; without one the run has no end-of-run sample.
     """
@@ -84,3 +86,16 @@ def check_data_source(data: object) -> None:
             else ""
         )
         raise DataError(f"data._target_: {kind} lacks {', '.join(missing)} of exp.data.DataSource{hint}")
+
+
+def document_token(data: object) -> int | None:
+    """The end-of-text id that ends each document in the data's rows when its document_mask is on, else None."""
+    if not getattr(data, "document_mask", False):
+        return None
+    tokenizer = data.tokenizer() if hasattr(data, "tokenizer") else None
+    if tokenizer is None:
+        raise DataError(
+            "data.document_mask=true needs the data's tokenizer for its end-of-text token, and this data has none "
+            "(a token file without tokenizer.json and not of bytes)"
+        )
+    return int(tokenizer.EOT)

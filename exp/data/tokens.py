@@ -38,12 +38,13 @@ class TokenData:
     name = "tokens"
     dtype: np.dtype | None = _DTYPES["uint16"]
 
-    def __init__(self, seq_len: int, vocab_size: int, max_examples: int | None = None):
+    def __init__(self, seq_len: int, vocab_size: int, max_examples: int | None = None, document_mask: bool = False):
         if int(seq_len) <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         self.seq_len = int(seq_len)
         self.vocab_size = int(vocab_size)
         self.max_examples = check_max_examples(max_examples)  # train on the first this many windows only
+        self.document_mask = bool(document_mask)  # attention stops at each end-of-text token (exp.data.protocol)
         self._paths: tuple[Path, Path] | None = None
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -89,6 +90,8 @@ class TokenData:
         out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size}
         if self.max_examples is not None:
             out["max_examples"] = self.max_examples
+        if self.document_mask:
+            out["document_mask"] = True
         if self._arrays is not None:
             out.update(
                 train_path=str(self._paths[0]),
@@ -111,8 +114,9 @@ class PyStdlib(TokenData):
         val_fraction: float = 0.005,
         vocab_size: int = VOCAB_SIZE,
         max_examples: int | None = None,
+        document_mask: bool = False,
     ):
-        super().__init__(seq_len, check_byte_vocab(vocab_size), max_examples)
+        super().__init__(seq_len, check_byte_vocab(vocab_size), max_examples, document_mask)
         self.cache_dir = str(cache_dir)
         self.val_fraction = check_val_fraction(val_fraction)
 
@@ -144,8 +148,9 @@ class Memmap(TokenData):
         val_path: str | None = None,
         dtype: str = "uint16",
         max_examples: int | None = None,
+        document_mask: bool = False,
     ):
-        super().__init__(seq_len, vocab_size, max_examples)
+        super().__init__(seq_len, vocab_size, max_examples, document_mask)
         self.path = str(path)
         self.val_path = None if val_path is None else str(val_path)
         self.dtype_name = str(dtype)

@@ -27,7 +27,7 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None):
         """x: (B, T, d_model) -> (B, T, d_model)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
@@ -144,7 +144,8 @@ class GPT(nn.Module):
         if doc_ids is not None:
             positions = document_positions(doc_ids)  # (B, T)
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd / 2)
-            mask = document_mask(doc_ids)
+            # FlexAttention on CUDA; SDPA's boolean mask on CPU, and with attention dropout (flex has none)
+            mask = document_mask(doc_ids, flex=idx.is_cuda and not (self.training and self.drop.p > 0))
         x = self.drop(self.tok_emb(idx))  # (B, T, d_model)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:

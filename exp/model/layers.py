@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
 class RMSNorm(nn.Module):
@@ -48,12 +51,47 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return index - first
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) boolean mask for scaled_dot_product_attention: causal, and never across a
-    document boundary (a block-diagonal causal mask: what the eager CPU path of SDPA takes)."""
+def document_ids(x: torch.Tensor, end_token: int) -> torch.Tensor:
+    """(B, T) token ids of rows packed with documents, each ending in `end_token` -> (B, T) document ids: a new
+    document starts after each end token (which belongs to the document it ends)."""
+    ends = (x == end_token).to(torch.int32)
+    return ends.cumsum(1) - ends
+
+
+def document_mask(doc_ids: torch.Tensor, flex: bool | None = None) -> torch.Tensor | BlockMask:
+    """(B, T) document ids -> the attention mask: causal, and never across a document boundary.
+
+    FlexAttention's BlockMask on CUDA (flex=None), where the compiled kernel skips the blocks no document
+    spans; elsewhere a (B, 1, T, T) boolean block-diagonal causal mask for scaled_dot_product_attention, whose
+    eager CPU path takes it. flex=True/False picks one explicitly (tests compare them)."""
+    flex = doc_ids.is_cuda if flex is None else flex
+    if flex:
+
+        def same_document_causal(b, h, q, kv):
+            return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+        B, T = doc_ids.shape
+        return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device)
     T = doc_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal)[:, None]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # flex_attention is only fast compiled (eager, it materialises the scores); compiled once per process
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q, k, v, mask: torch.Tensor | BlockMask | None, dropout: float) -> torch.Tensor:
+    """Attention of (B, H, T, hd) queries over keys/values: causal without a mask, else under `mask`
+    (document_mask's BlockMask through FlexAttention, or a boolean tensor through SDPA)."""
+    if isinstance(mask, BlockMask):
+        if dropout:
+            raise ValueError("FlexAttention has no attention dropout: set model.dropout=0 with a document mask on GPU")
+        run = _compiled_flex_attention() if q.is_cuda else flex_attention
+        return run(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
 
 
 class Attention(nn.Module):
@@ -70,7 +108,7 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
-        """x: (B, T, d_model) -> (B, T, d_model); `mask` (B, 1, T, T), when given, replaces the causal mask."""
+        """x: (B, T, d_model) -> (B, T, d_model); `mask` (document_mask's), when given, replaces the causal mask."""
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -83,7 +121,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        y = attend(q, k, v, mask, dropout)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
 

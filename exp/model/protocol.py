@@ -16,6 +16,9 @@ and a default otherwise:
                                           tokens (all of them when seq_len is not declared), one token a call
 - model_spec(model) -> (vocab_size, seq_len)   declared values (below); an undeclared vocab_size is read
                                           off a one-token forward, an undeclared seq_len is None
+- takes_documents(model)                  whether forward declares a `doc_ids` keyword: (B, T) ids of the documents
+                                          packed in each row (data.document_mask); attention must then stay inside
+                                          each document. A model without it is refused when the mask is asked for
 - router_losses(model)                    model.router_losses() -> {"router_loss": added to the training
                                           loss, other entries: logged beside it}; {} when absent
 
@@ -110,6 +113,15 @@ def model_spec(model: nn.Module) -> tuple[int | None, int | None]:
         except Exception:  # a model that cannot run one token on its own (needs more inputs): unknown
             vocab_size = None
     return vocab_size, seq_len
+
+
+def takes_documents(model: nn.Module | type) -> bool:
+    """Whether the model's (or model class's) forward declares a `doc_ids` keyword (document masking)."""
+    forward = (model if isinstance(model, type) else type(inner(model))).forward
+    try:
+        return "doc_ids" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def router_losses(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import exp.model.gpt as model_mod
 from exp.model import GPT, RMSNorm, apply_rope, rope_cache
+from exp.model.layers import document_ids, document_mask
 
 V, T, L, H, D = 64, 16, 2, 4, 32
 
@@ -314,3 +315,28 @@ def test_documents_packed_in_a_row_are_computed_as_each_alone():
             start += doc.shape[1]
         assert not torch.allclose(plain[:, 11:20], model(docs[1])[0], atol=1e-2)  # the mask is what does it
         assert torch.allclose(model(row, doc_ids=torch.zeros_like(doc_ids))[0], plain, atol=1e-6)  # one document
+
+
+def test_document_ids_start_a_new_document_after_each_end_token():
+    x = torch.tensor([[5, 6, 256, 7, 256, 256, 8], [256, 1, 2, 3, 4, 5, 6]])
+    assert document_ids(x, 256).tolist() == [[0, 0, 0, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
+    """The GPU path (FlexAttention over a BlockMask, run eagerly here) and the CPU path (SDPA with a boolean
+    block-diagonal mask) give the same attention, GQA included; both differ from plain causal attention."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=264, seq_len=32, n_layer=1, d_model=64, n_head=4, n_kv_head=2).eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 32, 64)
+    doc_ids = torch.cumsum(torch.rand(2, 32) < 0.15, 1)
+    cos, sin = model.rope_cos[:32], model.rope_sin[:32]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that eager mode is slow
+        flex = attn(x, cos, sin, document_mask(doc_ids, flex=True))
+        sdpa = attn(x, cos, sin, document_mask(doc_ids, flex=False))
+        causal = attn(x, cos, sin, None)
+    assert torch.allclose(flex, sdpa, atol=1e-5)
+    assert not torch.allclose(flex, causal, atol=1e-3)

@@ -473,3 +473,74 @@ def test_real_stdlib_set(real_stdlib_set):
     first = json.loads(next(open(real_stdlib_set / "train.jsonl")))
     assert first["prompt"].lstrip().startswith(("def ", "async def ", "@")) and first["completion"].strip()
     assert np.all(np.asarray(data.examples()[0].tokens) < 264)
+
+
+# document masking of packed rows
+
+
+def example_losses(stage, model, batches):
+    """Each example's mean cross-entropy over its labelled tokens, in row order (an example ends in EOT)."""
+    from exp.model.layers import document_ids
+
+    out = []
+    for x, y in batches:
+        with torch.no_grad():
+            ce = torch.nn.functional.cross_entropy(stage.logits(model, x).transpose(1, 2), y, reduction="none")
+        docs = document_ids(x, EOT)
+        for row in range(len(x)):
+            for d in docs[row].unique():
+                where = (docs[row] == d) & (y[row] != X)
+                if where.any():
+                    out.append(ce[row][where].mean().item())
+    return out
+
+
+def test_packed_examples_lose_as_each_alone_with_the_document_mask(tmp_path):
+    """data.packing=true turns the document mask on by default: the loss of each example in a packed row equals its
+    loss alone in its own row (1e-5); with the mask off it does not."""
+    from hydra.utils import instantiate
+
+    from exp.config import component
+
+    f = write_jsonl(tmp_path / "chat.jsonl", [qa(i, answer_len=3 + 2 * i) for i in range(8)])
+    overrides = ["model=gpt_tiny", "model.n_layer=2", "model.d_model=64", "model.seq_len=96", "hardware=cpu"]
+    overrides += ["tracking=none", "stage=sft", "data=sft_jsonl", f"data.path={f}", f"data.val_path={f}"]
+    cfg = compose_train(*overrides, "data.packing=true", run_dir=tmp_path / "run")
+    stage = validate(cfg).stage
+    assert stage.document_token == EOT  # packing switched the mask on, and the stage passes the ids on
+    torch.manual_seed(0)
+    model = instantiate(component(cfg, "model")).eval()
+    packed = instantiate(cfg.data).val_batches(batch_size=2, num_batches=4)
+    assert (packed[0][0] == EOT).sum(1).max() >= 3  # rows do hold several examples
+    alone = SFTJsonl(str(f), seq_len=96, val_path=str(f)).val_batches(batch_size=8, num_batches=1)
+
+    each = example_losses(stage, model, alone)
+    assert len(each) == 8
+    assert example_losses(stage, model, packed) == pytest.approx(each, abs=1e-5)
+    stage.document_token = None  # the mask off: later examples in a row see the earlier ones
+    assert example_losses(stage, model, packed) != pytest.approx(each, abs=1e-3)
+
+
+def test_document_mask_is_refused_for_a_model_that_cannot_take_it(tmp_path):
+    from exp.errors import ConfigError
+
+    f = write_jsonl(tmp_path / "chat.jsonl", [qa(i) for i in range(4)])
+    overrides = ["hardware=cpu", "tracking=none", "data=sft_jsonl", f"data.path={f}", "data.packing=true"]
+    overrides += ["model=custom", "model._target_=tests.unit.test_sft_data.NoDocuments"]
+    cfg = compose_train(*overrides, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^data\.document_mask=true but model NoDocuments\.forward takes no doc_ids"):
+        validate(cfg)
+    cfg = compose_train(*overrides, "data.document_mask=false", run_dir=tmp_path / "run")
+    assert validate(cfg).stage.document_token is None  # packed, attending across examples, as asked
+
+
+class NoDocuments(torch.nn.Module):
+    """A language model whose forward takes token ids only."""
+
+    def __init__(self, vocab_size: int, seq_len: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab_size, 8)
+        self.head = torch.nn.Linear(8, vocab_size)
+
+    def forward(self, idx):
+        return self.head(self.emb(idx))

@@ -42,6 +42,7 @@ class SFTData:
         vocab_size: int,
         tokenizer: str | None = None,
         max_examples: int | None = None,
+        document_mask: bool | None = None,
     ):
         self.max_examples = check_max_examples(max_examples)  # a fixed subset of each split, for quick runs
         self.tokenizer_path = None if tokenizer in (None, "bytes") else str(tokenizer)
@@ -58,6 +59,8 @@ class SFTData:
         if int(seq_len) <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         self.seq_len, self.packing = int(seq_len), bool(packing)
+        # examples packed in a row attend only to themselves (each ends in <|endoftext|>): on by default when packing
+        self.document_mask = self.packing if document_mask is None else bool(document_mask)
         self._data: tuple[Examples, Examples] | None = None
         self._counts: dict[str, dict] | None = None
 
@@ -177,6 +180,7 @@ class SFTData:
     def describe(self) -> dict:
         """Small dict for logging; counts once the data is loaded."""
         out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size, "packing": self.packing}
+        out["document_mask"] = self.document_mask
         if self.tokenizer_path is not None:
             out["tokenizer"] = self.tokenizer_path
         return {**out, **self.stats()} if self._data is not None else out
@@ -205,8 +209,9 @@ class SFTJsonl(SFTData):
         vocab_size: int = VOCAB_SIZE,
         tokenizer: str | None = None,
         max_examples: int | None = None,
+        document_mask: bool | None = None,
     ):
-        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples)
+        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples, document_mask)
         if format not in FORMATS:
             raise DataError(f"data.format={format} must be one of {', '.join(FORMATS)}")
         if isinstance(fields, str):
@@ -302,8 +307,9 @@ class SFTPyStdlib(SFTData):
         root: str | None = None,
         vocab_size: int = VOCAB_SIZE,
         tokenizer: str | None = None,
+        document_mask: bool | None = None,
     ):
-        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples)
+        super().__init__(seq_len, packing, vocab_size, tokenizer, max_examples, document_mask)
         self.cache_dir, self.val_fraction = str(cache_dir), check_val_fraction(val_fraction)
         self.root = None if root is None else str(root)
         self.set_dir: Path | None = None
