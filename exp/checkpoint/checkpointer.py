@@ -57,7 +57,11 @@ RESUME_IGNORES = (
     "early_stopping",
     "callbacks",
     "hardware.num_threads",
+    "eval",  # downstream evaluation reads the model; it changes nothing that trains
 )
+# Keys added since older checkpoints were saved, with the value that means what those checkpoints trained with: a saved
+# config without one compares as holding it (where this run's data or model has the key at all)
+ADDED_KEYS = {"data.document_mask": False, "data.order": "random"}
 CONFIG_CHANGES = "config_changes.json"
 # `_target_`s that moved: a checkpoint saved before names the same object at its old place
 MOVED_TARGETS = {
@@ -158,6 +162,7 @@ def check_config_change(saved_yaml: Path, cfg: DictConfig, allowed: bool, ignore
     saved_tree = _moved(read_saved_config(saved_yaml))  # resolves nothing: the folder may come from elsewhere
     current_tree = OmegaConf.to_container(cfg, resolve=True)
     saved, current = _flat(saved_tree), _flat(current_tree)
+    saved |= {k: v for k, v in ADDED_KEYS.items() if k in current and k not in saved}
     changed = {
         k: (saved.get(k), current.get(k))
         for k in sorted(set(saved) | set(current))

@@ -64,7 +64,8 @@ class Sampler:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position in the shared stream: its scope, the seed and the counters."""
-        return {"scope": GLOBAL, **{k: int(getattr(self, k)) for k in dict.fromkeys(("seed", *self.counters))}}
+        keys = dict.fromkeys(("seed", *self.fixed, *self.counters))
+        return {"scope": GLOBAL, **{k: int(getattr(self, k)) for k in keys}}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from state_dict() of a sampler that agrees on the `fixed` keys, saved by any number of ranks."""
@@ -105,26 +106,18 @@ def check_max_examples(max_examples) -> int | None:
     return int(max_examples)
 
 
-class WindowSampler(Sampler):
-    """Random (x, y) windows from a token memmap: window p of one seeded stream starts at a position drawn from
-    block p // BLOCK's generator, so any rank finds any window without drawing the ones before it."""
+class RandomWindows:
+    """Window starts drawn with replacement from [0, max_start]: start k of the stream comes from block k // BLOCK's
+    generator (seeded by `key` and the block), so any rank finds any window without drawing the ones before it."""
 
-    kind = "a token-window sampler"
-
-    def __init__(
-        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ):
-        _check_fits(tokens, seq_len)
-        super().__init__(batch_size, seed, rank, world_size)
-        self.tokens, self.seq_len = tokens, seq_len
-        self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
+    def __init__(self, max_start: int, key: tuple[int, ...]):
+        self.max_start, self.key = max_start, tuple(key)
         self._block: tuple[int, np.ndarray] | None = None  # (index, its starts)
-        self._legacy: np.random.Generator | None = None  # an older checkpoint's generator, drawn as it was
 
     def block(self, index: int) -> np.ndarray:
         """The window starts of one block of the stream."""
         if self._block is None or self._block[0] != index:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, index])))
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.key, index])))
             self._block = index, rng.integers(0, self.max_start, size=BLOCK, endpoint=True)
         return self._block[1]
 
@@ -138,6 +131,90 @@ class WindowSampler(Sampler):
             out[done : done + len(part)] = part
             done += len(part)
         return out
+
+
+class PermutedWindows:
+    """The non-overlapping windows of a token array (window i starts at i * seq_len; its last target is the next
+    window's first input), each once per epoch, in a permutation seeded by `key` and the epoch: window k of the
+    stream is window perm(k // num_windows)[k % num_windows]."""
+
+    def __init__(self, num_tokens: int, seq_len: int, key: tuple[int, ...]):
+        self.num_windows, self.seq_len, self.key = max(1, (num_tokens - 1) // seq_len), seq_len, tuple(key)
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The window order of one epoch."""
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.key, epoch])))
+            self._perm = epoch, rng.permutation(self.num_windows)
+        return self._perm[1]
+
+    def starts(self, first: int, n: int) -> np.ndarray:
+        """Start offsets of windows first .. first + n - 1 of the stream, running on into the next epochs."""
+        epochs, index = np.divmod(np.arange(first, first + n, dtype=np.int64), self.num_windows)
+        out = np.empty(n, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            chosen = epochs == epoch
+            out[chosen] = self.permutation(int(epoch))[index[chosen]] * self.seq_len
+        return out
+
+
+ORDERS = ("random", "permutation")  # data.order
+
+
+def check_order(order: str) -> str:
+    """data.order: random windows with replacement, or every window once per epoch in a seeded permutation."""
+    if order not in ORDERS:
+        raise DataError(f"data.order={order} must be one of {', '.join(ORDERS)}")
+    return order
+
+
+class PermutationSampler(Sampler):
+    """Every non-overlapping (x, y) window of a token memmap once per epoch, in a new seeded permutation each epoch
+    (data.order=permutation): stage.num_epochs are true passes and progress/epoch is exact. The stream position is
+    the state, so a resume continues mid-epoch with the very next window, at any number of ranks."""
+
+    kind = "a token-permutation sampler"
+    fixed = ("seed", "num_windows")
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        _check_fits(tokens, seq_len)
+        super().__init__(batch_size, seed, rank, world_size)
+        self.tokens, self.seq_len = tokens, seq_len
+        self.order = PermutedWindows(len(tokens), seq_len, (seed,))
+        self.num_windows = self.order.num_windows
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the windows so far (all ranks together)."""
+        return self.position / self.num_windows
+
+    def __next__(self) -> Batch:
+        return _gather(self.tokens, self.order.starts(self.take_share(), self.batch_size), self.seq_len)
+
+
+class WindowSampler(Sampler):
+    """Random (x, y) windows from a token memmap (data.order=random): window p of one seeded stream starts at a
+    position drawn from block p // BLOCK's generator, so any rank finds any window without drawing the ones before
+    it."""
+
+    kind = "a token-window sampler"
+
+    def __init__(
+        self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        _check_fits(tokens, seq_len)
+        super().__init__(batch_size, seed, rank, world_size)
+        self.tokens, self.seq_len = tokens, seq_len
+        self.max_start = len(tokens) - seq_len - 1  # inclusive: the last window ends on the last token
+        self.order = RandomWindows(self.max_start, (seed,))
+        self._legacy: np.random.Generator | None = None  # an older checkpoint's generator, drawn as it was
+
+    def starts(self, first: int, n: int) -> np.ndarray:
+        """Start offsets of windows first .. first + n - 1 of the stream."""
+        return self.order.starts(first, n)
 
     def __next__(self) -> Batch:
         if self._legacy is not None:

@@ -9,7 +9,7 @@ import numpy as np
 
 from exp.text import first_line
 
-from .batches import WindowSampler, check_max_examples, eval_batches
+from .batches import PermutationSampler, WindowSampler, check_max_examples, check_order, eval_batches
 from .cache import check_cache_dir
 from .corpus import check_val_fraction, pystdlib_corpus
 from .protocol import Batch, DataError
@@ -38,13 +38,21 @@ class TokenData:
     name = "tokens"
     dtype: np.dtype | None = _DTYPES["uint16"]
 
-    def __init__(self, seq_len: int, vocab_size: int, max_examples: int | None = None, document_mask: bool = False):
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int,
+        max_examples: int | None = None,
+        document_mask: bool = False,
+        order: str = "permutation",
+    ):
         if int(seq_len) <= 0:
             raise ValueError(f"data.seq_len must be > 0, got {seq_len}")
         self.seq_len = int(seq_len)
         self.vocab_size = int(vocab_size)
         self.max_examples = check_max_examples(max_examples)  # train on the first this many windows only
         self.document_mask = bool(document_mask)  # attention stops at each end-of-text token (exp.data.protocol)
+        self.order = check_order(order)
         self._paths: tuple[Path, Path] | None = None
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -73,9 +81,10 @@ class TokenData:
         """Training samples in one pass (stage.num_epochs): the train tokens as windows of seq_len."""
         return max(1, (len(self.arrays()[0]) - 1) // self.seq_len)
 
-    def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> WindowSampler:
-        """Random training windows for this rank."""
-        return WindowSampler(self.arrays()[0], self.seq_len, batch_size, seed, rank, world_size)
+    def train_sampler(self, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        """This rank's training windows: each once per epoch in a seeded permutation, or random (data.order)."""
+        sampler = PermutationSampler if self.order == "permutation" else WindowSampler
+        return sampler(self.arrays()[0], self.seq_len, batch_size, seed, rank, world_size)
 
     def val_batches(self, batch_size: int, num_batches: int) -> list[Batch]:
         """Fixed validation windows, identical across calls and runs."""
@@ -87,7 +96,7 @@ class TokenData:
 
     def describe(self) -> dict:
         """Small dict for logging; paths and token counts once the files are open."""
-        out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size}
+        out = {"name": self.name, "seq_len": self.seq_len, "vocab_size": self.vocab_size, "order": self.order}
         if self.max_examples is not None:
             out["max_examples"] = self.max_examples
         if self.document_mask:
@@ -115,8 +124,9 @@ class PyStdlib(TokenData):
         vocab_size: int = VOCAB_SIZE,
         max_examples: int | None = None,
         document_mask: bool = False,
+        order: str = "permutation",
     ):
-        super().__init__(seq_len, check_byte_vocab(vocab_size), max_examples, document_mask)
+        super().__init__(seq_len, check_byte_vocab(vocab_size), max_examples, document_mask, order)
         self.cache_dir = str(cache_dir)
         self.val_fraction = check_val_fraction(val_fraction)
 
@@ -149,8 +159,9 @@ class Memmap(TokenData):
         dtype: str = "uint16",
         max_examples: int | None = None,
         document_mask: bool = False,
+        order: str = "permutation",
     ):
-        super().__init__(seq_len, vocab_size, max_examples, document_mask)
+        super().__init__(seq_len, vocab_size, max_examples, document_mask, order)
         self.path = str(path)
         self.val_path = None if val_path is None else str(val_path)
         self.dtype_name = str(dtype)

@@ -337,3 +337,21 @@ def test_unwrap_strips_compile_and_data_parallel():
     model = make()[0]
     wrapped = torch.nn.DataParallel(torch.compile(model))
     assert ckpt.unwrap(wrapped) is model and ckpt.unwrap(model) is model
+
+
+def test_keys_added_since_an_older_checkpoint_compare_as_what_it_trained_with(tmp_path):
+    """A checkpoint saved before data.document_mask, data.order and the eval group resumes under today's defaults; a
+    value other than what it trained with is a change."""
+    from omegaconf import OmegaConf
+
+    from exp.checkpoint.checkpointer import check_config_change
+    from exp.errors import ConfigError
+
+    old = {"data": {"_target_": "exp.data.PyStdlib", "seq_len": 32}, "stage": {"num_steps": 4}}
+    saved = tmp_path / "config.yaml"
+    saved.write_text(OmegaConf.to_yaml(OmegaConf.create(old)))
+    today = {**old, "data": {**old["data"], "document_mask": False, "order": "random"}, "eval": {"tasks": []}}
+    assert check_config_change(saved, OmegaConf.create(today), allowed=False)[2] == {}
+    masked = {**today, "data": {**today["data"], "document_mask": True}}
+    with pytest.raises(ConfigError, match=r"data\.document_mask \(False -> True\)"):
+        check_config_change(saved, OmegaConf.create(masked), allowed=False)

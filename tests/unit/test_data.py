@@ -270,7 +270,13 @@ def test_prepare_cli_and_memmap(tmp_path, capsys):
 
     data = Memmap(path=str(out), seq_len=32)
     data.check()
-    assert data.describe() == {"name": "memmap", "seq_len": 32, "vocab_size": 264, "dtype": "uint16"}
+    assert data.describe() == {
+        "name": "memmap",
+        "seq_len": 32,
+        "vocab_size": 264,
+        "dtype": "uint16",
+        "order": "permutation",
+    }
     x, y = next(data.train_sampler(batch_size=4, seed=0))
     assert x.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
     assert data.describe()["train_tokens"] == len(train) and data.describe()["val_tokens"] == len(val)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exp.checkpoint.layout import Layout, check_layout, describe, saved_layout
-from exp.data.batches import WindowSampler
+from exp.data.batches import PermutationSampler, WindowSampler
 from exp.data.sft.examples import ExampleSampler, fit_examples, make_batch, pack_rows
 from exp.data.torch_dataset import ItemSampler
 from exp.errors import ConfigError, ResumeError
@@ -37,6 +37,7 @@ def item(i: int) -> np.ndarray:
 
 MAKERS = {
     "windows": lambda b, r, w: WindowSampler(TOKENS, 16, b, seed=5, rank=r, world_size=w),
+    "permutation": lambda b, r, w: PermutationSampler(TOKENS, 16, b, seed=5, rank=r, world_size=w),
     "sft": lambda b, r, w: ExampleSampler(EXAMPLES, 24, b, seed=5, rank=r, world_size=w),
     "sft_packed": lambda b, r, w: ExampleSampler(EXAMPLES, 24, b, seed=5, rank=r, world_size=w, packing=True),
     "items": lambda b, r, w: ItemSampler(item, np.arange(0, 60, 2), 8, b, seed=5, rank=r, world_size=w),
@@ -192,3 +193,20 @@ def test_an_older_checkpoints_layout_and_its_per_rank_state():
     with pytest.raises(ResumeError, match="its data sampler's position is per rank .*; resume it with 2"):
         check_layout("ckpt", saved, Layout(1, 16, 1), old, allowed=True)
     assert check_layout("ckpt", saved, Layout(2, 8, 1, "fsdp"), old, allowed=False)["global_batch"] == (16, 16)
+
+
+def test_a_permutation_epoch_visits_every_window_exactly_once():
+    """data.order=permutation: 187 windows of 16 (+1) tokens of 3000; two ranks of batch 5 draw the whole epoch in a
+    new order each epoch, every window once, mid-micro-batch epoch ends included."""
+    ranks = [PermutationSampler(TOKENS, 16, 5, seed=5, rank=r, world_size=2) for r in range(2)]
+    num = ranks[0].num_windows
+    assert num == (3000 - 1) // 16 == 187
+    windows = [
+        tuple(TOKENS[w * 16 : w * 16 + 16].tolist() + TOKENS[w * 16 + 1 : w * 16 + 17].tolist()) for w in range(num)
+    ]
+    seen = [row for _ in range(3 * num // 10 + 1) for s in ranks for row in rows(next(s))]
+    epochs = [seen[e * num : (e + 1) * num] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == sorted(windows)  # each window once: a permutation of them all
+    assert epochs[0] != epochs[1] != epochs[2]  # a new order each epoch
+    assert ranks[0].epoch == pytest.approx(len(seen) / num)  # exact progress
