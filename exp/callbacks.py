@@ -33,9 +33,11 @@ class ConsoleLog(Callback):
         )
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+        sources = [f"{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/")]  # a mixture's
         log.info(
             f"eval {state.step:>{self.width}}/{self.num_steps} | val loss {metrics['val/loss']:.4f} "
-            f"| ppl {metrics['val/perplexity']:.2f} | acc {metrics['val/accuracy']:.3f}"
+            + (f"({', '.join(sources)}) " if sources else "")
+            + f"| ppl {metrics['val/perplexity']:.2f} | acc {metrics['val/accuracy']:.3f}"
         )
 
     def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:

@@ -70,9 +70,22 @@ def train_step(stage, model, optimizer, batches: Iterator, rt: Runtime, scaler=N
     return {"loss": torch.stack(losses).sum(), "grad_norm": grad_norm, "num_inputs": num_inputs, "metrics": metrics}
 
 
+def evaluate(stage, model, batches, rt: Runtime, dist: Dist = SINGLE) -> dict[str, float]:
+    """Token-weighted loss, perplexity and accuracy over a fixed set of batches (shared out over ranks).
+
+    A mixture's validation (exp.data.mixture.ValSets: batches per source) gives each source's as loss/<source>
+    (perplexity/<source>, accuracy/<source>), and loss, perplexity and accuracy their means under its weights."""
+    sets = getattr(batches, "sets", None)
+    if sets is None:
+        return _evaluate(stage, model, batches, rt, dist)
+    each = {name: _evaluate(stage, model, b, rt, dist) for name, b in sets.items()}
+    out = {k: sum(batches.weights[name] * m[k] for name, m in each.items()) for k in ("loss", "accuracy")}
+    out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out | {f"{k}/{name}": v for name, m in each.items() for k, v in m.items()}
+
+
 @torch.no_grad()
-def evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist = SINGLE) -> dict[str, float]:
-    """Token-weighted loss, perplexity and accuracy over a fixed set of batches (shared out over ranks)."""
+def _evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist) -> dict[str, float]:
     was_training = model.training
     model.eval()
     batches = list(batches)
@@ -182,7 +195,7 @@ def train(
         state.loss_ema = loss if state.loss_ema is None else EMA_BETA * state.loss_ema + (1 - EMA_BETA) * loss
         interval.add(loss, grad_norm, out["num_inputs"], out["metrics"], seconds)
         if closes_interval:
-            metrics = _interval_metrics(interval, state, lr, t)
+            metrics = _interval_metrics(interval, state, lr, t) | data_metrics(batches)
             state.train_loss = metrics["train/loss"]
             events.on_log(state, metrics)
             interval = _Interval()
@@ -250,6 +263,12 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, t: Trai
         "progress/tokens_seen": state.tokens_seen,
         **_epoch(state, t, interval.num_inputs / (n * samples_per_step)),
     }
+
+
+def data_metrics(batches) -> dict[str, float]:
+    """What the train sampler reports of itself (a mixture: data/tokens/<source>, data/weight/<source>); the same on
+    every rank, as they share one stream."""
+    return batches.metrics() if hasattr(batches, "metrics") else {}
 
 
 def _epoch(state: TrainState, t: Trained, inputs_per_sample: float) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """OmegaConf resolvers the configs use, registered when exp is imported (before Hydra composes a config).
 
   ${exp_data_vocab:${data.path}}          the vocabulary size a prepared data folder records (meta.json)
+  ${exp_mixture_vocab:${data.sources}}    the largest vocabulary the mixture's prepared folders record (264: bytes)
   ${exp_tokenizer_vocab:${data.tokenizer}} a tokenizer's size, chat tokens included ("bytes" or null: 264)
   ${exp_padded_vocab:${data.vocab_size}}  the model's vocabulary: the tokenizer's rounded up to a multiple of 64
                                           (when that adds at most 1/16: bytes stay 264)
@@ -29,6 +30,12 @@ def data_vocab(path) -> int:
         return int(meta["vocab_size"])
     except (OSError, ValueError, TypeError, KeyError):
         return BYTE_VOCAB
+
+
+def mixture_vocab(sources) -> int:
+    """The largest vocab_size the meta.json of a mixture's source folders records; bytes' size without any."""
+    paths = [str(s.get("path")) for s in (sources or {}).values() if hasattr(s, "get") and s.get("path")]
+    return max([BYTE_VOCAB, *(data_vocab(p) for p in paths)])
 
 
 def tokenizer_vocab(spec) -> int:
@@ -73,5 +80,7 @@ def register() -> None:
     ):
         if not OmegaConf.has_resolver(name):  # cached per config: validation resolves it many times
             OmegaConf.register_new_resolver(name, fn, use_cache=True)
+    if not OmegaConf.has_resolver("exp_mixture_vocab"):  # not cached: its argument is a config node
+        OmegaConf.register_new_resolver("exp_mixture_vocab", mixture_vocab)
     if not OmegaConf.has_resolver("exp_run_dir"):  # not cached: the directory is set once the job starts
         OmegaConf.register_new_resolver("exp_run_dir", run_dir)

@@ -403,11 +403,12 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     rules = group_rules(OmegaConf.to_container(cfg.optimizer, resolve=True).get("param_groups"))
     optimizer = build_optimizer(instantiate(config.component(cfg, "optimizer")), model, rt.device, rules=rules)
     scheduler = instantiate(cfg.scheduler)(optimizer)
+    if hasattr(data, "total_samples"):  # where a mixture's weight schedule turns (fractions of the run's samples)
+        data.total_samples = stage.num_steps * stage.samples_per_step * dist.world_size
     batches = data.train_sampler(stage.batch_size_per_gpu, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
-    val_batches = [
-        (x.to(rt.device), y.to(rt.device))
-        for x, y in data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
-    ]
+    val_batches = data.val_batches(stage.batch_size_per_gpu, stage.num_eval_batches)
+    to_device = lambda batch: (batch[0].to(rt.device), batch[1].to(rt.device))
+    val_batches = val_batches.map(to_device) if hasattr(val_batches, "map") else [to_device(b) for b in val_batches]
     data_info = data.describe() | (data.stats() if hasattr(data, "stats") else {})
     stage.epoch_size = data.epoch_size() if hasattr(data, "epoch_size") else None  # progress/epoch in the logs
     stage.document_token = document_token(data)  # rows of several documents: the models get their ids

@@ -177,7 +177,22 @@ def run_summary(
     }
     if evaluation:  # eval=lm_eval: the last evaluation's step and scores (eval/<task>/<metric>)
         summary["eval"] = evaluation
+    sources = source_metrics(read_metrics(run_dir / METRICS))
+    if sources:  # data=mixture: each source's last val loss, tokens drawn and weight
+        summary["sources"] = sources
     return summary
+
+
+def source_metrics(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """A mixture's last val/loss/<source>, data/tokens/<source> and data/weight/<source> of metrics.jsonl rows, as
+    {"val_loss": {source: value}, "tokens": {...}, "weight": {...}}; {} for other data."""
+    out: dict[str, dict[str, float]] = {}
+    for m in rows:
+        for prefix, name in (("val/loss/", "val_loss"), ("data/tokens/", "tokens"), ("data/weight/", "weight")):
+            for key, value in m.items():
+                if key.startswith(prefix):
+                    out.setdefault(name, {})[key[len(prefix) :]] = value
+    return out
 
 
 def failure_summary(
@@ -388,7 +403,7 @@ def carry_over(tracker, run_dir, step: int, branch: dict | None = None) -> None:
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path | None:
-    """A PNG of train/val loss, the downstream scores (eval=lm_eval) and the learning rate against step; None when
+    """A PNG of train/val loss (a mixture's per source too), the downstream scores (eval=lm_eval) and the learning rate against step; None when
     nothing was logged."""
     rows = read_metrics(metrics_path)
     train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
@@ -410,6 +425,9 @@ def plot_run(metrics_path: Path, out: Path) -> Path | None:
     ax_loss.plot(*zip(*train, strict=True), label="train/loss")
     if val:
         ax_loss.plot(*zip(*val, strict=True), "o-", label="val/loss")
+    for key in sorted({k for m in rows for k in m if k.startswith("val/loss/")}):  # a mixture's sources
+        points = [(m["step"], m[key]) for m in rows if key in m]
+        ax_loss.plot(*zip(*points, strict=True), ".--", alpha=0.8, label=key)
     ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()

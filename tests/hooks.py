@@ -223,11 +223,12 @@ class RecordBatches(Callback):
         self.path, self.rows, self.patched = f"{path}.{os.environ.get('RANK', '0')}.jsonl", [], []
 
     def on_build(self, model, optimizer, scheduler):
-        from exp.data.batches import WindowSampler
+        from exp.data.batches import PermutationSampler, WindowSampler
+        from exp.data.mixture import MixtureSampler
         from exp.data.sft.examples import ExampleSampler
         from exp.data.torch_dataset import ItemSampler
 
-        for cls in (WindowSampler, ExampleSampler, ItemSampler):  # the samplers look __next__ up on their class
+        for cls in (WindowSampler, PermutationSampler, MixtureSampler, ExampleSampler, ItemSampler):  # the samplers look __next__ up on their class
             self.patched.append((cls, cls.__next__))
             cls.__next__ = self._recording(cls.__next__)
 

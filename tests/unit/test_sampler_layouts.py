@@ -11,11 +11,14 @@ import torch
 
 from exp.checkpoint.layout import Layout, check_layout, describe, saved_layout
 from exp.data.batches import PermutationSampler, WindowSampler
+from exp.data.mixture import MixtureSampler
 from exp.data.sft.examples import ExampleSampler, fit_examples, make_batch, pack_rows
 from exp.data.torch_dataset import ItemSampler
 from exp.errors import ConfigError, ResumeError
 
 TOKENS = np.random.default_rng(0).integers(0, 256, 3000).astype(np.uint16)
+SOURCES = {"a": TOKENS, "b": TOKENS[::-1].copy(), "c": TOKENS[:700]}
+PHASES = [(0, {"a": 0.2, "b": 0.5, "c": 0.3}), (40, {"a": 0.7, "b": 0.0, "c": 0.3})]  # the weights change mid-run
 
 
 def sft_examples():
@@ -38,6 +41,8 @@ def item(i: int) -> np.ndarray:
 MAKERS = {
     "windows": lambda b, r, w: WindowSampler(TOKENS, 16, b, seed=5, rank=r, world_size=w),
     "permutation": lambda b, r, w: PermutationSampler(TOKENS, 16, b, seed=5, rank=r, world_size=w),
+    "mixture": lambda b, r, w: MixtureSampler(SOURCES, PHASES, 16, "permutation", b, seed=5, rank=r, world_size=w),
+    "mixture_random": lambda b, r, w: MixtureSampler(SOURCES, PHASES, 16, "random", b, seed=5, rank=r, world_size=w),
     "sft": lambda b, r, w: ExampleSampler(EXAMPLES, 24, b, seed=5, rank=r, world_size=w),
     "sft_packed": lambda b, r, w: ExampleSampler(EXAMPLES, 24, b, seed=5, rank=r, world_size=w, packing=True),
     "items": lambda b, r, w: ItemSampler(item, np.arange(0, 60, 2), 8, b, seed=5, rank=r, world_size=w),
