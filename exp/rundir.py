@@ -403,8 +403,8 @@ def carry_over(tracker, run_dir, step: int, branch: dict | None = None) -> None:
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path | None:
-    """A PNG of train/val loss (a mixture's per source too), the downstream scores (eval=lm_eval) and the learning rate against step; None when
-    nothing was logged."""
+    """A PNG of train/val loss (a mixture's per source too), the downstream scores (eval=lm_eval) and the learning
+    rate against step; None when nothing was logged."""
     rows = read_metrics(metrics_path)
     train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
     if not train:

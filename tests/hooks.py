@@ -228,7 +228,8 @@ class RecordBatches(Callback):
         from exp.data.sft.examples import ExampleSampler
         from exp.data.torch_dataset import ItemSampler
 
-        for cls in (WindowSampler, PermutationSampler, MixtureSampler, ExampleSampler, ItemSampler):  # the samplers look __next__ up on their class
+        # the samplers look __next__ up on their class
+        for cls in (WindowSampler, PermutationSampler, MixtureSampler, ExampleSampler, ItemSampler):
             self.patched.append((cls, cls.__next__))
             cls.__next__ = self._recording(cls.__next__)
 

@@ -238,7 +238,8 @@ class Mixture:
                 raise DataError(f"data.sources.{name}.path is missing: a prepared folder, token file or text")
             unknown = set(spec) - {"path", "weight", "val_path", "dtype"}
             if unknown:
-                raise DataError(f"data.sources.{name}: unknown keys {', '.join(sorted(unknown))} (path, weight, val_path, dtype)")
+                keys = ", ".join(sorted(unknown))
+                raise DataError(f"data.sources.{name}: unknown keys {keys} (path, weight, val_path, dtype)")
             self.specs[str(name)] = {"weight": 1.0, "val_path": None, "dtype": "uint16", **spec}
         self.weights = normalised({n: s["weight"] for n, s in self.specs.items()}, "data.sources")
         self.schedule = self._check_schedule(schedule)
@@ -354,9 +355,8 @@ class Mixture:
 
     def val_batches(self, batch_size: int, num_batches: int) -> ValSets:
         """Fixed validation windows of each source, and the weights the mixture's val/loss averages them with."""
-        sets = {
-            name: eval_batches(val, self.seq_len, batch_size, num_batches) for name, (_, val) in self.source_arrays().items()
-        }
+        arrays = self.source_arrays()
+        sets = {name: eval_batches(val, self.seq_len, batch_size, num_batches) for name, (_, val) in arrays.items()}
         return ValSets(sets, self.weights)
 
     def tokenizer(self):
