@@ -65,7 +65,7 @@ def normalised(weights: Mapping[str, float], where: str) -> dict[str, float]:
     total = float(sum(weights.values()))
     if total <= 0:
         raise DataError(f"{where}: the weights are all zero; at least one source needs a weight > 0")
-    return {name: float(w) / total for name, w in weights.items()}
+    return {name: round(float(w) / total, 12) for name, w in weights.items()}  # 0.1, not 0.09999999999999999
 
 
 def _renamed(error: Exception, name: str) -> DataError:
