@@ -32,6 +32,7 @@ EXP_TARGETS = (
     "exp.schedules.wsd",
     "exp.data.PyStdlib",
     "exp.data.Memmap",
+    "exp.data.Mixture",
     "exp.data.TorchDataset",
     "exp.data.sft.SFTPyStdlib",
     "exp.data.sft.SFTJsonl",

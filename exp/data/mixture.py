@@ -1,6 +1,6 @@
 """data=mixture: several token sources drawn by weight, each validated on its own.
 
-    python train.py data=mixture +data.sources.code.path=pystdlib +data.sources.code.weight=0.3 \
+    python train.py data=mixture data.sources.code.weight=0.3 \
         +data.sources.web.path=data/web +data.sources.web.weight=0.7
 
 A source's `path` is a prepared folder (train.bin, val.bin, meta.json: python -m exp.data.prepare), a train token file
@@ -20,9 +20,9 @@ the mixture's weighted mean of them (under data.sources' weights, so it stays co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
+import subprocess
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from exp.text import first_line
 from .batches import BLOCK, PermutedWindows, RandomWindows, Sampler, check_order, eval_batches
 from .cache import cached, check_cache_dir
 from .corpus import check_val_fraction, is_complete
+from .hf import is_hf
 from .protocol import Batch, DataError
 from .tokenizer import VOCAB_SIZE
 from .tokens import Memmap, PyStdlib, TokenData
@@ -87,20 +88,17 @@ def _fingerprint(path: Path) -> str:
 
 
 def _prepare(spec: str, cache_dir: str, val_fraction: float, name: str) -> Path:
-    """A raw source (text, folder, JSONL, hf:...) tokenized into the cache by exp.data.prepare, once."""
-    from . import hf
-    from .prepare import main as prepare
-
-    key = f"hf\n{spec}" if hf.is_hf(spec) else _fingerprint(Path(spec).expanduser())
+    """A raw source (text, folder, JSONL, hf:...) tokenized into the cache by `python -m exp.data.prepare`, once: the
+    command-line tool in its own process (a run imports no command-line tool), its error line kept."""
+    key = f"hf\n{spec}" if is_hf(spec) else _fingerprint(Path(spec).expanduser())
     fingerprint = hashlib.sha256(f"{key}\n{val_fraction!r}".encode()).hexdigest()
 
     def build(tmp: Path) -> None:
-        out, err = io.StringIO(), io.StringIO()
         args = [spec, "--out", str(tmp / "prepared"), "--val-fraction", str(val_fraction), "--quiet"]
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = prepare(args)
-        if code != 0:
-            said = first_line(err.getvalue().strip().removeprefix("error: ")) or f"exit {code}"
+        proc = subprocess.run([sys.executable, "-m", "exp.data.prepare", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = proc.stderr.strip().splitlines()
+            said = lines[-1].removeprefix("error: ") if lines else f"exit {proc.returncode}"
             raise DataError(f"data.sources.{name}.path={spec}: {said}")
         for f in (tmp / "prepared").iterdir():
             f.rename(tmp / f.name)
@@ -231,7 +229,7 @@ class Mixture:
         self.order, self.document_mask = check_order(order), bool(document_mask)
         self.cache_dir, self.val_fraction = str(cache_dir), check_val_fraction(val_fraction)
         if not isinstance(sources, Mapping) or not sources:
-            raise DataError("data.sources: none given; name at least one, e.g. +data.sources.code.path=pystdlib")
+            raise DataError("data.sources: none given; name at least one, e.g. +data.sources.web.path=data/web")
         self.specs: dict[str, dict] = {}
         for name, spec in sources.items():
             if not isinstance(spec, Mapping) or spec.get("path") in (None, ""):
@@ -313,10 +311,8 @@ class Mixture:
         path = str(spec["path"])
         if path == BUILTIN:
             return PyStdlib(self.seq_len, cache_dir=self.cache_dir)
-        from . import hf
-
         local = Path(path).expanduser()
-        if not hf.is_hf(path) and not local.exists():
+        if not is_hf(path) and not local.exists():
             raise DataError(f"data.sources.{name}.path={local} does not exist")
         if spec["val_path"] is not None or local.is_file() and local.suffix == ".bin":  # token files: ids unknown
             return Memmap(path, self.seq_len, self.vocab_size, val_path=spec["val_path"], dtype=spec["dtype"])

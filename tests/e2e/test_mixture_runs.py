@@ -31,9 +31,8 @@ def prose(tmp_path_factory):
 
 def mixture(prose) -> list[str]:
     return [
-        "data=mixture",
-        "+data.sources.code.path=pystdlib",
-        "+data.sources.code.weight=0.3",
+        "data=mixture",  # its one source by default: code (pystdlib)
+        "data.sources.code.weight=0.3",
         f"+data.sources.prose.path={prose}",
         "+data.sources.prose.weight=0.7",
     ]
@@ -122,7 +121,7 @@ def test_an_optuna_study_searches_the_mixture_weight(prose, tmp_path):
         "stage.num_steps=4",
         "hydra/launcher=exp_local",
         "~hydra.sweeper.params",
-        "+data.sources.code.weight=interval(0.1, 0.9)",
+        "data.sources.code.weight=interval(0.1, 0.9)",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.parallelism=2",
         "hydra.sweeper.poll_interval_s=0.2",
@@ -136,7 +135,7 @@ def test_an_optuna_study_searches_the_mixture_weight(prose, tmp_path):
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3
     for t in done:
-        weight = t.params["+data.sources.code.weight"]  # added on the command line, so swept as added
+        weight = t.params["data.sources.code.weight"]
         assert 0.1 <= weight <= 0.9
         summary = json.loads((sweep / str(t.number) / "summary.json").read_text())
         assert summary["data"]["weights"]["code"] == pytest.approx(weight / (weight + 0.7))  # normalised

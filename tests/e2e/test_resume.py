@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import exp.checkpoint.format
 import exp.job
-from exp.data.batches import WindowSampler
+from exp.data.batches import PermutationSampler
 from exp.rundir import read_metrics
 from exp.serve import control
 
@@ -160,7 +160,7 @@ UNRESTORED = {
     ),
     "scheduler": lambda mp: mp.setattr(torch.optim.lr_scheduler.LambdaLR, "load_state_dict", lambda s, d: None),
     "optimizer": lambda mp: mp.setattr(torch.optim.Optimizer, "load_state_dict", lambda s, d: None),
-    "data_sampler": lambda mp: mp.setattr(WindowSampler, "load_state_dict", lambda s, d: None),
+    "data_sampler": lambda mp: mp.setattr(PermutationSampler, "load_state_dict", lambda s, d: None),
     "grad_scaler": lambda mp: mp.setattr(torch.amp.GradScaler, "load_state_dict", lambda s, d: None),
 }
 

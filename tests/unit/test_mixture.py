@@ -141,7 +141,7 @@ def write_folder(path, tokens):
 def test_bad_mixtures_are_one_line_config_errors(tmp_path, sources, extra, line):
     folders = {"A": write_folder(tmp_path / "fa", A), "B": write_folder(tmp_path / "fb", B)}
     paths = [f"+data.sources.{n}.path={folders.get(p, p)}" for n, p in sources.items()]
-    cfg = compose_train(*TINY, "data=mixture", *paths, *extra, run_dir=tmp_path / "run")
+    cfg = compose_train(*TINY, "data=mixture", "~data.sources.code", *paths, *extra, run_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=line):
         validate(cfg)
     assert not (tmp_path / "run").exists()

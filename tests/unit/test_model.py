@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import exp.model.gpt as model_mod
 from exp.model import GPT, RMSNorm, apply_rope, rope_cache
-from exp.model.layers import document_ids, document_mask
+from exp.model.layers import BlockMask, document_ids, document_mask
 
 V, T, L, H, D = 64, 16, 2, 4, 32
 
@@ -340,3 +340,24 @@ def test_flex_attention_block_mask_agrees_with_the_sdpa_mask():
         causal = attn(x, cos, sin, None)
     assert torch.allclose(flex, sdpa, atol=1e-5)
     assert not torch.allclose(flex, causal, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpt_on_cuda_masks_documents_through_compiled_flex_attention():
+    """On CUDA the document mask is FlexAttention's BlockMask, compiled: the packed documents still compute as each
+    alone, forward and backward."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=264, seq_len=256, n_layer=2, d_model=128, n_head=4).cuda()
+    docs = [torch.randint(0, 256, (1, n), device="cuda") for n in (100, 60, 96)]
+    row = torch.cat(docs, 1)
+    doc_ids = torch.cat([torch.full((1, d.shape[1]), i, device="cuda") for i, d in enumerate(docs)], 1)
+    assert isinstance(document_mask(doc_ids), BlockMask)
+    logits, loss = model(row, row, doc_ids=doc_ids)
+    loss.backward()
+    start = 0
+    with torch.no_grad():
+        for doc in docs:
+            alone = model(doc)[0]
+            assert torch.allclose(logits[:, start : start + doc.shape[1]], alone, atol=1e-4)
+            start += doc.shape[1]
