@@ -403,38 +403,40 @@ def carry_over(tracker, run_dir, step: int, branch: dict | None = None) -> None:
 
 
 def plot_run(metrics_path: Path, out: Path) -> Path | None:
-    """A PNG of train/val loss (a mixture's per source too), the downstream scores (eval=lm_eval) and the learning
-    rate against step; None when nothing was logged."""
+    """A PNG against step of train/val loss (a mixture's per source too), the downstream scores (eval=lm_eval), a
+    mixture's tokens drawn per source, and the learning rate; None when nothing was logged."""
     rows = read_metrics(metrics_path)
     train = [(m["step"], m["train/loss"]) for m in rows if "train/loss" in m]
     if not train:
         return None
     plt = pyplot()
-    val = [(m["step"], m["val/loss"]) for m in rows if "val/loss" in m]
-    lr = [(m["step"], m["train/lr"]) for m in rows if "train/lr" in m]
-    scores = task_scores(rows)
-    if scores:
-        fig, (ax_loss, ax_eval, ax_lr) = plt.subplots(3, 1, figsize=(7, 8), sharex=True, height_ratios=[3, 2, 1])
-        for name, points in scores.items():
-            ax_eval.plot(*zip(*points, strict=True), "o-", label=name)
-        ax_eval.set_ylabel("task score")
-        ax_eval.grid(alpha=0.3)
-        ax_eval.legend(fontsize=7)
-    else:
-        fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    ax_loss.plot(*zip(*train, strict=True), label="train/loss")
-    if val:
-        ax_loss.plot(*zip(*val, strict=True), "o-", label="val/loss")
-    for key in sorted({k for m in rows for k in m if k.startswith("val/loss/")}):  # a mixture's sources
-        points = [(m["step"], m[key]) for m in rows if key in m]
-        ax_loss.plot(*zip(*points, strict=True), ".--", alpha=0.8, label=key)
-    ax_loss.set_ylabel("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-    ax_lr.plot(*zip(*lr, strict=True), color="tab:green")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
-    ax_lr.grid(alpha=0.3)
+    series = lambda key: [(m["step"], m[key]) for m in rows if key in m]
+    keys = lambda prefix: sorted({k for m in rows for k in m if k.startswith(prefix)})
+    scores, sources = task_scores(rows), keys("data/tokens/")
+    panels = ["loss", *(["scores"] if scores else []), *(["tokens"] if sources else []), "lr"]
+    heights = {"loss": 3, "scores": 2, "tokens": 1.5, "lr": 1}
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(7, 2 + 2 * len(panels)), sharex=True, height_ratios=[heights[p] for p in panels]
+    )
+    ax = dict(zip(panels, axes, strict=True))
+    ax["loss"].plot(*zip(*train, strict=True), label="train/loss")
+    if series("val/loss"):
+        ax["loss"].plot(*zip(*series("val/loss"), strict=True), "o-", label="val/loss")
+    for key in keys("val/loss/"):  # a mixture's sources
+        ax["loss"].plot(*zip(*series(key), strict=True), ".--", alpha=0.8, label=key)
+    ax["loss"].set_ylabel("loss")
+    for name, points in scores.items():
+        ax["scores"].plot(*zip(*points, strict=True), "o-", label=name)
+    for key in sources:
+        ax["tokens"].plot(*zip(*series(key), strict=True), label=key[len("data/tokens/") :])
+    ax["lr"].plot(*zip(*series("train/lr"), strict=True), color="tab:green")
+    labels = {"loss": "loss", "scores": "task score", "tokens": "tokens drawn", "lr": "learning rate"}
+    for name, a in ax.items():
+        a.set_ylabel(labels[name])
+        a.grid(alpha=0.3)
+        if name != "lr":
+            a.legend(fontsize=7 if name != "loss" else None)
+    ax["lr"].set_xlabel("step")
     fig.suptitle(Path(metrics_path).parent.name, fontsize=9)
     fig.tight_layout()
     out = Path(out)

@@ -95,6 +95,7 @@ def test_each_source_is_validated_counted_and_recorded(straight):
     assert metrics["val/loss/code"] == pytest.approx(val["val/loss/code"])
     assert metrics["val/loss/prose"] == pytest.approx(val["val/loss/prose"])
     assert metrics["data/tokens/prose"] == sources["tokens"]["prose"]
+    assert (run_dir / "metrics.png").stat().st_size > 0  # with a dashed val curve and a tokens panel per source
 
 
 def test_a_mixture_run_resumed_mid_run_is_bit_identical(straight, prose, tmp_path):
