@@ -29,6 +29,7 @@ class ConsoleLog(Callback):
             + (f" | acc {accuracy:.3f}" if accuracy is not None else "")
             + f" | grad {metrics['train/grad_norm']:.3f} | lr {metrics['train/lr']:.2e} "
             f"| {metrics['perf/tokens_per_s']:,.0f} tok/s"
+            + (f" | mfu {100 * metrics['perf/mfu']:.1f}%" if "perf/mfu" in metrics else "")
             + (f" | epoch {metrics['progress/epoch']:.2f}" if self.show_epoch and "progress/epoch" in metrics else "")
         )
 

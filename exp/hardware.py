@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from exp.perf import peak_flops
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -21,6 +23,7 @@ class Hardware:
     matmul_precision: str = "high"  # highest | high | medium (torch.set_float32_matmul_precision)
     num_threads: int | None = None
     distributed: str = "none"  # none | ddp | fsdp: several processes from torchrun or SLURM tasks
+    peak_flops: float | None = None  # one device's peak FLOP/s for perf/mfu; None: known GPUs' datasheet figure
 
     def __post_init__(self):
         if self.dtype not in ("auto", *DTYPES):
@@ -32,6 +35,8 @@ class Hardware:
         parse_device(self.device)  # whether the device exists is the node's business: check_node()
         if self.distributed not in ("none", "ddp", "fsdp"):
             raise ValueError(f"hardware.distributed={self.distributed!r} must be none, ddp or fsdp")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"hardware.peak_flops={self.peak_flops!r} must be > 0 (FLOP/s of one device) or null")
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -109,6 +114,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     compile: bool = False
+    peak_flops: float | None = None  # one device's, for perf/mfu (exp.perf); None: unknown, no MFU
 
     def autocast(self):
         """Mixed-precision context for forward passes; a no-op in float32."""
@@ -142,4 +148,5 @@ def setup(hw: Hardware, dtype: str, local_rank: int = 0) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-    return Runtime(device=device, dtype=hw.torch_dtype(dtype), compile=hw.compile)
+    dtype = hw.torch_dtype(dtype)
+    return Runtime(device=device, dtype=dtype, compile=hw.compile, peak_flops=peak_flops(device, dtype, hw.peak_flops))

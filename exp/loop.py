@@ -14,6 +14,7 @@ from exp.dist import Dist, grad_sync
 from exp.errors import TrainingFailed
 from exp.events import Callback, Events, TrainState  # noqa: F401  (Callback: users subclass exp.loop.Callback)
 from exp.hardware import Runtime
+from exp.perf import mfu
 
 SINGLE = Dist()
 
@@ -151,6 +152,7 @@ class Trained:
     scaler: torch.amp.GradScaler | None = None
     dist: Dist = field(default_factory=Dist)
     step_model: nn.Module | None = None  # what steps run through (DDP-wrapped, compiled); None: the model
+    flops_per_token: float = 0.0  # training FLOPs per token (exp.model.protocol.flops_per_token): perf/mfu
 
     @property
     def stepped(self) -> nn.Module:
@@ -256,6 +258,7 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, t: Trai
         "train/grad_norm": interval.grad_norm / n,
         "train/lr": lr,
         "perf/tokens_per_s": inputs / seconds,  # all ranks together
+        **_utilisation(t, inputs / seconds),
         "perf/tokens_per_s_per_rank": interval.num_inputs / seconds,
         "perf/samples_per_s": n * samples_per_step * dist.world_size / seconds,
         "perf/step_ms": 1000 * seconds / n,
@@ -263,6 +266,15 @@ def _interval_metrics(interval: _Interval, state: TrainState, lr: float, t: Trai
         "progress/tokens_seen": state.tokens_seen,
         **_epoch(state, t, interval.num_inputs / (n * samples_per_step)),
     }
+
+
+def _utilisation(t: Trained, tokens_per_s: float) -> dict[str, float]:
+    """perf/tflops (achieved model TFLOP/s per device) and perf/mfu (over its peak; exp.perf) when known."""
+    if not t.flops_per_token:
+        return {}
+    out = {"perf/tflops": t.flops_per_token * tokens_per_s / t.dist.world_size / 1e12}
+    utilisation = mfu(t.flops_per_token, tokens_per_s, t.rt.peak_flops, t.dist.world_size)
+    return out | ({"perf/mfu": utilisation} if utilisation is not None else {})
 
 
 def data_metrics(batches) -> dict[str, float]:

@@ -32,7 +32,7 @@ from exp.data import document_token
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
-from exp.model.protocol import num_params
+from exp.model.protocol import flops_per_token, num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.rundir import MetricsFile, RunLock, plot_run
 from exp.sampling import end_of_run_sample
@@ -421,6 +421,7 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
     step_model = torch.compile(step_model) if rt.compile else step_model
     trained = loop.Trained(stage, model, optimizer, scheduler, rt, rt.grad_scaler(), dist, step_model)
+    trained.flops_per_token = flops_per_token(model, data.seq_len)  # perf/tflops and perf/mfu (exp.perf)
     return Built(trained, batches, val_batches, data, data_info, tokenizer_of(data))
 
 
@@ -467,6 +468,9 @@ def finish(launch: Launch) -> None:
         stop_reason=stop_reason,
         compiled=t.rt.compile,
         evaluation=_evaluation(launch.task_eval),
+        flops_per_token=t.flops_per_token,
+        peak_flops=t.rt.peak_flops,
+        num_devices=t.dist.world_size,
     )
     rundir.write_summary(launch.run_dir, summary)
     _log_run_artifacts(launch.run_dir, tracker)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from exp.errors import ExpError
 from exp.events import Callback, TrainState
+from exp.perf import mfu
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -130,6 +131,9 @@ def run_summary(
     stop_reason: str | None = None,
     compiled: bool = False,
     evaluation: dict | None = None,
+    flops_per_token: float = 0.0,
+    peak_flops: float | None = None,
+    num_devices: int = 1,
 ) -> dict:
     """summary.json of a run that ended as planned (or stopped: `status`): final metrics and where to find the
     run's record and weights; write_summary writes it.
@@ -157,6 +161,10 @@ def run_summary(
         "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
         "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
         "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops_per_token or None,  # training FLOPs (exp.perf): 6 N + attention
+        "tflops_per_device": flops_per_token * tokens_per_s / num_devices / 1e12 if flops_per_token else None,
+        "mfu": mfu(flops_per_token, tokens_per_s, peak_flops, num_devices),  # None without a known peak
+        "peak_flops": peak_flops,
         "train_seconds": state.train_seconds,
         "first_step_seconds": state.warmup_seconds,  # summed over the processes that trained this run
         "compile_seconds": compile_seconds,

@@ -160,6 +160,8 @@ def test_dashboard_start_watch_stop(tmp_path, corpus_cache):
         first = train_points(browser)
         browser.wait_for(f"parseInt(document.getElementById('points').textContent) >= {first + 3}", "the curve to grow")
         assert train_points(browser) >= first + 3
+        speed = "document.getElementById('job-perf').textContent"
+        browser.wait_for(f"{speed}.includes('tok/s') && {speed}.includes('TFLOP/s per device')", "the job's speed")
         browser.screenshot(shots / "dashboard-running.png")
 
         browser.click("#stop-button")

@@ -22,6 +22,7 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
         "stage.eval_every_n_steps=15",
         "stage.batch_size_per_gpu=8",
         "stage.learning_rate=1e-2",
+        "hardware.peak_flops=1e11",  # a CPU has no datasheet figure: MFU against the one given
         f"tracking.uri=sqlite:///{db}",
         f"tracking.artifact_location={tmp_path / 'artifacts'}",
         f"hydra.run.dir={run_dir}",
@@ -49,6 +50,18 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
     assert [m.value for m in history] == pytest.approx(logged)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "metrics.jsonl", "hydra"} <= artifacts
+
+    # MFU (exp.perf): FLOPs per token x tokens/s over the peak, in every place the run reports
+    from exp.model import GPT
+
+    model = GPT(vocab_size=264, seq_len=32, n_layer=2, n_head=4, d_model=64)
+    flops = 6 * sum(p.numel() for p in model.parameters()) + 12 * 2 * 64 * 32  # nanoGPT's estimate_mfu
+    assert summary["flops_per_token"] == flops and summary["peak_flops"] == 1e11
+    assert summary["mfu"] == pytest.approx(flops * summary["tokens_per_s"] / 1e11)
+    rows = [m for m in read_metrics(run_dir / "metrics.jsonl") if "perf/mfu" in m]
+    assert len(rows) == 6 and all(m["perf/mfu"] == pytest.approx(flops * m["perf/tokens_per_s"] / 1e11) for m in rows)
+    assert client.get_metric_history(run.info.run_id, "perf/mfu")[-1].value == pytest.approx(rows[-1]["perf/mfu"])
+    assert f"| mfu {100 * rows[-1]['perf/mfu']:.1f}%" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.parametrize(

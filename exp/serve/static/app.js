@@ -132,6 +132,13 @@ function showStatus(job) {
   document.getElementById("stop-button").disabled = TERMINAL.includes(job.status);
   document.getElementById("save-button").disabled = !running;
   document.getElementById("resume-button").disabled = !TERMINAL.includes(job.status);
+  const m = job.metrics || {};
+  const perf = [];  // the newest log interval's speed: tokens/s, step time, achieved TFLOP/s and MFU when known
+  if (m["perf/tokens_per_s"] != null) perf.push(`${Math.round(m["perf/tokens_per_s"]).toLocaleString()} tok/s`);
+  if (m["perf/step_ms"] != null) perf.push(`step ${m["perf/step_ms"].toFixed(1)} ms`);
+  if (m["perf/tflops"] != null) perf.push(`${m["perf/tflops"].toPrecision(3)} TFLOP/s per device`);
+  if (m["perf/mfu"] != null) perf.push(`MFU ${(100 * m["perf/mfu"]).toFixed(1)}%`);
+  document.getElementById("job-perf").textContent = perf.join(" · ");
 }
 
 async function refreshJob() {

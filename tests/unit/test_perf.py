@@ -1,0 +1,53 @@
+"""MFU: the peak table by device name and precision, and the PaLM/nanoGPT definition of FLOPs per token."""
+
+import pytest
+import torch
+
+from exp.model import GPT
+from exp.model.protocol import flops_per_token
+from exp.perf import device_peak, mfu, peak_flops
+
+
+@pytest.mark.parametrize(
+    "name, dtype, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4),  # SXM
+        ("NVIDIA H100 PCIe", torch.bfloat16, 756.0),
+        ("NVIDIA H100 NVL", torch.float16, 835.5),
+        ("NVIDIA H200", torch.bfloat16, 989.4),
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0),
+        ("NVIDIA A100 80GB PCIe", torch.bfloat16, 312.0),
+        ("NVIDIA L40S", torch.bfloat16, 362.05),  # not the L4's figure
+        ("NVIDIA L4", torch.bfloat16, 121.0),
+        ("NVIDIA A10G", torch.bfloat16, 125.0),
+    ],
+)
+def test_known_accelerators_have_their_dense_datasheet_peak(name, dtype, tflops):
+    assert device_peak(name, dtype) == pytest.approx(tflops * 1e12)
+
+
+def test_float32_reads_tf32_or_fp32_by_matmul_precision_and_unknown_devices_have_none():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert device_peak("NVIDIA A100-SXM4-40GB", torch.float32) == pytest.approx(156e12)
+        torch.set_float32_matmul_precision("highest")
+        assert device_peak("NVIDIA A100-SXM4-40GB", torch.float32) == pytest.approx(19.5e12)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert device_peak("Some Future GPU", torch.bfloat16) is None
+    assert peak_flops(torch.device("cpu"), torch.float32) is None  # no table for CPUs: no MFU, no error
+    assert peak_flops(torch.device("cpu"), torch.float32, configured=2e11) == 2e11
+    assert mfu(1e6, 1e4, None) is None
+
+
+def test_flops_per_token_and_mfu_follow_nanogpts_estimate_mfu():
+    """nanoGPT's estimate_mfu: N = the parameters (a tied embedding once), flops per token 6 N + 12 L H Q T, MFU the
+    achieved FLOP/s over the peak; exp's GPT declares the same count (its input embedding is its output head)."""
+    L, d, T = 3, 96, 64
+    model = GPT(vocab_size=264, seq_len=T, n_layer=L, n_head=4, d_model=d)
+    n = sum(p.numel() for p in model.parameters())
+    nanogpt = 6 * n + 12 * L * d * T  # H * Q = d_model
+    assert flops_per_token(model, T) == nanogpt
+    tokens_per_s, peak, devices = 12_345.0, 312e12, 2
+    assert mfu(nanogpt, tokens_per_s, peak, devices) == pytest.approx(nanogpt * tokens_per_s / devices / peak)
