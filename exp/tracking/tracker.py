@@ -108,11 +108,15 @@ class MlflowTracker(Callback):
         artifact_location: str | None = None,
         parent_run_id: str | None = None,  # set by a pipeline or sweep: this run nests under it
         run_id: str | None = None,  # an MLflow run created beforehand for this one (the job service's): filled in
+        system_metrics: bool = True,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
+        system_metrics_interval: float = 10.0,  # seconds between samples
         *,
         cfg: DictConfig,
         run_dir: Path,
         resume_run_id: str | None = None,
     ):
+        if system_metrics and not system_metrics_interval > 0:
+            raise ValueError(f"tracking.system_metrics_interval={system_metrics_interval} must be > 0 (seconds)")
         self.uri = absolute_uri(uri)
         self.run_dir = Path(run_dir)
         self.checkpoints: list[dict] = []
@@ -128,6 +132,7 @@ class MlflowTracker(Callback):
                 parent_run_id=parent_run_id,
                 resume_run_id=resume_run_id,
                 run_id=run_id,
+                system_metrics_interval=float(system_metrics_interval) if system_metrics else None,
                 run_dir=str(self.run_dir),
                 tags={k: str(v)[:MAX_PARAM_VALUE] for k, v in run_tags(cfg, self.run_dir).items()},
                 params=flat_params(cfg),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import multiprocessing
 import multiprocessing.util  # registers its exit handler now, so that ours (below) runs before it
 import os
@@ -52,6 +53,7 @@ class Settings:
     tags: dict[str, str]
     params: dict[str, str]
     run_id: str | None = None  # created beforehand (by the job service, to answer with it at once): filled in
+    system_metrics_interval: float | None = None  # seconds between MLflow's system metrics samples; None: off
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
     except Exception as e:
         worker.fail(f"MLflow at {settings.uri} is unavailable ({first_line(e)}); metrics stay in metrics.jsonl")
     outbox.put(Started(worker.run_id))
+    worker.start_system_metrics()
     while True:
         try:
             items = [inbox.get(timeout=1.0)]
@@ -251,7 +254,7 @@ def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
 class _Worker:
     def __init__(self, settings: Settings, outbox):
         self.s, self.outbox = settings, outbox
-        self.client = self.run_id = self.failed = None
+        self.client = self.run_id = self.failed = self.monitor = None
         self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
 
     def start(self) -> None:
@@ -282,6 +285,33 @@ class _Worker:
         for i in range(0, len(params), BATCH["params"]):
             self.client.log_batch(self.run_id, params=params[i : i + BATCH["params"]])
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.source.name", "train.py")])
+
+    def start_system_metrics(self) -> None:
+        """MLflow's own system metrics (system/cpu_utilization_percentage, memory, disk, network; GPUs through
+        nvidia-ml-py), sampled in a thread of this process beside the run; on a GPU node only the job's GPUs."""
+        if not self.s.system_metrics_interval or self.run_id is None or self.failed:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its start and stop lines
+
+            resumed = bool(self.s.resume_run_id and self.s.resume_run_id == self.run_id)
+            monitor = SystemMetricsMonitor(
+                self.run_id, self.s.system_metrics_interval, resume_logging=resumed, tracking_uri=self.s.uri
+            )
+            for gpus in [m for m in monitor.monitors if hasattr(m, "gpu_handles")]:
+                keep = own_gpus(gpus.num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+                gpus.gpu_handles = [gpus.gpu_handles[i] for i in keep]
+            monitor.start()
+            self.monitor = monitor
+        except Exception as e:  # psutil missing, a monitor that cannot start: the run goes on without them
+            self.warn(f"MLflow system metrics are off ({first_line(e)})")
+
+    def stop_system_metrics(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
 
     def _reconcile_previous(self) -> None:
         """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
@@ -366,6 +396,7 @@ class _Worker:
                 case End(status=status):
                     self._flush(metrics)
                     metrics = []
+                    self.stop_system_metrics()  # its last sample before the run ends
                     self._call(lambda status=status: self.client.set_terminated(self.run_id, status))
                     done = True
         self._flush(metrics)
@@ -411,16 +442,33 @@ class _Worker:
 # --- the store, shared with the trainer's side and parent runs ------------------------------------------
 
 
+def own_gpus(num_gpus: int, visible: str | None) -> list[int]:
+    """The NVML indices of the job's GPUs: those CUDA_VISIBLE_DEVICES names by index (SLURM sets it to the job's
+    allocation), every GPU when it is unset; names NVML does not index (UUIDs, MIG) keep them all."""
+    if visible is None:
+        return list(range(num_gpus))
+    names = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(n.isdigit() for n in names):
+        return list(range(num_gpus))
+    return [int(n) for n in names if int(n) < num_gpus]
+
+
+# MLflow 3 opens an experiment in its GenAI view unless told its kind: exp's are model training
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id_for(client, uri: str, name: str, artifact_location: str | None, base: Path | None = None) -> str:
     """The id of the named experiment, created (with a local artifact folder for local stores, relative to `base`,
-    else the working directory) if missing."""
+    else the working directory) if missing; one without a kind is tagged as model training (EXPERIMENT_KIND)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND[0] not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if artifact_location and not uri.startswith(("http://", "https://", "databricks")):
         location = (Path(base or ".") / artifact_location).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
 def fail_fast_http() -> None:

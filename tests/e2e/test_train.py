@@ -23,6 +23,7 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
         "stage.batch_size_per_gpu=8",
         "stage.learning_rate=1e-2",
         "hardware.peak_flops=1e11",  # a CPU has no datasheet figure: MFU against the one given
+        "tracking.system_metrics_interval=0.2",  # MLflow's system metrics, sampled often enough for a short run
         f"tracking.uri=sqlite:///{db}",
         f"tracking.artifact_location={tmp_path / 'artifacts'}",
         f"hydra.run.dir={run_dir}",
@@ -62,6 +63,12 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
     assert len(rows) == 6 and all(m["perf/mfu"] == pytest.approx(flops * m["perf/tokens_per_s"] / 1e11) for m in rows)
     assert client.get_metric_history(run.info.run_id, "perf/mfu")[-1].value == pytest.approx(rows[-1]["perf/mfu"])
     assert f"| mfu {100 * rows[-1]['perf/mfu']:.1f}%" in (run_dir / "train.log").read_text()
+
+    # MLflow's own system metrics beside the run, and the experiment opens in MLflow's model-training view
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.parametrize(

@@ -51,3 +51,12 @@ def test_flops_per_token_and_mfu_follow_nanogpts_estimate_mfu():
     assert flops_per_token(model, T) == nanogpt
     tokens_per_s, peak, devices = 12_345.0, 312e12, 2
     assert mfu(nanogpt, tokens_per_s, peak, devices) == pytest.approx(nanogpt * tokens_per_s / devices / peak)
+
+
+def test_system_metrics_watch_only_the_jobs_own_gpus():
+    from exp.tracking.worker import own_gpus
+
+    assert own_gpus(8, None) == list(range(8))  # nothing said: every GPU of the node
+    assert own_gpus(8, "2,5") == [2, 5]  # SLURM's allocation
+    assert own_gpus(2, "1,3") == [1]
+    assert own_gpus(4, "GPU-8f3c0e2a-1b2c") == [0, 1, 2, 3]  # UUIDs: NVML's order is not theirs, keep all
