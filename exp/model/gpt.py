@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from exp.model.layers import Attention, RMSNorm, SwiGLU, document_mask, document_positions, rope_cache
+from exp.model.layers import (
+    Attention,
+    KVCache,
+    RMSNorm,
+    SwiGLU,
+    document_mask,
+    document_positions,
+    rope_cache,
+)
 from exp.model.moe import MoEMLP
 from exp.model.protocol import sample
 
@@ -27,9 +35,9 @@ class Block(nn.Module):
         else:
             self.mlp = SwiGLU(d_model, mlp_hidden, dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None, layer: int = 0):
         """x: (B, T, d_model) -> (B, T, d_model)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -99,6 +107,7 @@ class GPT(nn.Module):
         self.tie_embeddings = tie_embeddings
         self.activation_checkpointing = activation_checkpointing
         self.num_experts, self.top_k, self.router_coefs = num_experts, top_k, coefs
+        self.rope_theta = rope_theta
 
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
@@ -130,7 +139,11 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx, targets: (B, T) int64 -> logits (B, T, vocab), mean CE over targets != -100 (or None).
 
@@ -138,6 +151,8 @@ class GPT(nn.Module):
         packed in a row: attention then never crosses a document boundary and rotary positions restart at each
         document, so each document is computed as it would be alone. None: one causal sequence per row."""
         T = idx.shape[1]
+        if cache is not None:  # generation: the tokens after the cached ones, at their positions
+            return self._forward_cached(idx, cache), None
         if T > self.seq_len:
             raise ValueError(f"sequence length T={T} exceeds seq_len={self.seq_len}")
         cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # (T, head_dim / 2)
@@ -158,6 +173,25 @@ class GPT(nn.Module):
             V = logits.size(-1)
             loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1), ignore_index=-100)
         return logits, loss
+
+    def _forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        start, end = cache.pos, cache.pos + idx.shape[1]
+        cos, sin = cache.cos[start:end], cache.sin[start:end]
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, None, cache, i)
+        cache.pos = end
+        return self.lm_head(self.norm(x))
+
+    def kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KVCache for `batch` rows of up to max_len tokens, in this model's dtype and device."""
+        rope = (self.rope_cos, self.rope_sin)
+        if max_len > self.seq_len:  # positions past the trained context: the same rotary tables, extended
+            cos, sin = rope_cache(max_len, self.d_model // self.n_head, self.rope_theta)
+            rope = (cos.to(self.rope_cos.device), sin.to(self.rope_sin.device))
+        head_dim = self.d_model // self.n_head
+        weight = self.tok_emb.weight
+        return KVCache(self.n_layer, batch, self.n_kv_head, head_dim, max_len, rope, weight.dtype, weight.device)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once; exclude_embeddings drops token embedding and untied head."""
@@ -190,6 +224,13 @@ class GPT(nn.Module):
         return {"router_loss": weighted, **out, "expert_usage": torch.stack([s.f for s in stats]).mean(0)}
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """Append up to max_new_tokens sampled tokens to idx (B, T), each step seeing the last seq_len tokens.
-        options: temperature (0 = greedy), top_k, generator, stop_token_ids (exp.model.protocol.sample)."""
-        return sample(self, idx, max_new_tokens, seq_len=self.seq_len, **options)
+        """Append up to max_new_tokens sampled tokens to idx (B, T) with a key/value cache: the prompt runs once,
+        then each step runs over its one new token. Every token sees all the tokens before it, rotary positions
+        going on past seq_len, as transformers' Llama (and so this model's HF export) generates. options:
+        temperature (0 = greedy), top_k, generator, stop_token_ids, vocab_limit (exp.model.protocol.sample)."""
+        cache = self.kv_cache(idx.size(0), idx.size(1) + max_new_tokens)
+
+        def step(ids: torch.Tensor, new: int) -> torch.Tensor:
+            return self.forward(ids[:, -new:], cache=cache)[0][:, -1, :]
+
+        return sample(self, idx, max_new_tokens, step=step, **options)

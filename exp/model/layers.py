@@ -94,6 +94,35 @@ def attend(q, k, v, mask: torch.Tensor | BlockMask | None, dropout: float) -> to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
 
 
+class KVCache:
+    """Each layer's keys and values of the tokens generated so far, preallocated for `max_len` tokens: a forward then
+    runs over the new tokens only. Rotary positions go on past the model's seq_len (as transformers' Llama does);
+    `rope` holds the cos/sin tables of every position the cache can reach."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, max_len: int, rope, dtype, device):
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.cos, self.sin = rope
+        self.pos = 0  # tokens held
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' k, v (B, nkv, T, hd) after the held ones, and attend the new queries over all."""
+        T, end = k.shape[2], self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if q.shape[1] != keys.shape[1]:  # grouped-query attention: query head h reads key/value head h // group
+            keys = keys.repeat_interleave(q.shape[1] // keys.shape[1], dim=1)
+            values = values.repeat_interleave(q.shape[1] // values.shape[1], dim=1)
+        if T == 1:  # one new token sees every held one
+            return F.scaled_dot_product_attention(q, keys, values)
+        if self.pos == 0:
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Causal self-attention with rotary embeddings and grouped-query key/value heads."""
 
@@ -107,8 +136,9 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None):
-        """x: (B, T, d_model) -> (B, T, d_model); `mask` (document_mask's), when given, replaces the causal mask."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None, cache=None, layer: int = 0):
+        """x: (B, T, d_model) -> (B, T, d_model); `mask` (document_mask's), when given, replaces the causal mask;
+        with a KVCache, x is the tokens after the cached ones (this is layer `layer` of it)."""
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -116,6 +146,9 @@ class Attention(nn.Module):
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            y = cache.attend(layer, q, k, v).transpose(1, 2).reshape(B, T, C)
+            return self.resid_drop(self.proj(y))
         if nkv != nh:
             # Query head h reads key/value head h // (nh // nkv).
             k = k.repeat_interleave(nh // nkv, dim=1)

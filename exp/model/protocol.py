@@ -153,8 +153,13 @@ def sample(
     stop_token_ids: Iterable[int] | None = None,
     seq_len: int | None = None,
     vocab_limit: int | None = None,
+    step=None,
 ) -> torch.Tensor:
     """Append up to max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy decoding.
+
+    step(ids, new) -> (B, vocab): the next token's logits for the ids so far, of which the last `new` are new since
+    the previous call (a model with a key/value cache runs over those only: exp.model.GPT.generate); without it,
+    each step runs the model over the last seq_len tokens.
 
     vocab_limit: ids at or above it are never drawn (the padding rows of an embedding larger than the
     tokenizer).
@@ -165,12 +170,18 @@ def sample(
     """
     stops = torch.tensor(sorted(set(stop_token_ids or ())), dtype=idx.dtype, device=idx.device)
     done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    if step is None:
+
+        def step(ids: torch.Tensor, new: int) -> torch.Tensor:
+            return logits_of(model(ids if seq_len is None else ids[:, -seq_len:]))[:, -1, :]
+
     was_training = model.training
     model.eval()  # sampling with dropout active is never intended
+    new = idx.size(1)
     try:
         for _ in range(max_new_tokens):
-            logits = logits_of(model(idx if seq_len is None else idx[:, -seq_len:]))
-            logits = logits[:, -1, :].float()  # (B, vocab)
+            logits = step(idx, new).float()  # (B, vocab)
+            new = 1
             if vocab_limit is not None and vocab_limit < logits.size(-1):
                 logits[:, vocab_limit:] = float("-inf")
             if temperature == 0:

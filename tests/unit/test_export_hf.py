@@ -260,3 +260,24 @@ def test_generate_reads_an_hf_folder_with_a_bpe_tokenizer(tmp_path, capsys):
         assert generate.main([str(source), "--prompt", "def", "--max-new-tokens", "12", "--temperature", "0"]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1]
+
+
+def test_greedy_generation_past_seq_len_agrees_with_transformers(tmp_path, capsys):
+    """Generation keeps every token and goes on with rotary positions past seq_len, as transformers does: 2 x seq_len
+    greedy tokens from the key/value cache equal the HF export's; within seq_len the cache changes nothing."""
+    from exp.model.protocol import sample
+
+    path, model = write_checkpoint(tmp_path / "ckpts", n_kv_head=2)
+    out = tmp_path / "hf"
+    assert export.main([str(path), str(out), "--format", "hf"]) == 0
+    hf = load_hf(out)
+    hf.generation_config.eos_token_id = None  # the whole length, whatever the tokens
+    prompt = tokens(264)[:1, :5]
+    n = 2 * SIZES["seq_len"]
+    mine = model.generate(prompt, n, temperature=0)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
+    assert mine.shape[1] == 5 + n and theirs.tolist() == mine.tolist()
+    within = SIZES["seq_len"] - 5
+    uncached = sample(model, prompt, within, temperature=0, seq_len=SIZES["seq_len"])  # the loop without a cache
+    assert torch.equal(model.generate(prompt, within, temperature=0), uncached)

@@ -246,3 +246,12 @@ def test_config_keys_are_constructor_parameters():
     with torch.device("meta"):
         model = GPT(vocab_size=264, **kw)
     assert model.num_experts == 4 and model.router_coefs["z_loss_coef"] == cfg.z_loss_coef
+
+
+def test_a_mixture_of_experts_generates_with_the_key_value_cache_as_without():
+    from exp.model.protocol import sample
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=264, seq_len=32, n_layer=2, n_head=2, d_model=32, num_experts=4, top_k=2).eval()
+    prompt = torch.randint(0, 256, (2, 6))
+    assert torch.equal(model.generate(prompt, 20, temperature=0), sample(model, prompt, 20, temperature=0, seq_len=32))
