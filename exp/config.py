@@ -96,6 +96,24 @@ class EarlyStoppingConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    """The `profile` node: torch.profiler over steps [a, b] (exp.profiling; the next N steps on request too)."""
+
+    steps: list[int] | None = None  # [first, last] step numbers, 1-based; null: only when asked while running
+    row_limit: int = 30  # operators in ops.txt
+
+    def __post_init__(self):
+        if self.steps is not None:
+            steps = list(self.steps)
+            if len(steps) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in steps):
+                raise ValueError(f"profile.steps={steps} must be [first, last], two step numbers")
+            if not 1 <= steps[0] <= steps[1]:
+                raise ValueError(f"profile.steps={steps} must have 1 <= first <= last")
+        if self.row_limit < 1:
+            raise ValueError(f"profile.row_limit={self.row_limit} must be >= 1")
+
+
+@dataclass(kw_only=True)
 class LRFindConfig:
     """The `lr_find` node (`lr_find=true` is short for lr_find.enabled=true): an LR range test instead of the run."""
 
@@ -189,6 +207,7 @@ class RunConfig:
     callbacks: dict[str, Any] = dataclasses.field(default_factory=dict)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     lr_find: LRFindConfig = dataclasses.field(default_factory=LRFindConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
@@ -229,6 +248,7 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     hardware = _typed("hardware", get_object(cfg.hardware._target_), _without_meta(cfg.hardware))
     for group in ("model", "optimizer", "scheduler", "data", "tracking", "checkpoint"):
         _check_signature(group, cfg[group])
+    _check_tracking(cfg)
     for name, node in cfg.callbacks.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(f"callbacks.{name}: needs a _target_ (an exp.loop.Callback subclass)")
@@ -476,6 +496,13 @@ def _show(node: DictConfig, key: str) -> str:
         if isinstance(value, str)
         else str(value)
     )
+
+
+def _check_tracking(cfg: DictConfig) -> None:
+    """Values the tracker (built once the run starts) would refuse: refused now, before anything is written."""
+    interval = OmegaConf.select(cfg, "tracking.system_metrics_interval", default=None)
+    if OmegaConf.select(cfg, "tracking.system_metrics", default=False) and interval is not None and not interval > 0:
+        raise ConfigError(f"tracking.system_metrics_interval={float(interval)} must be > 0 (seconds between samples)")
 
 
 def _check_writable(key: str, path: str) -> None:

@@ -34,6 +34,7 @@ from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
 from exp.model.protocol import flops_per_token, num_params
 from exp.optim import build_optimizer, freeze, group_rules
+from exp.profiling import Profiler
 from exp.rundir import MetricsFile, RunLock, plot_run
 from exp.sampling import end_of_run_sample
 from exp.stages import SFT
@@ -206,6 +207,11 @@ def _prepare(launch: Launch) -> None:
     reporters.append(MetricsFile(launch.run_dir / rundir.METRICS, keep_until_step=launch.state.step))
     saver = SaveOnSignal(checkpointer.save)  # SIGUSR1 (on any rank): save now, keep training
     launch.events.add(checkpointer, saver, *(reporters if dist.is_main else []))
+    # profile.steps, and the next N steps whenever RUN_DIR/profile.request asks
+    profiler = Profiler(
+        run.profile.steps, launch.run_dir, launch.tracker, dist.rank, t.rt.device, run.profile.row_limit
+    )
+    launch.events.add(profiler)
     if run.eval.enabled and run.eval.launcher == "slurm":  # each new checkpoint in a SLURM job of its own
         from exp.eval.side import SideJobs
 

@@ -58,6 +58,7 @@ RESUME_IGNORES = (
     "callbacks",
     "hardware.num_threads",
     "eval",  # downstream evaluation reads the model; it changes nothing that trains
+    "profile",
 )
 # Keys added since older checkpoints were saved, with the value that means what those checkpoints trained with: a saved
 # config without one compares as holding it (where this run's data or model has the key at all)

@@ -53,6 +53,10 @@ class ResumeIn(Strict):
     force: bool = Field(False, description="resume a FINISHED job without more steps (runs its end again)")
 
 
+class ProfileIn(Strict):
+    steps: int = Field(5, ge=1, le=1000, description="profile this many steps, from the next one")
+
+
 class RelaunchIn(Strict):
     force: bool = Field(False, description="relaunch even while the sweep's process or a trial still runs")
 

@@ -169,6 +169,23 @@ def test_save_now_keeps_training(service, running_job):
     assert "SIGUSR1: saving a checkpoint at step" in service.logs(running_job)
 
 
+def test_profile_the_next_steps_of_a_running_job(service, running_job):
+    """The job page's Profile: torch.profiler over the next 3 steps, the trace and top operators in the run dir."""
+    r = service.client.post(f"/api/training/jobs/{running_job}/profile", json={"steps": 3})
+    assert r.status_code == 202 and r.json()["steps"] == 3, r.text
+    run_dir = Path(service.status(running_job)["run_dir"])
+    deadline = time.monotonic() + 60
+    while not list(run_dir.glob("profile/steps_*/ops.txt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (ops,) = run_dir.glob("profile/steps_*/ops.txt")
+    first, last = map(int, ops.parent.name.removeprefix("steps_").split("-"))
+    assert last - first == 2 and "aten::mm" in ops.read_text()
+    assert json.loads((ops.parent / "trace.json").read_text())["traceEvents"]
+    assert service.status(running_job)["status"] == "RUNNING"  # and it trains on
+    bad = service.client.post(f"/api/training/jobs/{running_job}/profile", json={"steps": 0})
+    assert bad.status_code == 422
+
+
 def test_stop_ends_killed_with_a_checkpoint_and_refuses_a_second(service, running_job):
     r = service.client.post(f"/api/training/jobs/{running_job}/stop")
     assert r.status_code == 202, r.text
@@ -179,6 +196,8 @@ def test_stop_ends_killed_with_a_checkpoint_and_refuses_a_second(service, runnin
     assert steps[-1] == status["step"] and len(steps) == 2
     again = service.client.post(f"/api/training/jobs/{running_job}/stop")
     assert again.status_code == 409 and "KILLED" in again.json()["detail"]
+    ended = service.client.post(f"/api/training/jobs/{running_job}/profile")
+    assert ended.status_code == 409 and "only a running job can be profiled" in ended.json()["detail"]
 
 
 def test_resume_with_more_steps_finishes(service, running_job):

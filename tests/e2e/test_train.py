@@ -200,3 +200,29 @@ def test_multirun_with_one_bad_point_launches_nothing(tmp_path):
     assert proc.returncode == 2
     assert "sweep point #1" in proc.stdout and "optimizer.lr='abc'" in proc.stdout
     assert not sweep.exists()
+
+
+def test_profile_steps_write_a_trace_the_top_operators_and_mlflow_artifacts(tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    proc = run_train(
+        *SMALL,
+        "stage.num_steps=6",
+        "profile.steps=[3,4]",
+        f"tracking.uri=sqlite:///{db}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = run_dir / "profile" / "steps_3-4"
+    trace = json.loads((folder / "trace.json").read_text())
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 2  # the two active steps, the warm-up step before them left out
+    table = (folder / "ops.txt").read_text()
+    assert "Self CPU" in table and "aten::mm" in table
+    assert "profile of steps 3-4" in (run_dir / "train.log").read_text()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]
+    logged = {a.path for a in client.list_artifacts(run_id, "profile/steps_3-4")}
+    assert logged == {"profile/steps_3-4/trace.json", "profile/steps_3-4/ops.txt"}

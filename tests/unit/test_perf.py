@@ -60,3 +60,35 @@ def test_system_metrics_watch_only_the_jobs_own_gpus():
     assert own_gpus(8, "2,5") == [2, 5]  # SLURM's allocation
     assert own_gpus(2, "1,3") == [1]
     assert own_gpus(4, "GPU-8f3c0e2a-1b2c") == [0, 1, 2, 3]  # UUIDs: NVML's order is not theirs, keep all
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("profile.steps=[5,2]", r"^profile\.steps=\[5, 2\] must have 1 <= first <= last$"),
+        ("profile.steps=[0,2]", r"^profile\.steps=\[0, 2\] must have 1 <= first <= last$"),
+        ("profile.steps=[3]", r"^profile\.steps=\[3\] must be \[first, last\]"),
+        ("hardware.peak_flops=-1", r"^hardware\.peak_flops=-1\.0 must be > 0"),
+        ("tracking.system_metrics_interval=0", r"tracking\.system_metrics_interval=0\.0 must be > 0"),
+    ],
+)
+def test_bad_speed_settings_are_one_line_config_errors(tmp_path, override, line):
+    from exp.config import validate
+    from exp.errors import ConfigError
+
+    from ..conftest import TINY, compose_train
+
+    tiny = [o for o in TINY if o != "tracking=none"]
+    cfg = compose_train(*tiny, override, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=line):
+        validate(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_profile_request_is_a_positive_number_of_steps(tmp_path):
+    from exp.profiling import read_request, write_request
+
+    assert read_request(write_request(tmp_path, 7)) == 7
+    for text in ("0", "-3", "abc", ""):
+        (tmp_path / "profile.request").write_text(text)
+        assert read_request(tmp_path / "profile.request") is None

@@ -1,4 +1,4 @@
-"""Jobs: start (locally or on SLURM), list, status, stop, save now, resume, logs."""
+"""Jobs: start (locally or on SLURM), list, status, stop, save now, profile, resume, logs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 import exp.serve.configs as configs
 import exp.serve.control as control
 from exp.checkpoint.checkpointer import check_config_change
-from exp.serve.bodies import ID, ResumeIn, SlurmResources, Started, StartIn
+from exp.profiling import write_request
+from exp.serve.bodies import ID, ProfileIn, ResumeIn, SlurmResources, Started, StartIn
 from exp.serve.registry import new_id
 from exp.serve.state import Service, ServiceDep
 from exp.tracking.parent import create_run_ahead, end_run_ahead
@@ -112,6 +113,19 @@ def checkpoint_job(job_id: ID, svc: ServiceDep) -> dict:
     job = svc.job_or_404(job_id)
     control.send(job, svc.status_of(job)["status"], signal.SIGUSR1, "checkpoint")
     return {"job_id": job_id, "requested": "checkpoint"}
+
+
+@router.post("/api/training/jobs/{job_id}/profile", status_code=202)
+def profile_job(job_id: ID, svc: ServiceDep, body: Annotated[ProfileIn | None, Body()] = None) -> dict:
+    """Profile the next `steps` steps of a running job (torch.profiler: RUN_DIR/profile/steps_A-B/, and the run's
+    MLflow artifacts); 409 when it is not running."""
+    job = svc.job_or_404(job_id)
+    status = svc.status_of(job)["status"]
+    if status != "RUNNING":
+        raise HTTPException(409, f"job {job_id} is {status}: only a running job can be profiled")
+    steps = (body or ProfileIn()).steps
+    write_request(Path(job["run_dir"]), steps)  # the run reads it at its next step boundary (exp.profiling)
+    return {"job_id": job_id, "requested": "profile", "steps": steps}
 
 
 @router.post("/api/training/jobs/{job_id}/resume", status_code=201)

@@ -131,6 +131,7 @@ function showStatus(job) {
   const running = job.status === "RUNNING";
   document.getElementById("stop-button").disabled = TERMINAL.includes(job.status);
   document.getElementById("save-button").disabled = !running;
+  document.getElementById("profile-button").disabled = !running;
   document.getElementById("resume-button").disabled = !TERMINAL.includes(job.status);
   const m = job.metrics || {};
   const perf = [];  // the newest log interval's speed: tokens/s, step time, achieved TFLOP/s and MFU when known
@@ -205,9 +206,11 @@ async function act(what, step) {
     const steps = document.getElementById("resume-steps").value;
     if (steps) Object.assign(body, { overrides: [`stage.num_steps=${steps}`], allow_config_change: true });
   }
+  if (what === "profile") body.steps = Number(document.getElementById("profile-steps").value) || 5;
   try {
     await api(`/api/training/jobs/${selected}/${what}`, { method: "POST", body: JSON.stringify(body) });
-    result.textContent = { stop: "stop requested", checkpoint: "checkpoint requested", resume: "resumed" }[what];
+    result.textContent = { stop: "stop requested", checkpoint: "checkpoint requested", resume: "resumed",
+      profile: `profiling the next ${body.steps} steps: RUN_DIR/profile/` }[what];
     if (what === "resume") { points = { train: [], val: [] }; follow(selected); }
   } catch (e) {
     result.textContent = e.message;
@@ -329,6 +332,7 @@ showSweepKind();
 document.getElementById("start-form").addEventListener("submit", startRun);
 document.getElementById("stop-button").addEventListener("click", () => act("stop"));
 document.getElementById("save-button").addEventListener("click", () => act("checkpoint"));
+document.getElementById("profile-button").addEventListener("click", () => act("profile"));
 document.getElementById("resume-button").addEventListener("click", () => act("resume"));
 document.getElementById("evaluate-button").addEventListener("click", evaluateNow);
 loadOptions().catch((e) => { document.getElementById("start-error").textContent = e.message; });
