@@ -226,3 +226,11 @@ def test_profile_steps_write_a_trace_the_top_operators_and_mlflow_artifacts(tmp_
     run_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]
     logged = {a.path for a in client.list_artifacts(run_id, "profile/steps_3-4")}
     assert logged == {"profile/steps_3-4/trace.json", "profile/steps_3-4/ops.txt"}
+
+
+def test_the_gpu_tiers_run_helpers_on_cpu(tmp_path):
+    """tests/gpu/helpers.py's run and losses, on CPU: what the GPU tier runs but the device."""
+    from ..gpu import helpers
+
+    summary = helpers.run(tmp_path / "run", *helpers.device_overrides("cpu"), "stage.num_steps=4")
+    assert summary["status"] == "FINISHED" and len(helpers.losses(tmp_path / "run")) == 2
