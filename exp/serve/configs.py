@@ -111,6 +111,24 @@ def check_eval_code(cfg: DictConfig) -> None:
         )
 
 
+def check_data_sources(cfg: DictConfig) -> None:
+    """A mixture prepares raw sources while the config is validated (a process of exp.data.prepare in the service):
+    over HTTP its sources must already be token data (prepared folders, token files, pystdlib), never hf:
+    datasets or raw text, which validation would read and tokenize here."""
+    sources = OmegaConf.select(cfg, "data.sources", default=None)
+    if not isinstance(sources, DictConfig):
+        return
+    for name, spec in sources.items():
+        path = str(spec.get("path", "")) if isinstance(spec, DictConfig) else ""
+        folder = Path(path).expanduser()
+        prepared = path == "pystdlib" or folder.suffix == ".bin" or (folder / "train.bin").is_file()
+        if path.startswith("hf:") or not prepared:
+            raise Refused(
+                f"data.sources.{name}.path={path} is not accepted over HTTP: a mixture's sources must be prepared "
+                "token data here (python -m exp.data.prepare, then its folder), or run the job with train.py"
+            )
+
+
 def compose(
     overrides: list[str],
     run_dir: Path,
@@ -150,6 +168,7 @@ def compose(
             del cfg["hydra"]
         check_confined(cfg, run_dir)
         check_eval_code(cfg)
+        check_data_sources(cfg)
         config.validate(cfg, node=node)
         if check is not None:
             check(cfg)

@@ -211,3 +211,17 @@ def test_task_yamls_that_would_run_code_are_refused(world, override):
         assert r.status_code == 422, r.text
         assert "eval.include_path is not accepted over HTTP" in r.json()["detail"] or "unknown task" in r.text
     assert not probe.exists() and snapshot(runs) == before
+
+
+@pytest.mark.parametrize("source", ["hf:json:OUTSIDE/secret.jsonl", "OUTSIDE/secret.txt"])
+def test_a_mixture_source_to_prepare_is_refused_over_http(world, source):
+    """Validation would read and tokenize a raw or hf: source in the service: only prepared token data is taken."""
+    client, runs, outside = world
+    (outside / "secret.txt").write_text("the service's secret\n" * 50)
+    (outside / "secret.jsonl").write_text('{"text": "the service\'s secret"}\n' * 50)
+    before = snapshot(runs)
+    mixture = ["data=mixture", f"+data.sources.other.path={source.replace('OUTSIDE', str(outside))}"]
+    for r in post_everywhere(client, [*TINY, *mixture]):
+        assert r.status_code == 422, r.text
+        assert "is not accepted over HTTP: a mixture's sources must be prepared token data" in r.json()["detail"]
+    assert snapshot(runs) == before  # refused before validation, which would have prepared it
