@@ -67,7 +67,9 @@ launch() {
     rm -f "$PIDS/$name.pid"
     # 3>&-: the daemon must not keep this script's log descriptor (the caller's stderr pipe) open for ever
     # shellcheck disable=SC2016 # $$, $0 and $@ belong to the inner shell
-    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PIDS/$name.pid" "$@" </dev/null >>"$logfile" 2>&1 3>&- &
+    # cd /: a daemon must not keep the caller's folder (a checkout or worktree that may be deleted) as its working
+    # directory, which every job step would inherit ("Unable to get current working directory")
+    (cd / && exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PIDS/$name.pid" "$@") </dev/null >>"$logfile" 2>&1 3>&- &
 }
 
 # wait_until NAME LOGFILE DESCRIPTION CMD...: poll CMD until it succeeds. Give up with the log
@@ -123,8 +125,11 @@ summary() {
 
 # --- fast path: already up --------------------------------------------------------------------
 
+# a daemon left in a deleted folder (started by an older version of this script from a removed checkout) is restarted
+cwd_kept() { local pid; pid=$(cat "$PIDS/$1.pid" 2>/dev/null) && [[ $(readlink "/proc/$pid/cwd") != *"(deleted)" ]]; }
+
 if alive mariadbd && alive slurmdbd && alive slurmctld && alive slurmd \
-    && munge_works && node_ready && node_has_gpus && sacct_answers >/dev/null 2>&1; then
+    && cwd_kept slurmctld && cwd_kept slurmd && munge_works && node_ready && node_has_gpus && sacct_answers >/dev/null 2>&1; then
     summary
     exit 0
 fi
@@ -281,6 +286,16 @@ mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
 chmod 644 "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"
 
 # --- 5. daemons: slurmdbd, then slurmctld, then slurmd ----------------------------------------
+
+# A daemon started from a folder since deleted hands that dead folder to every job step: restart it.
+for name in slurmctld slurmd; do
+    if alive "$name" && ! cwd_kept "$name"; then
+        log "$name runs in a deleted folder: restarting it"
+        pid=$(cat "$PIDS/$name.pid")
+        kill "$pid"
+        for _ in $(seq 100); do [[ -d /proc/$pid ]] || break; sleep 0.1; done
+    fi
+done
 
 # -D: stay in the foreground, so the recorded PID is the daemon's; logs go to the files
 # named in the configs, stdout/stderr (startup errors) to *.out.
