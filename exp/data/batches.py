@@ -106,24 +106,30 @@ def check_max_examples(max_examples) -> int | None:
     return int(max_examples)
 
 
-class RandomWindows:
-    """Window starts drawn with replacement from [0, max_start]: start k of the stream comes from block k // BLOCK's
-    generator (seeded by `key` and the block), so any rank finds any window without drawing the ones before it."""
+class SeededBlocks:
+    """An endless stream of seeded draws, read at any position: draw k comes from block k // BLOCK, whose generator is
+    seeded by `key` and the block's index, so any rank finds any draw without making the ones before it."""
 
-    def __init__(self, max_start: int, key: tuple[int, ...]):
-        self.max_start, self.key = max_start, tuple(key)
-        self._block: tuple[int, np.ndarray] | None = None  # (index, its starts)
+    dtype = np.int64
+
+    def __init__(self, key: tuple[int, ...]):
+        self.key = tuple(key)
+        self._block: tuple[int, np.ndarray] | None = None  # (index, its draws)
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """One block's BLOCK draws."""
+        raise NotImplementedError
 
     def block(self, index: int) -> np.ndarray:
-        """The window starts of one block of the stream."""
+        """The draws of one block of the stream."""
         if self._block is None or self._block[0] != index:
             rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.key, index])))
-            self._block = index, rng.integers(0, self.max_start, size=BLOCK, endpoint=True)
+            self._block = index, self.draw(rng)
         return self._block[1]
 
-    def starts(self, first: int, n: int) -> np.ndarray:
-        """Start offsets of windows first .. first + n - 1 of the stream."""
-        out = np.empty(n, dtype=np.int64)
+    def values(self, first: int, n: int) -> np.ndarray:
+        """Draws first .. first + n - 1 of the stream."""
+        out = np.empty(n, dtype=self.dtype)
         done = 0
         while done < n:
             index, offset = divmod(first + done, BLOCK)
@@ -131,6 +137,30 @@ class RandomWindows:
             out[done : done + len(part)] = part
             done += len(part)
         return out
+
+
+class RandomWindows(SeededBlocks):
+    """Window starts drawn with replacement from [0, max_start] (SeededBlocks)."""
+
+    def __init__(self, max_start: int, key: tuple[int, ...]):
+        super().__init__(key)
+        self.max_start = max_start
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, self.max_start, size=BLOCK, endpoint=True)
+
+    def starts(self, first: int, n: int) -> np.ndarray:
+        """Start offsets of windows first .. first + n - 1 of the stream."""
+        return self.values(first, n)
+
+
+class Uniforms(SeededBlocks):
+    """Uniform draws in [0, 1) (SeededBlocks): a mixture's choices of source."""
+
+    dtype = np.float64
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.random(BLOCK)
 
 
 class PermutedWindows:

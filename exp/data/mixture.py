@@ -34,7 +34,7 @@ import torch
 from exp.resolvers import data_vocab
 from exp.text import first_line
 
-from .batches import BLOCK, PermutedWindows, RandomWindows, Sampler, check_order, eval_batches
+from .batches import PermutedWindows, RandomWindows, Sampler, Uniforms, check_order, eval_batches
 from .cache import cached, check_cache_dir
 from .corpus import check_val_fraction, is_complete
 from .hf import is_hf
@@ -135,26 +135,12 @@ class MixtureSampler(Sampler):
         # phases: (first sample, weights) in order; the draws compare a uniform number with the cumulative weights
         self.phases = [(start, np.cumsum([w.get(n, 0.0) for n in self.names])) for start, w in phases]
         self.counts = dict.fromkeys(self.names, 0)  # samples each source has given (all ranks together)
-        self._block: tuple[int, np.ndarray] | None = None
-
-    def uniforms(self, first: int, n: int) -> np.ndarray:
-        """The seeded uniform draws of samples first .. first + n - 1 (by block, as RandomWindows)."""
-        out = np.empty(n, dtype=np.float64)
-        done = 0
-        while done < n:
-            index, offset = divmod(first + done, BLOCK)
-            if self._block is None or self._block[0] != index:
-                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, index])))
-                self._block = index, rng.random(BLOCK)
-            part = self._block[1][offset : offset + n - done]
-            out[done : done + len(part)] = part
-            done += len(part)
-        return out
+        self.draws = Uniforms((seed,))  # sample p's uniform draw, at any p
 
     def choose(self, first: int, n: int) -> np.ndarray:
         """The source index of samples first .. first + n - 1 of the stream."""
         positions = np.arange(first, first + n)
-        u = self.uniforms(first, n)
+        u = self.draws.values(first, n)
         out = np.empty(n, dtype=np.int64)
         for i, (start, cum) in enumerate(self.phases):
             end = self.phases[i + 1][0] if i + 1 < len(self.phases) else None
@@ -368,8 +354,9 @@ class Mixture:
             out["schedule"] = [{"at": at, "weights": w} for at, w in self.schedule]
         if self.document_mask:
             out["document_mask"] = True
-        if self._parts is not None and all(p._arrays is not None for p in self._parts.values()):
-            out["train_tokens"] = {name: len(p._arrays[0]) for name, p in self._parts.items()}
+        opened = {name: p.describe().get("train_tokens") for name, p in (self._parts or {}).items()}
+        if opened and None not in opened.values():
+            out["train_tokens"] = opened
         return out
 
 
