@@ -501,7 +501,7 @@ def _show(node: DictConfig, key: str) -> str:
 def _check_tracking(cfg: DictConfig) -> None:
     """Values the tracker (built once the run starts) would refuse: refused now, before anything is written."""
     interval = OmegaConf.select(cfg, "tracking.system_metrics_interval", default=None)
-    if OmegaConf.select(cfg, "tracking.system_metrics", default=False) and interval is not None and not interval > 0:
+    if interval is not None and not interval > 0:
         raise ConfigError(f"tracking.system_metrics_interval={float(interval)} must be > 0 (seconds between samples)")
 
 

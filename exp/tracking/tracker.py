@@ -108,14 +108,14 @@ class MlflowTracker(Callback):
         artifact_location: str | None = None,
         parent_run_id: str | None = None,  # set by a pipeline or sweep: this run nests under it
         run_id: str | None = None,  # an MLflow run created beforehand for this one (the job service's): filled in
-        system_metrics: bool = True,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
+        system_metrics: bool = False,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
         system_metrics_interval: float = 10.0,  # seconds between samples
         *,
         cfg: DictConfig,
         run_dir: Path,
         resume_run_id: str | None = None,
     ):
-        if system_metrics and not system_metrics_interval > 0:
+        if not system_metrics_interval > 0:
             raise ValueError(f"tracking.system_metrics_interval={system_metrics_interval} must be > 0 (seconds)")
         self.uri = absolute_uri(uri)
         self.run_dir = Path(run_dir)

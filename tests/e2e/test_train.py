@@ -23,7 +23,8 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
         "stage.batch_size_per_gpu=8",
         "stage.learning_rate=1e-2",
         "hardware.peak_flops=1e11",  # a CPU has no datasheet figure: MFU against the one given
-        "tracking.system_metrics_interval=0.2",  # MLflow's system metrics, sampled often enough for a short run
+        "tracking.system_metrics=true",  # MLflow's system metrics, sampled often enough for a short run
+        "tracking.system_metrics_interval=0.2",
         f"tracking.uri=sqlite:///{db}",
         f"tracking.artifact_location={tmp_path / 'artifacts'}",
         f"hydra.run.dir={run_dir}",
