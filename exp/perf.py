@@ -10,7 +10,10 @@ logged, and nothing fails).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: exp.rundir reads mfu() in processes that never load torch (the MLflow worker)
+    import torch
 
 TF = 1e12
 # (name fragment of torch.cuda.get_device_name, {precision: dense FLOP/s}), the first fragment found wins: the more
@@ -34,6 +37,8 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 def precision(dtype: torch.dtype) -> str:
     """The table's column for a training dtype: bf16 for half types, tf32 or fp32 for float32 by matmul precision."""
+    import torch
+
     if dtype in (torch.bfloat16, torch.float16):
         return "bf16"
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
@@ -52,6 +57,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured: float | Non
     if configured is not None:
         return float(configured)
     if device.type == "cuda":
+        import torch
+
         return device_peak(torch.cuda.get_device_name(device), dtype)
     return None
 

@@ -129,19 +129,30 @@ def test_server_killed_mid_run_training_finishes_with_one_warning(tmp_path):
         "stage.num_steps=60",
         f"tracking.uri={url}",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.slow._target_=tests.hooks.SleepEachStep",
-        "+callbacks.slow.seconds=0.1",
+        # the run waits at step 10 until the server is gone: its metrics so far reach the server first, however
+        # slowly the worker (SCHED_IDLE beside a loaded machine) starts, and 50 steps remain to log to a dead one
+        "+callbacks.pause._target_=tests.hooks.PauseIn",
+        "+callbacks.pause.hook=on_step_end",
+        "+callbacks.pause.step=10",
+        f"+callbacks.pause.ready={tmp_path / 'paused'}",
+        f"+callbacks.pause.release={tmp_path / 'killed'}",
+        "+callbacks.pause.seconds=240",
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(tracking_uri=url)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until metrics have reached the server
+    deadline = time.time() + 180
+    reached = False
+    while time.time() < deadline and proc.poll() is None:  # wait until metrics have reached the server
         marker = run_dir / "mlflow_run.json"
-        if marker.exists() and client.get_metric_history(json.loads(marker.read_text())["run_id"], "train/loss"):
-            break
+        if (tmp_path / "paused").exists() and marker.exists():
+            if client.get_metric_history(json.loads(marker.read_text())["run_id"], "train/loss"):
+                reached = True
+                break
         time.sleep(0.2)
+    assert reached, "no metric reached the server while the run waited"
     stop_server(server_proc)
     killed_at = time.time()
+    (tmp_path / "killed").touch()
     stdout, stderr = proc.communicate(timeout=300)
     finished = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert finished.returncode == 0, stderr[-3000:]

@@ -1,11 +1,17 @@
 """MFU: the peak table by device name and precision, and the PaLM/nanoGPT definition of FLOPs per token."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from exp.model import GPT
 from exp.model.protocol import flops_per_token
 from exp.perf import device_peak, mfu, peak_flops
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -92,3 +98,11 @@ def test_a_profile_request_is_a_positive_number_of_steps(tmp_path):
     for text in ("0", "-3", "abc", ""):
         (tmp_path / "profile.request").write_text(text)
         assert read_request(tmp_path / "profile.request") is None
+
+
+def test_the_mlflow_worker_starts_without_torch():
+    """The worker process imports only MLflow's side of exp: it runs under SCHED_IDLE beside a trainer that keeps
+    every core busy, and a second of torch import there put its first metric behind the end of short runs."""
+    code = "import sys, exp.tracking.worker; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
