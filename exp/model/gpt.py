@@ -155,10 +155,10 @@ class GPT(nn.Module):
             return self._forward_cached(idx, cache), None
         if T > self.seq_len:
             raise ValueError(f"sequence length T={T} exceeds seq_len={self.seq_len}")
-        cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # (T, head_dim / 2)
+        cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # (T, head_dim)
         if doc_ids is not None:
             positions = document_positions(doc_ids)  # (B, T)
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd / 2)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
             # FlexAttention on CUDA; SDPA's boolean mask on CPU, and with attention dropout (flex has none)
             mask = document_mask(doc_ids, flex=idx.is_cuda and not (self.training and self.drop.p > 0))
         x = self.drop(self.tok_emb(idx))  # (B, T, d_model)

@@ -27,18 +27,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return cos, sin tables of shape (seq_len, head_dim // 2)."""
+    """The rotation tables of positions 0..seq_len-1, (seq_len, head_dim) each, for the half-split (GPT-NeoX,
+    Llama) pairing of dimension i with i + head_dim/2: cos repeated over both halves, and sin negated over the first
+    half (apply_rope then needs no split and no concatenation: four kernels, not eight, in eager mode)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by position using the half-split (GPT-NeoX) pairing; cos/sin are (T, D/2), or
-    (B, 1, T, D/2) when each row has positions of its own (documents packed in a row: document_positions)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    """Rotate (..., T, H, D) or (B, H, T, D) vectors by position: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for
+    the halves x1, x2 of D, written as x * cos + swap_halves(x) * sin with rope_cache's tables, which broadcast
+    against x (cos/sin (T, 1, D) for the first layout, (T, D) for the second, (B, 1, T, D) when each row has positions
+    of its own: document_positions). The same floating-point products and sums as the split form."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -141,11 +144,8 @@ class Attention(nn.Module):
         with a KVCache, x is the tokens after the cached ones (this is layer `layer` of it)."""
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
-        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, nkv, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk, v = self.qkv(x).view(B, T, nh + 2 * nkv, hd).transpose(1, 2).split([nh + nkv, nkv], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([nh, nkv], dim=1)  # queries and keys in one rotation
         if cache is not None:
             y = cache.attend(layer, q, k, v).transpose(1, 2).reshape(B, T, C)
             return self.resid_drop(self.proj(y))

@@ -108,7 +108,7 @@ class MlflowTracker(Callback):
         artifact_location: str | None = None,
         parent_run_id: str | None = None,  # set by a pipeline or sweep: this run nests under it
         run_id: str | None = None,  # an MLflow run created beforehand for this one (the job service's): filled in
-        system_metrics: bool = False,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
+        system_metrics: bool = True,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
         system_metrics_interval: float = 10.0,  # seconds between samples
         *,
         cfg: DictConfig,

@@ -20,6 +20,7 @@ import multiprocessing.util  # registers its exit handler now, so that ours (bel
 import os
 import queue
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,22 +240,24 @@ def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
     worker.start_system_metrics()
     while True:
         try:
-            items = [inbox.get(timeout=1.0)]
+            items = [inbox.get(timeout=worker.timeout())]
         except queue.Empty:
             if os.getppid() != trainer:  # the trainer was SIGKILLed: its run is reconciled on the next launch
                 return
+            worker.sample_system()
             continue
         while not inbox.empty():  # batch whatever has queued up since the last call
             items.append(inbox.get_nowait())
         if worker.handle(items):
             outbox.put(Done())
             return
+        worker.sample_system()
 
 
 class _Worker:
     def __init__(self, settings: Settings, outbox):
         self.s, self.outbox = settings, outbox
-        self.client = self.run_id = self.failed = self.monitor = None
+        self.client = self.run_id = self.failed = self.system = None
         self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
 
     def start(self) -> None:
@@ -287,31 +290,23 @@ class _Worker:
         self.client.log_batch(self.run_id, tags=[RunTag("mlflow.source.name", "train.py")])
 
     def start_system_metrics(self) -> None:
-        """MLflow's own system metrics (system/cpu_utilization_percentage, memory, disk, network; GPUs through
-        nvidia-ml-py), sampled in a thread of this process beside the run; on a GPU node only the job's GPUs."""
+        """MLflow's system metrics for this run, sampled by this process's loop (`SystemMetrics`)."""
         if not self.s.system_metrics_interval or self.run_id is None or self.failed:
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its start and stop lines
-
-            resumed = bool(self.s.resume_run_id and self.s.resume_run_id == self.run_id)
-            monitor = SystemMetricsMonitor(
-                self.run_id, self.s.system_metrics_interval, resume_logging=resumed, tracking_uri=self.s.uri
-            )
-            for gpus in [m for m in monitor.monitors if hasattr(m, "gpu_handles")]:
-                keep = own_gpus(gpus.num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-                gpus.gpu_handles = [gpus.gpu_handles[i] for i in keep]
-            monitor.start()
-            self.monitor = monitor
-        except Exception as e:  # psutil missing, a monitor that cannot start: the run goes on without them
+            steps = [step for key, step in self.skip_until.items() if key.startswith(SystemMetrics.PREFIX)]
+            self.system = SystemMetrics(self.s.system_metrics_interval, first_step=max(steps, default=-1) + 1)
+        except Exception as e:  # psutil missing, a collector that cannot start: the run goes on without them
             self.warn(f"MLflow system metrics are off ({first_line(e)})")
 
-    def stop_system_metrics(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None
+    def timeout(self) -> float:
+        """How long the loop may wait for a message: until the next system-metrics sample is due, at most 1 s."""
+        return 1.0 if self.system is None else min(1.0, self.system.wait())
+
+    def sample_system(self, last: bool = False) -> None:
+        """Log a system-metrics sample if one is due (or `last`: the run is ending)."""
+        if self.system is not None and (last or self.system.wait() == 0):
+            self._flush(self.system.sample())
 
     def _reconcile_previous(self) -> None:
         """A run this directory left RUNNING (its process was SIGKILLed) is closed as KILLED."""
@@ -396,7 +391,7 @@ class _Worker:
                 case End(status=status):
                     self._flush(metrics)
                     metrics = []
-                    self.stop_system_metrics()  # its last sample before the run ends
+                    self.sample_system(last=True)  # its last sample before the run ends
                     self._call(lambda status=status: self.client.set_terminated(self.run_id, status))
                     done = True
         self._flush(metrics)
@@ -437,6 +432,69 @@ class _Worker:
 
     def warn(self, message: str) -> None:
         self.outbox.put(Warn(message))
+
+
+class SystemMetrics:
+    """MLflow's system-metrics collectors (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+    disk, network; through nvidia-ml-py the job's own GPUs), sampled every `interval` seconds and logged by the
+    worker's loop with the run's other metrics.
+
+    Not MLflow's SystemMetricsMonitor thread: it asks the store for the run after every sample and is joined at
+    the run's end, so a dead server or a busy SQLite file held runs at their end for minutes. Here a sample is one
+    more log_batch of the one thread that talks to the store, failing as the others do (one warning)."""
+
+    PREFIX = "system/"
+
+    def __init__(self, interval: float, first_step: int = 0):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.collectors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        gpus = _gpu_collector()
+        if gpus is not None:
+            self.collectors.append(gpus)
+        self.interval, self.step = float(interval), first_step
+        for collector in self.collectors:  # psutil's CPU figure counts from its previous call: this one primes it
+            collector.collect_metrics()
+            collector.clear_metrics()
+        self.due = time.monotonic() + self.interval
+
+    def wait(self) -> float:
+        return max(0.0, self.due - time.monotonic())
+
+    def sample(self) -> list:
+        """One sample of every collector as MLflow metrics at the next step."""
+        from mlflow.entities import Metric
+
+        stamp, values = int(time.time() * 1000), {}
+        for collector in self.collectors:
+            collector.collect_metrics()
+            values.update(collector.aggregate_metrics())
+            collector.clear_metrics()
+        metrics = [Metric(self.PREFIX + k, float(v), stamp, self.step) for k, v in values.items()]
+        self.step += 1
+        self.due = max(self.due + self.interval, time.monotonic())  # behind (a slow store): the next one at once
+        return metrics
+
+
+def _gpu_collector():
+    """MLflow's NVIDIA (or AMD) GPU collector, watching only the job's GPUs; None where there is none."""
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its "skip logging GPU metrics"
+    try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        gpus = GPUMonitor()
+    except Exception:
+        try:
+            from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+            return ROCMMonitor()
+        except Exception:
+            return None
+    keep = own_gpus(gpus.num_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    gpus.gpu_handles = [gpus.gpu_handles[i] for i in keep]
+    return gpus
 
 
 # --- the store, shared with the trainer's side and parent runs ------------------------------------------

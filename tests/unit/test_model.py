@@ -124,13 +124,25 @@ def test_rmsnorm():
 def test_rope_dot_products_depend_only_on_offset():
     hd = 8
     cos, sin = rope_cache(32, hd, 10000.0)
-    assert cos.shape == sin.shape == (32, hd // 2)
+    assert cos.shape == sin.shape == (32, hd)
+    torch.testing.assert_close(cos[:, : hd // 2], cos[:, hd // 2 :])  # one angle per pair (i, i + hd/2)
+    torch.testing.assert_close(sin[:, : hd // 2], -sin[:, hd // 2 :])
     torch.testing.assert_close(cos[5, 1], torch.tensor(5 * 10000.0 ** (-2 / hd)).cos())
     q, k = torch.randn(2, hd, dtype=torch.float64)
     rot = lambda x, p: apply_rope(x.view(1, 1, 1, hd), cos[p : p + 1], sin[p : p + 1]).flatten()
     torch.testing.assert_close(rot(q, 3).norm(), q.norm())
     torch.testing.assert_close(rot(q, 7) @ rot(k, 2), rot(q, 20) @ rot(k, 15))
     assert not torch.allclose(rot(q, 7) @ rot(k, 2), rot(q, 7) @ rot(k, 5))
+
+
+def test_rope_is_the_split_rotation_to_the_bit():
+    """apply_rope's four-kernel form gives exactly the textbook split form's numbers (x1 cos - x2 sin, ...)."""
+    hd, T = 16, 32
+    cos, sin = rope_cache(T, hd, 10000.0)
+    x = torch.randn(3, 4, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, : hd // 2], sin[:, hd // 2 :]
+    assert torch.equal(apply_rope(x, cos, sin), torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
 
 
 def test_model_is_position_aware():

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def test_the_mlflow_worker_starts_without_torch():
     code = "import sys, exp.tracking.worker; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_system_metrics_samples_come_at_their_interval_and_continue_a_resumed_runs_steps():
+    from exp.tracking.worker import SystemMetrics
+
+    system = SystemMetrics(interval=0.3, first_step=7)  # a resumed run whose last sample was step 6
+    assert 0.2 < system.wait() <= 0.3
+    time.sleep(system.wait())
+    first = {m.key: m for m in system.sample()}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(first)
+    assert {m.step for m in first.values()} == {7} and 0 <= first["system/cpu_utilization_percentage"].value <= 100
+    assert 0.2 < system.wait() <= 0.3  # the next one an interval on
+    assert {m.step for m in system.sample()} == {8}
