@@ -40,6 +40,9 @@ class SlurmResources(Strict):
 class StartIn(Strict):
     config_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,64}$")
     overrides: Overrides = []  # added after the stored config's, when both are given
+    run_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the run's name (run_name=): the dashboard's"
+    )
     launcher: Literal["local", "slurm"] = "local"
     slurm: SlurmResources = SlurmResources()
     force: bool = Field(False, description="start it even while a job with the same overrides runs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,7 +249,7 @@ class MetricsCache:
     def __init__(self):
         self._files: dict[str, tuple[int, int, list[dict]]] = {}  # path -> (inode, offset, rows)
         self._latest: dict[str, tuple[int, dict]] = {}  # path -> (rows folded in, newest value of each key)
-        self._num_steps: dict[str, tuple[float, int | None]] = {}  # run dir -> (config mtime, stage.num_steps)
+        self._configured: dict[str, tuple[float, dict]] = {}  # run dir -> (config mtime, configured(run_dir))
         self._lock = threading.Lock()
 
     def latest(self, run_dir: Path) -> dict:
@@ -264,16 +265,21 @@ class MetricsCache:
             return latest
 
     def num_steps(self, run_dir: Path) -> int | None:
-        """stage.num_steps of the run's composed config (read again only when .hydra/config.yaml changes)."""
+        """stage.num_steps of the run's composed config."""
+        return self.configured(run_dir).get("num_steps")
+
+    def configured(self, run_dir: Path) -> dict:
+        """What the run's composed config says (`configured`), read again only when .hydra/config.yaml changes."""
         path = Path(run_dir) / ".hydra" / "config.yaml"
         try:
-            mtime = path.stat().st_mtime
+            mtime = path.lstat().st_mtime
         except OSError:
-            return None
-        cached = self._num_steps.get(str(run_dir))
+            return {}
+        cached = self._configured.get(str(run_dir))
         if cached is None or cached[0] != mtime:
-            cached = (mtime, configured_num_steps(run_dir))
-            self._num_steps[str(run_dir)] = cached
+            cached = (mtime, configured(run_dir))
+            if "${" not in cached[1].get("run_name", ""):  # else .hydra/hydra.yaml was not there yet: read again
+                self._configured[str(run_dir)] = cached
         return cached[1]
 
     def rows(self, run_dir: Path) -> list[dict]:
@@ -312,13 +318,49 @@ def latest_metrics(rows: list[dict]) -> dict:
     return latest
 
 
-def configured_num_steps(run_dir: Path) -> int | None:
+def configured(run_dir: Path) -> dict:
+    """stage.num_steps and run_name of the run's composed config (.hydra/config.yaml, never through a symlink)."""
     import yaml
 
     try:
-        cfg = yaml.safe_load((Path(run_dir) / ".hydra" / "config.yaml").read_text()) or {}
-        return int(cfg["stage"]["num_steps"])
-    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        with open_inside(run_dir, Path(".hydra") / "config.yaml") as f:
+            cfg = yaml.safe_load(f.read(1 << 20)) or {}
+    except (OSError, Refused, yaml.YAMLError):
+        return {}
+    out = {}
+    try:
+        out["num_steps"] = int(cfg["stage"]["num_steps"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    if isinstance(cfg, dict) and isinstance(cfg.get("run_name"), str):
+        out["run_name"] = _with_choices(run_dir, cfg["run_name"])
+    return out
+
+
+CHOICE = re.compile(r"\$\{hydra:runtime\.choices\.([\w./@-]+)\}")
+
+
+def _with_choices(run_dir: Path, text: str) -> str:
+    """`text` with its ${hydra:runtime.choices.GROUP} (the default run_name's) replaced by the run's choices, from
+    .hydra/hydra.yaml (the composed config keeps the interpolation)."""
+    import yaml
+
+    if not CHOICE.search(text):
+        return text
+    try:
+        with open_inside(run_dir, Path(".hydra") / "hydra.yaml") as f:
+            choices = ((yaml.safe_load(f.read(1 << 20)) or {}).get("hydra") or {}).get("runtime", {}).get("choices")
+    except (OSError, Refused, yaml.YAMLError, AttributeError):
+        return text
+    if not isinstance(choices, dict):
+        return text
+    return CHOICE.sub(lambda m: str(choices.get(m.group(1), m.group(0))), text)
+
+
+def _ended(run_dir: Path) -> float | None:
+    try:
+        return (Path(run_dir) / SUMMARY).lstat().st_mtime
+    except OSError:
         return None
 
 
@@ -375,7 +417,10 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "source": job["source"],
         "launcher": job["launcher"],
         "overrides": job["overrides"],
+        "run_name": cache.configured(run_dir).get("run_name"),  # the config's run_name (settable at start)
+        "config_id": job.get("config_id"),  # the saved config it was started from
         "created": job["created"],
+        "ended": _ended(run_dir) if status in TERMINAL else None,  # when its summary.json was last written
         "mlflow_run_id": mlflow_run_id(run_dir, summary, job.get("mlflow_run_id")),
         "metrics": {k: v["value"] for k, v in cache.latest(run_dir).items()},
         "slurm": slurm,
@@ -383,7 +428,15 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "exit_code": launcher.poll(job.get("pid")),
     }
     if summary:
-        for key in ("error", "stop_reason", "val_loss", "train_loss", "tokens_per_s", "checkpoint", "best_checkpoint"):
+        for key in (
+            "error",
+            "stop_reason",
+            "val_loss",
+            "train_loss",
+            "tokens_per_s",
+            "checkpoint",
+            "best_checkpoint",
+        ):
             out[key] = summary.get(key)
         if summary.get("signal"):  # written by the service for a run killed without one (killed_summary)
             out["exit_code"] = out["exit_code"] or summary.get("exit_code")

@@ -78,6 +78,8 @@ def test_mlflow_holds_one_value_per_step_through_a_rollback_and_a_branch(tmp_pat
         for key in client.get_run(run_id).data.metrics:
             points = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
             assert len({s for s, _ in points}) == len(points), f"{key}: {sorted(points)}"
+            if key.startswith("system/"):  # MLflow's system metrics: sampled by the tracking process, not in the file
+                continue
             assert sorted(points) == sorted((r["step"], pytest.approx(r[key])) for r in rows if key in r), key
         return client.get_run(run_id).data.tags
 

@@ -89,12 +89,14 @@ class Browser:
             if value:
                 return value
             time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}: {self.js('document.body.innerText')[:2000]}")
+        section = self.js("document.getElementById('job-section').innerText")
+        raise AssertionError(f"timed out waiting for {what}: {section[:3000]}")
 
     def click(self, selector: str) -> None:
-        """A real mouse click (press and release) at the middle of the element."""
+        """A real mouse click (press and release) at the middle of the element, scrolled into view first."""
         box = self.js(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
             " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
@@ -275,4 +277,74 @@ def test_dashboard_shows_downstream_scores_and_evaluates_now(tmp_path, corpus_ca
         assert "exp_stdlib_ppl" in next((tmp_path / "runs" / ".serve" / "logs").glob("*-evaluate.log")).read_text()
     finally:
         browser.close()
+        service.kill()
+
+
+def test_dashboard_charts_every_metric_zooms_logs_and_has_an_address(tmp_path, corpus_cache):
+    """A running job named at its start, opened by its address (/#/jobs/ID): its row shows the name, start and
+    duration; its page the overrides and the resolved config, one chart per metric it logs (at least five, in
+    groups) that grow as it trains; a drag zooms a chart, the log-scale switch changes the y scale, the x axis goes
+    to tokens; every request the page made stayed on the service (uPlot is vendored)."""
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    service = Service(tmp_path / "runs", token=TOKEN).start()
+    browser = Browser()
+    try:
+        lines = [o for o in JOB if not o.startswith("stage.eval_every")]
+        body = {"overrides": [*lines, "stage.num_steps=100000", "stage.eval_every_n_steps=10"], "run_name": "probe-1"}
+        started = service.client.post("/api/training/jobs/start", json=body)
+        assert started.status_code == 201, started.text
+        job_id = started.json()["job_id"]
+        refused = service.client.post("/api/training/jobs/start", json={**body, "run_name": "../x"})
+        assert refused.status_code == 422 and "run_name" in refused.text
+        service.wait(job_id, lambda s: s["status"] == "RUNNING" and s["step"] >= 10)
+
+        open_with_token(browser, service)
+        browser.js(f"location.hash = '#/jobs/{job_id}'")
+        browser.wait_for(f"document.getElementById('job-id').textContent === '{job_id}'", "the job from its address")
+        charts = "Object.keys(window.expCharts())"
+        names = browser.wait_for(f"{charts}.length >= 5 && {charts}", "five charts")
+        assert {"loss", "train/lr", "train/grad_norm", "perf/tokens_per_s"} <= set(names), names
+        groups = browser.js("[...document.querySelectorAll('#charts [data-group]')].map(g => g.dataset.group)")
+        assert groups[:3] == ["loss", "optimisation", "throughput"], groups
+        loss = "window.expCharts()['loss']"
+        assert browser.js(f"{loss}.series.map(s => s.label)") == ["step", "train/loss", "val/loss"]
+        first = browser.js(f"{loss}.data[0].length")
+        browser.wait_for(f"{loss}.data[0].length >= {first + 3}", "the loss chart to grow")
+
+        row = f"document.querySelector('#jobs tr[data-job={job_id}]')"
+        browser.wait_for(f"{row} && {row}.cells[0].textContent.startsWith('probe-1')", "the run's name in its row")
+        assert browser.js(f"{row}.cells[7].textContent").endswith(("s", "min"))  # its duration so far
+        config = "document.getElementById('job-config-text').textContent"
+        browser.wait_for(f"{config}.includes('run_name: probe-1')", "the resolved config")
+        assert "stage.num_steps=100000" in browser.js("document.getElementById('job-overrides').textContent")
+
+        # zoom: a drag across the middle of the loss chart narrows its x range
+        span = f"({loss}.scales.x.max - {loss}.scales.x.min)"
+        before = browser.js(span)
+        rect = f"{loss}.over.getBoundingClientRect()"
+        box = browser.js(f"(() => {{ const r = {rect}; return [r.x, r.y, r.width, r.height]; }})()")
+        y = box[1] + box[3] / 2
+        for kind, x in (("mousePressed", 0.3), ("mouseMoved", 0.5), ("mouseReleased", 0.6)):
+            params = {"type": kind, "x": box[0] + x * box[2], "y": y, "button": "left", "clickCount": 1}
+            browser.send("Input.dispatchMouseEvent", params)
+        after = browser.wait_for(f"{span} < {before} * 0.6 && {span}", "the zoom")
+        assert after < before * 0.6
+        browser.screenshot(shots / "dashboard-charts-zoomed.png")
+
+        browser.click("#chart-log")  # log scale: the y scale of every chart becomes logarithmic
+        browser.wait_for(f"{loss}.scales.y.distr === 3", "the log scale")
+        browser.js("document.getElementById('chart-x').value = 'tokens'")
+        browser.js("document.getElementById('chart-x').dispatchEvent(new Event('input'))")
+        tokens = browser.wait_for(f"{loss}.series[0].label === 'tokens' && {loss}.data[0]", "tokens on the x axis")
+        assert tokens[0] > 0 and tokens == sorted(tokens)
+        browser.screenshot(shots / "dashboard-charts.png")
+
+        # the page asked nothing of anyone but the service
+        urls = browser.js("performance.getEntriesByType('resource').map(e => e.name)")
+        assert urls and all(u.startswith(service.url + "/") for u in urls), urls
+        assert any(u.endswith("/static/vendor/uplot/uPlot.iife.min.js") for u in urls)
+    finally:
+        browser.close()
+        service.kill_jobs()
         service.kill()

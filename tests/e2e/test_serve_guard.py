@@ -71,6 +71,11 @@ def planted(tmp_path_factory):
 
     linked_root = cli_run(base / "runs" / "cli" / "linked_root")
     (linked_root / "checkpoints").symlink_to(outside / "ckpts")
+
+    write(outside / "secret.yaml", b"run_name: " + SECRET + b"\nstage:\n  num_steps: 8\n")
+    linked_config = cli_run(base / "runs" / "cli" / "linked_config")
+    (linked_config / ".hydra" / "config.yaml").unlink()
+    (linked_config / ".hydra" / "config.yaml").symlink_to(outside / "secret.yaml")  # the resolved config
     return base / "runs"
 
 
@@ -247,6 +252,12 @@ def test_symlinks_in_run_directories_are_never_followed(service, jobs):
     for path in answered:
         r = service.client.get(path)
         assert r.status_code == 200 and SECRET not in r.content, path
+    linked_config = jobs["linked_config"]  # its resolved config (the job page shows it) and its run name
+    shown = service.client.get(f"/api/training/jobs/{linked_config}/config")
+    assert shown.status_code == 200 and shown.json()["config"] is None and SECRET not in shown.content
+    status = service.client.get(f"/api/training/jobs/{linked_config}/status")
+    assert status.json()["run_name"] is None and SECRET not in status.content
+    assert service.client.get(f"/api/training/jobs/{links}/config").json()["config"] == "stage:\n  num_steps: 8\n"
     listed = service.client.get(f"/api/training/jobs/{links}/checkpoints").json()
     assert [c["step"] for c in listed] == [2, 8]  # the symlinked folder and manifest are not offered
     assert service.client.get(f"/api/training/jobs/{linked_root}/checkpoints").json() == []

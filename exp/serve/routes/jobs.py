@@ -1,4 +1,4 @@
-"""Jobs: start (locally or on SLURM), list, status, stop, save now, profile, resume, logs."""
+"""Jobs: start (locally or on SLURM), list, status, stop, save now, profile, resume, logs, config."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import exp.serve.control as control
 from exp.checkpoint.checkpointer import check_config_change
 from exp.profiling import write_request
 from exp.serve.bodies import ID, ProfileIn, ResumeIn, SlurmResources, Started, StartIn
+from exp.serve.guard import Refused, open_inside
 from exp.serve.registry import new_id
 from exp.serve.state import Service, ServiceDep
 from exp.tracking.parent import create_run_ahead, end_run_ahead
@@ -31,6 +32,8 @@ def start_job(body: StartIn, svc: ServiceDep) -> Started:
         if stored is None:
             raise HTTPException(404, f"no config {body.config_id}")
         overrides = merge_overrides(stored["overrides"], overrides)
+    if body.run_name is not None:
+        overrides = merge_overrides(overrides, [f"run_name={body.run_name}"])
     if body.force:
         return start(svc, body, overrides)
     busy = "a job with the same overrides is being started; pass force=true to start another"
@@ -193,6 +196,21 @@ def job_logs(job_id: ID, svc: ServiceDep, tail_bytes: Annotated[int, Query(ge=1,
     if job.get("slurm_job_id"):  # SLURM's messages and tracebacks: the job's stderr
         text += control.tail(root, path.with_suffix(".err"), tail_bytes)
     return {"job_id": job_id, "path": str(path), "text": text[-tail_bytes:]}
+
+
+@router.get("/api/training/jobs/{job_id}/config")
+def job_config(job_id: ID, svc: ServiceDep) -> dict:
+    """The job's overrides and its resolved config as the run wrote it (.hydra/config.yaml; null before it has)."""
+    job = svc.job_or_404(job_id)
+    try:
+        with open_inside(Path(job["run_dir"]), Path(".hydra") / "config.yaml") as f:
+            text = f.read(CONFIG_BYTES).decode("utf-8", "replace")
+    except (OSError, Refused):
+        text = None
+    return {"job_id": job_id, "overrides": job["overrides"], "config": text}
+
+
+CONFIG_BYTES = 1 << 20  # a composed config is a few KiB; more is not one
 
 
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:

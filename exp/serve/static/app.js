@@ -5,7 +5,10 @@
 const TERMINAL = ["FINISHED", "FAILED", "KILLED"];
 let selected = null;      // the job shown below the table
 let stream = null;        // its EventSource
-let points = { train: [], val: [] };
+let rows = [];            // its metrics.jsonl rows, as the stream delivers them
+let jobsCache = [];       // the newest /api/training/jobs answer
+let configNames = {};     // saved config id -> name
+let sort = { key: "created", dir: -1 };
 
 async function api(path, options = {}) {
   const headers = { ...(options.headers || {}) };
@@ -31,6 +34,8 @@ function el(tag, attrs = {}, ...children) {
 
 const fmt = (x, digits = 4) => (typeof x === "number" ? x.toFixed(digits) : "");
 const fmtEta = (s) => (s == null ? "" : s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
+const fmtStarted = (t) => new Date(t * 1000).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+const fmtDuration = (s) => (s == null ? "" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const fmtBytes = (n) => (n > 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`);
 
 // --- start form ----------------------------------------------------------------------------------------
@@ -58,7 +63,10 @@ async function startRun(event) {
   button.disabled = true;
   try {
     const launcher = document.getElementById("launcher").value;
-    const started = await api("/api/training/jobs/start", { method: "POST", body: JSON.stringify({ overrides, launcher }) });
+    const body = { overrides, launcher };
+    const runName = document.getElementById("run-name").value.trim();
+    if (runName) body.run_name = runName;
+    const started = await api("/api/training/jobs/start", { method: "POST", body: JSON.stringify(body) });
     await refreshJobs();
     selectJob(started.job_id);
   } catch (e) {
@@ -71,31 +79,75 @@ async function startRun(event) {
 // --- jobs table ----------------------------------------------------------------------------------------
 
 async function refreshJobs() {
-  let jobs;
   try {
-    jobs = await api("/api/training/jobs");
-    document.getElementById("service-state").textContent = `${jobs.length} jobs · updated ${new Date().toLocaleTimeString()}`;
+    jobsCache = await api("/api/training/jobs");
+    document.getElementById("service-state").textContent = `${jobsCache.length} jobs · updated ${new Date().toLocaleTimeString()}`;
   } catch (e) {
     document.getElementById("service-state").textContent = "service unreachable: " + e.message;
     return;
   }
+  showJobs();
+  if (selected) {
+    const job = jobsCache.find((j) => j.job_id === selected);
+    if (job) showStatus(job);
+  }
+}
+
+function duration(job) {  // since it was started (a resumed job's too), to its end or now
+  if (job.ended != null) return Math.max(0, job.ended - job.created);
+  return job.status === "RUNNING" ? Date.now() / 1000 - job.created : null;
+}
+
+const configLabel = (job) => (job.config_id ? configNames[job.config_id] || job.config_id : "");
+
+function sortValue(job, key) {
+  if (key === "loss") return job.metrics["train/loss"];
+  if (key === "val_loss") return job.metrics["val/loss"];
+  if (key === "duration") return duration(job);
+  if (key === "config") return configLabel(job);
+  return job[key];
+}
+
+function showJobs() {
+  const wanted = document.getElementById("jobs-status").value;
+  const text = document.getElementById("jobs-filter").value.trim().toLowerCase();
+  const shown = jobsCache.filter((job) => (!wanted || job.status === wanted) && (!text ||
+    [job.run_name, job.job_id, configLabel(job), ...(job.overrides || [])].some((v) => (v || "").toLowerCase().includes(text))));
+  shown.sort((a, b) => {
+    const x = sortValue(a, sort.key), y = sortValue(b, sort.key);
+    if (x == null || y == null) return x == null ? (y == null ? 0 : 1) : -1;  // unknowns last
+    return (x < y ? -1 : x > y ? 1 : 0) * sort.dir;
+  });
+  for (const th of document.querySelectorAll("#jobs th[data-sort]")) {
+    th.classList.toggle("sorted-asc", th.dataset.sort === sort.key && sort.dir > 0);
+    th.classList.toggle("sorted-desc", th.dataset.sort === sort.key && sort.dir < 0);
+  }
   const body = document.querySelector("#jobs tbody");
-  body.replaceChildren(...jobs.map((job) => {
+  body.replaceChildren(...shown.map((job) => {
     const pct = job.num_steps ? Math.min(100, (100 * job.step) / job.num_steps) : 0;
-    const row = el("tr", { class: "job" + (job.job_id === selected ? " selected" : ""), "data-job": job.job_id, onclick: () => selectJob(job.job_id) },
-      el("td", {}, el("code", {}, job.job_id)),
+    return el("tr", { class: "job" + (job.job_id === selected ? " selected" : ""), "data-job": job.job_id, onclick: () => { location.hash = `#/jobs/${job.job_id}`; } },
+      el("td", { title: job.job_id }, el("a", { href: `#/jobs/${job.job_id}` }, job.run_name || job.job_id)),
+      el("td", {}, configLabel(job)),
       el("td", { class: "status " + job.status }, job.status),
       el("td", {}, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), ` ${job.step}/${job.num_steps ?? "?"}`),
       el("td", {}, fmt(job.metrics["train/loss"])),
       el("td", {}, fmt(job.metrics["val/loss"])),
+      el("td", { title: new Date(job.created * 1000).toISOString() }, fmtStarted(job.created)),
+      el("td", {}, fmtDuration(duration(job))),
       el("td", {}, fmtEta(job.eta_seconds)),
       el("td", {}, job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "")));
-    return row;
   }));
-  if (selected) {
-    const job = jobs.find((j) => j.job_id === selected);
-    if (job) showStatus(job);
-  }
+}
+
+function sortBy(key) {
+  sort = { key, dir: sort.key === key ? -sort.dir : key === "created" ? -1 : 1 };
+  showJobs();
+}
+
+async function loadConfigNames() {
+  try {
+    for (const c of await api("/api/training/configs")) configNames[c.id] = c.name;
+  } catch (e) { /* the table shows the ids */ }
 }
 
 // --- one job -------------------------------------------------------------------------------------------
@@ -103,28 +155,47 @@ async function refreshJobs() {
 function selectJob(jobId) {
   if (selected === jobId) return;
   selected = jobId;
-  points = { train: [], val: [] };
+  rows = [];
+  for (const chart of Object.values(charts)) chart.destroy();
+  charts = {};
+  document.getElementById("charts").replaceChildren();
   document.getElementById("job-section").hidden = false;
   document.getElementById("job-id").textContent = jobId;
+  document.getElementById("job-link").setAttribute("href", `#/jobs/${jobId}`);
+  document.getElementById("job-name").textContent = "";
+  document.getElementById("job-config-text").textContent = "";
   document.getElementById("action-result").textContent = "";
   for (const row of document.querySelectorAll("#jobs tbody tr")) row.classList.toggle("selected", row.dataset.job === jobId);
   follow(jobId);
   refreshJob();
+  loadConfig(jobId);
+}
+
+async function loadConfig(jobId) {
+  try {
+    const answer = await api(`/api/training/jobs/${jobId}/config`);
+    if (jobId !== selected) return;
+    document.getElementById("job-overrides").textContent = answer.overrides.join(" ") || "(none)";
+    document.getElementById("job-config-text").textContent = answer.config ?? "(not written yet)";
+    if (answer.config == null) setTimeout(() => jobId === selected && loadConfig(jobId), 3000);
+  } catch (e) {
+    document.getElementById("job-config-text").textContent = e.message;
+  }
 }
 
 function follow(jobId) {
   if (stream) stream.close();
   stream = new EventSource(`/api/training/jobs/${jobId}/metrics/stream`);
   stream.addEventListener("metrics", (event) => {
-    const row = JSON.parse(event.data);
-    if (row["train/loss"] !== undefined) points.train.push([row.step, row["train/loss"]]);
-    if (row["val/loss"] !== undefined) points.val.push([row.step, row["val/loss"]]);
-    drawChart();
+    rows.push(JSON.parse(event.data));
+    scheduleCharts();
   });
   stream.addEventListener("end", () => { stream.close(); stream = null; refreshJobs(); refreshJob(); });
 }
 
 function showStatus(job) {
+  document.getElementById("job-name").textContent = job.run_name || "Job";
+  document.getElementById("job-mlflow").textContent = job.mlflow_run_id || "(none)";
   const status = document.getElementById("job-status");
   status.textContent = job.status;
   status.className = "status " + job.status;
@@ -211,41 +282,131 @@ async function act(what, step) {
     await api(`/api/training/jobs/${selected}/${what}`, { method: "POST", body: JSON.stringify(body) });
     result.textContent = { stop: "stop requested", checkpoint: "checkpoint requested", resume: "resumed",
       profile: `profiling the next ${body.steps} steps: RUN_DIR/profile/` }[what];
-    if (what === "resume") { points = { train: [], val: [] }; follow(selected); }
+    if (what === "resume") { rows = []; scheduleCharts(); follow(selected); }
   } catch (e) {
     result.textContent = e.message;
   }
   setTimeout(() => { refreshJobs(); refreshJob(); }, 700);
 }
 
-function drawChart() {
-  const canvas = document.getElementById("loss-chart");
-  const ctx = canvas.getContext("2d");
-  const { width, height } = canvas;
-  const pad = { left: 50, right: 12, top: 10, bottom: 24 };
-  ctx.clearRect(0, 0, width, height);
-  const all = [...points.train, ...points.val];
-  document.getElementById("points").textContent = `${points.train.length} train points, ${points.val.length} val points`;
-  if (!all.length) return;
-  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1), y0 = Math.min(...ys), y1 = Math.max(...ys, y0 + 1e-6);
-  const X = (x) => pad.left + ((x - x0) / (x1 - x0)) * (width - pad.left - pad.right);
-  const Y = (y) => height - pad.bottom - ((y - y0) / (y1 - y0)) * (height - pad.top - pad.bottom);
-  ctx.strokeStyle = "#dde1ea"; ctx.fillStyle = "#6b7385"; ctx.font = "11px sans-serif";
-  for (let i = 0; i <= 4; i++) {
-    const y = y0 + ((y1 - y0) * i) / 4;
-    ctx.beginPath(); ctx.moveTo(pad.left, Y(y)); ctx.lineTo(width - pad.right, Y(y)); ctx.stroke();
-    ctx.fillText(y.toFixed(2), 4, Y(y) + 4);
+// --- charts: every metric the run logs, grouped, drawn with the vendored uPlot -------------------------------
+
+let charts = {};          // chart name -> its uPlot
+let zoomed = {};          // chart name -> true while the user's zoom holds
+let chartsPending = false;
+window.expCharts = () => charts;  // for the browser tests
+
+const GROUPS = ["loss", "optimisation", "throughput", "eval", "data", "other"];
+const COLORS = ["#2f6fde", "#d35400", "#1b7f3b", "#7d3c98", "#b9770e", "#17a2b8", "#c0392b", "#5d6d7e"];
+
+function groupOf(key) {
+  if (/(^|\/)(lr|grad_norm|clip)/.test(key) || key.startsWith("optim")) return "optimisation";
+  if (key.startsWith("perf/")) return "throughput";
+  if (key.startsWith("eval/")) return "eval";
+  if (key.startsWith("data/") || key.startsWith("progress/")) return "data";
+  if (key.startsWith("train/") || key.startsWith("val/")) return "loss";
+  return "other";
+}
+
+// one chart per metric, but train/loss with val/loss (and each source's val loss) in the chart "loss"
+const chartOf = (key) => (key === "train/loss" || key.startsWith("val/loss") ? "loss" : key);
+
+function scheduleCharts() {
+  if (chartsPending) return;
+  chartsPending = true;
+  setTimeout(() => { chartsPending = false; drawCharts(); }, 250);
+}
+
+function xValues(kind) {
+  // step; tokens (progress/tokens_seen, carried to the eval rows of the same step); training time: the sum of
+  // perf/step_ms over the steps each log interval covers (evaluation excluded)
+  const byStep = new Map();
+  let tokens = 0, seconds = 0, last = 0;
+  for (const row of rows) {
+    if (row["perf/step_ms"] != null) { seconds += (row["perf/step_ms"] * (row.step - last)) / 1000; last = row.step; }
+    if (row["progress/tokens_seen"] != null) tokens = row["progress/tokens_seen"];
+    byStep.set(row.step, { tokens, seconds });
   }
-  ctx.fillText(`step ${x0}`, pad.left, height - 6);
-  ctx.fillText(`${x1}`, width - pad.right - 30, height - 6);
-  for (const [series, color] of [[points.train, "#2f6fde"], [points.val, "#d35400"]]) {
-    ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 2;
-    ctx.beginPath();
-    series.forEach(([x, y], i) => (i ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y))));
-    ctx.stroke();
-    for (const [x, y] of series) { ctx.beginPath(); ctx.arc(X(x), Y(y), 2.5, 0, 7); ctx.fill(); }
+  return rows.map((row) => (kind === "tokens" ? byStep.get(row.step).tokens : kind === "time" ? byStep.get(row.step).seconds : row.step));
+}
+
+function smooth(values, alpha) {
+  if (!alpha) return values;
+  let s = null;
+  return values.map((v) => (v == null ? null : (s = s == null ? v : alpha * s + (1 - alpha) * v)));
+}
+
+function drawCharts() {
+  const box = document.getElementById("charts");
+  const trainPoints = rows.filter((r) => r["train/loss"] != null).length, valPoints = rows.filter((r) => r["val/loss"] != null).length;
+  document.getElementById("points").textContent = `${trainPoints} train points, ${valPoints} val points`;
+  const kind = document.getElementById("chart-x").value;
+  const log = document.getElementById("chart-log").checked;
+  const alpha = Number(document.getElementById("chart-smooth").value);
+  const xs = xValues(kind);
+  const series = {};  // chart -> keys
+  for (const row of rows) for (const [k, v] of Object.entries(row)) {
+    if (k === "step" || typeof v !== "number") continue;
+    const name = chartOf(k);
+    (series[name] ||= new Set()).add(k);
   }
+  for (const [name, keySet] of Object.entries(series)) {
+    const keys = [...keySet].sort((a, b) => (a === "train/loss" ? -1 : b === "train/loss" ? 1 : a.localeCompare(b)));
+    // one x per step that has any of the keys (a step's train and eval rows merged); a key's missing values are
+    // gaps the line spans
+    const at = new Map();
+    rows.forEach((row, i) => {
+      if (!keys.some((k) => row[k] != null)) return;
+      const point = at.get(xs[i]) || {};
+      for (const k of keys) if (row[k] != null) point[k] = row[k];
+      at.set(xs[i], point);
+    });
+    const xsOf = [...at.keys()].sort((a, b) => a - b);
+    const data = [xsOf, ...keys.map((k) => {
+      const ys = xsOf.map((x) => at.get(x)[k] ?? null);
+      return smooth(log ? ys.map((y) => (y != null && y > 0 ? y : null)) : ys, k.startsWith("val/") || k.startsWith("eval/") ? 0 : alpha);
+    })];
+    let chart = charts[name];
+    const shape = `${keys.join(",")}|${log}|${kind}`;
+    if (chart && chart.shape !== shape) { chart.destroy(); delete charts[name]; chart = null; delete zoomed[name]; }
+    if (!chart) {
+      const group = groupOf(keys[0]);
+      let section = box.querySelector(`[data-group="${group}"]`);
+      if (!section) {
+        section = el("div", { "data-group": group }, el("h3", {}, group), el("div", { class: "chart-group" }));
+        const after = [...box.children].find((c) => GROUPS.indexOf(c.dataset.group) > GROUPS.indexOf(group));
+        box.insertBefore(section, after || null);
+      }
+      let holder = section.querySelector(`[data-chart="${CSS.escape(name)}"]`);
+      if (!holder) { holder = el("div", { class: "chart", "data-chart": name, role: "img", "aria-label": `chart of ${keys.join(", ")}` }); section.lastChild.append(holder); }
+      holder.replaceChildren();
+      const width = Math.max(300, holder.clientWidth - 8 || 420);
+      chart = new uPlot({
+        title: name, width, height: 200,
+        scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
+        axes: [{ label: kind === "time" ? "training time (s)" : kind, size: 40 }, { size: 60 }],
+        series: [{ label: kind }, ...keys.map((k, i) => ({ label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+          points: { show: k.startsWith("val/") || k.startsWith("eval/") } }))],
+        cursor: { drag: { x: true, y: false } },
+        hooks: { setSelect: [(u) => { if (u.select.width > 2) zoomed[name] = true; }] },
+      }, data, holder);
+      chart.over.addEventListener("dblclick", () => { delete zoomed[name]; });
+      chart.shape = shape;
+      charts[name] = chart;
+    } else {
+      chart.setData(data, !zoomed[name]);
+    }
+  }
+}
+
+window.addEventListener("resize", () => {
+  for (const chart of Object.values(charts)) chart.setSize({ width: Math.max(300, chart.root.parentNode.clientWidth - 8), height: 200 });
+});
+
+function resetZoom() {
+  zoomed = {};
+  drawCharts();
+  for (const chart of Object.values(charts)) chart.setData(chart.data, true);
 }
 
 // --- sweeps --------------------------------------------------------------------------------------------
@@ -261,7 +422,7 @@ async function refreshSweeps() {
     api(`/api/training/sweeps/${s.sweep_id}/${mode}`, { method: "POST" }).then(refreshSweeps);
   };
   document.querySelector("#sweeps tbody").replaceChildren(...sweeps.map((s) =>
-    el("tr", { class: "job" + (s.sweep_id === selectedSweep ? " selected" : ""), "data-sweep": s.sweep_id, onclick: () => selectSweep(s.sweep_id) },
+    el("tr", { class: "job" + (s.sweep_id === selectedSweep ? " selected" : ""), "data-sweep": s.sweep_id, onclick: () => { location.hash = `#/sweeps/${s.sweep_id}`; } },
       el("td", { title: s.sweep_dir }, el("code", {}, shortPath(s.sweep_dir))),
       el("td", {}, Object.entries(s.counts).map(([k, v]) => `${k} ${v}`).join(", ")),
       el("td", {},
@@ -335,6 +496,21 @@ document.getElementById("save-button").addEventListener("click", () => act("chec
 document.getElementById("profile-button").addEventListener("click", () => act("profile"));
 document.getElementById("resume-button").addEventListener("click", () => act("resume"));
 document.getElementById("evaluate-button").addEventListener("click", evaluateNow);
+for (const th of document.querySelectorAll("#jobs th[data-sort]")) th.addEventListener("click", () => sortBy(th.dataset.sort));
+document.getElementById("jobs-status").addEventListener("change", showJobs);
+document.getElementById("jobs-filter").addEventListener("input", showJobs);
+for (const id of ["chart-x", "chart-log", "chart-smooth"]) document.getElementById(id).addEventListener("input", drawCharts);
+document.getElementById("chart-reset").addEventListener("click", resetZoom);
+
+// each job and sweep has its address: #/jobs/ID, #/sweeps/ID (shared, reloaded, the browser's back button)
+function route() {
+  const [, kind, id] = location.hash.match(/^#\/(jobs|sweeps)\/([A-Za-z0-9_-]+)$/) || [];
+  if (kind === "jobs") selectJob(id);
+  if (kind === "sweeps") selectSweep(id);
+}
+window.addEventListener("hashchange", route);
+route();
+loadConfigNames();
 loadOptions().catch((e) => { document.getElementById("start-error").textContent = e.message; });
 refreshJobs();
 refreshSweeps();
