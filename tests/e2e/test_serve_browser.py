@@ -348,3 +348,59 @@ def test_dashboard_charts_every_metric_zooms_logs_and_has_an_address(tmp_path, c
         browser.close()
         service.kill_jobs()
         service.kill()
+
+
+def test_dashboard_saves_a_config_starts_it_and_overlays_two_jobs(tmp_path, corpus_cache):
+    """A config saved from the page (a bad one refused with the service's line, nothing saved) starts a job from its
+    row; with a second job, both picked for comparison overlay their loss curves, and the table of their
+    differences names the override that differs."""
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    service = Service(tmp_path / "runs", token=TOKEN).start()
+    browser = Browser()
+    short = [o for o in JOB if not o.startswith("stage.eval_every")] + [
+        "stage.num_steps=30",
+        "stage.eval_every_n_steps=10",
+    ]
+    try:
+        open_with_token(browser, service)
+        browser.wait_for("document.querySelectorAll('#group-selects select').length >= 6", "the page's script")
+        browser.js("document.getElementById('config-edit').open = true")
+        browser.js("document.getElementById('config-name').value = 'broken'")
+        browser.js("document.getElementById('config-overrides').value = 'optimizer=nope'")
+        browser.click("#config-save")
+        error = browser.wait_for("document.getElementById('config-error').textContent", "the refusal")
+        assert error.startswith("422: ") and "optimizer" in error and "\n" not in error
+        assert service.client.get("/api/training/configs").json() == []
+
+        browser.js("document.getElementById('config-name').value = 'tiny lr 1e-3'")
+        overrides = json.dumps("\n".join([*short, "stage.learning_rate=1e-3"]))
+        browser.js(f"document.getElementById('config-overrides').value = {overrides}")
+        browser.click("#config-save")
+        browser.wait_for("document.querySelectorAll('#configs tbody tr').length === 1", "the saved config's row")
+        assert browser.js("document.getElementById('config-error').textContent") == ""
+        browser.click("#configs tbody tr .start-config")
+        first = browser.wait_for("(location.hash.match(/^#\\/jobs\\/(\\w+)$/) || [])[1]", "the started job's page")
+        assert service.status(first)["config_id"] == service.client.get("/api/training/configs").json()[0]["id"]
+        config_cell = f"document.querySelector('#jobs tr[data-job={first}]')?.cells[1].textContent"
+        browser.wait_for(f"{config_cell} === 'tiny lr 1e-3'", "the config's name in the job's row")
+
+        second = service.start_job([*short, "stage.learning_rate=3e-3"])
+        for job_id in (first, second):
+            service.wait(job_id, lambda s: s["status"] == "FINISHED", timeout=180)
+        for job_id in (first, second):
+            browser.wait_for(f"!!document.querySelector('#jobs tr[data-job={job_id}] input.compare')", "the rows")
+            browser.click(f"#jobs tr[data-job={job_id}] input.compare")
+        browser.wait_for("!document.getElementById('compare-section').hidden", "the comparison")
+        chart = "window.expCompare()"
+        browser.wait_for(f"{chart} && {chart}.series.length === 3", "two curves in one chart")
+        curves = browser.js(f"{chart}.data.slice(1).map(ys => ys.filter(y => y != null).length)")
+        assert curves == [6, 6], curves  # 30 steps logged every 5 (JOB), each job's own
+        assert browser.js(f"{chart}.data[1]") != browser.js(f"{chart}.data[2]")
+        differ = browser.js("[...document.querySelectorAll('#compare-diff tbody tr')].map(r => r.dataset.key)")
+        assert differ == ["stage.learning_rate"], differ
+        browser.screenshot(shots / "dashboard-compare.png")
+    finally:
+        browser.close()
+        service.kill_jobs()
+        service.kill()

@@ -87,6 +87,7 @@ async function refreshJobs() {
     return;
   }
   showJobs();
+  if (compared.size >= 2 && !compareChart) showCompare();  // one that could not be drawn yet (no metrics then)
   if (selected) {
     const job = jobsCache.find((j) => j.job_id === selected);
     if (job) showStatus(job);
@@ -135,19 +136,128 @@ function showJobs() {
       el("td", { title: new Date(job.created * 1000).toISOString() }, fmtStarted(job.created)),
       el("td", {}, fmtDuration(duration(job))),
       el("td", {}, fmtEta(job.eta_seconds)),
-      el("td", {}, job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "")));
+      el("td", {}, job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "")),
+      el("td", { onclick: (e) => e.stopPropagation() }, el("input", { type: "checkbox", class: "compare", "aria-label": `compare ${job.run_name || job.job_id}`,
+        checked: compared.has(job.job_id) ? "" : null, onchange: (e) => toggleCompare(job.job_id, e.target.checked) })));
   }));
+}
+
+// --- runs side by side: one metric of the picked jobs overlaid, and where their overrides differ ----------------
+
+const compared = new Set();
+let compareChart = null;
+
+function toggleCompare(jobId, on) {
+  if (on) compared.add(jobId); else compared.delete(jobId);
+  showCompare();
+}
+
+async function metricHistory(jobId, key) {
+  const out = [];
+  for (let offset = 0; offset != null;) {
+    const page = await api(`/api/training/jobs/${jobId}/metrics/history?key=${encodeURIComponent(key)}&limit=10000&offset=${offset}`);
+    out.push(...page.rows);
+    offset = page.next_offset;
+  }
+  return out;
+}
+
+async function showCompare() {
+  const section = document.getElementById("compare-section");
+  const jobs = jobsCache.filter((j) => compared.has(j.job_id));
+  section.hidden = jobs.length < 2;
+  if (section.hidden) {
+    if (compareChart) compareChart.destroy();
+    compareChart = null;
+    return;
+  }
+  document.getElementById("compare-count").textContent = `${jobs.length} jobs`;
+  const select = document.getElementById("compare-metric");
+  const keys = [...new Set(jobs.flatMap((j) => Object.keys(j.metrics || {})))].sort();
+  const current = select.value || "train/loss";
+  select.replaceChildren(...keys.map((k) => el("option", { value: k, selected: k === current ? "" : null }, k)));
+  const key = select.value || current;
+  const names = jobs.map((j) => j.run_name || j.job_id);
+  const name = (j) => {  // its run name, and its id's end where two runs share a name
+    const n = j.run_name || j.job_id;
+    return names.filter((m) => m === n).length > 1 ? `${n} …${j.job_id.slice(-6)}` : n;
+  };
+  // where the overrides differ: a key set in one job and not another, or set to different values
+  const parse = (o) => { const i = o.indexOf("="); return [o.slice(0, i).replace(/^[+~]+/, ""), o.slice(i + 1)]; };
+  const maps = jobs.map((j) => new Map((j.overrides || []).filter((o) => o.includes("=")).map(parse)));
+  const overrideKeys = [...new Set(maps.flatMap((m) => [...m.keys()]))].sort();
+  const differ = overrideKeys.filter((k) => new Set(maps.map((m) => m.get(k) ?? "(default)")).size > 1);
+  document.querySelector("#compare-diff thead").replaceChildren(el("tr", {}, el("th", {}, "key"), ...jobs.map((j) => el("th", {}, name(j)))));
+  document.querySelector("#compare-diff tbody").replaceChildren(...(differ.length ? differ.map((k) =>
+    el("tr", { "data-key": k }, el("td", {}, el("code", {}, k)), ...maps.map((m) => el("td", {}, el("code", {}, m.get(k) ?? "(default)")))))
+    : [el("tr", {}, el("td", { colspan: String(jobs.length + 1), class: "muted" }, "the same overrides"))]));
+  const curves = await Promise.all(jobs.map((j) => metricHistory(j.job_id, key)));
+  const steps = [...new Set(curves.flatMap((rows) => rows.map((r) => r.step)))].sort((a, b) => a - b);
+  const data = [steps, ...curves.map((rows) => { const at = new Map(rows.map((r) => [r.step, r[key]])); return steps.map((s) => at.get(s) ?? null); })];
+  const box = document.getElementById("compare-chart");
+  if (compareChart) compareChart.destroy();
+  box.replaceChildren();
+  compareChart = new uPlot({
+    title: key, width: Math.max(300, box.clientWidth - 8), height: 260, scales: { x: { time: false } },
+    axes: [{ label: "step" }, { size: 60 }],
+    series: [{ label: "step" }, ...jobs.map((j, i) => ({ label: name(j), stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true }))],
+    cursor: { drag: { x: true, y: false } },
+  }, data, box);
+}
+window.expCompare = () => compareChart;
+
+// --- saved configs: list, start, edit as overrides, save (checked as train.py would), delete ------------------
+
+let savedConfigs = [];
+
+async function refreshConfigs() {
+  try { savedConfigs = await api("/api/training/configs"); } catch (e) { return; }
+  configNames = Object.fromEntries(savedConfigs.map((c) => [c.id, c.name]));
+  document.querySelector("#configs tbody").replaceChildren(...savedConfigs.map((c) =>
+    el("tr", { "data-config": c.id },
+      el("td", {}, c.name),
+      el("td", {}, el("code", {}, c.overrides.join(" ") || "(defaults)")),
+      el("td", {},
+        el("button", { class: "small start-config", onclick: () => startConfig(c.id) }, "start"), " ",
+        el("button", { class: "small", onclick: () => editConfig(c) }, "edit"), " ",
+        el("button", { class: "small", onclick: () => api(`/api/training/configs/${c.id}`, { method: "DELETE" }).then(refreshConfigs) }, "delete")))));
+}
+
+async function startConfig(configId) {
+  const error = document.getElementById("config-error");
+  error.textContent = "";
+  try {
+    const started = await api("/api/training/jobs/start", { method: "POST", body: JSON.stringify({ config_id: configId }) });
+    await refreshJobs();
+    location.hash = `#/jobs/${started.job_id}`;
+  } catch (e) {
+    error.textContent = e.message;
+    document.getElementById("config-edit").open = true;
+  }
+}
+
+function editConfig(c) {
+  document.getElementById("config-edit").open = true;
+  document.getElementById("config-name").value = c.name;
+  document.getElementById("config-overrides").value = c.overrides.join("\n");
+}
+
+async function saveConfig(event) {
+  event.preventDefault();
+  const error = document.getElementById("config-error");
+  error.textContent = "";
+  const overrides = document.getElementById("config-overrides").value.split("\n").map((l) => l.trim()).filter(Boolean);
+  try {
+    await api("/api/training/configs", { method: "POST", body: JSON.stringify({ name: document.getElementById("config-name").value.trim(), overrides }) });
+    await refreshConfigs();
+  } catch (e) {
+    error.textContent = e.message;
+  }
 }
 
 function sortBy(key) {
   sort = { key, dir: sort.key === key ? -sort.dir : key === "created" ? -1 : 1 };
   showJobs();
-}
-
-async function loadConfigNames() {
-  try {
-    for (const c of await api("/api/training/configs")) configNames[c.id] = c.name;
-  } catch (e) { /* the table shows the ids */ }
 }
 
 // --- one job -------------------------------------------------------------------------------------------
@@ -510,7 +620,9 @@ function route() {
 }
 window.addEventListener("hashchange", route);
 route();
-loadConfigNames();
+refreshConfigs();
+document.getElementById("config-form").addEventListener("submit", saveConfig);
+document.getElementById("compare-metric").addEventListener("change", showCompare);
 loadOptions().catch((e) => { document.getElementById("start-error").textContent = e.message; });
 refreshJobs();
 refreshSweeps();
