@@ -210,6 +210,9 @@ def test_dashboard_sweep_trials_and_start_form(tmp_path):
         (run_dir / ".hydra" / "overrides.yaml").write_text(f"- model=gpt_tiny\n- stage.learning_rate=0.00{num + 1}\n")
         summary = {"status": status, "step": 40 if status == "PRUNED" else 100, "num_steps": 100, "val_loss": loss}
         (run_dir / "summary.json").write_text(json.dumps(summary))
+        steps = range(10, summary["step"] + 1, 10)
+        rows = [json.dumps({"step": s, "train/loss": 5 - s / 50}) + "\n" for s in steps]
+        (run_dir / "metrics.jsonl").write_text("".join(rows))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     service = Service(tmp_path / "runs", token=TOKEN).start()
     browser = Browser()
@@ -228,6 +231,24 @@ def test_dashboard_sweep_trials_and_start_form(tmp_path):
             ["1", "PRUNED", "stage.learning_rate=0.002", "2.9500", "40/100"],
             ["2 ★", "FINISHED", "stage.learning_rate=0.003", "2.1200", "100/100"],  # the best
         ]
+        # as pictures: a parallel-coordinates line per finished trial (the pruned one has none), the best darkest;
+        # val loss against the learning rate, one point per finished trial
+        lines = "[...document.querySelectorAll('#sweep-parallel polyline')]"
+        browser.wait_for(f"{lines}.length === 2", "a line per finished trial")
+        assert browser.js(f"{lines}.map(l => l.dataset.trial)") == ["0", "2"]
+        shades = browser.js(f"{lines}.map(l => l.getAttribute('stroke'))")
+        assert shades[1] != shades[0] and "25%" in shades[1]  # trial 2 is the best: the darkest
+        axes = browser.js("[...document.querySelectorAll('#sweep-parallel text')].map(t => t.textContent)")
+        assert "stage.learning_rate" in axes and "val loss" in axes
+        scatter = "window.expSweepCharts()[0]"
+        assert browser.js(f"{scatter}.series[0].label") == "stage.learning_rate"
+        assert browser.js(f"{scatter}.data") == [[0.001, 0.003], [2.31, 2.12]]
+        curves = "window.expSweepCharts().at(-1)"  # each trial's train/loss, the pruned one to its step 40
+        browser.wait_for(f"{curves} && {curves}.series.length === 4", "the trials' curves")
+        assert browser.js(f"{curves}.series.map(s => s.label)") == ["step", "#0", "#1", "#2"]
+        assert browser.js(f"{curves}.data[2].filter(y => y != null).length") == 4
+        browser.js("document.getElementById('trials').scrollIntoView()")
+        browser.screenshot(shots / "dashboard-sweep-pictures.png")
         browser.js("document.getElementById('sweep-start').open = true")
         browser.js("document.getElementById('sweep-kind').value = 'optuna'")
         browser.js("document.getElementById('sweep-kind').dispatchEvent(new Event('change'))")

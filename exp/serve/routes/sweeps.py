@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, HTTPException, Query
 
 import exp.serve.configs as configs
 import exp.serve.control as control
@@ -110,6 +110,24 @@ def list_sweeps(svc: ServiceDep) -> list[dict]:
 def get_sweep(sweep_id: ID, svc: ServiceDep) -> dict:
     """A sweep's trials with status, overrides, val loss, SLURM job and MLflow run."""
     return sweep_view(svc, sweep_id, sweep_or_404(svc, sweep_id))
+
+
+@router.get("/api/training/sweeps/{sweep_id}/curves")
+def sweep_curves(
+    sweep_id: ID, svc: ServiceDep, key: Annotated[str, Query(max_length=200, pattern=r"^[\w./-]+$")] = "train/loss"
+) -> dict:
+    """One metric of every trial, [step, value] pairs from its metrics.jsonl (trials outside the runs directory,
+    named by a sweep.json, are left out: the service reads nothing there)."""
+    view = sweep_view(svc, sweep_id, sweep_or_404(svc, sweep_id))
+    root = svc.runs_dir.resolve()
+    curves = []
+    for trial in view["trials"]:
+        run_dir = Path(str(trial["run_dir"] or "")).resolve()
+        if not trial["run_dir"] or not run_dir.is_relative_to(root):
+            continue
+        points = [[r["step"], r[key]] for r in svc.cache.rows(run_dir) if isinstance(r.get(key), (int, float))]
+        curves.append({"num": trial["num"], "status": trial["status"], "points": points})
+    return {"sweep_id": sweep_id, "key": key, "trials": curves}
 
 
 def relaunch_sweep(svc: Service, sweep_id: str, mode: str, force: bool) -> dict:

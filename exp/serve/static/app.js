@@ -567,6 +567,111 @@ async function refreshSweep() {
       el("td", {}, t.step == null ? "" : `${t.step}/${t.num_steps ?? "?"}`),
       el("td", {}, t.slurm_job_id ?? ""),
       el("td", {}, el("code", {}, (t.mlflow_run_id || "").slice(0, 12))))));
+  sweepPictures(sweep, shared);
+}
+
+// --- sweeps as pictures: parallel coordinates, val loss against each parameter, the trials' curves --------------
+
+let sweepCharts = [];
+window.expSweepCharts = () => sweepCharts;
+
+function sweepParams(sweep, shared) {
+  // the parameters: the override keys whose values differ between trials; numeric where every value is a number
+  const points = sweep.trials.map((t) => Object.fromEntries((t.overrides || []).filter((o) => o.includes("=") && !shared.includes(o) &&
+    !o.startsWith("+callbacks.optuna")).map((o) => { const i = o.indexOf("="); return [o.slice(0, i).replace(/^[+~]+/, ""), o.slice(i + 1)]; })));
+  const keys = [...new Set(points.flatMap((p) => Object.keys(p)))].sort();
+  return keys.map((key) => {
+    const values = points.map((p) => p[key]);
+    const numeric = values.every((v) => v == null || Number.isFinite(Number(v)));
+    const levels = numeric ? null : [...new Set(values.filter((v) => v != null))].sort();
+    return { key, numeric, levels, of: (i) => (values[i] == null ? null : numeric ? Number(values[i]) : levels.indexOf(values[i])) };
+  });
+}
+
+let sweepDrawn = "";
+
+function sweepPictures(sweep, shared) {
+  const state = JSON.stringify([sweep.sweep_dir, sweep.trials.map((t) => [t.status, t.val_loss, t.step])]);
+  if (state === sweepDrawn) return;  // redrawn when a trial moved, not at every poll
+  sweepDrawn = state;
+  for (const chart of sweepCharts) chart.destroy();
+  sweepCharts = [];
+  const params = sweepParams(sweep, shared);
+  const finished = sweep.trials.map((t, i) => [t, i]).filter(([t]) => t.status === "FINISHED" && t.val_loss != null);
+  parallelCoordinates(params, finished);
+  const scatter = document.getElementById("sweep-scatter");
+  scatter.replaceChildren();
+  for (const param of params) {
+    const pts = finished.map(([t, i]) => [param.of(i), t.val_loss]).filter(([x]) => x != null).sort((a, b) => a[0] - b[0]);
+    const holder = el("div", { class: "chart", "data-param": param.key });
+    scatter.append(holder);
+    sweepCharts.push(new uPlot({
+      title: param.key, width: Math.max(300, holder.clientWidth - 8), height: 180,
+      scales: { x: { time: false, distr: param.numeric && pts.every(([x]) => x > 0) && pts.length > 1 && pts.at(-1)[0] / pts[0][0] >= 100 ? 3 : 1 } },
+      axes: [{ values: param.numeric ? undefined : (u, ticks) => ticks.map((v) => param.levels[v] ?? "") }, { size: 50 }],
+      series: [{ label: param.key }, { label: "val loss", stroke: "#2f6fde", paths: () => null, points: { show: true, size: 7, fill: "#2f6fde" } }],
+    }, [pts.map((p) => p[0]), pts.map((p) => p[1])], holder));
+  }
+  trialCurves(sweep);
+}
+
+// Parallel coordinates drawn as SVG by hand: uPlot (the charting library vendored here) has no such plot, and the
+// page's one is a few dozen lines: an axis per parameter and one for val loss, a polyline per finished trial.
+function parallelCoordinates(params, finished) {
+  const box = document.getElementById("sweep-parallel");
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  const W = 900, H = 260, pad = { x: 70, top: 24, bottom: 30 };
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  const axes = [...params.map((p) => ({ label: p.key, p })), { label: "val loss", loss: true }];
+  const values = (axis) => finished.map(([t, i]) => (axis.loss ? t.val_loss : axis.p.of(i)));
+  const X = (k) => pad.x + (axes.length === 1 ? 0 : (k * (W - 2 * pad.x)) / (axes.length - 1));
+  const scales = axes.map((axis) => {
+    const vs = values(axis).filter((v) => v != null);
+    const lo = Math.min(...vs), hi = Math.max(...vs);
+    return (v) => H - pad.bottom - (hi > lo ? ((v - lo) / (hi - lo)) * (H - pad.top - pad.bottom) : (H - pad.top - pad.bottom) / 2);
+  });
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text != null) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  const losses = finished.map(([t]) => t.val_loss);
+  const best = Math.min(...losses), worst = Math.max(...losses);
+  for (const [t, i] of finished) {
+    const shade = worst > best ? (t.val_loss - best) / (worst - best) : 0;  // 0: the best
+    const pts = axes.map((axis, k) => { const v = axis.loss ? t.val_loss : axis.p.of(i); return v == null ? null : `${X(k)},${scales[k](v)}`; });
+    add("polyline", { points: pts.filter(Boolean).join(" "), stroke: `hsl(220, 70%, ${25 + 45 * shade}%)`, "data-trial": t.num },
+    ).append(Object.assign(document.createElementNS(NS, "title"), { textContent: `trial ${t.num}: val loss ${fmt(t.val_loss)}` }));
+  }
+  axes.forEach((axis, k) => {
+    add("line", { x1: X(k), x2: X(k), y1: pad.top, y2: H - pad.bottom, class: "axis" });
+    add("text", { x: X(k), y: 14, "text-anchor": "middle" }, axis.label);
+    const vs = values(axis).filter((v) => v != null);
+    if (!vs.length) return;
+    const label = (v) => (axis.p && !axis.p.numeric ? axis.p.levels[v] : Number(v.toPrecision(3)));
+    add("text", { x: X(k) + 4, y: scales[k](Math.max(...vs)) + 4 }, label(Math.max(...vs)));
+    add("text", { x: X(k) + 4, y: scales[k](Math.min(...vs)) + 4 }, label(Math.min(...vs)));
+  });
+  box.replaceChildren(svg);
+}
+
+async function trialCurves(sweep) {
+  const box = document.getElementById("sweep-curves");
+  let answer;
+  try { answer = await api(`/api/training/sweeps/${sweep.sweep_id}/curves?key=train/loss`); } catch (e) { return; }
+  const trials = answer.trials.filter((t) => t.points.length);
+  box.replaceChildren();
+  if (!trials.length) { box.append(el("p", { class: "muted" }, "no curves: none of the trials has logged train/loss yet")); return; }
+  const steps = [...new Set(trials.flatMap((t) => t.points.map((p) => p[0])))].sort((a, b) => a - b);
+  const data = [steps, ...trials.map((t) => { const at = new Map(t.points); return steps.map((s) => at.get(s) ?? null); })];
+  sweepCharts.push(new uPlot({
+    title: "train/loss", width: Math.max(300, box.clientWidth - 8), height: 240, scales: { x: { time: false } },
+    series: [{ label: "step" }, ...trials.map((t, i) => ({ label: `#${t.num}`, spanGaps: true, width: 1.5,
+      stroke: t.status === "PRUNED" ? "rgba(125, 60, 152, 0.3)" : COLORS[i % COLORS.length] }))],
+  }, data, box));
 }
 
 async function startSweep(event) {
