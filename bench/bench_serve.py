@@ -1,11 +1,13 @@
 """Does watching a run through the job service slow it? Training tokens/s with no clients against the same job
 with N clients polling status and metrics and one following the event stream, and the API's latency.
 
-    python bench/bench_serve.py [--clients 20] [--interval 1.0] [--rounds 2] [--steps 150]
+    python bench/bench_serve.py [--clients 20] [--interval 1.0] [--rounds 2] [--steps 150] [--dashboard]
 
 One `python -m exp.serve` on a free 127.0.0.1 port; each round starts the same job through it twice, once
 unwatched and once watched (order alternating), and reads the steady-state tokens/s from its summary.json.
 Each polling client asks for /status and /metrics, then waits `--interval` seconds (a dashboard's refresh).
+With --dashboard each client asks what one open dashboard page asks while it shows the job: its own event
+stream, the jobs list every 2 s, the job's status, checkpoints, log and evaluations every 3 s, the sweeps every 5 s.
 """
 
 from __future__ import annotations
@@ -64,7 +66,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_job(url: str, steps: int, clients: int, interval: float, latencies: dict[str, list[float]]) -> dict:
+# what an open dashboard page asks, and how often (exp/serve/static/app.js: setInterval and the job's refresh)
+PAGE = (
+    (2.0, ("/api/training/jobs",)),
+    (3.0, ("/{job}/status", "/{job}/checkpoints", "/{job}/logs?tail_bytes=6000", "/{job}/evaluations")),
+    (5.0, ("/api/training/sweeps",)),
+)
+
+
+def page(url: str, job: str, done: threading.Event, latencies: dict[str, list[float]]) -> None:
+    """One dashboard page showing `job`: its event stream in a thread, its polls in this one."""
+
+    def stream():
+        with httpx.Client(base_url=url, timeout=None) as client:
+            with client.stream("GET", f"/api/training/jobs/{job}/metrics/stream") as r:
+                for line in r.iter_lines():
+                    if line.startswith("event: end") or done.is_set():
+                        return
+
+    follower = threading.Thread(target=stream)
+    follower.start()
+    due = [0.0] * len(PAGE)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while not done.is_set():
+            now = time.monotonic()
+            for i, (every, routes) in enumerate(PAGE):
+                if now < due[i]:
+                    continue
+                due[i] = now + every
+                for route in routes:
+                    path = route.replace("/{job}", f"/api/training/jobs/{job}")
+                    t = time.perf_counter()
+                    client.get(path).raise_for_status()
+                    latencies.setdefault(route.split("?")[0], []).append(time.perf_counter() - t)
+            done.wait(0.2)
+    follower.join()
+
+
+def run_job(
+    url: str, steps: int, clients: int, interval: float, latencies: dict[str, list[float]], dashboard: bool = False
+) -> dict:
     """Start the job, watch it with `clients` pollers and one stream follower (0: unwatched), wait for its end;
     return its steady-state tokens/s and how long it took."""
     with httpx.Client(base_url=url, timeout=120) as c:
@@ -79,7 +120,7 @@ def run_job(url: str, steps: int, clients: int, interval: float, latencies: dict
                     for route in ("status", "metrics"):
                         t = time.perf_counter()
                         client.get(f"/api/training/jobs/{job}/{route}").raise_for_status()
-                        latencies[route].append(time.perf_counter() - t)
+                        latencies.setdefault(f"/{{job}}/{route}", []).append(time.perf_counter() - t)
                     done.wait(interval)
 
         def follow():
@@ -89,8 +130,11 @@ def run_job(url: str, steps: int, clients: int, interval: float, latencies: dict
                         if line.startswith("event: end") or done.is_set():
                             return
 
-        threads = [threading.Thread(target=poll) for _ in range(clients)]
-        threads += [threading.Thread(target=follow)] if clients else []
+        if dashboard:
+            threads = [threading.Thread(target=page, args=(url, job, done, latencies)) for _ in range(clients)]
+        else:
+            threads = [threading.Thread(target=poll) for _ in range(clients)]
+            threads += [threading.Thread(target=follow)] if clients else []
         for t in threads:
             t.start()
         summary = Path(r.json()["run_dir"]) / "summary.json"
@@ -116,18 +160,19 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds each client waits between polls")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--dashboard", action="store_true", help="each client asks what an open dashboard page asks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         proc, url = start_service(Path(tmp) / "runs")
-        latencies: dict[str, list[float]] = {"status": [], "metrics": []}
+        latencies: dict[str, list[float]] = {}
         alone, watched, service_cpu = [], [], []
         try:
-            run_job(url, 20, 0, args.interval, {"status": [], "metrics": []})  # warm caches (corpus, imports)
+            run_job(url, 20, 0, args.interval, {})  # warm caches (corpus, imports)
             for i in range(args.rounds):
                 order = [(0, alone), (args.clients, watched)]
                 for clients, into in order if i % 2 == 0 else order[::-1]:
                     cpu, wall = cpu_seconds(proc.pid), time.monotonic()
-                    result = run_job(url, args.steps, clients, args.interval, latencies)
+                    result = run_job(url, args.steps, clients, args.interval, latencies, args.dashboard)
                     cpu, wall = cpu_seconds(proc.pid) - cpu, time.monotonic() - wall
                     into.append(result["tokens_per_s"])
                     if clients:
@@ -141,15 +186,21 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     ratio = statistics.median(watched) / statistics.median(alone)
+    watchers = (
+        f"{args.clients} dashboard pages (each its own event stream)"
+        if args.dashboard
+        else f"{args.clients} polling clients (every {args.interval:g} s) + 1 event-stream follower"
+    )
     print(
         f"\ntokens/s, median of {args.rounds}: 0 clients {statistics.median(alone):,.0f} | "
-        f"{args.clients} polling clients (every {args.interval:g} s) + 1 event-stream follower "
-        f"{statistics.median(watched):,.0f} | ratio {ratio:.3f} (target >= 0.97)"
+        f"{watchers} {statistics.median(watched):,.0f} | ratio {ratio:.3f} (target >= 0.97)"
     )
     print(f"service CPU while watched: {100 * statistics.median(service_cpu):.1f}% of one core (median)")
     for route, values in latencies.items():
+        if not values:
+            continue
         print(
-            f"GET /jobs/{{id}}/{route}: {len(values)} requests, p50 {1000 * percentile(values, 0.5):.1f} ms, "
+            f"GET {route}: {len(values)} requests, p50 {1000 * percentile(values, 0.5):.1f} ms, "
             f"p99 {1000 * percentile(values, 0.99):.1f} ms"
         )
 
