@@ -74,17 +74,18 @@ PAGE = (
 )
 
 
+def follow(url: str, job: str, done: threading.Event) -> None:
+    """Read the job's event stream until its end (or `done`)."""
+    with httpx.Client(base_url=url, timeout=None) as client:
+        with client.stream("GET", f"/api/training/jobs/{job}/metrics/stream") as r:
+            for line in r.iter_lines():
+                if line.startswith("event: end") or done.is_set():
+                    return
+
+
 def page(url: str, job: str, done: threading.Event, latencies: dict[str, list[float]]) -> None:
     """One dashboard page showing `job`: its event stream in a thread, its polls in this one."""
-
-    def stream():
-        with httpx.Client(base_url=url, timeout=None) as client:
-            with client.stream("GET", f"/api/training/jobs/{job}/metrics/stream") as r:
-                for line in r.iter_lines():
-                    if line.startswith("event: end") or done.is_set():
-                        return
-
-    follower = threading.Thread(target=stream)
+    follower = threading.Thread(target=follow, args=(url, job, done))
     follower.start()
     due = [0.0] * len(PAGE)
     with httpx.Client(base_url=url, timeout=60) as client:
@@ -123,18 +124,11 @@ def run_job(
                         latencies.setdefault(f"/{{job}}/{route}", []).append(time.perf_counter() - t)
                     done.wait(interval)
 
-        def follow():
-            with httpx.Client(base_url=url, timeout=None) as client:
-                with client.stream("GET", f"/api/training/jobs/{job}/metrics/stream") as r:
-                    for line in r.iter_lines():
-                        if line.startswith("event: end") or done.is_set():
-                            return
-
         if dashboard:
             threads = [threading.Thread(target=page, args=(url, job, done, latencies)) for _ in range(clients)]
         else:
             threads = [threading.Thread(target=poll) for _ in range(clients)]
-            threads += [threading.Thread(target=follow)] if clients else []
+            threads += [threading.Thread(target=follow, args=(url, job, done))] if clients else []
         for t in threads:
             t.start()
         summary = Path(r.json()["run_dir"]) / "summary.json"

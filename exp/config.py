@@ -503,6 +503,9 @@ def _check_tracking(cfg: DictConfig) -> None:
     interval = OmegaConf.select(cfg, "tracking.system_metrics_interval", default=None)
     if interval is not None and not interval > 0:
         raise ConfigError(f"tracking.system_metrics_interval={float(interval)} must be > 0 (seconds between samples)")
+    ui_url = OmegaConf.select(cfg, "tracking.ui_url", default=None)
+    if ui_url is not None and not str(ui_url).startswith(("http://", "https://")):
+        raise ConfigError(f"tracking.ui_url={ui_url} must be an http:// or https:// address (the MLflow UI's)")
 
 
 def _check_writable(key: str, path: str) -> None:

@@ -332,6 +332,9 @@ def configured(run_dir: Path) -> dict:
         out["num_steps"] = int(cfg["stage"]["num_steps"])
     except (KeyError, TypeError, ValueError):
         pass
+    ui_url = (cfg.get("tracking") or {}).get("ui_url") if isinstance(cfg, dict) else None
+    if isinstance(ui_url, str) and ui_url.startswith(("http://", "https://")):
+        out["ui_url"] = ui_url
     if isinstance(cfg, dict) and isinstance(cfg.get("run_name"), str):
         out["run_name"] = _with_choices(run_dir, cfg["run_name"])
     return out
@@ -371,6 +374,21 @@ def mlflow_run_id(run_dir: Path, summary: dict | None, ahead: str | None = None)
         return summary["mlflow_run_id"]
     record = read_json(Path(run_dir) / RUN_MARKER)
     return (record.get("run_id") if isinstance(record, dict) else None) or ahead
+
+
+def mlflow_url(run_dir: Path, run_id: str | None, ui_url: str | None) -> str | None:
+    """The MLflow UI's page of the run: under tracking.ui_url, else under its tracking URI when that is an http(s)
+    server; None for a file or SQLite store without a UI address, or before the run's tracker recorded it."""
+    from urllib.parse import quote
+
+    record = read_json(Path(run_dir) / RUN_MARKER)
+    if not isinstance(record, dict) or not run_id or record.get("run_id") != run_id or not record.get("experiment_id"):
+        return None
+    uri = str(record.get("tracking_uri") or "")
+    base = ui_url or (uri if uri.startswith(("http://", "https://")) else None)
+    if not base:
+        return None
+    return f"{base.rstrip('/')}/#/experiments/{quote(str(record['experiment_id']))}/runs/{quote(run_id)}"
 
 
 def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
@@ -440,6 +458,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
             out[key] = summary.get(key)
         if summary.get("signal"):  # written by the service for a run killed without one (killed_summary)
             out["exit_code"] = out["exit_code"] or summary.get("exit_code")
+    out["mlflow_url"] = mlflow_url(run_dir, out["mlflow_run_id"], cache.configured(run_dir).get("ui_url"))
     out["signal"] = killed_by(out["exit_code"])
     if out["signal"] and status == "KILLED" and not (summary and summary.get("status") in TERMINAL):
         # ended from outside (SIGKILL, the OOM killer) before the run could write its ending

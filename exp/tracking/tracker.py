@@ -110,6 +110,7 @@ class MlflowTracker(Callback):
         run_id: str | None = None,  # an MLflow run created beforehand for this one (the job service's): filled in
         system_metrics: bool = True,  # MLflow's system metrics (CPU, memory, disk, network, the job's GPUs)
         system_metrics_interval: float = 10.0,  # seconds between samples
+        ui_url: str | None = None,  # the MLflow UI's address, for links to the run (the dashboard's)
         *,
         cfg: DictConfig,
         run_dir: Path,

@@ -257,7 +257,7 @@ def main(inbox, outbox, uri: str = "", trainer: int | None = None) -> None:
 class _Worker:
     def __init__(self, settings: Settings, outbox):
         self.s, self.outbox = settings, outbox
-        self.client = self.run_id = self.failed = self.system = None
+        self.client = self.run_id = self.experiment_id = self.failed = self.system = None
         self.skip_until: dict[str, int] = {}  # metric -> last step already in MLflow (a resumed run)
 
     def start(self) -> None:
@@ -282,7 +282,7 @@ class _Worker:
         else:
             experiment_id = experiment_id_for(self.client, s.uri, s.experiment, s.artifact_location)
             run = self.client.create_run(experiment_id, run_name=tags.get("run_name"), tags=tags)
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._write_marker()
         params = [Param(k[:MAX_KEY], v) for k, v in s.params.items()]
         for i in range(0, len(params), BATCH["params"]):
@@ -329,7 +329,8 @@ class _Worker:
         """Take the run created beforehand for this one (tracking.run_id); a missing or ended run costs a warning
         and a new run."""
         try:
-            status = self.client.get_run(self.s.run_id).info.status
+            info = self.client.get_run(self.s.run_id).info
+            status, self.experiment_id = info.status, info.experiment_id
         except Exception as e:
             self.warn(
                 f"MLflow run {self.s.run_id} (tracking.run_id) is not in {self.s.uri} ({first_line(e)}); "
@@ -356,12 +357,13 @@ class _Worker:
             history = self.client.get_metric_history(run.info.run_id, key)
             self.skip_until[key] = max((m.step for m in history), default=-1)
         self.client.update_run(run.info.run_id, status="RUNNING")
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         self._write_marker()
         return True
 
     def _write_marker(self) -> None:
-        write_json(Path(self.s.run_dir) / RUN_MARKER, {"tracking_uri": self.s.uri, "run_id": self.run_id})
+        record = {"tracking_uri": self.s.uri, "run_id": self.run_id, "experiment_id": self.experiment_id}
+        write_json(Path(self.s.run_dir) / RUN_MARKER, record)
 
     def handle(self, items: list) -> bool:
         """Log a batch of messages; True once the run has ended."""

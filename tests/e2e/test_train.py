@@ -69,6 +69,8 @@ def test_thirty_steps_loss_falls_and_run_is_recorded(tmp_path):
     assert len(cpu) >= 2 and [m.step for m in cpu] == list(range(len(cpu))), cpu
     assert all(0 <= m.value <= 100 for m in cpu)
     assert "system/system_memory_usage_megabytes" in run.data.metrics
+    marker = json.loads((run_dir / "mlflow_run.json").read_text())  # the dashboard's link to the MLflow UI needs it
+    assert marker["run_id"] == run.info.run_id and marker["experiment_id"] == run.info.experiment_id
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

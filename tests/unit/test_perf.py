@@ -77,6 +77,7 @@ def test_system_metrics_watch_only_the_jobs_own_gpus():
         ("profile.steps=[3]", r"^profile\.steps=\[3\] must be \[first, last\]"),
         ("hardware.peak_flops=-1", r"^hardware\.peak_flops=-1\.0 must be > 0"),
         ("tracking.system_metrics_interval=0", r"tracking\.system_metrics_interval=0\.0 must be > 0"),
+        ("tracking.ui_url=ftp://lab", r"^tracking\.ui_url=ftp://lab must be an http:// or https:// address"),
     ],
 )
 def test_bad_speed_settings_are_one_line_config_errors(tmp_path, override, line):
@@ -120,3 +121,22 @@ def test_system_metrics_samples_come_at_their_interval_and_continue_a_resumed_ru
     assert {m.step for m in first.values()} == {7} and 0 <= first["system/cpu_utilization_percentage"].value <= 100
     assert 0.2 < system.wait() <= 0.3  # the next one an interval on
     assert {m.step for m in system.sample()} == {8}
+
+
+def test_the_dashboards_mlflow_link_needs_a_ui_and_the_runs_own_record(tmp_path):
+    """The link to the MLflow UI's page of a run: under tracking.ui_url, else under an http(s) tracking URI; none for
+    a SQLite store without a UI address, for another run's record, or before the tracker recorded the experiment."""
+    import json
+
+    from exp.serve.control import mlflow_url
+
+    marker = tmp_path / "mlflow_run.json"
+    marker.write_text(json.dumps({"tracking_uri": "http://10.0.0.5:5000", "run_id": "r1", "experiment_id": "7"}))
+    assert mlflow_url(tmp_path, "r1", None) == "http://10.0.0.5:5000/#/experiments/7/runs/r1"
+    assert mlflow_url(tmp_path, "r1", "https://mlflow.lab/") == "https://mlflow.lab/#/experiments/7/runs/r1"
+    assert mlflow_url(tmp_path, "r2", None) is None  # the record is another run's
+    marker.write_text(json.dumps({"tracking_uri": "sqlite:///runs/mlflow.db", "run_id": "r1", "experiment_id": "7"}))
+    assert mlflow_url(tmp_path, "r1", None) is None
+    assert mlflow_url(tmp_path, "r1", "http://127.0.0.1:5000") == "http://127.0.0.1:5000/#/experiments/7/runs/r1"
+    marker.write_text(json.dumps({"tracking_uri": "http://10.0.0.5:5000", "run_id": "r1"}))  # an older record
+    assert mlflow_url(tmp_path, "r1", None) is None

@@ -305,7 +305,9 @@ function follow(jobId) {
 
 function showStatus(job) {
   document.getElementById("job-name").textContent = job.run_name || "Job";
-  document.getElementById("job-mlflow").textContent = job.mlflow_run_id || "(none)";
+  const mlflow = document.getElementById("job-mlflow");
+  const link = job.mlflow_url && /^https?:\/\//.test(job.mlflow_url) ? el("a", { href: job.mlflow_url, target: "_blank", rel: "noopener" }, job.mlflow_run_id) : null;
+  if (link) mlflow.replaceChildren(link); else mlflow.textContent = job.mlflow_run_id || "(none)";
   const status = document.getElementById("job-status");
   status.textContent = job.status;
   status.className = "status " + job.status;
