@@ -14,7 +14,14 @@ log = logging.getLogger("exp")
 class ConsoleLog(Callback):
     """One log line per log interval and per evaluation (also written to the run's train.log)."""
 
-    EXTRA = ("train/kd_loss", "train/ce_loss", "train/teacher_agreement", "train/router_loss")
+    EXTRA = (
+        "train/kd_loss",
+        "train/ce_loss",
+        "train/teacher_agreement",
+        "train/router_loss",
+        "train/rewards/accuracies",
+    )
+    EXTRA += ("train/rewards/margins",)  # a DPO stage's
 
     def __init__(self, num_steps: int, show_epoch: bool = False):
         self.num_steps, self.show_epoch = num_steps, show_epoch  # the epoch: when the run counts in epochs
@@ -33,12 +40,16 @@ class ConsoleLog(Callback):
             + (f" | epoch {metrics['progress/epoch']:.2f}" if self.show_epoch and "progress/epoch" in metrics else "")
         )
 
+    DPO = ("val/rewards/accuracies", "val/rewards/margins", "val/chosen_nll")  # a DPO stage's, after its loss
+
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None:
         sources = [f"{k[9:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/loss/")]  # a mixture's
         log.info(
             f"eval {state.step:>{self.width}}/{self.num_steps} | val loss {metrics['val/loss']:.4f} "
             + (f"({', '.join(sources)}) " if sources else "")
-            + f"| ppl {metrics['val/perplexity']:.2f} | acc {metrics['val/accuracy']:.3f}"
+            + (f"| ppl {metrics['val/perplexity']:.2f} " if "val/perplexity" in metrics else "")
+            + (f"| acc {metrics['val/accuracy']:.3f}" if "val/accuracy" in metrics else "")
+            + "".join(f"| {k[4:]} {metrics[k]:.3f} " for k in self.DPO if k in metrics).rstrip()
         )
 
     def on_task_eval(self, state: TrainState, metrics: dict[str, float]) -> None:

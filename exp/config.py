@@ -542,6 +542,8 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
     _guard("data", data.check)
     _check_documents(model, _guard("data", lambda: document_token(data)), stage)
     if stage is not None:  # the stage's weights (init_from, a teacher) after the data: the tokenizer says most
+        if hasattr(stage, "check_data"):
+            _guard("stage", lambda: stage.check_data(data))
         _check_tokenizers(stage, _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None))
         _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
 
@@ -564,7 +566,9 @@ def _check_tokenizers(stage, tokenizer) -> None:
     """Weights a stage starts from (init_from, a teacher) must come from the data's tokenizer."""
     from exp.checkpoint import check_tokenizer
 
-    for key, path in (("stage.init_from", getattr(stage, "init_from", None)), ("stage.teacher.path", _teacher(stage))):
+    reference = getattr(getattr(stage, "reference", None), "path", None)  # DPO's
+    weights = (("stage.init_from", getattr(stage, "init_from", None)), ("stage.teacher.path", _teacher(stage)))
+    for key, path in (*weights, ("stage.reference.path", reference)):
         if path:
             _guard("stage", lambda key=key, path=path: check_tokenizer(tokenizer, path, f"{key}={path}"))
 

@@ -93,21 +93,23 @@ def _evaluate(stage, model, batches: Iterable, rt: Runtime, dist: Dist) -> dict[
     shared = dist.enabled and len(batches) % dist.world_size == 0
     if shared:  # an even share each; otherwise every rank evaluates them all: FSDP forwards are collective
         batches = batches[dist.rank :: dist.world_size]  # and must stay in lockstep across ranks
-    loss_sum = correct_sum = tokens = torch.zeros((), device=rt.device)
+    sums: dict[str, torch.Tensor] = {}  # each metric times its batch's weight (tokens; a DPO batch's pairs)
+    weight = torch.zeros((), device=rt.device)
     for x, y in batches:
         with rt.autocast():
             out = stage.eval_step(model, (x.to(rt.device), y.to(rt.device)))
         n = out["num_tokens"].float()
-        loss_sum, correct_sum, tokens = (
-            loss_sum + out["loss"].float() * n,
-            correct_sum + out["accuracy"] * n,
-            tokens + n,
-        )
+        for key, value in out.items():
+            if key != "num_tokens":
+                sums[key] = sums.get(key, 0.0) + value.float() * n
+        weight = weight + n
     model.train(was_training)
-    totals = torch.stack([loss_sum, correct_sum, tokens])
-    loss_sum, correct_sum, tokens = (dist.sum(totals) if shared else totals).tolist()
-    loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": correct_sum / tokens}
+    totals = torch.stack([*sums.values(), weight])
+    *values, weight = (dist.sum(totals) if shared else totals).tolist()
+    means = {key: value / weight for key, value in zip(sums, values, strict=True)}
+    if not getattr(stage, "eval_perplexity", True):  # a loss that is not a token-level cross-entropy (DPO's)
+        return means
+    return {"loss": means["loss"], "perplexity": math.exp(min(means["loss"], 50.0)), **means}
 
 
 class _Interval:

@@ -67,3 +67,65 @@ def kd_loss(
         accuracy = (predicted == targets.reshape(-1)[mask]).float().mean()
         agreement = (predicted == teacher.argmax(-1)).float().mean()
     return {**out, "student_accuracy": accuracy, "teacher_agreement": agreement, "num_tokens": num_tokens}
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the log-probabilities of each row's targets != -100, their count): (B,) and (B,).
+
+    Computed as -cross_entropy per position in float32, so a (B, T, V) log-softmax is never kept beside the logits.
+    """
+    flat = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    mask = targets != IGNORE_INDEX
+    return -flat.view_as(targets).sum(1), mask.sum(1)
+
+
+def dpo_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Direct Preference Optimization over rows [chosen_1..chosen_B, rejected_1..rejected_B] (Rafailov et al. 2023).
+
+    logits and ref_logits (2B, T, V) of the policy and the frozen reference, targets (2B, T) labelling the
+    responses only. With the log-ratios r = log pi(y|x) - log pi_ref(y|x) summed over each response's tokens:
+    - sigmoid: -log sigmoid(beta * (r_chosen - r_rejected)); with label_smoothing e, conservative DPO:
+      -(1 - e) log sigmoid(beta * d) - e log sigmoid(-beta * d) (the preference label flipped with probability e);
+    - ipo: (d' - 1 / (2 beta))^2 with d' the difference of the per-token means of r (IPO, Azar et al. 2023, as TRL
+      normalises it by each response's length).
+    Metrics as TRL names them: rewards/chosen, rewards/rejected (beta * r), rewards/accuracies (the share of
+    pairs whose chosen reward is higher), rewards/margins, logps/chosen, logps/rejected (the policy's summed
+    log-probabilities); all means over the B pairs, detached.
+    """
+    logps, counts = sequence_logps(logits, targets)
+    with torch.no_grad():
+        ref_logps, _ = sequence_logps(ref_logits, targets)
+    chosen, rejected = logps.chunk(2)
+    ratios = logps - ref_logps
+    chosen_ratio, rejected_ratio = ratios.chunk(2)
+    if loss_type == "sigmoid":
+        delta = beta * (chosen_ratio - rejected_ratio)
+        losses = -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+    elif loss_type == "ipo":
+        chosen_n, rejected_n = counts.clamp(min=1).chunk(2)
+        losses = (chosen_ratio / chosen_n - rejected_ratio / rejected_n - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type={loss_type!r} must be one of {', '.join(DPO_LOSS_TYPES)}")
+    with torch.no_grad():
+        chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }
+    return {"loss": losses.mean(), **metrics}

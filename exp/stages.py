@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from exp.losses import IGNORE_INDEX, kd_loss, lm_loss
+from exp.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, kd_loss, lm_loss
 from exp.model.layers import document_ids
 from exp.model.protocol import logits_of, router_losses
 
@@ -73,6 +73,14 @@ class StageConfig:
 
     def check(self, model_cfg: dict) -> None:
         """Checks that need the (student) model's config; raise ValueError naming the key."""
+
+    def check_data(self, data) -> None:
+        """Checks that need the run's data; raise ValueError naming the key. Preference pairs train only in DPO."""
+        if getattr(data, "paired", False):
+            raise ValueError(
+                f"data={getattr(data, 'name', type(data).__name__)} gives preference pairs (chosen and rejected "
+                f"rows), which stage={self.name} would train on as text alike: use stage=dpo"
+            )
 
     def logits(self, model, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for x; with documents packed in the rows, each row's document ids go with it."""
@@ -229,3 +237,106 @@ class Distill(StageConfig):
 # The first name of Distill: conf/stage/midtrain.yaml targets it, as do the configs that checkpoints of
 # `stage=midtrain` runs saved, so resuming one (which compares the configs) still matches.
 Midtrain = Distill
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    """Where DPO's reference model comes from."""
+
+    path: str | None = None  # a checkpoint folder, run directory or exported model; null: stage.init_from's weights
+
+
+@dataclass(kw_only=True)
+class DPO(StageConfig):
+    """Direct Preference Optimization on (prompt, chosen, rejected) pairs (exp.losses.dpo_loss).
+
+    The policy starts from stage.init_from; the reference is those starting weights, or stage.reference.path,
+    frozen: eval mode, no gradients, in the stage dtype, never in the optimizer or the checkpoint (as the
+    distillation teacher). Batches hold B pairs as 2B rows (exp.data.preference). Validation reports the DPO loss
+    on held-out pairs as val/loss, with the rewards, log-probabilities and the chosen responses' cross-entropy
+    (val/chosen_nll, comparable with an SFT stage's val/loss).
+    """
+
+    eval_perplexity = False  # val/loss is DPO's loss: no perplexity (a class attribute, not a config key)
+
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO: the preference label flipped with this probability
+    eval_at_start: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"stage.beta={self.beta} must be > 0")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"stage.loss_type={self.loss_type!r} must be one of {', '.join(DPO_LOSS_TYPES)}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"stage.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(
+                f"stage.label_smoothing={self.label_smoothing} is for loss_type=sigmoid (conservative DPO)"
+            )
+        if self.reference.path is None and self.init_from is None:
+            raise ValueError(
+                "stage.init_from is required: DPO starts from a trained model (an SFT run), which is also the "
+                "frozen reference unless stage.reference.path names another"
+            )
+        if self.reference.path is not None and not Path(self.reference.path).exists():
+            raise ValueError(f"stage.reference.path={self.reference.path} does not exist")
+        self._reference = None
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference.path or self.init_from
+
+    def check(self, model_cfg: dict) -> None:
+        from exp.checkpoint import locate_model
+
+        source = (
+            f"stage.reference.path={self.reference.path}"
+            if self.reference.path
+            else f"stage.init_from={self.init_from}"
+        )
+        reference_vocab = locate_model(self.reference_path)[1].get("vocab_size")
+        if reference_vocab != model_cfg.get("vocab_size"):
+            raise ValueError(
+                f"{source}: the reference's vocab_size {reference_vocab} differs from the policy's "
+                f"{model_cfg.get('vocab_size')}; DPO compares their log-probabilities of the same tokens"
+            )
+
+    def check_data(self, data) -> None:
+        if not getattr(data, "paired", False):
+            raise ValueError(
+                f"stage=dpo trains on preference pairs, and data={getattr(data, 'name', type(data).__name__)} gives "
+                "none: use data=preference_jsonl data.path=PAIRS.jsonl (or the built-in data=preference_pystdlib)"
+            )
+
+    def setup(self, model, rt) -> None:
+        from exp.checkpoint import load_model_for_inference
+
+        reference, _ = load_model_for_inference(self.reference_path, device=rt.device)
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        if rt.dtype is not torch.float32:
+            reference.to(rt.dtype)  # the reference only runs forward: keep it in the stage dtype
+        self._reference = reference
+
+    def _loss(self, model, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.logits(model, x)
+        with torch.no_grad():
+            ref_logits = self.logits(self._reference, x)
+        return dpo_loss(logits, ref_logits, y, self.beta, self.loss_type, self.label_smoothing), logits
+
+    def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
+        out, _ = self._loss(model, batch)
+        return with_router_losses(model, out)
+
+    def eval_step(self, model, batch) -> dict[str, torch.Tensor]:
+        """DPO's loss and metrics over the batch's pairs (each pair weighs one), and the chosen responses' mean
+        token cross-entropy."""
+        out, logits = self._loss(model, batch)
+        num_pairs = batch[0].size(0) // 2
+        chosen = lm_loss(logits[:num_pairs], batch[1][:num_pairs], accuracy=False)["loss"]
+        return {**out, "chosen_nll": chosen, "num_tokens": torch.tensor(num_pairs, device=logits.device)}

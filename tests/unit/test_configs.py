@@ -32,6 +32,11 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
         extra = []
     if (group, option) in (("stage", "midtrain"), ("stage", "distill")):
         extra = [f"stage.teacher.path={make_export(tmp_path / 'teacher')}"]
+    if (group, option) == ("stage", "dpo") or option.startswith("preference"):  # DPO starts from trained weights
+        extra = [f"stage.init_from={make_export(tmp_path / 'sft')}", *(["stage=dpo"] if group == "data" else [])]
+    if (group, option) == ("data", "preference_jsonl"):
+        (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "yes", "rejected": "no"}\n' * 2)
+        extra.append(f"data.path={tmp_path / 'pairs.jsonl'}")
     if (group, option) == ("data", "sft_jsonl"):
         (tmp_path / "chat.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 2)
         extra = [f"data.path={tmp_path / 'chat.jsonl'}"]

@@ -148,7 +148,11 @@ class ExampleSampler(Sampler):
         picked = self._walk(self.batch_size)
         self._walk(after * self.batch_size)  # the stream stands where every rank's share was taken
         self.num_batches += 1
-        return make_batch(self.examples, picked, self.row_len)
+        return self.batch(picked)
+
+    def batch(self, rows: list[list[int]]) -> Batch:
+        """The (x, y) batch of these rows."""
+        return make_batch(self.examples, rows, self.row_len)
 
     def state_dict(self) -> dict:
         """The stream's epoch and next row (an older checkpoint's per-rank form while resumed from one)."""
