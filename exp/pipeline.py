@@ -116,6 +116,9 @@ def _compose_stage(
                 cfg.stage.teacher.model = OmegaConf.to_container(composed[spec.teacher].model, resolve=True)
             else:
                 cfg.stage.teacher.path = str(root / spec.teacher)
+        if spec.get("init_from") and for_validation and "reference" in cfg.stage:
+            # DPO's reference is the earlier stage's model, not trained yet: checked against its config instead
+            cfg.stage.reference.model = OmegaConf.to_container(composed[spec.init_from].model, resolve=True)
         if parent_run_id and "parent_run_id" in cfg.tracking:
             cfg.tracking.parent_run_id = parent_run_id
     return cfg

@@ -159,7 +159,11 @@ def run_summary(
         "val_loss": state.val_loss,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
         "initial_val_loss": state.initial_val_loss,  # before this stage trained (stage.eval_at_start)
-        "val_perplexity": math.exp(min(state.val_loss, 50.0)) if state.val_loss is not None else None,
+        "val_perplexity": (  # of a token-level cross-entropy only (not of DPO's loss)
+            math.exp(min(state.val_loss, 50.0))
+            if state.val_loss is not None and getattr(stage, "eval_perplexity", True)
+            else None
+        ),
         "tokens_per_s": tokens_per_s,
         "flops_per_token": flops_per_token or None,  # training FLOPs (exp.perf): 6 N + attention
         "tflops_per_device": flops_per_token * tokens_per_s / num_devices / 1e12 if flops_per_token else None,

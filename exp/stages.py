@@ -244,6 +244,7 @@ class ReferenceConfig:
     """Where DPO's reference model comes from."""
 
     path: str | None = None  # a checkpoint folder, run directory or exported model; null: stage.init_from's weights
+    model: dict[str, Any] | None = None  # or a model config (randomly initialised: a pipeline's validation, tests)
 
 
 @dataclass(kw_only=True)
@@ -277,7 +278,7 @@ class DPO(StageConfig):
             raise ValueError(
                 f"stage.label_smoothing={self.label_smoothing} is for loss_type=sigmoid (conservative DPO)"
             )
-        if self.reference.path is None and self.init_from is None:
+        if self.reference.path is None and self.reference.model is None and self.init_from is None:
             raise ValueError(
                 "stage.init_from is required: DPO starts from a trained model (an SFT run), which is also the "
                 "frozen reference unless stage.reference.path names another"
@@ -287,21 +288,21 @@ class DPO(StageConfig):
         self._reference = None
 
     @property
-    def reference_path(self) -> str:
-        return self.reference.path or self.init_from
+    def reference_path(self) -> str | None:
+        return self.reference.path or (None if self.reference.model is not None else self.init_from)
 
     def check(self, model_cfg: dict) -> None:
         from exp.checkpoint import locate_model
 
-        source = (
-            f"stage.reference.path={self.reference.path}"
-            if self.reference.path
-            else f"stage.init_from={self.init_from}"
-        )
-        reference_vocab = locate_model(self.reference_path)[1].get("vocab_size")
-        if reference_vocab != model_cfg.get("vocab_size"):
+        if self.reference_path is None:
+            reference_cfg, source = dict(self.reference.model), "stage.reference.model"
+        else:
+            reference_cfg = locate_model(self.reference_path)[1]
+            key = "stage.reference.path" if self.reference.path else "stage.init_from"
+            source = f"{key}={self.reference_path}"
+        if reference_cfg.get("vocab_size") != model_cfg.get("vocab_size"):
             raise ValueError(
-                f"{source}: the reference's vocab_size {reference_vocab} differs from the policy's "
+                f"{source}: the reference's vocab_size {reference_cfg.get('vocab_size')} differs from the policy's "
                 f"{model_cfg.get('vocab_size')}; DPO compares their log-probabilities of the same tokens"
             )
 
@@ -313,16 +314,20 @@ class DPO(StageConfig):
             )
 
     def setup(self, model, rt) -> None:
-        from exp.checkpoint import load_model_for_inference
+        from exp.checkpoint import build_model, load_model_for_inference
 
-        reference, _ = load_model_for_inference(self.reference_path, device=rt.device)
+        if self.reference_path is not None:
+            reference, _ = load_model_for_inference(self.reference_path, device=rt.device)
+        else:
+            with torch.device(rt.device):
+                reference = build_model(dict(self.reference.model), "stage.reference.model").eval()
         for p in reference.parameters():
             p.requires_grad_(False)
         if rt.dtype is not torch.float32:
             reference.to(rt.dtype)  # the reference only runs forward: keep it in the stage dtype
         self._reference = reference
 
-    def _loss(self, model, batch) -> dict[str, torch.Tensor]:
+    def _loss(self, model, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x, y = batch
         logits = self.logits(model, x)
         with torch.no_grad():

@@ -294,23 +294,28 @@ class PreferenceJsonl(PreferenceData, SFTJsonl):
 
 
 def shuffled_lines(text: str, key: str) -> str | None:
-    """text with its lines in another order, the same for the same key; None when no order differs."""
+    """text with its lines in another order that starts with another line (so the two differ from their first
+    line on, inside any window that holds one), the same for the same key; None when every line is the same."""
     lines = text.split("\n")
-    if len(set(lines)) < 2:
+    other = next((i for i, line in enumerate(lines) if line != lines[0]), None)
+    if other is None:
         return None
     rng = random.Random(hashlib.sha256(key.encode("utf-8")).digest())
     for _ in range(8):
         order = lines[:]
         rng.shuffle(order)
-        if order != lines:
+        if order[0] != lines[0]:
             return "\n".join(order)
-    return "\n".join(lines[::-1])  # a repeated line made every draw the original order: reversed differs
+    order = lines[:]  # repeated lines kept drawing the first one: swap it with the first that differs
+    order[0], order[other] = order[other], order[0]
+    return "\n".join(order)
 
 
 class PreferencePyStdlib(PreferenceData, SFTPyStdlib):
     """The built-in preference set, offline: the stdlib SFT set's pairs (prompt = signature + docstring), each with
-    its real body chosen over the same body with its lines in a shuffled order (rejected: the same tokens, in an
-    order that does not run). Bodies of fewer than two distinct lines have no such order and are left out. The
+    its real body chosen over the same body with its lines in a shuffled order that starts with another line
+    (rejected: the same tokens, in an order that does not run). One-line bodies have no such order and are left
+    out. The
     order comes from a hash of the function's source location, so the set is the same on every machine."""
 
     name = "preference_pystdlib"

@@ -193,11 +193,15 @@ def test_the_built_in_set_prefers_each_real_body_over_its_shuffled_lines(tmp_pat
     for prompt, chosen, rejected in train + val:
         real, shuffled = chosen[0]["content"], rejected[0]["content"]
         assert prompt[0]["content"].startswith(("def f", "def g")) and "Function" in prompt[0]["content"]
-        assert real != shuffled and sorted(real.split("\n")) == sorted(shuffled.split("\n"))
+        assert real.split("\n")[0] != shuffled.split("\n")[0]
+        assert sorted(real.split("\n")) == sorted(shuffled.split("\n"))
     again = PreferencePyStdlib(seq_len=200, cache_dir=str(tmp_path / "cache"), root=str(root), val_fraction=0.3)
     assert again.pairs() == (train, val)  # the same shuffles on every build and machine
     assert shuffled_lines("one line", "k") is None and shuffled_lines("a\na", "k") is None
     assert shuffled_lines("a\nb\nc", "k") == shuffled_lines("a\nb\nc", "k") != "a\nb\nc"
+    for key in map(str, range(50)):  # the rejected body differs from its first line on
+        assert shuffled_lines("a\nb\nc", key).split("\n")[0] != "a"
+        assert shuffled_lines("a\na\na\na\nb", key).startswith("b")
 
 
 def test_the_loss_is_dpo_ipo_and_conservative_dpo_by_their_definitions():
