@@ -169,7 +169,9 @@ def resume(svc: Service, job_id: str, body: ResumeIn) -> Started:
     slurm = SlurmResources.model_construct(**(job.get("slurm_resources") or {}) | changes)  # stored: validated
     process = launch(svc, job_id, [*overrides, *own], run_dir, kind, slurm, hydra_node, cfg)
     svc.registry.relaunched(job_id, launcher=kind, overrides=overrides, **process)
-    return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(run_dir, None))
+    return Started(
+        job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(control.run_record(run_dir), None)
+    )
 
 
 def resume_point(job_id: str, run_dir: Path, step: int | None) -> Path:
