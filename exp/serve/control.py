@@ -422,7 +422,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     elif alive:
         queued = slurm is not None and slurm["state"] == "PENDING"
         status = "RUNNING" if _started(job, run_dir) and not queued else "PENDING"
-    elif job["source"] == "cli" and lock_holder(run_dir):
+    elif job["source"] in ("cli", "sweep") and lock_holder(run_dir):
         status = "RUNNING"
     else:
         signalled = killed_by(launcher.poll(job.get("pid"))) or bool(summary)  # a summary still saying RUNNING
@@ -444,6 +444,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "overrides": job["overrides"],
         "run_name": config.get("run_name"),  # the config's run_name (settable at start)
         "config_id": job.get("config_id"),  # the saved config it was started from
+        "sweep_id": job.get("sweep_id"),  # the sweep it is a trial of
         "created": job["created"],
         "ended": _ended(run_dir) if status in TERMINAL else None,  # when its summary.json was last written
         "mlflow_run_id": mlflow_run_id(record, summary, job.get("mlflow_run_id")),

@@ -16,7 +16,7 @@ import exp.serve.configs as configs
 import exp.serve.control as control
 from exp.paths import REPO_ROOT, TRAIN_PY
 from exp.serve.bodies import ID, RelaunchIn, SweepIn
-from exp.serve.registry import new_id, run_id_for
+from exp.serve.registry import new_id
 from exp.serve.state import Service, ServiceDep
 
 router = APIRouter(tags=["sweeps"])
@@ -25,28 +25,8 @@ TRIAL_FIELDS += ("mlflow_run_id", "error")
 
 
 def sweeps(svc: Service) -> dict[str, Path]:
-    """Sweep directories by id: the service's own (their folder's name) and those found under the runs directory
-    (four levels deep, a hash of their path)."""
-    from exp.sweep.manifest import is_sweep_dir
-
-    found, level = {}, [svc.runs_dir]
-    for _ in range(4):
-        following = []
-        for folder in level:
-            try:
-                children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            except OSError:
-                continue
-            for child in children:
-                if is_sweep_dir(child):
-                    found[run_id_for(child).replace("r", "s", 1)] = child
-                elif not child.name.isdigit() and child.name not in ("checkpoints", "mlartifacts"):
-                    if child == svc.runs_dir / "serve":  # the jobs' run directories
-                        continue
-                    following.append(child)
-        level = following
-    started = {s["id"]: Path(s["sweep_dir"]) for s in svc.registry.sweeps()}
-    return {**started, **{i: p for i, p in found.items() if p not in started.values()}}
+    """Sweep directories by id (Registry.sweep_dirs)."""
+    return svc.registry.sweep_dirs()
 
 
 def sweep_or_404(svc: Service, sweep_id: str) -> Path:
