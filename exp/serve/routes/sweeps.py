@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, HTTPException, Query
 
 import exp.serve.configs as configs
 import exp.serve.control as control
+import exp.serve.study as study
 from exp.paths import REPO_ROOT, TRAIN_PY
 from exp.serve.bodies import ID, RelaunchIn, SweepIn
 from exp.serve.registry import new_id
@@ -108,6 +109,31 @@ def sweep_curves(
         points = [[r["step"], r[key]] for r in svc.cache.rows(run_dir) if isinstance(r.get(key), (int, float))]
         curves.append({"num": trial["num"], "status": trial["status"], "points": points})
     return {"sweep_id": sweep_id, "key": key, "trials": curves}
+
+
+@router.get("/api/training/sweeps/{sweep_id}/importances")
+def sweep_importances(sweep_id: ID, svc: ServiceDep) -> dict:
+    """Each parameter's importance to each objective of an Optuna sweep's study (Optuna's PED-ANOVA evaluator; none,
+    with a `message`, before two trials have finished). 404 for a grid, or a study not stored as a file in the
+    sweep's folder (read only there, never through a symlink)."""
+    return {"sweep_id": sweep_id, **study.importances(_study(svc, sweep_id))}
+
+
+@router.get("/api/training/sweeps/{sweep_id}/pareto")
+def sweep_pareto(sweep_id: ID, svc: ServiceDep) -> dict:
+    """The finished trials' objective values with the Pareto front marked (a multi-objective study's best trials);
+    404 as for the importances."""
+    return {"sweep_id": sweep_id, **study.pareto_front(_study(svc, sweep_id))}
+
+
+def _study(svc: Service, sweep_id: str):
+    path = sweep_or_404(svc, sweep_id)
+    try:
+        return study.load_study(svc.runs_dir, path)
+    except study.StudyUnavailable as e:
+        raise HTTPException(404, str(e)) from None
+    except study.StudyUnreadable as e:
+        raise HTTPException(409, str(e)) from None
 
 
 def relaunch_sweep(svc: Service, sweep_id: str, mode: str, force: bool) -> dict:
