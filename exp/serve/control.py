@@ -444,7 +444,8 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "overrides": job["overrides"],
         "run_name": config.get("run_name"),  # the config's run_name (settable at start)
         "config_id": job.get("config_id"),  # the saved config it was started from
-        "sweep_id": job.get("sweep_id"),  # the sweep it is a trial of
+        "sweep_id": job.get("sweep_id"),  # the sweep it is a trial of, and its number there (its folder's name)
+        "trial": int(run_dir.name) if job.get("sweep_id") and run_dir.name.isdigit() else None,
         "created": job["created"],
         "ended": _ended(run_dir) if status in TERMINAL else None,  # when its summary.json was last written
         "mlflow_run_id": mlflow_run_id(record, summary, job.get("mlflow_run_id")),

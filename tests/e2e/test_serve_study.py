@@ -48,6 +48,7 @@ def write_optuna_sweep(sweep_dir: Path, num_trials: int, multi: bool = False, se
         overrides = [f"{k}={v}" for k, v in trial.params.items()]
         (run_dir / ".hydra").mkdir(parents=True)
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (run_dir / ".hydra" / "config.yaml").write_text("run_name: gpt_tiny-pretrain\nstage: {num_steps: 100}\n")
         summary = {"status": "FINISHED", "step": 100, "num_steps": 100, "val_loss": loss}
         (run_dir / "summary.json").write_text(json.dumps(summary))
         rows = [{"step": s, "train/loss": loss + 3 - s / 50, "perf/step_ms": step_ms} for s in range(10, 101, 10)]
