@@ -21,7 +21,7 @@ from pathlib import Path
 
 from exp.checkpoint.format import MANIFEST, list_checkpoints, read_trainer_state
 from exp.paths import TRAIN_PY
-from exp.rundir import METRICS, SUMMARY, lock_holder, read_json, read_summary
+from exp.rundir import METRICS, SUMMARY, lock_holder, read_summary
 from exp.serve.guard import Refused, open_inside, read_inside, relative_inside
 from exp.tracking.worker import RUN_MARKER
 
@@ -264,10 +264,6 @@ class MetricsCache:
             self._latest[key] = (len(rows), latest)
             return latest
 
-    def num_steps(self, run_dir: Path) -> int | None:
-        """stage.num_steps of the run's composed config."""
-        return self.configured(run_dir).get("num_steps")
-
     def configured(self, run_dir: Path) -> dict:
         """What the run's composed config says (`configured`), read again only when .hydra/config.yaml changes."""
         path = Path(run_dir) / ".hydra" / "config.yaml"
@@ -367,21 +363,30 @@ def _ended(run_dir: Path) -> float | None:
         return None
 
 
-def mlflow_run_id(run_dir: Path, summary: dict | None, ahead: str | None = None) -> str | None:
-    """The run's MLflow run: summary.json's, else the one its tracker last wrote to (mlflow_run.json), else the one
-    the service created ahead of it (`ahead`)."""
+def run_record(run_dir: Path) -> dict | None:
+    """What the run's tracker recorded of its MLflow run (mlflow_run.json: run id, experiment id, tracking URI), read
+    without following a symlink; None while it is missing, unreadable or not a record."""
+    try:
+        record = json.loads(read_inside(Path(run_dir), RUN_MARKER))
+    except (OSError, ValueError, Refused):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def mlflow_run_id(record: dict | None, summary: dict | None, ahead: str | None = None) -> str | None:
+    """The run's MLflow run: summary.json's, else the one its tracker last wrote to (`record`: run_record), else the
+    one the service created ahead of it (`ahead`)."""
     if summary and summary.get("mlflow_run_id"):
         return summary["mlflow_run_id"]
-    record = read_json(Path(run_dir) / RUN_MARKER)
-    return (record.get("run_id") if isinstance(record, dict) else None) or ahead
+    return ((record or {}).get("run_id")) or ahead
 
 
-def mlflow_url(run_dir: Path, run_id: str | None, ui_url: str | None) -> str | None:
+def mlflow_url(record: dict | None, run_id: str | None, ui_url: str | None) -> str | None:
     """The MLflow UI's page of the run: under tracking.ui_url, else under its tracking URI when that is an http(s)
-    server; None for a file or SQLite store without a UI address, or before the run's tracker recorded it."""
+    server; None for a file or SQLite store without a UI address, or before the run's tracker recorded it
+    (`record`: run_record)."""
     from urllib.parse import quote
 
-    record = read_json(Path(run_dir) / RUN_MARKER)
     if not isinstance(record, dict) or not run_id or record.get("run_id") != run_id or not record.get("experiment_id"):
         return None
     uri = str(record.get("tracking_uri") or "")
@@ -399,10 +404,12 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     summary = read_summary(run_dir)
     if summary is not None and _written_before_launch(job, run_dir):
         summary = None  # a resumed job's previous ending, until this launch writes its own
+    record = run_record(run_dir)  # read once: the MLflow run's id and its page in the UI
     rows = cache.rows(run_dir)
     train_rows = [r for r in rows if "train/loss" in r]
     step = (summary or {}).get("step") if summary else (train_rows[-1]["step"] if train_rows else 0)
-    num_steps = (summary or {}).get("num_steps") or cache.num_steps(run_dir)
+    config = cache.configured(run_dir)  # read once: stage.num_steps, run_name, tracking.ui_url
+    num_steps = (summary or {}).get("num_steps") or config.get("num_steps")
     slurm = None
     alive = process_alive(job) or launcher.running(job.get("pid"))  # ended only once its exit status is known
     if job.get("slurm_job_id"):
@@ -415,7 +422,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
     elif alive:
         queued = slurm is not None and slurm["state"] == "PENDING"
         status = "RUNNING" if _started(job, run_dir) and not queued else "PENDING"
-    elif job["source"] == "cli" and lock_holder(run_dir):
+    elif job["source"] in ("cli", "sweep") and lock_holder(run_dir):
         status = "RUNNING"
     else:
         signalled = killed_by(launcher.poll(job.get("pid"))) or bool(summary)  # a summary still saying RUNNING
@@ -435,11 +442,13 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
         "source": job["source"],
         "launcher": job["launcher"],
         "overrides": job["overrides"],
-        "run_name": cache.configured(run_dir).get("run_name"),  # the config's run_name (settable at start)
+        "run_name": config.get("run_name"),  # the config's run_name (settable at start)
         "config_id": job.get("config_id"),  # the saved config it was started from
+        "sweep_id": job.get("sweep_id"),  # the sweep it is a trial of, and its number there (its folder's name)
+        "trial": int(run_dir.name) if job.get("sweep_id") and run_dir.name.isdigit() else None,
         "created": job["created"],
         "ended": _ended(run_dir) if status in TERMINAL else None,  # when its summary.json was last written
-        "mlflow_run_id": mlflow_run_id(run_dir, summary, job.get("mlflow_run_id")),
+        "mlflow_run_id": mlflow_run_id(record, summary, job.get("mlflow_run_id")),
         "metrics": {k: v["value"] for k, v in cache.latest(run_dir).items()},
         "slurm": slurm,
         "pid": job.get("pid"),
@@ -458,7 +467,7 @@ def job_status(job: dict, launcher: Launcher, cache: MetricsCache) -> dict:
             out[key] = summary.get(key)
         if summary.get("signal"):  # written by the service for a run killed without one (killed_summary)
             out["exit_code"] = out["exit_code"] or summary.get("exit_code")
-    out["mlflow_url"] = mlflow_url(run_dir, out["mlflow_run_id"], cache.configured(run_dir).get("ui_url"))
+    out["mlflow_url"] = mlflow_url(record, out["mlflow_run_id"], config.get("ui_url"))
     out["signal"] = killed_by(out["exit_code"])
     if out["signal"] and status == "KILLED" and not (summary and summary.get("status") in TERMINAL):
         # ended from outside (SIGKILL, the OOM killer) before the run could write its ending
@@ -508,8 +517,8 @@ def killed_run(job: dict) -> tuple[str, str] | None:
     uri = job.get("tracking_uri")
     if not uri:
         return None
-    record = read_json(Path(job["run_dir"]) / RUN_MARKER)
-    if isinstance(record, dict) and record.get("run_id"):  # the run its tracker took (or opened instead)
+    record = run_record(Path(job["run_dir"]))
+    if record is not None and record.get("run_id"):  # the run its tracker took (or opened instead)
         return (uri, record["run_id"]) if record.get("tracking_uri") == uri else None
     return (uri, job["mlflow_run_id"]) if job.get("mlflow_run_id") else None
 

@@ -41,6 +41,7 @@ LATER_COLUMNS = {
     "ahead_closed": "INTEGER DEFAULT 0",
     "slurm_resources": "TEXT",  # JSON: the SLURM resources the client asked for, kept for a resume
     "ended_launch": "INTEGER DEFAULT 0",  # the launch whose ending by a signal the service has recorded
+    "sweep_id": "TEXT",  # the sweep a trial's run directory belongs to (source 'sweep')
 }
 
 
@@ -197,9 +198,17 @@ class Registry:
         rows = self._all("SELECT * FROM sweeps WHERE id = ?", (sweep_id,))
         return rows[0] if rows else None
 
+    def sweep_dirs(self) -> dict[str, Path]:
+        """Sweep directories by id: the service's own (their folder's name) and those found under the runs directory
+        (four levels deep, a hash of their path)."""
+        found = {run_id_for(p).replace("r", "s", 1): p for p in _sweep_dirs(self.runs_dir)}
+        started = {s["id"]: Path(s["sweep_dir"]) for s in self.sweeps()}
+        return {**started, **{i: p for i, p in found.items() if p not in started.values()}}
+
     def discover(self, force: bool = False, every_s: float = 2.0) -> None:
-        """Register run directories started from the command line (a `.hydra/` folder under the runs directory),
-        at most every `every_s` seconds unless forced. Sweep trials are listed with their sweep instead."""
+        """Register run directories started from the command line (a `.hydra/` folder under the runs directory) and
+        the trials of every sweep there (its numbered run directories, with the sweep's id), at most every `every_s`
+        seconds unless forced."""
         now = time.monotonic()
         if not force and now - self._scanned < every_s:
             return
@@ -208,18 +217,34 @@ class Registry:
         tracked = [Path(d) / ".hydra" for d in mlflow_run_dirs(self.runs_dir / MLFLOW_DB)]
         for hydra_dir in [*_hydra_dirs(self.runs_dir), *(h for h in tracked if h.is_dir())]:
             run_dir = hydra_dir.parent.resolve()
-            if str(run_dir) in known or _in_sweep(run_dir):
-                continue
-            if not (run_dir / SUMMARY).exists() and not (run_dir / "metrics.jsonl").exists():
-                if not (run_dir / ".lock").exists():
-                    continue  # a config error's leftovers, or a run still starting
-            overrides = _read_overrides(hydra_dir / "overrides.yaml")
-            created = (hydra_dir / "config.yaml").stat().st_mtime if (hydra_dir / "config.yaml").exists() else 0
-            self._run(
-                "INSERT OR IGNORE INTO jobs (id, run_dir, source, launcher, overrides, created) "
-                "VALUES (?, ?, 'cli', 'local', ?, ?)",
-                (run_id_for(run_dir), str(run_dir), json.dumps(overrides), created),
-            )
+            if str(run_dir) not in known and not _in_sweep(run_dir):  # a trial is registered with its sweep below
+                self._register(run_dir)
+        for sweep_id, sweep_dir in self.sweep_dirs().items():
+            for run_dir in _trial_dirs(sweep_dir):
+                if str(run_dir) not in known:
+                    self._register(run_dir, sweep_id)
+
+    def _register(self, run_dir: Path, sweep_id: str | None = None) -> None:
+        """A run directory found on disk, once it has started (a config error's leftovers, or a run still starting,
+        wait for the next scan)."""
+        hydra_dir = run_dir / ".hydra"
+        if not (run_dir / SUMMARY).exists() and not (run_dir / "metrics.jsonl").exists():
+            if not (run_dir / ".lock").exists():
+                return
+        overrides = _read_overrides(hydra_dir / "overrides.yaml")
+        created = (hydra_dir / "config.yaml").stat().st_mtime if (hydra_dir / "config.yaml").exists() else 0
+        self._run(
+            "INSERT OR IGNORE INTO jobs (id, run_dir, source, launcher, overrides, created, sweep_id) "
+            "VALUES (?, ?, ?, 'local', ?, ?, ?)",
+            (
+                run_id_for(run_dir),
+                str(run_dir),
+                "sweep" if sweep_id else "cli",
+                json.dumps(overrides),
+                created,
+                sweep_id,
+            ),
+        )
 
 
 def mlflow_run_dirs(db: Path) -> list[str]:
@@ -252,6 +277,42 @@ def _hydra_dirs(root: Path, depth: int = 4):
                 ):
                     following.append(child)
         level = following
+
+
+def _sweep_dirs(root: Path, depth: int = 4) -> list[Path]:
+    """Sweep directories at most `depth` levels under root (runs/multirun/<date>/<time> is three), outside the
+    service's own folders, dot-folders, run directories' checkpoints and artifacts, and symlinks."""
+    from exp.sweep.manifest import is_sweep_dir
+
+    found, level = [], [root]
+    for _ in range(depth):
+        following = []
+        for folder in level:
+            try:
+                children = [p for p in folder.iterdir() if not p.name.startswith(".") and _is_folder(p)]
+            except OSError:
+                continue
+            for child in children:
+                if is_sweep_dir(child):
+                    found.append(child)
+                elif not child.name.isdigit() and child.name not in ("checkpoints", "mlartifacts"):
+                    if child != root / "serve":  # the jobs' run directories
+                        following.append(child)
+        level = following
+    return found
+
+
+def _trial_dirs(sweep_dir: Path) -> list[Path]:
+    """A sweep's numbered run directories that hold a `.hydra` folder (neither a symlink)."""
+    try:
+        children = [p for p in sweep_dir.iterdir() if p.name.isdigit() and _is_folder(p)]
+    except OSError:
+        return []
+    return [p.resolve() for p in sorted(children, key=lambda p: int(p.name)) if _is_folder(p / ".hydra")]
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def _in_sweep(run_dir: Path) -> bool:

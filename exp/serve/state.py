@@ -62,7 +62,7 @@ class Service:
             ahead
             and out["status"] in control.TERMINAL
             and not job.get("ahead_closed")
-            and control.mlflow_run_id(Path(job["run_dir"]), None) != ahead
+            and control.mlflow_run_id(control.run_record(Path(job["run_dir"])), None) != ahead
             and registry.claim_ahead_close(job["id"])  # one request closes it, however many poll
         ):  # ended before its tracker took the run created ahead of it: closed, never left SCHEDULED
             ending = "KILLED" if out["status"] == "KILLED" else "FAILED"

@@ -16,6 +16,7 @@ pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from .test_serve_e2e import JOB, Service  # noqa: E402
+from .test_serve_study import PARAMS, write_optuna_sweep  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -103,6 +104,12 @@ class Browser:
             self.send(
                 "Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left", "clickCount": 1}
             )
+
+    def press_enter(self) -> None:
+        """Enter pressed and released on the focused element, as a keyboard does."""
+        for kind in ("keyDown", "keyUp"):
+            key = {"type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13}
+            self.send("Input.dispatchKeyEvent", {**key, "text": "\r"} if kind == "keyDown" else key)
 
     def screenshot(self, path: Path) -> Path:
         data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
@@ -424,4 +431,122 @@ def test_dashboard_saves_a_config_starts_it_and_overlays_two_jobs(tmp_path, corp
     finally:
         browser.close()
         service.kill_jobs()
+        service.kill()
+
+
+def test_dashboard_sweep_filter_study_pictures_keyboard_and_width(tmp_path):
+    """At 1280x800: the jobs table fits the window (a long run name ends in an ellipsis, whole in its title), the
+    sweep filter shows one sweep's trials (or the jobs outside sweeps), a sort header sorts from the keyboard, every
+    control has a name; a multi-objective Optuna sweep's page has a bar per parameter for each objective and its
+    Pareto front with the study's best trials; a single-objective one has no front. Nothing trains: the sweeps and
+    their real Optuna studies are written by the test."""
+    shots = Path(os.environ.get("EXP_TEST_ARTIFACTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    runs = (tmp_path / "runs").resolve()
+    write_optuna_sweep(runs / "multirun" / "2026-12-01" / "lr-search", 12)
+    multi = write_optuna_sweep(runs / "multirun" / "2026-12-02" / "loss-vs-speed", 20, multi=True)
+    long_name = "gpt_tiny-pretrain-with-a-run-name-far-longer-than-its-column-would-show"
+    run_dir = runs / "cli" / "long"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(f"run_name: {long_name}\nstage: {{num_steps: 100}}\n")
+    (run_dir / "summary.json").write_text(json.dumps({"status": "FINISHED", "step": 100, "num_steps": 100}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 100, "train/loss": 3.25, "val/loss": 3.5}) + "\n")
+    service = Service(runs, token=TOKEN).start()
+    browser = Browser(1280, 800)
+    try:
+        sweeps = {Path(s["sweep_dir"]).name: s["sweep_id"] for s in service.client.get("/api/training/sweeps").json()}
+        trials = service.client.get("/api/training/jobs", params={"sweep": sweeps["loss-vs-speed"]}).json()
+        assert len(trials) == 20
+        open_with_token(browser, service)
+        assert browser.js("window.innerWidth") == 1280
+        rows = "[...document.querySelectorAll('#jobs tbody tr')]"
+        browser.wait_for(f"{rows}.length === 33", "every job and trial in the table")
+        choices = "[...document.getElementById('jobs-sweep').options].map(o => o.value)"
+        browser.wait_for(f"{choices}.length === 4", "the sweeps in the filter")
+        assert sorted(browser.js(choices)) == sorted(["", "none", *sweeps.values()])
+
+        # one sweep's trials, then the jobs outside sweeps, combined with the status filter
+        def pick(value: str) -> None:
+            browser.js(f"document.getElementById('jobs-sweep').value = {json.dumps(value)}")
+            browser.js("document.getElementById('jobs-sweep').dispatchEvent(new Event('change'))")
+
+        pick(sweeps["loss-vs-speed"])
+        shown = browser.js(f"{rows}.map(r => r.dataset.job)")
+        assert sorted(shown) == sorted(t["job_id"] for t in trials)
+        names = browser.js(f"{rows}.map(r => r.cells[0].textContent)")
+        assert sorted(names) == sorted(f"#{n} gpt_tiny-pretrain" for n in range(20))  # each trial by its number
+        browser.js("document.getElementById('jobs-section').scrollIntoView()")
+        browser.screenshot(shots / "dashboard-jobs-by-sweep.png")
+        pick("none")
+        assert browser.js(f"{rows}.map(r => r.cells[0].textContent)") == [long_name]
+        browser.js("document.getElementById('jobs-status').value = 'RUNNING'")
+        browser.js("document.getElementById('jobs-status').dispatchEvent(new Event('change'))")
+        assert browser.js(f"{rows}.length") == 0
+        browser.js("document.getElementById('jobs-status').value = ''")
+        pick("")
+        assert browser.js(f"{rows}.length") == 33
+
+        # the table fits the window; the long name is cut with an ellipsis and whole in its title
+        assert browser.js("document.documentElement.scrollWidth") <= 1280
+        width = "[document.getElementById('jobs').scrollWidth, document.getElementById('jobs-section').clientWidth]"
+        table, section = browser.js(width)
+        assert table <= section, (table, section)
+        [alone] = service.client.get("/api/training/jobs", params={"sweep": "none"}).json()
+        link = f"document.querySelector('#jobs a[href=\"#/jobs/{alone['job_id']}\"]')"
+        assert browser.js(f"{link}.title").startswith(long_name)
+        assert browser.js(f"{link}.scrollWidth > {link}.clientWidth")  # cut: an ellipsis shows where
+        assert browser.js(f"getComputedStyle({link}).textOverflow") == "ellipsis"
+
+        # sort from the keyboard: focus the "loss" header's button, Enter sorts ascending, Enter again descending
+        pick(sweeps["loss-vs-speed"])
+        button = "document.querySelector('#jobs th[data-sort=loss] button')"
+        browser.js(f"{button}.focus()")
+        assert browser.js(f"document.activeElement === {button}")
+        losses = f"{rows}.map(r => parseFloat(r.cells[4].textContent))"
+        browser.press_enter()
+        assert browser.js("document.querySelector('#jobs th[data-sort=loss]').getAttribute('aria-sort')") == "ascending"
+        ascending = browser.js(losses)
+        assert ascending == sorted(ascending) and len(set(ascending)) > 1
+        browser.press_enter()
+        assert (
+            browser.js("document.querySelector('#jobs th[data-sort=loss]').getAttribute('aria-sort')") == "descending"
+        )
+        assert browser.js(losses) == sorted(ascending, reverse=True)
+        assert browser.js("document.querySelector('#jobs th[data-sort=created]').getAttribute('aria-sort')") == "none"
+        # every row is reached by a link (Tab), every control has a name
+        assert browser.js(f"{rows}.every(r => r.querySelector('a[href^=\"#/jobs/\"]'))")
+        unnamed = browser.js(
+            "[...document.querySelectorAll('button, select, input, textarea')].filter(e => !(e.labels?.length ||"
+            " e.getAttribute('aria-label') || e.textContent.trim())).map(e => e.outerHTML.slice(0, 80))"
+        )
+        assert unnamed == []
+
+        # the multi-objective sweep's page: a bar per parameter for each objective, and its Pareto front
+        browser.js(f"location.hash = '#/sweeps/{sweeps['loss-vs-speed']}'")
+        charts = "[...document.querySelectorAll('#sweep-importances svg')]"
+        browser.wait_for(f"{charts}.length === 2", "importances for both objectives")
+        assert browser.js(f"{charts}.map(s => s.dataset.objective)") == ["val/loss", "perf/step_ms"]
+        bars = browser.js(f"{charts}.map(s => [...s.querySelectorAll('rect.importance')].map(r => r.dataset.param))")
+        assert [sorted(b) for b in bars] == [sorted(PARAMS)] * 2
+        assert bars[0][0] == "stage.learning_rate" and bars[1][0] == "model.n_layer"  # the longest bar first
+        widths = browser.js(f"[...{charts}[0].querySelectorAll('rect')].map(r => r.getBoundingClientRect().width)")
+        assert widths[0] > 10 * widths[1] > 0  # drawn to scale: 0.99 against 0.004
+        front = "window.expPareto()"
+        browser.wait_for(f"{front} && {front}.data[0].length === 20", "the Pareto front")
+        on_front = browser.js(f"{front}.trials.filter((n, i) => {front}.data[2][i] != null)")
+        assert sorted(on_front) == sorted(t.number for t in multi.best_trials) and len(on_front) > 1
+        assert browser.js(f"{front}.data[1].filter(y => y != null).length") == 20 - len(on_front)
+        assert browser.js(f"{front}.series.map(s => s.label)") == ["val/loss", "trial", "Pareto front"]
+        browser.js("document.getElementById('sweep-study').scrollIntoView()")
+        browser.screenshot(shots / "dashboard-sweep-study.png")
+
+        # a single-objective sweep: its importances, no front
+        browser.js(f"location.hash = '#/sweeps/{sweeps['lr-search']}'")
+        browser.wait_for(
+            f"{charts}.length === 1 && {charts}[0].dataset.objective === 'val/loss' && !window.expPareto()",
+            "the single objective's importances",
+        )
+        assert browser.js("document.getElementById('sweep-pareto-box').hidden") is True
+    finally:
+        browser.close()
         service.kill()

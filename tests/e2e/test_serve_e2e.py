@@ -290,8 +290,19 @@ def test_sweep_started_listed_and_relaunched(service):
     trials = service.client.get(f"/api/training/sweeps/{started['sweep_id']}").json()["trials"]
     assert [(t["num"], t["status"], t["step"]) for t in trials] == [(0, "FINISHED", 4), (1, "FINISHED", 4)]
     assert [t["overrides"][-1] for t in trials] == ["seed=0", "seed=1"]
+    # the trials are jobs too, with their sweep's id: listed by it, left out by sweep=none, resumed with their sweep
     jobs = service.client.get("/api/training/jobs").json()
-    assert all(started["sweep_dir"] not in j["run_dir"] for j in jobs)  # trials are listed with their sweep
+    in_sweep = [j for j in jobs if started["sweep_dir"] in j["run_dir"]]
+    assert sorted(j["run_dir"] for j in in_sweep) == sorted(t["run_dir"] for t in trials)
+    assert {(j["sweep_id"], j["source"], j["status"]) for j in in_sweep} == {(started["sweep_id"], "sweep", "FINISHED")}
+    of_sweep = service.client.get("/api/training/jobs", params={"sweep": started["sweep_id"]}).json()
+    assert sorted(j["job_id"] for j in of_sweep) == sorted(j["job_id"] for j in in_sweep)
+    alone = service.client.get("/api/training/jobs", params={"sweep": "none"}).json()
+    assert not any(j["sweep_id"] for j in alone) and len(alone) + len(in_sweep) == len(jobs)
+    r = service.client.post(f"/api/training/jobs/{in_sweep[0]['job_id']}/resume", json={"force": True})
+    assert (
+        r.status_code == 409 and f"resume the sweep (POST /api/training/sweeps/{started['sweep_id']}/resume)" in r.text
+    )
     for mode in ("resume", "rerun-failed"):
         r = service.client.post(f"/api/training/sweeps/{started['sweep_id']}/{mode}")
         assert r.status_code == 202, r.text

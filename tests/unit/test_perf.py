@@ -125,18 +125,27 @@ def test_system_metrics_samples_come_at_their_interval_and_continue_a_resumed_ru
 
 def test_the_dashboards_mlflow_link_needs_a_ui_and_the_runs_own_record(tmp_path):
     """The link to the MLflow UI's page of a run: under tracking.ui_url, else under an http(s) tracking URI; none for
-    a SQLite store without a UI address, for another run's record, or before the tracker recorded the experiment."""
+    a SQLite store without a UI address, for another run's record, before the tracker recorded the experiment, or when
+    mlflow_run.json is a symlink (never followed)."""
     import json
 
-    from exp.serve.control import mlflow_url
+    from exp.serve.control import mlflow_url, run_record
 
     marker = tmp_path / "mlflow_run.json"
     marker.write_text(json.dumps({"tracking_uri": "http://10.0.0.5:5000", "run_id": "r1", "experiment_id": "7"}))
-    assert mlflow_url(tmp_path, "r1", None) == "http://10.0.0.5:5000/#/experiments/7/runs/r1"
-    assert mlflow_url(tmp_path, "r1", "https://mlflow.lab/") == "https://mlflow.lab/#/experiments/7/runs/r1"
-    assert mlflow_url(tmp_path, "r2", None) is None  # the record is another run's
+    assert mlflow_url(run_record(tmp_path), "r1", None) == "http://10.0.0.5:5000/#/experiments/7/runs/r1"
+    assert mlflow_url(run_record(tmp_path), "r1", "https://mlflow.lab/") == "https://mlflow.lab/#/experiments/7/runs/r1"
+    assert mlflow_url(run_record(tmp_path), "r2", None) is None  # the record is another run's
     marker.write_text(json.dumps({"tracking_uri": "sqlite:///runs/mlflow.db", "run_id": "r1", "experiment_id": "7"}))
-    assert mlflow_url(tmp_path, "r1", None) is None
-    assert mlflow_url(tmp_path, "r1", "http://127.0.0.1:5000") == "http://127.0.0.1:5000/#/experiments/7/runs/r1"
+    assert mlflow_url(run_record(tmp_path), "r1", None) is None
+    assert (
+        mlflow_url(run_record(tmp_path), "r1", "http://127.0.0.1:5000")
+        == "http://127.0.0.1:5000/#/experiments/7/runs/r1"
+    )
     marker.write_text(json.dumps({"tracking_uri": "http://10.0.0.5:5000", "run_id": "r1"}))  # an older record
-    assert mlflow_url(tmp_path, "r1", None) is None
+    assert mlflow_url(run_record(tmp_path), "r1", None) is None
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"tracking_uri": "http://10.0.0.5:5000", "run_id": "r1", "experiment_id": "7"}))
+    marker.unlink()
+    marker.symlink_to(elsewhere)
+    assert run_record(tmp_path) is None and mlflow_url(run_record(tmp_path), "r1", None) is None

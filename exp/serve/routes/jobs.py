@@ -89,9 +89,17 @@ def launch(svc: Service, job_id, overrides, run_dir, kind, slurm: SlurmResources
 def list_jobs(
     svc: ServiceDep,
     status: Annotated[str | None, Query(max_length=20, description="RUNNING, FINISHED, ...")] = None,
+    sweep: Annotated[
+        str | None,
+        Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="a sweep's id: its trials; none: no trial"),
+    ] = None,
 ) -> list[dict]:
-    """The jobs this service started and the runs found in the runs directory, newest first."""
-    out = [svc.status_of(job) for job in svc.registry.jobs()]
+    """The jobs this service started and the runs found in the runs directory (sweep trials with their sweep's id),
+    newest first."""
+    jobs = [
+        j for j in svc.registry.jobs() if sweep is None or j.get("sweep_id") == (None if sweep == "none" else sweep)
+    ]
+    out = [svc.status_of(job) for job in jobs]
     return [j for j in out if status is None or j["status"] == status.upper()]
 
 
@@ -141,6 +149,11 @@ def resume_job(job_id: ID, svc: ServiceDep, body: Annotated[ResumeIn | None, Bod
 
 def resume(svc: Service, job_id: str, body: ResumeIn) -> Started:
     job = svc.job_or_404(job_id)
+    if job.get("sweep_id"):  # its sweep resumes it, so that its study (or grid) learns how it ended
+        raise control.Conflict(
+            f"job {job_id} is a trial of sweep {job['sweep_id']}: resume the sweep "
+            f"(POST /api/training/sweeps/{job['sweep_id']}/resume)"
+        )
     current = svc.status_of(job)
     status = current["status"]
     if status not in control.TERMINAL:
@@ -169,7 +182,9 @@ def resume(svc: Service, job_id: str, body: ResumeIn) -> Started:
     slurm = SlurmResources.model_construct(**(job.get("slurm_resources") or {}) | changes)  # stored: validated
     process = launch(svc, job_id, [*overrides, *own], run_dir, kind, slurm, hydra_node, cfg)
     svc.registry.relaunched(job_id, launcher=kind, overrides=overrides, **process)
-    return Started(job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(run_dir, None))
+    return Started(
+        job_id=job_id, run_dir=str(run_dir), mlflow_run_id=control.mlflow_run_id(control.run_record(run_dir), None)
+    )
 
 
 def resume_point(job_id: str, run_dir: Path, step: int | None) -> Path:

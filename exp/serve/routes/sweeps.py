@@ -14,9 +14,10 @@ from fastapi import APIRouter, Body, HTTPException, Query
 
 import exp.serve.configs as configs
 import exp.serve.control as control
+import exp.serve.study as study
 from exp.paths import REPO_ROOT, TRAIN_PY
 from exp.serve.bodies import ID, RelaunchIn, SweepIn
-from exp.serve.registry import new_id, run_id_for
+from exp.serve.registry import new_id
 from exp.serve.state import Service, ServiceDep
 
 router = APIRouter(tags=["sweeps"])
@@ -25,28 +26,8 @@ TRIAL_FIELDS += ("mlflow_run_id", "error")
 
 
 def sweeps(svc: Service) -> dict[str, Path]:
-    """Sweep directories by id: the service's own (their folder's name) and those found under the runs directory
-    (four levels deep, a hash of their path)."""
-    from exp.sweep.manifest import is_sweep_dir
-
-    found, level = {}, [svc.runs_dir]
-    for _ in range(4):
-        following = []
-        for folder in level:
-            try:
-                children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            except OSError:
-                continue
-            for child in children:
-                if is_sweep_dir(child):
-                    found[run_id_for(child).replace("r", "s", 1)] = child
-                elif not child.name.isdigit() and child.name not in ("checkpoints", "mlartifacts"):
-                    if child == svc.runs_dir / "serve":  # the jobs' run directories
-                        continue
-                    following.append(child)
-        level = following
-    started = {s["id"]: Path(s["sweep_dir"]) for s in svc.registry.sweeps()}
-    return {**started, **{i: p for i, p in found.items() if p not in started.values()}}
+    """Sweep directories by id (Registry.sweep_dirs)."""
+    return svc.registry.sweep_dirs()
 
 
 def sweep_or_404(svc: Service, sweep_id: str) -> Path:
@@ -128,6 +109,31 @@ def sweep_curves(
         points = [[r["step"], r[key]] for r in svc.cache.rows(run_dir) if isinstance(r.get(key), (int, float))]
         curves.append({"num": trial["num"], "status": trial["status"], "points": points})
     return {"sweep_id": sweep_id, "key": key, "trials": curves}
+
+
+@router.get("/api/training/sweeps/{sweep_id}/importances")
+def sweep_importances(sweep_id: ID, svc: ServiceDep) -> dict:
+    """Each parameter's importance to each objective of an Optuna sweep's study (Optuna's PED-ANOVA evaluator; none,
+    with a `message`, before two trials have finished). 404 for a grid, or a study not stored as a file in the
+    sweep's folder (read only there, never through a symlink)."""
+    return {"sweep_id": sweep_id, **study.importances(_study(svc, sweep_id))}
+
+
+@router.get("/api/training/sweeps/{sweep_id}/pareto")
+def sweep_pareto(sweep_id: ID, svc: ServiceDep) -> dict:
+    """The finished trials' objective values with the Pareto front marked (a multi-objective study's best trials);
+    404 as for the importances."""
+    return {"sweep_id": sweep_id, **study.pareto_front(_study(svc, sweep_id))}
+
+
+def _study(svc: Service, sweep_id: str):
+    path = sweep_or_404(svc, sweep_id)
+    try:
+        return study.load_study(svc.runs_dir, path)
+    except study.StudyUnavailable as e:
+        raise HTTPException(404, str(e)) from None
+    except study.StudyUnreadable as e:
+        raise HTTPException(409, str(e)) from None
 
 
 def relaunch_sweep(svc: Service, sweep_id: str, mode: str, force: bool) -> dict:

@@ -34,7 +34,7 @@ function el(tag, attrs = {}, ...children) {
 
 const fmt = (x, digits = 4) => (typeof x === "number" ? x.toFixed(digits) : "");
 const fmtEta = (s) => (s == null ? "" : s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`);
-const fmtStarted = (t) => new Date(t * 1000).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit" });
+const fmtStarted = (t) => new Date(t * 1000).toLocaleString([], { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
 const fmtDuration = (s) => (s == null ? "" : s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
 const fmtBytes = (n) => (n > 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MiB` : `${(n / 1024).toFixed(0)} KiB`);
 
@@ -99,6 +99,7 @@ function duration(job) {  // since it was started (a resumed job's too), to its 
   return job.status === "RUNNING" ? Date.now() / 1000 - job.created : null;
 }
 
+const jobName = (job) => (job.trial != null ? `#${job.trial} ` : "") + (job.run_name || job.job_id);  // a trial: its number in its sweep first
 const configLabel = (job) => (job.config_id ? configNames[job.config_id] || job.config_id : "");
 
 function sortValue(job, key) {
@@ -112,7 +113,9 @@ function sortValue(job, key) {
 function showJobs() {
   const wanted = document.getElementById("jobs-status").value;
   const text = document.getElementById("jobs-filter").value.trim().toLowerCase();
-  const shown = jobsCache.filter((job) => (!wanted || job.status === wanted) && (!text ||
+  const sweep = document.getElementById("jobs-sweep").value;  // "": all, "none": not in a sweep, else a sweep's id
+  const inSweep = (job) => (!sweep || (sweep === "none" ? !job.sweep_id : job.sweep_id === sweep));
+  const shown = jobsCache.filter((job) => (!wanted || job.status === wanted) && inSweep(job) && (!text ||
     [job.run_name, job.job_id, configLabel(job), ...(job.overrides || [])].some((v) => (v || "").toLowerCase().includes(text))));
   shown.sort((a, b) => {
     const x = sortValue(a, sort.key), y = sortValue(b, sort.key);
@@ -120,23 +123,25 @@ function showJobs() {
     return (x < y ? -1 : x > y ? 1 : 0) * sort.dir;
   });
   for (const th of document.querySelectorAll("#jobs th[data-sort]")) {
-    th.classList.toggle("sorted-asc", th.dataset.sort === sort.key && sort.dir > 0);
-    th.classList.toggle("sorted-desc", th.dataset.sort === sort.key && sort.dir < 0);
+    const on = th.dataset.sort === sort.key;
+    th.classList.toggle("sorted-asc", on && sort.dir > 0);
+    th.classList.toggle("sorted-desc", on && sort.dir < 0);
+    th.setAttribute("aria-sort", on ? (sort.dir > 0 ? "ascending" : "descending") : "none");
   }
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren(...shown.map((job) => {
     const pct = job.num_steps ? Math.min(100, (100 * job.step) / job.num_steps) : 0;
     return el("tr", { class: "job" + (job.job_id === selected ? " selected" : ""), "data-job": job.job_id, onclick: () => { location.hash = `#/jobs/${job.job_id}`; } },
-      el("td", { title: job.job_id }, el("a", { href: `#/jobs/${job.job_id}` }, job.run_name || job.job_id)),
-      el("td", {}, configLabel(job)),
+      el("td", { class: "name" }, el("a", { href: `#/jobs/${job.job_id}`, title: `${jobName(job)} (${job.job_id})` }, jobName(job))),
+      el("td", { class: "name", title: configLabel(job) || null }, configLabel(job)),
       el("td", { class: "status " + job.status }, job.status),
-      el("td", {}, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), ` ${job.step}/${job.num_steps ?? "?"}`),
-      el("td", {}, fmt(job.metrics["train/loss"])),
-      el("td", {}, fmt(job.metrics["val/loss"])),
+      el("td", { title: `step ${job.step} of ${job.num_steps ?? "?"}` }, el("span", { class: "bar" }, el("span", { style: `width:${pct}%` })), ` ${job.step}/${job.num_steps ?? "?"}`),
+      el("td", {}, fmt(job.metrics["train/loss"], 3)),
+      el("td", {}, fmt(job.metrics["val/loss"], 3)),
       el("td", { title: new Date(job.created * 1000).toISOString() }, fmtStarted(job.created)),
       el("td", {}, fmtDuration(duration(job))),
       el("td", {}, fmtEta(job.eta_seconds)),
-      el("td", {}, job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "")),
+      el("td", { class: "name short", title: job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "") + (job.sweep_id ? `, a trial of sweep ${job.sweep_id}` : "") }, job.launcher + (job.slurm ? ` #${job.slurm.job_id}` : "")),
       el("td", { onclick: (e) => e.stopPropagation() }, el("input", { type: "checkbox", class: "compare", "aria-label": `compare ${job.run_name || job.job_id}`,
         checked: compared.has(job.job_id) ? "" : null, onchange: (e) => toggleCompare(job.job_id, e.target.checked) })));
   }));
@@ -315,7 +320,9 @@ function showStatus(job) {
   document.getElementById("stop-button").disabled = TERMINAL.includes(job.status);
   document.getElementById("save-button").disabled = !running;
   document.getElementById("profile-button").disabled = !running;
-  document.getElementById("resume-button").disabled = !TERMINAL.includes(job.status);
+  const resume = document.getElementById("resume-button");  // a sweep's trial resumes with its sweep
+  resume.disabled = !TERMINAL.includes(job.status) || !!job.sweep_id;
+  resume.title = job.sweep_id ? `a trial of sweep ${job.sweep_id}: resume the sweep` : "";
   const m = job.metrics || {};
   const perf = [];  // the newest log interval's speed: tokens/s, step time, achieved TFLOP/s and MFU when known
   if (m["perf/tokens_per_s"] != null) perf.push(`${Math.round(m["perf/tokens_per_s"]).toLocaleString()} tok/s`);
@@ -540,6 +547,12 @@ async function refreshSweeps() {
       el("td", {},
         el("button", { class: "small", onclick: (e) => relaunch(e, s, "resume") }, "resume"), " ",
         el("button", { class: "small", onclick: (e) => relaunch(e, s, "rerun-failed") }, "rerun failed")))));
+  const choice = document.getElementById("jobs-sweep");
+  const keep = choice.value;
+  choice.replaceChildren(el("option", { value: "" }, "all"), el("option", { value: "none" }, "not in a sweep"),
+    ...sweeps.map((s) => el("option", { value: s.sweep_id, title: s.sweep_dir }, shortPath(s.sweep_dir))));
+  choice.value = [...choice.options].some((o) => o.value === keep) ? keep : "";
+  if (choice.value !== keep) showJobs();
   if (selectedSweep) refreshSweep();
 }
 
@@ -615,6 +628,7 @@ function sweepPictures(sweep, shared) {
     }, [pts.map((p) => p[0]), pts.map((p) => p[1])], holder));
   }
   trialCurves(sweep);
+  studyPictures(sweep);
 }
 
 // Parallel coordinates drawn as SVG by hand: uPlot (the charting library vendored here) has no such plot, and the
@@ -676,6 +690,81 @@ async function trialCurves(sweep) {
   }, data, box));
 }
 
+// --- an Optuna sweep's study: each parameter's importance, the Pareto front of a multi-objective one -------------
+
+let paretoChart = null;
+window.expPareto = () => paretoChart;
+
+async function studyPictures(sweep) {
+  const box = document.getElementById("sweep-study");
+  let answer, front;
+  try {
+    [answer, front] = await Promise.all(["importances", "pareto"].map((what) => api(`/api/training/sweeps/${sweep.sweep_id}/${what}`)));
+  } catch (e) {  // a grid has no study (404): nothing to show; anything else, its line
+    box.hidden = e.message.startsWith("404");
+    document.getElementById("sweep-importances").replaceChildren(el("p", { class: "muted" }, e.message));
+    document.getElementById("sweep-pareto-box").hidden = true;
+    return;
+  }
+  if (sweep.sweep_id !== selectedSweep) return;
+  box.hidden = false;
+  importanceBars(answer);
+  paretoFront(front);
+}
+
+// Horizontal bars drawn as SVG by hand (uPlot draws no bar chart): a row per parameter, most important first, one
+// group per objective.
+function importanceBars(answer) {
+  const box = document.getElementById("sweep-importances");
+  if (!answer.objectives.length) { box.replaceChildren(el("p", { class: "muted" }, answer.message || "no importances")); return; }
+  const NS = "http://www.w3.org/2000/svg";
+  box.replaceChildren(...answer.objectives.map((objective) => {
+    const entries = Object.entries(objective.importances).sort((a, b) => b[1] - a[1]);
+    const row = 22, W = 900, label = 220, H = row * entries.length + 26;
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("data-objective", objective.name);
+    const add = (tag, attrs, text) => {
+      const node = document.createElementNS(NS, tag);
+      for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+      if (text != null) node.textContent = text;
+      svg.append(node);
+      return node;
+    };
+    add("text", { x: 4, y: 14, class: "title" }, `${objective.name} (${objective.direction})`);
+    entries.forEach(([param, value], k) => {
+      const y = 22 + k * row;
+      add("text", { x: label - 8, y: y + 14, "text-anchor": "end" }, param);
+      add("rect", { x: label, y: y + 3, width: Math.max(1, value * (W - label - 60)), height: row - 6, class: "importance", "data-param": param })
+        .append(Object.assign(document.createElementNS(NS, "title"), { textContent: `${param}: ${value.toFixed(3)}` }));
+      add("text", { x: label + Math.max(1, value * (W - label - 60)) + 6, y: y + 14 }, value.toFixed(3));
+    });
+    svg.style.height = `${H}px`;
+    return svg;
+  }), ...(answer.message ? [el("p", { class: "muted" }, answer.message)] : []));
+}
+
+function paretoFront(front) {
+  const box = document.getElementById("sweep-pareto-box");
+  box.hidden = !front.multi_objective;
+  if (paretoChart) paretoChart.destroy();
+  paretoChart = null;
+  if (!front.multi_objective) return;
+  const holder = document.getElementById("sweep-pareto");
+  holder.replaceChildren();
+  if (!front.trials.length) { holder.append(el("p", { class: "muted" }, front.message || "no finished trial yet")); return; }
+  const trials = [...front.trials].sort((a, b) => a.values[0] - b.values[0] || a.values[1] - b.values[1]);
+  const [xName, yName] = front.objectives;
+  paretoChart = new uPlot({
+    title: `${yName} against ${xName}`, width: Math.max(300, holder.clientWidth - 8), height: 260, scales: { x: { time: false } },
+    axes: [{ label: `${xName} (${front.directions[0]})` }, { label: `${yName} (${front.directions[1]})`, size: 60 }],
+    series: [{ label: xName },
+      { label: "trial", stroke: "#9aa3b5", paths: () => null, points: { show: true, size: 7, fill: "#9aa3b5" } },
+      { label: "Pareto front", stroke: "#d35400", width: 1.5, spanGaps: true, points: { show: true, size: 10, fill: "#d35400" } }],
+  }, [trials.map((t) => t.values[0]), trials.map((t) => (t.front ? null : t.values[1])), trials.map((t) => (t.front ? t.values[1] : null))], holder);
+  paretoChart.trials = trials.map((t) => t.num);
+}
+
 async function startSweep(event) {
   event.preventDefault();
   const error = document.getElementById("sweep-error");
@@ -713,9 +802,10 @@ document.getElementById("save-button").addEventListener("click", () => act("chec
 document.getElementById("profile-button").addEventListener("click", () => act("profile"));
 document.getElementById("resume-button").addEventListener("click", () => act("resume"));
 document.getElementById("evaluate-button").addEventListener("click", evaluateNow);
-for (const th of document.querySelectorAll("#jobs th[data-sort]")) th.addEventListener("click", () => sortBy(th.dataset.sort));
+for (const th of document.querySelectorAll("#jobs th[data-sort]")) th.querySelector("button").addEventListener("click", () => sortBy(th.dataset.sort));
 document.getElementById("jobs-status").addEventListener("change", showJobs);
 document.getElementById("jobs-filter").addEventListener("input", showJobs);
+document.getElementById("jobs-sweep").addEventListener("change", showJobs);
 for (const id of ["chart-x", "chart-log", "chart-smooth"]) document.getElementById(id).addEventListener("input", drawCharts);
 document.getElementById("chart-reset").addEventListener("click", resetZoom);
 
