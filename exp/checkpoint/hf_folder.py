@@ -129,7 +129,7 @@ def check_fits_gpt(path, model: GPT, key: str = "stage.init_from") -> dict:
         if theirs[name] != ours[name]:
             raise CheckpointError(
                 f"{key}={path}: {hf_name}={theirs[name]} in its config.json but model.{name}={ours[name]}; "
-                f"set model.{name}={theirs[name]} (the shapes must match)"
+                f"set {'+' if name == 'norm_eps' else ''}model.{name}={theirs[name]} (the shapes must match)"
             )
     return theirs
 
