@@ -25,7 +25,7 @@ from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 # keys exp reads itself, not parameters of the group's _target_: component() leaves them out of what is built
-EXP_KEYS = {"model": ("freeze", "recipe"), "optimizer": ("param_groups",)}
+EXP_KEYS = {"model": ("freeze", "recipe", "tokenizer"), "optimizer": ("param_groups",)}  # tokenizer: model=hf's
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = ConfigError.exit_code
 # Set by the job service for every job and sweep it starts (comma-separated packages or objects the operator
@@ -246,6 +246,7 @@ def validate(cfg: DictConfig, node: bool = True) -> Validated:
     run = _typed("", RunConfig, run_node)
     stage = _typed("stage", get_object(cfg.stage._target_), _without_meta(cfg.stage))
     hardware = _typed("hardware", get_object(cfg.hardware._target_), _without_meta(cfg.hardware))
+    _check_hf_source(cfg)
     for group in ("model", "optimizer", "scheduler", "data", "tracking", "checkpoint"):
         _check_signature(group, cfg[group])
     _check_tracking(cfg)
@@ -541,11 +542,68 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
     _guard("data", lambda: check_data_source(data))  # a plain Dataset given as data: say what to use instead
     _guard("data", data.check)
     _check_documents(model, _guard("data", lambda: document_token(data)), stage)
+    tokenizer = _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None)
+    _check_model_tokenizer(cfg, model, tokenizer)
     if stage is not None:  # the stage's weights (init_from, a teacher) after the data: the tokenizer says most
+        from exp.checkpoint import check_init_from
+        from exp.model.protocol import declared
+
         if hasattr(stage, "check_data"):
             _guard("stage", lambda: stage.check_data(data))
-        _check_tokenizers(stage, _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None))
-        _guard("stage", lambda: stage.check(OmegaConf.to_container(cfg.model, resolve=True)))
+        _check_tokenizers(stage, tokenizer)
+        if getattr(stage, "init_from", None):
+            _guard("stage", lambda: check_init_from(stage.init_from, model))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg["vocab_size"] = declared(model, "vocab_size") or model_cfg.get("vocab_size")  # as built (model=hf)
+        _guard("stage", lambda: stage.check(model_cfg))
+
+
+HF_TARGET = "exp.model.HFCausalLM"
+
+
+def _check_hf_source(cfg: DictConfig) -> None:
+    """model=hf: its folder (or hub snapshot) and config.json, named before the values derived from them are
+    checked (data.seq_len comes from config.json)."""
+    if cfg.model.get("_target_") != HF_TARGET or cfg.model.get("config") is not None:
+        return
+    from exp.model.hf import local_folder, read_config_json
+
+    _guard("model", lambda: read_config_json(local_folder(cfg.model.name_or_path)))
+
+
+def _check_model_tokenizer(cfg: DictConfig, model, tokenizer) -> None:
+    """model=hf: the data's tokens must come from the model's tokenizer (model.tokenizer: its folder's
+    tokenizer.json), chat tokens added or not."""
+    from exp.data.tokenizer import TOKENIZER_FILE
+    from exp.model import HFCausalLM
+
+    spec = cfg.model.get("tokenizer")
+    if not isinstance(model, HFCausalLM) or spec is None:
+        return
+    folder = Path(str(spec)).expanduser()
+    file = folder / TOKENIZER_FILE if folder.is_dir() else folder
+    if not file.is_file():
+        raise ConfigError(
+            f"model.tokenizer={spec}: no {TOKENIZER_FILE} there; model=hf trains on the model's own tokenizer: save "
+            f"it into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER) writes one) or set "
+            "model.tokenizer=PATH"
+        )
+    if tokenizer is None:  # token files that name no tokenizer: nothing to compare
+        return
+    from exp.checkpoint import CheckpointError
+    from exp.checkpoint.hf_folder import hf_folder_tokenizer
+
+    try:
+        theirs = hf_folder_tokenizer(file.parent)
+    except CheckpointError as e:
+        raise ConfigError(f"model.tokenizer={spec}: {e}") from None
+    if tokenizer.fingerprint in (theirs.fingerprint, theirs.with_chat_tokens().fingerprint):
+        return
+    kind = "byte tokens" if tokenizer.kind == "bytes" else f"a tokenizer of {tokenizer.vocab_size} tokens"
+    raise ConfigError(
+        f"data: its tokens come from {kind}, not from model.tokenizer={spec}; tokenize the data with the model's "
+        f"tokenizer: python -m exp.data.prepare INPUT --tokenizer {file} --out DIR, then data=memmap data.path=DIR"
+    )
 
 
 def _check_documents(model, token: int | None, stage) -> None:

@@ -65,10 +65,15 @@ def _chat(args, model, tokenizer) -> None:
 def load_with_tokenizer(path, device, allow=()):
     """(model, tokenizer) of a checkpoint, run directory, exp export or `--format hf` export folder (exp.generate and
     exp.eval read models this way)."""
-    from exp.export.from_hf import hf_folder_tokenizer, is_hf_folder, load_hf_folder
+    from exp.checkpoint.hf_folder import gpt_config, hf_folder_tokenizer, is_hf_folder, load_hf_folder, read_hf_config
 
-    if is_hf_folder(path):  # read as exp's GPT: transformers is not needed
-        return load_hf_folder(path, device)[0], hf_folder_tokenizer(path)
+    if is_hf_folder(path):
+        try:
+            gpt_config(read_hf_config(path), path)
+        except CheckpointError:  # not a Llama exp's GPT expresses: transformers builds it (exp.model.HFCausalLM)
+            pass
+        else:  # read as exp's GPT: transformers is not needed
+            return load_hf_folder(path, device)[0], hf_folder_tokenizer(path)
     model, _ = load_model_for_inference(path, device, allow=allow)
     return model, model_tokenizer(path, model)
 

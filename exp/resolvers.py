@@ -6,6 +6,10 @@
   ${exp_padded_vocab:${data.vocab_size}}  the model's vocabulary: the tokenizer's rounded up to a multiple of 64
                                           (when that adds at most 1/16: bytes stay 264)
 
+  ${exp_hf_folder:${model.name_or_path}}   model=hf: the model's local folder (a hub name: its snapshot in the
+                                          Hugging Face cache; downloaded unless HF_HUB_OFFLINE is set)
+  ${exp_hf_seq_len:${model.name_or_path}}  model=hf: config.json's max_position_embeddings (n_positions)
+
 They never fail on a path that does not exist: the data's own checks name that problem, in one line.
 
   ${exp_run_dir:}                         the job's output directory (hydra.runtime.output_dir); before a job
@@ -59,6 +63,27 @@ def padded_vocab(vocab_size, multiple: int = 64) -> int:
     return padded if (padded - n) * 16 <= n else n
 
 
+def hf_folder(name_or_path) -> str:
+    """A transformers model's local folder, or name_or_path as given when there is none (model=hf's own checks
+    then name the problem)."""
+    from exp.model.hf import folder_or_name
+
+    return folder_or_name(name_or_path)
+
+
+HF_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def hf_seq_len(name_or_path) -> int | None:
+    """The context length a transformers model's config.json declares; None when it declares none or cannot be read."""
+    try:
+        config = json.loads((Path(hf_folder(name_or_path)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    found = next((config[k] for k in HF_LENGTH_KEYS if isinstance(config.get(k), int)), None)
+    return int(found) if found else None
+
+
 def run_dir() -> str | None:
     """hydra.runtime.output_dir once the job runs. Hydra sets it only then, so `--cfg job --resolve` would print
     null: a single run's is hydra.run.dir made absolute, as Hydra makes it; a sweep's trial has none yet."""
@@ -77,6 +102,8 @@ def register() -> None:
         ("exp_data_vocab", data_vocab),
         ("exp_tokenizer_vocab", tokenizer_vocab),
         ("exp_padded_vocab", padded_vocab),
+        ("exp_hf_folder", hf_folder),
+        ("exp_hf_seq_len", hf_seq_len),
     ):
         if not OmegaConf.has_resolver(name):  # cached per config: validation resolves it many times
             OmegaConf.register_new_resolver(name, fn, use_cache=True)

@@ -20,14 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from exp import config, hardware, loop, rundir
 from exp import dist as exp_dist
 from exp.callbacks import ConsoleLog, FirstStepClock, ProgressBar
-from exp.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    check_tokenizer,
-    find_resume,
-    load_model_weights,
-    locate_model,
-)
+from exp.checkpoint import Checkpointer, CheckpointError, check_tokenizer, find_resume
+from exp.checkpoint import init_weights as load_init_from
 from exp.data import document_token
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
@@ -189,7 +183,7 @@ def _prepare(launch: Launch) -> None:
         tracker=launch.tracker,
         events=launch.events,
         stateful=launch.stateful,
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        config_yaml=saved_config_yaml(cfg, t.model),
         seed=run.seed,
         run_dir=str(launch.run_dir),
         tokenizer=launch.built.tokenizer,
@@ -421,14 +415,24 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
     stage.setup(model, rt)
     if init_weights and stage.init_from:
-        weights, _ = locate_model(stage.init_from)
-        load_model_weights(weights, model)
-        log.info(f"initialised from {weights}")
+        log.info(f"initialised from {load_init_from(stage.init_from, model)}")
     step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
     step_model = torch.compile(step_model) if rt.compile else step_model
     trained = loop.Trained(stage, model, optimizer, scheduler, rt, rt.grad_scaler(), dist, step_model)
     trained.flops_per_token = flops_per_token(model, data.seq_len)  # perf/tflops and perf/mfu (exp.perf)
     return Built(trained, batches, val_batches, data, data_info, tokenizer_of(data))
+
+
+def saved_config_yaml(cfg: DictConfig, model) -> str:
+    """The resolved config each checkpoint holds; a model that needs more than its settings to be rebuilt elsewhere
+    (model=hf: its config.json) adds it to the model node (saved_arguments)."""
+    model = getattr(model, "module", model)
+    extra = model.saved_arguments() if hasattr(model, "saved_arguments") else {}
+    if not extra:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree["model"] = {**tree["model"], **extra}
+    return OmegaConf.to_yaml(OmegaConf.create(tree))
 
 
 def tokenizer_of(data):

@@ -187,9 +187,9 @@ class Distill(StageConfig):
 
     def _teacher_config(self) -> dict:
         if self.teacher.path is not None:
-            from exp.checkpoint import locate_model
+            from exp.checkpoint import model_config_of
 
-            return locate_model(self.teacher.path)[1]
+            return model_config_of(self.teacher.path)
         return dict(self.teacher.model)
 
     def check(self, model_cfg: dict) -> None:
@@ -204,7 +204,9 @@ class Distill(StageConfig):
                 f"{source}: the teacher's {cls.__qualname__}.forward takes no doc_ids, and data.document_mask is on "
                 "(the teacher would see across documents)"
             )
-        teacher_vocab, student_vocab = teacher_cfg.get("vocab_size"), model_cfg.get("vocab_size")
+        # model=hf: config.json's (as saved, grown or not), else the model node's
+        teacher_vocab = (teacher_cfg.get("config") or {}).get("vocab_size") or teacher_cfg.get("vocab_size")
+        student_vocab = model_cfg.get("vocab_size")
         if teacher_vocab != student_vocab:
             raise ValueError(
                 f"{source}: the teacher's vocab_size {teacher_vocab} differs from the student's "

@@ -23,6 +23,7 @@ EXP_PACKAGE = "exp"
 # tests/unit/test_targets.py checks each conf/ _target_ is here.
 EXP_TARGETS = (
     "exp.model.GPT",
+    "exp.model.HFCausalLM",
     "exp.schedules.constant",
     "exp.schedules.linear_warmup",
     "exp.schedules.linear",

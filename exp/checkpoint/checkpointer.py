@@ -59,6 +59,7 @@ RESUME_IGNORES = (
     "hardware.num_threads",
     "eval",  # downstream evaluation reads the model; it changes nothing that trains
     "profile",
+    "model.config.",  # model=hf: the model's config.json, saved beside the settings so the model rebuilds anywhere
 )
 # Keys added since older checkpoints were saved, with the value that means what those checkpoints trained with: a saved
 # config without one compares as holding it (where this run's data or model has the key at all)

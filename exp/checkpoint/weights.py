@@ -25,13 +25,20 @@ from exp.checkpoint.format import (
     read_trainer_state,
     verify_checkpoint,
 )
-from exp.model import GPT
+from exp.checkpoint.hf_folder import (
+    check_fits_gpt,
+    hf_folder_tokenizer,
+    is_hf_folder,
+    load_into_gpt,
+    read_hf_config,
+)
+from exp.model import GPT, HFCausalLM
 from exp.targets import Allowlist, TargetRefused
 from exp.text import first_line
 
 # config.yaml is read from disk, so its _target_ is data, not code: only these classes are ever built, and the
 # nn.Module classes of the packages a user allows (allowed_prefixes).
-ALLOWED_TARGETS: dict[str, type[nn.Module]] = {"exp.model.GPT": GPT}
+ALLOWED_TARGETS: dict[str, type[nn.Module]] = {"exp.model.GPT": GPT, "exp.model.HFCausalLM": HFCausalLM}
 ALLOW_ENV = "EXP_ALLOWED_TARGETS"  # comma-separated, like --allow-target: my_pkg. or my_pkg.models.MyLM
 ALLOW_TARGET_HELP = (  # --allow-target of the CLIs that build a model from a config.yaml
     "also build the model classes of this package (my_pkg.) or this class (my_pkg.models.MyLM) when a "
@@ -99,15 +106,18 @@ def read_model_config(config_file, node: str | None = "model") -> dict:
     return model_cfg
 
 
+EXP_MODEL_KEYS = ("freeze", "tokenizer")  # keys of a model node exp reads itself (exp.config.EXP_KEYS)
+
+
 def build_model(model_cfg: dict, source, allow=()) -> nn.Module:
     """Construct an allowed model class (model_class) from its config; every value is passed as plain data
     (a nested `_target_` arrives as a dict, never instantiated)."""
     target = model_cfg.get("_target_")
     cls = model_class(target, source, allow)
-    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_") and k != "freeze"}  # freeze: exp's key
+    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_") and k not in EXP_MODEL_KEYS}
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ImportError) as e:
         raise CheckpointError(f"{source}: cannot build {target} ({e})") from None
 
 
@@ -116,6 +126,8 @@ def _find_model(path) -> tuple[Path, dict]:
     path = Path(path)
     if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file() and not (path / MANIFEST).exists():
         return path / "model.safetensors", read_model_config(path / "config.yaml", None)  # an export folder
+    if is_hf_folder(path):
+        raise CheckpointError(f"{path}: a transformers folder, read with load_model_for_inference or init_weights")
     path = find_checkpoint(path)
     sharded = verify_checkpoint(path).get("sharded") is True
     model_cfg = read_model_config(path / "config.yaml", "model")
@@ -158,8 +170,14 @@ def locate_model(path, allow=()) -> tuple[Path, dict]:
 
 
 def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, dict]:
-    """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder.
+    """(model in eval mode, resolved model config) from a checkpoint folder, run directory, export folder or
+    transformers folder (built as exp.model.HFCausalLM, with transformers' own loading).
     `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes)."""
+    if is_hf_folder(path):
+        model_cfg = hf_model_config(path)
+        with torch.device(device):
+            model = build_model({k: v for k, v in model_cfg.items() if k != "config"}, path, allow)
+        return model.eval(), model_cfg
     weights, model_cfg = _find_model(path)
     config_file = (weights if weights.is_dir() else weights.parent) / "config.yaml"
     with torch.device(device):
@@ -169,6 +187,59 @@ def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, d
     else:
         load_model_weights(weights, model)
     return model.eval(), model_cfg
+
+
+def hf_model_config(folder) -> dict:
+    """The model node that builds a transformers folder as exp.model.HFCausalLM; `config` is its config.json."""
+    hf = read_hf_config(folder)
+    return {
+        "_target_": "exp.model.HFCausalLM",
+        "name_or_path": str(Path(folder).resolve()),
+        "vocab_size": hf.get("vocab_size"),
+        "config": hf,
+    }
+
+
+def model_config_of(path, allow=()) -> dict:
+    """The resolved model config of a checkpoint, run directory, export or transformers folder (no weights read)."""
+    return hf_model_config(path) if is_hf_folder(path) else locate_model(path, allow)[1]
+
+
+def check_init_from(path, model: nn.Module, key: str = "stage.init_from") -> None:
+    """Refuse, before anything is built or written, a transformers folder whose weights cannot load into `model`
+    (a meta-device copy will do): a Llama folder into exp's GPT must have its shapes; model=hf takes a folder of
+    its own architecture and shapes. Checkpoints and exports are checked when loaded."""
+    if not is_hf_folder(path):
+        return
+    if not isinstance(model, HFCausalLM):
+        check_fits_gpt(path, model, key)  # config.json only
+        return
+    theirs, ours = read_hf_config(path), model.hf_config()
+    for name in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if theirs.get(name) != ours.get(name):
+            raise CheckpointError(
+                f"{key}={path}: {name}={theirs.get(name)} in its config.json but {ours.get(name)} in model=hf's model "
+                f"({model.name_or_path}); the shapes must match"
+            )
+
+
+def init_weights(path, model: nn.Module, key: str = "stage.init_from") -> Path:
+    """Load the weights at `path` (a checkpoint, run directory, export, or transformers folder) into `model` in
+    place; returns the file or folder read."""
+    if not is_hf_folder(path):
+        weights, _ = locate_model(path)
+        load_model_weights(weights, model)
+        return weights
+    check_init_from(path, model, key)
+    if isinstance(model, HFCausalLM):
+        loaded = HFCausalLM(str(path), attn_implementation="eager")  # transformers reads the folder its own way
+        try:
+            model.hf.load_state_dict(loaded.hf.state_dict(), strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{key}={path}: does not fit model=hf's model ({first_line(e)})") from None
+    else:
+        load_into_gpt(path, model, key)
+    return Path(path)
 
 
 def tokenizer_entry(tokenizer) -> dict | None:
@@ -194,6 +265,8 @@ def saved_tokenizer(path):
     from exp.data.tokenizer import TOKENIZER_FILE, VOCAB_SIZE, ByteTokenizer
     from exp.resolvers import padded_vocab
 
+    if is_hf_folder(path):  # a transformers folder: its tokenizer.json, if it ships one
+        return hf_folder_tokenizer(path) if (Path(path) / TOKENIZER_FILE).is_file() else None
     folder = _folder_of(path)
     if (folder / TOKENIZER_FILE).is_file():
         try:

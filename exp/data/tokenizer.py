@@ -92,3 +92,51 @@ class ByteTokenizer:
         if key not in self.specials:
             raise KeyError(f"unknown special token {name!r}; known: {', '.join(self.specials)}")
         return self.specials[key]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable character for each byte: the alphabet of the ByteLevel pre-tokenizer and decoder."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def added_token(i: int, content: str) -> dict:
+    """A special token as tokenizer.json's added_tokens list holds it."""
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    return {"id": i, "content": content, **flags}
+
+
+def byte_tokenizer_json() -> dict:
+    """exp's byte tokenizer as a tokenizers tokenizer.json: a BPE without merges over the ByteLevel alphabet,
+    byte b at id b, then SPECIAL_TOKENS at 256.. (so encoding text gives its UTF-8 bytes as ids)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [added_token(256 + i, s) for i, s in enumerate(SPECIAL_TOKENS)],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,
+        "post_processor": None,
+        "decoder": byte_level,
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
+    }

@@ -1,4 +1,5 @@
-"""`python -m exp.export RUN OUT --format hf`: a folder Hugging Face `transformers` loads as LlamaForCausalLM.
+"""`python -m exp.export RUN OUT --format hf`: a folder Hugging Face `transformers` loads as LlamaForCausalLM (a
+model=hf run: as its own architecture, through save_pretrained).
 
 exp's dense GPT is Llama-shaped (pre-norm RMSNorm, half-split RoPE as Llama's rotate_half, SwiGLU, GQA with
 query head h reading key/value head h // (n_head / n_kv_head), no biases, 1/sqrt(head_dim) attention scale),
@@ -19,8 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from exp.checkpoint import CheckpointError
-from exp.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE
-from exp.model import GPT
+from exp.data.tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE, added_token, byte_tokenizer_json
+from exp.model import GPT, HFCausalLM
 from exp.rundir import publish_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,53 +114,6 @@ def hf_config(model: GPT, model_cfg: dict, dtype_name: str, ids: dict) -> dict:
     }
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable character for each byte: the alphabet of the ByteLevel pre-tokenizer and decoder."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
-
-
-def _added_token(i: int, content: str) -> dict:
-    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
-    return {"id": i, "content": content, **flags}
-
-
-def byte_tokenizer_json() -> dict:
-    """exp's byte tokenizer as a tokenizers tokenizer.json: a BPE without merges over the ByteLevel alphabet,
-    byte b at id b, then SPECIAL_TOKENS at 256.. (so encoding text gives its UTF-8 bytes as ids)."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [_added_token(256 + i, s) for i, s in enumerate(SPECIAL_TOKENS)],
-        "normalizer": None,
-        "pre_tokenizer": byte_level,
-        "post_processor": None,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [],
-        },
-    }
-
-
 def read_tokenizer_json(path: Path) -> tuple[bytes, dict[str, int], int]:
     """(bytes, {special token: id}, vocabulary size counting added tokens) of a tokenizer.json, read as JSON."""
     raw = path.read_bytes()
@@ -222,7 +176,7 @@ def tokenizer_files(tokenizer, checkpoint: Path, vocab_size: int, seq_len: int) 
         "clean_up_tokenization_spaces": False,
         "model_max_length": seq_len,
         "added_tokens_decoder": {
-            str(i): {k: v for k, v in _added_token(i, s).items() if k != "id"}
+            str(i): {k: v for k, v in added_token(i, s).items() if k != "id"}
             for s, i in sorted(specials.items(), key=lambda kv: kv[1])
         },
     }
@@ -253,6 +207,8 @@ def export_hf(model, model_cfg: dict, source: Path, out, info: dict, dtype=None,
     """Write `out` as a transformers LlamaForCausalLM folder: config.json, generation_config.json,
     model.safetensors (`dtype`: float32|bfloat16|float16, default the weights' own), the tokenizer files and
     export.json (`info` + format and dtype). The folder is built beside `out` and renamed: whole or absent."""
+    if isinstance(model, HFCausalLM):
+        return export_hf_model(model, source, out, info, dtype, tokenizer)
     check_hf_exportable(model, model_cfg, source)
     dtype_name = dtype or str(model.tok_emb.weight.dtype).removeprefix("torch.")
     if dtype_name not in DTYPES:
@@ -278,6 +234,32 @@ def export_hf(model, model_cfg: dict, source: Path, out, info: dict, dtype=None,
     try:
         # format=pt: transformers refuses a safetensors file without it
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_hf_model(model: HFCausalLM, source: Path, out, info: dict, dtype=None, tokenizer=None) -> Path:
+    """A model=hf run's model as the transformers folder it came from: the wrapped model's save_pretrained
+    (config.json, model.safetensors, generation_config.json; `dtype` as for export_hf) and the tokenizer files of
+    the checkpoint's tokenizer.json (or --tokenizer). Built beside `out` and renamed: whole or absent."""
+    dtype_name = dtype or str(next(model.hf.parameters()).dtype).removeprefix("torch.")
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype_name}: must be one of {', '.join(DTYPES)}")
+    out = Path(out)
+    check_out(out)
+    files, _ = tokenizer_files(tokenizer, source, model.vocab_size, model.seq_len)
+    files["export.json"] = _json_bytes({**info, "format": "hf", "dtype": dtype_name})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.hf.to(DTYPES[dtype_name]).save_pretrained(str(tmp))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         publish_dir(tmp, out)

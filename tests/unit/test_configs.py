@@ -37,6 +37,10 @@ def test_option_composes_validates_and_instantiates(group, option, tmp_path):
     if (group, option) == ("data", "preference_jsonl"):
         (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "yes", "rejected": "no"}\n' * 2)
         extra.append(f"data.path={tmp_path / 'pairs.jsonl'}")
+    if (group, option) == ("model", "hf"):  # a tiny transformers folder; SFT data takes its tokenizer
+        from ..hf_folders import llama_folder
+
+        extra = [f"model.name_or_path={llama_folder(tmp_path / 'llama')}", "stage=sft", "data.max_examples=8"]
     if (group, option) == ("data", "sft_jsonl"):
         (tmp_path / "chat.jsonl").write_text('{"prompt": "p", "response": "r"}\n' * 2)
         extra = [f"data.path={tmp_path / 'chat.jsonl'}"]
