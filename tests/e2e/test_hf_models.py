@@ -200,3 +200,25 @@ def test_bad_init_from_is_one_line_and_writes_nothing(folders, tmp_path):
     ok = tmp_path / "ok"
     train(ok, *gpt, f"stage.init_from={folders['llama']}", "stage.num_steps=1", "checkpoint.every_n_steps=0")
     assert json.loads((ok / "summary.json").read_text())["status"] == "FINISHED"
+
+
+def test_dpo_trains_an_hf_model_from_its_sft_run(folders, straight, tmp_path):
+    import json
+    import math
+
+    from exp.rundir import read_metrics
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no", "rejected": "maybe"} for i in range(40)
+    ]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "dpo"
+    sft_run = straight["llama", "sft"]
+    model = [f"model.name_or_path={folders['llama']}", "model.seq_len=64"]
+    train(run_dir, *model, "stage=dpo", f"stage.init_from={sft_run}", "data=preference_jsonl", f"data.path={pairs}")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "FINISHED"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    first_val = next(m for m in metrics if "val/loss" in m)
+    assert first_val["step"] == 0 and abs(first_val["val/loss"] - math.log(2)) < 1e-5  # policy = reference at start
+    assert any("train/rewards/margins" in m for m in metrics)
