@@ -19,13 +19,14 @@ from exp.checkpoint.format import (
     MANIFEST,
     CheckpointError,
     _sha256,
+    adapter_metadata,
     latest_valid_checkpoint,
     load_model_weights,
     read_saved_config,
     read_trainer_state,
     verify_checkpoint,
 )
-from exp.model import GPT
+from exp.model import GPT, adapters
 from exp.targets import Allowlist, TargetRefused
 from exp.text import first_line
 
@@ -38,6 +39,10 @@ ALLOW_TARGET_HELP = (  # --allow-target of the CLIs that build a model from a co
     f"config.yaml names them; exp's own are always allowed (repeatable; the {ALLOW_ENV} environment "
     "variable adds comma-separated ones)"
 )
+
+
+# keys of a model config that exp reads itself, not constructor arguments (exp.config.EXP_KEYS)
+EXP_MODEL_KEYS = ("freeze", "recipe", "adapter")
 
 
 def allowed_prefixes(allow=()) -> tuple[str, ...]:
@@ -104,7 +109,7 @@ def build_model(model_cfg: dict, source, allow=()) -> nn.Module:
     (a nested `_target_` arrives as a dict, never instantiated)."""
     target = model_cfg.get("_target_")
     cls = model_class(target, source, allow)
-    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_") and k != "freeze"}  # freeze: exp's key
+    kwargs = {k: v for k, v in model_cfg.items() if not k.startswith("_") and k not in EXP_MODEL_KEYS}
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -150,25 +155,87 @@ def _consolidated_file(checkpoint: Path, model_cfg: dict, allow=()) -> Path:
 
 def locate_model(path, allow=()) -> tuple[Path, dict]:
     """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
-    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first.
+    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first, and
+    # an adapter's checkpoint is merged into its base's weights first (its config then has no adapter).
     weights, model_cfg = _find_model(path)
     if weights.is_dir():
         weights = _consolidated_file(weights, model_cfg, allow)
+    elif adapter_metadata(weights) is not None:
+        key = (weights.resolve(), _sha256(weights))
+        if key not in _consolidated or not _consolidated[key].is_file():
+            model, model_cfg = load_model_for_inference(path, allow=allow)
+            _consolidated[key] = _write_private(model)
+        model_cfg = without_adapter(model_cfg)
+        weights = _consolidated[key]
     return weights, model_cfg
 
 
-def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, dict]:
+def _write_private(model: nn.Module) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    save_model(model, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
+
+
+def without_adapter(model_cfg: dict) -> dict:
+    """A model config with its adapter merged away: the plain model's."""
+    return {k: v for k, v in model_cfg.items() if k != "adapter"}
+
+
+def base_folder(path) -> Path:
+    """The folder weights come from (a run directory's newest valid checkpoint), absolute: what an adapter records
+    as its base, so that its base stays the same checkpoint while that run goes on."""
+    return _folder_of(path).resolve()
+
+
+def load_model_for_inference(path, device="cpu", allow=(), merge: bool = True) -> tuple[nn.Module, dict]:
     """(model in eval mode, resolved model config) from a checkpoint folder, run directory or export folder.
-    `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes)."""
+    `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes). An adapter's
+    checkpoint is loaded onto its base (the one it records, whose fingerprint must match) and, with `merge`, merged
+    into it: a plain model and a config without the adapter."""
     weights, model_cfg = _find_model(path)
     config_file = (weights if weights.is_dir() else weights.parent) / "config.yaml"
+    metadata = None if weights.is_dir() else adapter_metadata(weights)
     with torch.device(device):
         model = build_model(model_cfg, config_file, allow)
     if weights.is_dir():
         _load_consolidated(weights, model)  # sharded: straight from the shards, no temporary file
+    elif metadata is not None:
+        _load_onto_base(weights, metadata, model, model_cfg, allow)
+        if merge:
+            model, model_cfg = adapters.merge(model), without_adapter(model_cfg)
     else:
         load_model_weights(weights, model)
     return model.eval(), model_cfg
+
+
+def _load_onto_base(weights: Path, metadata: dict, model: nn.Module, model_cfg: dict, allow=()) -> None:
+    """An adapter checkpoint's base (the folder it records), its fingerprint checked, then the adapter on it."""
+    base = metadata.get(adapters.META_BASE)
+    if not base or not Path(base).exists():
+        raise CheckpointError(
+            f"{weights}: holds a LoRA adapter whose base weights ({base or 'not recorded'}) are gone; "
+            "they are needed to rebuild the model"
+        )
+    base_weights, _ = locate_model(base, allow)
+    load_model_weights(base_weights, model)
+    found = adapters.fingerprint(model)
+    if found != metadata.get(adapters.META_FINGERPRINT):
+        raise CheckpointError(
+            f"{weights}: its adapter was trained on base weights {metadata.get(adapters.META_FINGERPRINT, '?')[:12]}, "
+            f"but {base} now holds {found[:12]}: the base changed since"
+        )
+    try:
+        adapter = adapters.adapter_config(model_cfg.get("adapter"))
+    except ValueError as e:
+        raise CheckpointError(f"{weights.parent / 'config.yaml'}: {e}") from None
+    if adapter is None:
+        raise CheckpointError(f"{weights}: holds a LoRA adapter, but its config.yaml has no model.adapter")
+    try:
+        adapters.inject(model, adapter, base=str(base), fingerprint=found)
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
+    load_model_weights(weights, model)
 
 
 def tokenizer_entry(tokenizer) -> dict | None:
