@@ -441,8 +441,9 @@ def _load_adapter(file: Path, saved: dict, metadata: dict | None, model: nn.Modu
     theirs, ours = metadata.get(adapters.META_FINGERPRINT), adapter["fingerprint"]
     if theirs and ours and theirs != ours:
         raise CheckpointError(
-            f"{file}: its adapter was trained on other base weights (base {theirs[:12]} from "
-            f"{metadata.get(adapters.META_BASE) or '?'}; stage.init_from={adapter['base']} is {ours[:12]})"
+            f"{file}: its adapter was trained on other base weights ({theirs[:12]}..., from "
+            f"{metadata.get(adapters.META_BASE) or '?'}) than stage.init_from gives now ({ours[:12]}..., from "
+            f"{adapter['base']}); resume on the base it was trained on"
         )
     try:
         adapters.load_adapter_tensors(model, saved, str(file))
