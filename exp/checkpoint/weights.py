@@ -146,10 +146,7 @@ def _consolidated_file(checkpoint: Path, model_cfg: dict, allow=()) -> Path:
     if key not in _consolidated or not _consolidated[key].is_file():
         model = build_model(model_cfg, checkpoint / "config.yaml", allow)
         _load_consolidated(checkpoint, model)
-        folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        save_model(model, str(folder / "model.safetensors"))
-        _consolidated[key] = folder / "model.safetensors"
+        _consolidated[key] = _write_private(model)
     return _consolidated[key]
 
 
