@@ -25,7 +25,8 @@ from exp.text import first_line
 
 GROUPS = ("model", "optimizer", "scheduler", "data", "stage", "hardware", "tracking", "checkpoint")
 # keys exp reads itself, not parameters of the group's _target_: component() leaves them out of what is built
-EXP_KEYS = {"model": ("freeze", "recipe", "tokenizer"), "optimizer": ("param_groups",)}  # tokenizer: model=hf's
+# model.tokenizer: model=hf's; model.adapter: LoRA (exp.model.adapters)
+EXP_KEYS = {"model": ("freeze", "recipe", "tokenizer", "adapter"), "optimizer": ("param_groups",)}
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 CONFIG_ERROR_EXIT = ConfigError.exit_code
 # Set by the job service for every job and sweep it starts (comma-separated packages or objects the operator
@@ -532,6 +533,7 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
 
     with torch.device("meta"):
         model = _guard("model", lambda: instantiate(component(cfg, "model")))
+    _check_adapter(cfg, model, stage)
     _check_groups(cfg, model)
     dummy = torch.nn.Parameter(torch.zeros(1))
     optimizer = _guard("optimizer", lambda: instantiate(component(cfg, "optimizer"))([dummy]))
@@ -604,6 +606,27 @@ def _check_model_tokenizer(cfg: DictConfig, model, tokenizer) -> None:
         f"data: its tokens come from {kind}, not from model.tokenizer={spec}; tokenize the data with the model's "
         f"tokenizer: python -m exp.data.prepare INPUT --tokenizer {file} --out DIR, then data=memmap data.path=DIR"
     )
+
+
+def _check_adapter(cfg: DictConfig, model, stage) -> None:
+    """model.adapter: its values, peft installed, a base to train on (stage.init_from), its target among the (meta)
+    model's linear layers. Injected there, so that model.freeze and optimizer.param_groups are tried on the
+    adapted model, as the run builds it."""
+    from exp.model import adapters
+
+    node = OmegaConf.to_container(cfg.model, resolve=True).get("adapter")
+    adapter = _guard("model", lambda: adapters.adapter_config(node))
+    if adapter is None:
+        return
+    if stage is not None and not getattr(stage, "init_from", None):
+        raise ConfigError(
+            "model.adapter needs stage.init_from: the pretrained weights the adapter trains on "
+            "(a checkpoint, run directory or export)"
+        )
+    if OmegaConf.select(cfg, "hardware.distributed") == "fsdp":
+        raise ConfigError("model.adapter: hardware.distributed=fsdp would shard a frozen base; use ddp (or none)")
+    _guard("model", adapters.require_peft)
+    _guard("model", lambda: adapters.inject(model, adapter))
 
 
 def _check_documents(model, token: int | None, stage) -> None:

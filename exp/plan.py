@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from exp.config import component
+from exp.model import adapters
 from exp.model.protocol import declared, flops_per_token, model_spec, num_params
 from exp.optim import freeze, group_rules, param_groups
 
@@ -20,6 +21,9 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
     """Everything the plan reports, computed with the model on the meta device."""
     with torch.device("meta"):
         model = instantiate(component(cfg, "model"))
+    adapter = adapters.adapter_config(OmegaConf.to_container(cfg.model, resolve=True).get("adapter"))
+    if adapter is not None:  # exp.config checked it: peft is there and the target finds layers
+        adapters.inject(model, adapter)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     seq_len = cfg.data.seq_len
     tokens_per_step = stage.batch_size_per_gpu * stage.gradient_accumulation_steps * world_size * seq_len
@@ -43,8 +47,10 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
     num_states = STATE_PER_PARAM.get(optimizer_name, 2)
     if optimizer_name == "SGD" and not cfg.optimizer.get("momentum"):
         num_states = 0
-    weights = grads = n_params * 4  # fp32 master weights and gradients; autocast keeps them fp32
-    optimizer_state = num_states * n_params * 4
+    trainable, frozen_params = adapters.count(model)  # frozen: the base under an adapter, model.freeze
+    weights = n_params * 4  # fp32 master weights and gradients; autocast keeps them fp32
+    grads = trainable * 4  # a frozen parameter has no gradient and no optimizer state
+    optimizer_state = num_states * trainable * 4
     activations, layers_known = _activation_bytes(model, stage.batch_size_per_gpu, seq_len, dtype)
 
     dummy = torch.nn.Parameter(torch.zeros(1))
@@ -67,6 +73,12 @@ def make_plan(cfg: DictConfig, stage, hardware) -> dict:
         "num_steps": stage.num_steps,
         "param_groups": groups,  # the optimizer's groups: name, parameter count, lr multiplier, weight decay
         "num_frozen_tensors": frozen,
+        "num_trainable_params": trainable,
+        "num_frozen_params": frozen_params,
+        "adapter": None
+        if adapter is None
+        else {**adapter.to_dict(), "num_layers": len(adapters.info(model)["targets"])},
+        "optimizer_state_saved": num_states * frozen_params * 4,  # bytes full fine-tuning would hold besides
         "num_epochs": stage.num_epochs,  # num_steps was derived from it (exp.config)
         "total_tokens": total_tokens,
         "train_flops": flops_per_token(model, seq_len) * total_tokens,
@@ -119,9 +131,29 @@ def format_plan(plan: dict) -> str:
             for g in plan["param_groups"]
         )
         + (f" ({plan['num_frozen_tensors']} frozen tensors: model.freeze)" if plan["num_frozen_tensors"] else ""),
+        *_trainable_lines(plan),
         "  learning rate     " + ", ".join(f"step {s}: {lr:.3g}" for s, lr in plan["lr_at_step"].items()),
     ]
     return "\n".join(lines)
+
+
+def _trainable_lines(plan: dict) -> list[str]:
+    """What trains and what is frozen, and the optimizer state that saves; nothing when everything trains."""
+    if not plan["num_frozen_params"]:
+        return []
+    trainable, frozen = plan["num_trainable_params"], plan["num_frozen_params"]
+    share = trainable / max(trainable + frozen, 1)
+    adapter = plan["adapter"]
+    why = (
+        f"{adapter['kind']} r={adapter['r']} alpha={adapter['alpha']:g} on {adapter['num_layers']} layers"
+        if adapter
+        else "model.freeze"
+    )
+    return [
+        f"  trainable         {trainable:,} parameters ({share:.2%}); {frozen:,} frozen ({why})",
+        f"  optimizer state   {_mb(plan['memory_bytes']['optimizer'])}, {_mb(plan['optimizer_state_saved'])} "
+        f"saved against training every parameter (gradients: {_mb(frozen * 4)} saved)",
+    ]
 
 
 def _mb(num_bytes: float) -> str:

@@ -22,10 +22,12 @@ from exp import dist as exp_dist
 from exp.callbacks import ConsoleLog, FirstStepClock, ProgressBar
 from exp.checkpoint import Checkpointer, CheckpointError, check_tokenizer, find_resume
 from exp.checkpoint import init_weights as load_init_from
+from exp.checkpoint.weights import base_folder
 from exp.data import document_token
 from exp.errors import ConfigError, ExpError, ResumeError, Stopped
 from exp.events import Events, TrainState
 from exp.faults import EarlyStopping, FaultGuard, HoldUntilCheckpoint, SaveOnSignal, StopSignals
+from exp.model import adapters
 from exp.model.protocol import flops_per_token, num_params
 from exp.optim import build_optimizer, freeze, group_rules
 from exp.profiling import Profiler
@@ -397,6 +399,16 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     seed_everything(run.seed)
     data = instantiate(cfg.data)
     model = instantiate(config.component(cfg, "model")).to(rt.device)
+    adapter = adapters.adapter_config(OmegaConf.to_container(cfg.model, resolve=True).get("adapter"))
+    if adapter is not None:  # the base's weights first, on a resume too: a checkpoint holds the adapter only
+        base = base_folder(stage.init_from)
+        load_init_from(base, model)
+        adapters.inject(model, adapter, base=str(base), fingerprint=adapters.fingerprint(model))
+        trainable, frozen = adapters.count(model)
+        log.info(
+            f"LoRA r={adapter.r} on {len(adapters.info(model)['targets'])} layers of base {base}: "
+            f"{trainable:,} trainable, {frozen:,} frozen parameters"
+        )
     freeze(model, cfg.model.get("freeze"))  # before wrapping: frozen parameters get no gradients, no optimizer state
     if dist.strategy == "fsdp" and dist.enabled:  # FSDP shards before the optimizer exists: it holds only shards
         model = exp_dist.wrap(model, dist, rt.dtype)
@@ -414,7 +426,7 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     stage.document_token = document_token(data)  # rows of several documents: the models get their ids
     log.info("data: " + ", ".join(f"{k}={v}" for k, v in data_info.items()))
     stage.setup(model, rt)
-    if init_weights and stage.init_from:
+    if init_weights and stage.init_from and adapter is None:
         log.info(f"initialised from {load_init_from(stage.init_from, model)}")
     step_model = exp_dist.wrap(model, dist, rt.dtype) if dist.strategy == "ddp" else model
     step_model = torch.compile(step_model) if rt.compile else step_model

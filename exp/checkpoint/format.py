@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from exp.model import adapters
 from exp.model.protocol import inner as unwrap  # strip DDP and torch.compile wrappers before saving
 from exp.rundir import fsync, publish_dir
 
@@ -269,7 +270,13 @@ def _model_tensors(model: nn.Module, step: int) -> tuple[dict[str, torch.Tensor]
     named in the metadata), so a snapshot's file is the very file save_model writes."""
     from safetensors.torch import _remove_duplicate_names  # save_model's own choice of the names to keep
 
-    state = unwrap(model).state_dict()
+    model = unwrap(model)
+    adapter = adapters.info(model)
+    if adapter is not None:  # the adapter's tensors only, and which base they go on (exp.model.adapters)
+        metadata = {"step": str(step), adapters.META_KIND: adapter["config"].kind}
+        metadata |= {adapters.META_FINGERPRINT: adapter["fingerprint"] or "", adapters.META_BASE: adapter["base"] or ""}
+        return {k: v.detach() for k, v in adapters.adapter_tensors(model).items()}, metadata
+    state = model.state_dict()
     metadata = {"step": str(step)}
     for kept, removed in _remove_duplicate_names(state).items():
         for name in removed:
@@ -392,8 +399,12 @@ def load_model_weights(file, model: nn.Module, strict_shapes: bool = True) -> li
     model = unwrap(model)
     try:
         saved = load_file(str(file))
+        metadata = adapter_metadata(file)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{file}: cannot read ({e})") from None
+    if metadata is not None or adapters.info(model) is not None:
+        _load_adapter(file, saved, metadata, model)
+        return []
     current = model.state_dict(keep_vars=True)
     fill_tied(saved, current)
     problems = [f"the model's tensor {k} is missing from the checkpoint" for k in current if k not in saved]
@@ -411,6 +422,33 @@ def load_model_weights(file, model: nn.Module, strict_shapes: bool = True) -> li
         saved[k] = current[k].detach()  # keep the model's own value
     model.load_state_dict(saved, strict=True)
     return skipped
+
+
+def adapter_metadata(file) -> dict | None:
+    """model.safetensors' adapter record (kind, base, base_fingerprint) when it holds an adapter's tensors only."""
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return metadata if adapters.META_KIND in metadata else None
+
+
+def _load_adapter(file: Path, saved: dict, metadata: dict | None, model: nn.Module) -> None:
+    """An adapter checkpoint into an adapted model whose base has the fingerprint the adapter was trained on."""
+    adapter = adapters.info(model)
+    if metadata is None:
+        raise CheckpointError(f"{file}: holds a whole model's weights, but this model has an adapter (model.adapter)")
+    if adapter is None:
+        raise CheckpointError(f"{file}: holds a LoRA adapter only, but this model has none (model.adapter is null)")
+    theirs, ours = metadata.get(adapters.META_FINGERPRINT), adapter["fingerprint"]
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(
+            f"{file}: its adapter was trained on other base weights ({theirs[:12]}..., from "
+            f"{metadata.get(adapters.META_BASE) or '?'}) than stage.init_from gives now ({ours[:12]}..., from "
+            f"{adapter['base']}); resume on the base it was trained on"
+        )
+    try:
+        adapters.load_adapter_tensors(model, saved, str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def fill_tied(saved: dict, current: dict) -> None:

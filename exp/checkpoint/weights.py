@@ -19,6 +19,7 @@ from exp.checkpoint.format import (
     MANIFEST,
     CheckpointError,
     _sha256,
+    adapter_metadata,
     latest_valid_checkpoint,
     load_model_weights,
     read_saved_config,
@@ -32,7 +33,7 @@ from exp.checkpoint.hf_folder import (
     load_into_gpt,
     read_hf_config,
 )
-from exp.model import GPT, HFCausalLM
+from exp.model import GPT, HFCausalLM, adapters
 from exp.targets import Allowlist, TargetRefused
 from exp.text import first_line
 
@@ -45,6 +46,10 @@ ALLOW_TARGET_HELP = (  # --allow-target of the CLIs that build a model from a co
     f"config.yaml names them; exp's own are always allowed (repeatable; the {ALLOW_ENV} environment "
     "variable adds comma-separated ones)"
 )
+
+
+# keys of a model config that exp reads itself, not constructor arguments (exp.config.EXP_KEYS)
+EXP_MODEL_KEYS = ("freeze", "recipe", "adapter")
 
 
 def allowed_prefixes(allow=()) -> tuple[str, ...]:
@@ -153,26 +158,51 @@ def _consolidated_file(checkpoint: Path, model_cfg: dict, allow=()) -> Path:
     if key not in _consolidated or not _consolidated[key].is_file():
         model = build_model(model_cfg, checkpoint / "config.yaml", allow)
         _load_consolidated(checkpoint, model)
-        folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        save_model(model, str(folder / "model.safetensors"))
-        _consolidated[key] = folder / "model.safetensors"
+        _consolidated[key] = _write_private(model)
     return _consolidated[key]
 
 
 def locate_model(path, allow=()) -> tuple[Path, dict]:
     """(model.safetensors, resolved model config) of a checkpoint folder, run directory or export folder."""
-    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first.
+    # Callers load the file with load_model_weights, so a sharded checkpoint is consolidated into one first, and
+    # an adapter's checkpoint is merged into its base's weights first (its config then has no adapter).
     weights, model_cfg = _find_model(path)
     if weights.is_dir():
         weights = _consolidated_file(weights, model_cfg, allow)
+    elif adapter_metadata(weights) is not None:
+        key = (weights.resolve(), _sha256(weights))
+        if key not in _consolidated or not _consolidated[key].is_file():
+            model, model_cfg = load_model_for_inference(path, allow=allow)
+            _consolidated[key] = _write_private(model)
+        model_cfg = without_adapter(model_cfg)
+        weights = _consolidated[key]
     return weights, model_cfg
 
 
-def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, dict]:
+def _write_private(model: nn.Module) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="exp-consolidated-"))  # private (0700), removed at exit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    save_model(model, str(folder / "model.safetensors"))
+    return folder / "model.safetensors"
+
+
+def without_adapter(model_cfg: dict) -> dict:
+    """A model config with its adapter merged away: the plain model's."""
+    return {k: v for k, v in model_cfg.items() if k != "adapter"}
+
+
+def base_folder(path) -> Path:
+    """The folder weights come from (a run directory's newest valid checkpoint), absolute: what an adapter records
+    as its base, so that its base stays the same checkpoint while that run goes on."""
+    return _folder_of(path).resolve()
+
+
+def load_model_for_inference(path, device="cpu", allow=(), merge: bool = True) -> tuple[nn.Module, dict]:
     """(model in eval mode, resolved model config) from a checkpoint folder, run directory, export folder or
     transformers folder (built as exp.model.HFCausalLM, with transformers' own loading).
-    `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes)."""
+    `allow`: packages or classes whose models may be built besides exp's own (allowed_prefixes). An adapter's
+    checkpoint is loaded onto its base (the one it records, whose fingerprint must match) and, with `merge`, merged
+    into it: a plain model and a config without the adapter."""
     if is_hf_folder(path):
         model_cfg = hf_model_config(path)
         with torch.device(device):
@@ -180,10 +210,15 @@ def load_model_for_inference(path, device="cpu", allow=()) -> tuple[nn.Module, d
         return model.eval(), model_cfg
     weights, model_cfg = _find_model(path)
     config_file = (weights if weights.is_dir() else weights.parent) / "config.yaml"
+    metadata = None if weights.is_dir() else adapter_metadata(weights)
     with torch.device(device):
         model = build_model(model_cfg, config_file, allow)
     if weights.is_dir():
         _load_consolidated(weights, model)  # sharded: straight from the shards, no temporary file
+    elif metadata is not None:
+        _load_onto_base(weights, metadata, model, model_cfg, allow)
+        if merge:
+            model, model_cfg = adapters.merge(model), without_adapter(model_cfg)
     else:
         load_model_weights(weights, model)
     return model.eval(), model_cfg
@@ -240,6 +275,35 @@ def init_weights(path, model: nn.Module, key: str = "stage.init_from") -> Path:
     else:
         load_into_gpt(path, model, key)
     return Path(path)
+
+
+def _load_onto_base(weights: Path, metadata: dict, model: nn.Module, model_cfg: dict, allow=()) -> None:
+    """An adapter checkpoint's base (the folder it records), its fingerprint checked, then the adapter on it."""
+    base = metadata.get(adapters.META_BASE)
+    if not base or not Path(base).exists():
+        raise CheckpointError(
+            f"{weights}: holds a LoRA adapter whose base weights ({base or 'not recorded'}) are gone; "
+            "they are needed to rebuild the model"
+        )
+    base_weights, _ = locate_model(base, allow)
+    load_model_weights(base_weights, model)
+    found = adapters.fingerprint(model)
+    if found != metadata.get(adapters.META_FINGERPRINT):
+        raise CheckpointError(
+            f"{weights}: its adapter was trained on base weights {metadata.get(adapters.META_FINGERPRINT, '?')[:12]}, "
+            f"but {base} now holds {found[:12]}: the base changed since"
+        )
+    try:
+        adapter = adapters.adapter_config(model_cfg.get("adapter"))
+    except ValueError as e:
+        raise CheckpointError(f"{weights.parent / 'config.yaml'}: {e}") from None
+    if adapter is None:
+        raise CheckpointError(f"{weights}: holds a LoRA adapter, but its config.yaml has no model.adapter")
+    try:
+        adapters.inject(model, adapter, base=str(base), fingerprint=found)
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: {e}") from None
+    load_model_weights(weights, model)
 
 
 def tokenizer_entry(tokenizer) -> dict | None:
