@@ -42,3 +42,7 @@ class Stopped(ExpError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, incompatible with the model, or its run directory is locked."""

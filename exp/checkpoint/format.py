@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from exp.errors import CheckpointError  # here, so that models (exp.model.hf) raise it without importing this
 from exp.model import adapters
 from exp.model.protocol import inner as unwrap  # strip DDP and torch.compile wrappers before saving
 from exp.rundir import fsync, publish_dir
@@ -43,10 +44,6 @@ RNG_KEY = "rng"  # reserved key in trainer_state.json
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 ABANDONED = "abandoned"  # under a checkpoint root: the branches that resumes from earlier steps left behind
 _HASH_CHUNK = 1 << 24
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, incompatible with the model, or its run directory is locked."""
 
 
 # `${name:...}`: a resolver call (oc.env reads the environment, exp's read files), as opposed to `${a.b}`

@@ -176,7 +176,7 @@ class HFCausalLM(nn.Module):
 
     def load_folder_weights(self, folder) -> None:
         """Load a transformers folder's weights (model.safetensors, or its shards) into the wrapped model."""
-        from exp.checkpoint.format import CheckpointError
+        from exp.errors import CheckpointError
 
         state = folder_state_dict(folder)
         current = self.hf.state_dict()

@@ -87,7 +87,7 @@ def test_config_targets_are_built_only_from_allowed_packages(monkeypatch):
         build_model(cfg, "run/config.yaml")
     assert str(info.value) == (
         "run/config.yaml: model _target_ 'tests.unit.test_extend_model.TinyLM' is not allowed "
-        "(allowed: exp.model.GPT); "
+        "(allowed: exp.model.GPT, exp.model.HFCausalLM); "
         "if you trust that code, allow it with --allow-target tests.unit.test_extend_model. "
         "(python -m exp.export, exp.generate) or EXP_ALLOWED_TARGETS=tests.unit.test_extend_model."
     )
