@@ -618,7 +618,10 @@ def _check_adapter(cfg: DictConfig, model, stage) -> None:
     adapter = _guard("model", lambda: adapters.adapter_config(node))
     if adapter is None:
         return
-    if stage is not None and not getattr(stage, "init_from", None):
+    from exp.model import HFCausalLM
+
+    # model=hf's pretrained weights come with it (its folder is the base); other models need stage.init_from's
+    if stage is not None and not getattr(stage, "init_from", None) and not isinstance(model, HFCausalLM):
         raise ConfigError(
             "model.adapter needs stage.init_from: the pretrained weights the adapter trains on "
             "(a checkpoint, run directory or export)"

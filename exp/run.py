@@ -401,8 +401,13 @@ def build(cfg: DictConfig, valid: config.Validated, dist: exp_dist.Dist, init_we
     model = instantiate(config.component(cfg, "model")).to(rt.device)
     adapter = adapters.adapter_config(OmegaConf.to_container(cfg.model, resolve=True).get("adapter"))
     if adapter is not None:  # the base's weights first, on a resume too: a checkpoint holds the adapter only
-        base = base_folder(stage.init_from)
-        load_init_from(base, model)
+        if stage.init_from:
+            base = base_folder(stage.init_from)
+            load_init_from(base, model)
+        else:  # model=hf: its constructor loaded the pretrained weights of its folder, the base
+            from exp.model.hf import local_folder
+
+            base = local_folder(model.name_or_path).resolve()
         adapters.inject(model, adapter, base=str(base), fingerprint=adapters.fingerprint(model))
         trainable, frozen = adapters.count(model)
         log.info(

@@ -294,12 +294,12 @@ class DPO(StageConfig):
         return self.reference.path or (None if self.reference.model is not None else self.init_from)
 
     def check(self, model_cfg: dict) -> None:
-        from exp.checkpoint import locate_model
+        from exp.checkpoint import model_config_of
 
         if self.reference_path is None:
             reference_cfg, source = dict(self.reference.model), "stage.reference.model"
         else:
-            reference_cfg = locate_model(self.reference_path)[1]
+            reference_cfg = model_config_of(self.reference_path)  # a transformers folder too
             key = "stage.reference.path" if self.reference.path else "stage.init_from"
             source = f"{key}={self.reference_path}"
         if reference_cfg.get("vocab_size") != model_cfg.get("vocab_size"):

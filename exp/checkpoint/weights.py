@@ -49,7 +49,7 @@ ALLOW_TARGET_HELP = (  # --allow-target of the CLIs that build a model from a co
 
 
 # keys of a model config that exp reads itself, not constructor arguments (exp.config.EXP_KEYS)
-EXP_MODEL_KEYS = ("freeze", "recipe", "adapter")
+EXP_MODEL_KEYS = ("freeze", "recipe", "tokenizer", "adapter")
 
 
 def allowed_prefixes(allow=()) -> tuple[str, ...]:
@@ -109,9 +109,6 @@ def read_model_config(config_file, node: str | None = "model") -> dict:
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{config_file}: the model config is not a mapping")
     return model_cfg
-
-
-EXP_MODEL_KEYS = ("freeze", "tokenizer")  # keys of a model node exp reads itself (exp.config.EXP_KEYS)
 
 
 def build_model(model_cfg: dict, source, allow=()) -> nn.Module:
@@ -251,6 +248,8 @@ def check_init_from(path, model: nn.Module, key: str = "stage.init_from") -> Non
         return
     theirs, ours = read_hf_config(path), model.hf_config()
     for name in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        if name == "vocab_size" and (theirs.get(name) or 0) <= (ours.get(name) or 0):
+            continue  # a vocabulary the model grew from (SFT's chat tokens): loaded grown the same way
         if theirs.get(name) != ours.get(name):
             raise CheckpointError(
                 f"{key}={path}: {name}={theirs.get(name)} in its config.json but {ours.get(name)} in model=hf's model "
@@ -267,7 +266,8 @@ def init_weights(path, model: nn.Module, key: str = "stage.init_from") -> Path:
         return weights
     check_init_from(path, model, key)
     if isinstance(model, HFCausalLM):
-        loaded = HFCausalLM(str(path), attn_implementation="eager")  # transformers reads the folder its own way
+        # transformers reads the folder its own way, grown as the model was (HFCausalLM grows from a fixed seed)
+        loaded = HFCausalLM(str(path), vocab_size=model.vocab_size, attn_implementation="eager")
         try:
             model.hf.load_state_dict(loaded.hf.state_dict(), strict=True)
         except RuntimeError as e:
@@ -285,8 +285,11 @@ def _load_onto_base(weights: Path, metadata: dict, model: nn.Module, model_cfg: 
             f"{weights}: holds a LoRA adapter whose base weights ({base or 'not recorded'}) are gone; "
             "they are needed to rebuild the model"
         )
-    base_weights, _ = locate_model(base, allow)
-    load_model_weights(base_weights, model)
+    if is_hf_folder(base):  # model=hf's own folder
+        init_weights(base, model)
+    else:
+        base_weights, _ = locate_model(base, allow)
+        load_model_weights(base_weights, model)
     found = adapters.fingerprint(model)
     if found != metadata.get(adapters.META_FINGERPRINT):
         raise CheckpointError(

@@ -17,7 +17,7 @@ from torch import nn
 
 KINDS = ("lora",)
 ADAPTER_NAME = "default"  # peft's name of the one adapter; left out of the names exp saves, as peft's own files do
-DEFAULT_TARGET = "(qkv|proj|gate|up|down)$"  # GPT's attention and MLP matrices, not the (tied) output head
+DEFAULT_TARGET = "(qkv|proj|gate|up|down|c_attn|c_fc)$"  # attention and MLP (exp's GPT, Llama, GPT-2), not the head
 PEFT_MISSING = "LoRA needs the peft package, which is not installed: pip install 'exp[lora]' (or peft>=0.11)"
 # model.safetensors metadata of an adapter checkpoint (exp.checkpoint.format)
 META_KIND, META_FINGERPRINT, META_BASE = "adapter", "base_fingerprint", "base"
@@ -83,13 +83,19 @@ def require_peft(what: str = "model.adapter"):
     return peft
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2's linear layers, weight transposed), which peft adapts too."""
+    kind = type(module)
+    return isinstance(module, nn.Linear) or (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers."))
+
+
 def targets(model: nn.Module, adapter: AdapterConfig) -> list[str]:
-    """Names of the nn.Linear layers the adapter goes on; ValueError naming the key when there are none, or when
+    """Names of the linear layers the adapter goes on; ValueError naming the key when there are none, or when
     one's weight is shared with another parameter (a tied output head: merging would change the embedding too)."""
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear = [name for name, m in model.named_modules() if _is_linear(m)]
     kind = type(model).__qualname__
     if not linear:
-        raise ValueError(f"model.adapter: LoRA goes on nn.Linear layers, and {kind} has none")
+        raise ValueError(f"model.adapter: LoRA goes on linear layers (nn.Linear), and {kind} has none")
     rx = re.compile(adapter.target)
     found = [name for name in linear if rx.search(name)]
     if not found:
@@ -123,6 +129,7 @@ def inject(model: nn.Module, adapter: AdapterConfig, base: str | None = None, fi
         # the exact layers found above, matched whole: peft reads a string as one regular expression (re.fullmatch)
         target_modules="|".join(re.escape(n) for n in names),
         bias="none",
+        fan_in_fan_out=any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names),  # GPT-2's layers
     )
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     for name, p in model.named_parameters():

@@ -150,8 +150,12 @@ class HFCausalLM(nn.Module):
                 raise ValueError(f"model.name_or_path={name_or_path}: cannot be loaded ({_first(e)})") from None
         self.hf = model.train()  # from_pretrained returns eval mode: dropout would stay off until the first eval
         rows = model.get_input_embeddings().num_embeddings
-        if vocab_size is not None and vocab_size > rows:  # new rows: the mean of the others (transformers' default)
-            model.resize_token_embeddings(int(vocab_size), mean_resizing=not meta)
+        if vocab_size is not None and vocab_size > rows:  # new rows: drawn around the mean of the others
+            # (transformers' default) from a fixed seed: the grown model is a function of its folder alone, the same
+            # in every run and on every rebuild (a LoRA's base is its folder: its new rows are not checkpointed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.resize_token_embeddings(int(vocab_size), mean_resizing=not meta)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         limit = getattr(model.config, "max_position_embeddings", None)
         if seq_len is not None and limit is not None and seq_len > limit:

@@ -127,3 +127,17 @@ def test_bad_dpo_input_is_one_line_exit_2_and_writes_nothing(sft_run, tmp_path, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(pairs=pairs)), proc.stderr
     assert not run_dir.exists()
+
+
+def test_dpo_trains_a_lora_adapter_against_its_frozen_base(sft_run, tmp_path):
+    pairs = pairs_file(tmp_path / "pairs.jsonl")
+    run_dir = tmp_path / "dpo_lora"
+    overrides = ["stage=dpo", f"stage.init_from={sft_run}", "data=preference_jsonl", f"data.path={pairs}"]
+    overrides += ["+model/adapter=lora", "model.adapter.r=4", "stage.num_steps=6", "stage.learning_rate=1e-2"]
+    train(run_dir, *TINY, "model.seq_len=128", *overrides)
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "FINISHED"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert abs(metrics[0]["val/loss"] - math.log(2)) < 1e-6  # base + a zero LoRA update = the reference
+    assert any(m.get("train/rewards/margins", 0) > 0 for m in metrics)
+    saved = load_file(last_checkpoint(run_dir) / "model.safetensors")
+    assert saved and all(".lora_" in k for k in saved)  # the adapter alone: neither the base nor the reference

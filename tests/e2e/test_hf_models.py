@@ -222,3 +222,35 @@ def test_dpo_trains_an_hf_model_from_its_sft_run(folders, straight, tmp_path):
     first_val = next(m for m in metrics if "val/loss" in m)
     assert first_val["step"] == 0 and abs(first_val["val/loss"] - math.log(2)) < 1e-5  # policy = reference at start
     assert any("train/rewards/margins" in m for m in metrics)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_lora_on_an_hf_model_trains_its_adapter_only_resumes_and_exports_merged(folders, tmp_path, name):
+    from exp.checkpoint import load_model_for_inference
+    from exp.model.hf import HFCausalLM
+
+    lora = [*runs_of(folders, name)["sft"], "+model/adapter=lora", "model.adapter.r=4", "stage.learning_rate=1e-2"]
+    # the default target finds Llama's q/k/v/o_proj, gate/up/down_proj and GPT-2's c_attn, c_proj, c_fc (Conv1D)
+    straight_dir, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(straight_dir, *lora)
+    assert json.loads((straight_dir / "summary.json").read_text())["status"] == "FINISHED"
+    saved = _final(straight_dir)["model"]
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)  # the adapter alone is checkpointed
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items())  # and it trained
+    train(stopped, *lora, "+callbacks.stop._target_=tests.hooks.SignalAt", "+callbacks.stop.step=4")
+    train(stopped, *lora, "resume=auto")
+    assert trajectory(stopped) == trajectory(straight_dir)
+    assert_same(_final(stopped), _final(straight_dir))
+
+    adapted, _ = load_model_for_inference(straight_dir, merge=False)
+    base = HFCausalLM(str(folders[name]), vocab_size=adapted.hf.config.vocab_size, attn_implementation="eager")
+    frozen = {k.replace(".base_layer", ""): v for k, v in adapted.state_dict().items() if ".lora_" not in k}
+    blocks = {k: v for k, v in base.state_dict().items() if ".layers." in k or ".h." in k}  # not the grown vocab
+    assert blocks and all(torch.equal(frozen[k], v) for k, v in blocks.items())  # the base's blocks untouched
+    out = tmp_path / "export"
+    assert export_main([str(straight_dir), str(out), "--format", "hf"]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.tensor([transformers.AutoTokenizer.from_pretrained(str(out))("def f(x):\n    return x")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids), rtol=0, atol=1e-5)
+        assert (adapted(ids) - base.eval()(ids)).abs().max() > 1e-4  # the adapter moved the logits

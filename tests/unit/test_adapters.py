@@ -62,7 +62,9 @@ def test_an_adapter_needs_a_base_and_a_model_with_linear_layers(tmp_path, base):
         validate(compose_train(*TINY, *lora(), run_dir=tmp_path / "a"))
     custom = ["model=custom", f"model._target_={__name__}.EmbeddingLM", "model.seq_len=32"]
     overrides = [*(o for o in TINY if not o.startswith("model")), *custom]
-    with pytest.raises(ConfigError, match=r"^model\.adapter: LoRA goes on nn\.Linear layers, and EmbeddingLM has none"):
+    with pytest.raises(
+        ConfigError, match=r"^model\.adapter: LoRA goes on linear layers \(nn\.Linear\), and EmbeddingLM has none"
+    ):
         validate(compose_train(*overrides, *lora("model.adapter.target=table", base=base), run_dir=tmp_path / "b"))
     validate(compose_train(*overrides, run_dir=tmp_path / "c"))  # the same model without an adapter is fine
 
