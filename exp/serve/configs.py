@@ -129,6 +129,26 @@ def check_data_sources(cfg: DictConfig) -> None:
             )
 
 
+def check_downloads(cfg: DictConfig) -> None:
+    """Nothing is downloaded in the service on a client's behalf: validation would fetch a model=hf hub name's
+    snapshot and an hf: dataset here. Over HTTP a model comes from a local folder and SFT or preference data from a
+    JSONL file (hf: names stay for train.py)."""
+    model = cfg.get("model")
+    name = model.get("name_or_path") if isinstance(model, DictConfig) and "name_or_path" in model else None
+    if name is not None and not Path(str(name)).expanduser().is_dir():
+        raise Refused(
+            f"model.name_or_path={name} is not accepted over HTTP: the service downloads nothing for a client; give "
+            "a local model folder, or run the job with train.py"
+        )
+    for key in ("data.path", "data.val_path"):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if isinstance(value, str) and value.startswith("hf:"):
+            raise Refused(
+                f"{key}={value} is not accepted over HTTP: validation would load that Hugging Face dataset in the "
+                "service; give a JSONL file (or prepared token data), or run the job with train.py"
+            )
+
+
 def compose(
     overrides: list[str],
     run_dir: Path,
@@ -169,6 +189,7 @@ def compose(
         check_confined(cfg, run_dir)
         check_eval_code(cfg)
         check_data_sources(cfg)
+        check_downloads(cfg)
         config.validate(cfg, node=node)
         if check is not None:
             check(cfg)

@@ -225,3 +225,24 @@ def test_a_mixture_source_to_prepare_is_refused_over_http(world, source):
         assert r.status_code == 422, r.text
         assert "is not accepted over HTTP: a mixture's sources must be prepared token data" in r.json()["detail"]
     assert snapshot(runs) == before  # refused before validation, which would have prepared it
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=hf", "model.name_or_path=some-org/some-model"], "model.name_or_path=some-org/some-model is not"),
+        (["stage=sft", "data=sft_jsonl", "data.path=hf:some-org/chats"], "data.path=hf:some-org/chats is not"),
+        (["stage=sft", "data=sft_jsonl", "data.path=c.jsonl", "data.val_path=hf:json:x"], "data.val_path=hf:json:x"),
+    ],
+    ids=["hub-model", "hf-dataset", "hf-val-dataset"],
+)
+def test_nothing_is_downloaded_for_a_client(world, overrides, message):
+    """Validation would fetch a hub model's snapshot or an hf: dataset in the service: refused before it does."""
+    client, runs, _ = world
+    before = snapshot(runs)
+    tiny = [o for o in TINY if not o.startswith("model")] if "model=hf" in overrides else TINY
+    for r in post_everywhere(client, [*tiny, *overrides]):
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert message in detail and "accepted over HTTP" in detail, detail
+    assert snapshot(runs) == before
