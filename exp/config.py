@@ -542,6 +542,8 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
 
     data = _guard("data", lambda: instantiate(cfg.data))
     _guard("data", lambda: check_data_source(data))  # a plain Dataset given as data: say what to use instead
+    if stage is not None and hasattr(stage, "check_data"):  # pairs for DPO only: before the data is read
+        _guard("stage", lambda: stage.check_data(data))
     _guard("data", data.check)
     _check_documents(model, _guard("data", lambda: document_token(data)), stage)
     tokenizer = _guard("data", lambda: data.tokenizer() if hasattr(data, "tokenizer") else None)
@@ -550,8 +552,6 @@ def _check_buildable(cfg: DictConfig, stage=None) -> None:
         from exp.checkpoint import check_init_from
         from exp.model.protocol import declared
 
-        if hasattr(stage, "check_data"):
-            _guard("stage", lambda: stage.check_data(data))
         _check_tokenizers(stage, tokenizer)
         if getattr(stage, "init_from", None):
             _guard("stage", lambda: check_init_from(stage.init_from, model))

@@ -26,7 +26,7 @@ def test_disallowed_target_is_refused_without_being_called(tmp_path):
     )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
-    assert "model _target_ 'os.system' is not allowed (allowed: exp.model.GPT)" in r.stderr
+    assert "model _target_ 'os.system' is not allowed (allowed: exp.model.GPT, exp.model.HFCausalLM)" in r.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
 
     # An export folder is data too: a tampered config.yaml there is refused the same way.

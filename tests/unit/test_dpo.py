@@ -2,6 +2,7 @@
 against TRL's DPO trainer on the HF exports of the same policy and reference."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -320,3 +321,25 @@ def test_dpo_needs_a_reference_and_pairs_and_other_stages_refuse_pairs(tmp_path)
         SFT(**{**common, "name": "sft"}).check_data(pairs)
     with pytest.raises(ValueError, match="stage=dpo trains on preference pairs, and data=sft_pystdlib gives none"):
         DPO(**common, init_from=str(tmp_path)).check_data(type("D", (), {"name": "sft_pystdlib"})())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stage=sft", "data=preference_jsonl"], "stage: data=preference_jsonl gives preference pairs"),
+        (["stage=dpo", "data=sft_pystdlib"], "stage: stage=dpo trains on preference pairs, and data=sft_pystdlib"),
+    ],
+    ids=["sft-on-pairs", "dpo-on-sft-data"],
+)
+def test_validation_refuses_a_stage_and_data_that_do_not_pair(tmp_path, overrides, message):
+    from exp.config import validate
+    from exp.errors import ConfigError
+
+    from ..conftest import TINY, compose_train, make_export
+
+    extra = [f"stage.init_from={make_export(tmp_path / 'sft')}"] if "stage=dpo" in overrides else []
+    if "data=preference_jsonl" in overrides:
+        extra.append(f"data.path={write_pairs(tmp_path / 'p.jsonl')}")
+    cfg = compose_train(*TINY, *overrides, *extra, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        validate(cfg)
