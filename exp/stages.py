@@ -103,6 +103,24 @@ class StageConfig:
         return lm_loss(self.logits(model, x), y)
 
 
+def frozen_model(path: str | None, model_cfg: dict | None, source: str, rt) -> torch.nn.Module:
+    """A model that only runs forward beside the trained one (a distillation teacher, DPO's reference): the weights
+    at `path`, else `model_cfg` randomly initialised; on the run's device, in eval mode, without gradients, in the
+    stage dtype. Never in the optimizer or the checkpoint."""
+    from exp.checkpoint import build_model, load_model_for_inference
+
+    if path is not None:
+        model, _ = load_model_for_inference(path, device=rt.device)
+    else:
+        with torch.device(rt.device):
+            model = build_model(dict(model_cfg), source).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if rt.dtype is not torch.float32:
+        model.to(rt.dtype)  # it only runs forward: keep it in the stage dtype
+    return model
+
+
 def with_router_losses(model, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add a mixture-of-experts model's router losses to the stage loss, each also reported on its own."""
     router = router_losses(model)
@@ -214,18 +232,7 @@ class Distill(StageConfig):
             )
 
     def setup(self, model, rt) -> None:
-        from exp.checkpoint import build_model, load_model_for_inference
-
-        if self.teacher.path is not None:
-            teacher, _ = load_model_for_inference(self.teacher.path, device=rt.device)
-        else:
-            with torch.device(rt.device):
-                teacher = build_model(dict(self.teacher.model), "stage.teacher.model").eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        if rt.dtype is not torch.float32:
-            teacher.to(rt.dtype)  # the teacher only runs forward: keep it in the stage dtype
-        self._teacher = teacher
+        self._teacher = frozen_model(self.teacher.path, self.teacher.model, "stage.teacher.model", rt)
 
     def train_step(self, model, batch, diagnostics: bool = True) -> dict[str, torch.Tensor]:
         x, y = batch
@@ -316,18 +323,7 @@ class DPO(StageConfig):
             )
 
     def setup(self, model, rt) -> None:
-        from exp.checkpoint import build_model, load_model_for_inference
-
-        if self.reference_path is not None:
-            reference, _ = load_model_for_inference(self.reference_path, device=rt.device)
-        else:
-            with torch.device(rt.device):
-                reference = build_model(dict(self.reference.model), "stage.reference.model").eval()
-        for p in reference.parameters():
-            p.requires_grad_(False)
-        if rt.dtype is not torch.float32:
-            reference.to(rt.dtype)  # the reference only runs forward: keep it in the stage dtype
-        self._reference = reference
+        self._reference = frozen_model(self.reference_path, self.reference.model, "stage.reference.model", rt)
 
     def _loss(self, model, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x, y = batch

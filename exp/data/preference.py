@@ -18,7 +18,6 @@ sides are the same after the cut teaches nothing and is dropped too; both are co
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Iterable
 
@@ -28,7 +27,6 @@ import torch
 from exp.losses import IGNORE_INDEX
 
 from .batches import fixed_subset
-from .corpus import holdout, split_value
 from .protocol import Batch, DataError
 from .sft.datasets import SFTData, SFTJsonl, SFTPyStdlib
 from .sft.examples import Examples, ExampleSampler, fit_examples, make_batch
@@ -272,24 +270,7 @@ class PreferenceJsonl(PreferenceData, SFTJsonl):
         self.format = str(format)
 
     def pairs(self) -> tuple[list[Pair], list[Pair]]:
-        def load(key: str, source: str, split: str) -> list:
-            try:
-                return load_pairs(read_records(source, split), self.format)
-            except SFTDataError as e:
-                raise SFTDataError(f"{key}={e}") from None
-
-        train = load("data.path", self.path, self.split)
-        if self.val_path is not None:
-            val = load("data.val_path", self.val_path, self.val_split or "validation")
-        elif self.path.startswith("hf:") and self.val_split is not None:
-            val = load("data.path", self.path, self.val_split)
-        else:
-            keys = [split_value(json.dumps(r, sort_keys=True, default=str)) for _, r, _ in train]
-            try:
-                train_idx, val_idx = holdout(keys, self.val_fraction)
-            except ValueError as e:
-                raise DataError(f"data.path={self.path}: {e}; set data.val_path") from None
-            train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
+        train, val = self.splits(lambda source, split: load_pairs(read_records(source, split), self.format))
         return [p for _, _, p in train], [p for _, _, p in val]
 
 

@@ -227,15 +227,24 @@ def export_hf(model, model_cfg: dict, source: Path, out, info: dict, dtype=None,
     }
     weights = hf_state_dict(model, DTYPES[dtype_name])
 
+    def write(tmp: Path) -> None:
+        # format=pt: transformers refuses a safetensors file without it
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+    return write_folder(out, write)
+
+
+def write_folder(out: Path, write) -> Path:
+    """`write(tmp)` fills a folder built beside `out` under a temporary name, then it becomes `out` in one rename
+    (exp.rundir.publish_dir): an export is whole or absent, and a failed one leaves nothing behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        # format=pt: transformers refuses a safetensors file without it
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
+        write(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,16 +263,10 @@ def export_hf_model(model: HFCausalLM, source: Path, out, info: dict, dtype=None
     check_out(out)
     files, _ = tokenizer_files(tokenizer, source, model.vocab_size, model.seq_len)
     files["export.json"] = _json_bytes({**info, "format": "hf", "dtype": dtype_name})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         model.hf.to(DTYPES[dtype_name]).save_pretrained(str(tmp))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, write)

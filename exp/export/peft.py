@@ -11,9 +11,7 @@ dropout is off and the split adapter computes the same.)
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,9 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from exp.checkpoint import CheckpointError, build_model
 from exp.checkpoint.weights import without_adapter
-from exp.export.hf import _json_bytes, check_hf_exportable, check_out
+from exp.export.hf import _json_bytes, check_hf_exportable, check_out, write_folder
 from exp.model import adapters
-from exp.rundir import publish_dir
 
 # exp's module (under blocks.N.) -> Llama's (under model.layers.N.); the fused qkv is split apart
 HF_MODULES = {
@@ -84,17 +81,11 @@ def export_peft(source: Path, model_cfg: dict, out, info: dict, metadata: dict) 
     )
     out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt", "step": str(info["step"])})
         config.save_pretrained(str(tmp))  # adapter_config.json, as this peft version writes it
         record = {**info, "format": "peft", "base_fingerprint": metadata.get(adapters.META_FINGERPRINT)}
         (tmp / "export.json").write_bytes(_json_bytes({**record, "target_modules": targets}))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_folder(out, write)

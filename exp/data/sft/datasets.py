@@ -258,26 +258,31 @@ class SFTJsonl(SFTData):
 
     def conversations(self) -> tuple[list[list[Turn]], list[list[Turn]]]:
         """(train, val) conversations from the configured sources."""
+        read = lambda source, split: load_conversations(read_records(source, split), self.format, self.fields)
+        train, val = self.splits(read)
+        return [t for _, _, t in train], [t for _, _, t in val]
+
+    def splits(self, read) -> tuple[list, list]:
+        """(train, val) of `read(source, split)`'s (location, record, parsed) items: data.path's, and validation from
+        val_path, else from val_split of an hf: path, else val_fraction of the records held out by their content."""
 
         def load(key: str, source: str, split: str) -> list:
             try:
-                return load_conversations(read_records(source, split), self.format, self.fields)
+                return read(source, split)
             except SFTDataError as e:  # `file:line: what`, led by the key that names the file
                 raise SFTDataError(f"{key}={e}") from None
 
         train = load("data.path", self.path, self.split)
         if self.val_path is not None:
-            val = load("data.val_path", self.val_path, self.val_split or "validation")
-        elif self.path.startswith("hf:") and self.val_split is not None:
-            val = load("data.path", self.path, self.val_split)
-        else:
-            keys = [split_value(json.dumps(r, sort_keys=True, default=str)) for _, r, _ in train]
-            try:
-                train_idx, val_idx = holdout(keys, self.val_fraction)
-            except ValueError as e:
-                raise DataError(f"data.path={self.path}: {e}; set data.val_path") from None
-            train, val = [train[i] for i in train_idx], [train[i] for i in val_idx]
-        return [t for _, _, t in train], [t for _, _, t in val]
+            return train, load("data.val_path", self.val_path, self.val_split or "validation")
+        if self.path.startswith("hf:") and self.val_split is not None:
+            return train, load("data.path", self.path, self.val_split)
+        keys = [split_value(json.dumps(r, sort_keys=True, default=str)) for _, r, _ in train]
+        try:
+            train_idx, val_idx = holdout(keys, self.val_fraction)
+        except ValueError as e:
+            raise DataError(f"data.path={self.path}: {e}; set data.val_path") from None
+        return [train[i] for i in train_idx], [train[i] for i in val_idx]
 
     def _source_files(self) -> list[tuple]:
         local = [Path(s).expanduser().resolve() for s in (self.path, self.val_path) if s and not s.startswith("hf:")]
