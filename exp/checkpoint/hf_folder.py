@@ -137,14 +137,19 @@ def check_fits_gpt(path, model: GPT, key: str = "stage.init_from") -> dict:
 def load_into_gpt(path, model: GPT, key: str = "stage.init_from") -> None:
     """A Llama folder's weights into a GPT of the same shapes (check_fits_gpt), in place."""
     check_fits_gpt(path, model, key)
+    _load_folder(path, model, f"{key}={path}")
+
+
+def _load_folder(path, model: GPT, where: str) -> None:
+    """The folder's tensors, renamed to exp's, into the GPT; CheckpointError led by `where`."""
     try:
         weights = folder_state_dict(path)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{key}={path}: {first_line(e)}") from None
+        raise CheckpointError(f"{where}: {first_line(e)}") from None
     try:
         model.load_state_dict(exp_state_dict(weights, model, path), strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{key}={path}: model.safetensors does not fit config.json ({first_line(e)})") from None
+        raise CheckpointError(f"{where}: model.safetensors does not fit config.json ({first_line(e)})") from None
 
 
 def exp_state_dict(weights: dict[str, torch.Tensor], model: GPT, source) -> dict[str, torch.Tensor]:
@@ -180,14 +185,7 @@ def load_hf_folder(path, device="cpu") -> tuple[GPT, dict]:
     model_cfg = gpt_config(read_hf_config(path), path)
     with torch.device(device):
         model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
-    try:
-        weights = folder_state_dict(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: {first_line(e)}") from None
-    try:
-        model.load_state_dict(exp_state_dict(weights, model, path), strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: model.safetensors does not fit config.json ({first_line(e)})") from None
+    _load_folder(path, model, str(path))
     return model.eval(), model_cfg
 
 

@@ -633,6 +633,18 @@ function sweepPictures(sweep, shared) {
 
 // Parallel coordinates drawn as SVG by hand: uPlot (the charting library vendored here) has no such plot, and the
 // page's one is a few dozen lines: an axis per parameter and one for val loss, a polyline per finished trial.
+
+// add(tag, attrs, text): an SVG element appended to svg, with its attributes and text
+function svgAdder(svg) {
+  return (tag, attrs, text) => {
+    const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text != null) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+}
+
 function parallelCoordinates(params, finished) {
   const box = document.getElementById("sweep-parallel");
   const NS = "http://www.w3.org/2000/svg";
@@ -647,13 +659,7 @@ function parallelCoordinates(params, finished) {
     const lo = Math.min(...vs), hi = Math.max(...vs);
     return (v) => H - pad.bottom - (hi > lo ? ((v - lo) / (hi - lo)) * (H - pad.top - pad.bottom) : (H - pad.top - pad.bottom) / 2);
   });
-  const add = (tag, attrs, text) => {
-    const node = document.createElementNS(NS, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-    if (text != null) node.textContent = text;
-    svg.append(node);
-    return node;
-  };
+  const add = svgAdder(svg);
   const losses = finished.map(([t]) => t.val_loss);
   const best = Math.min(...losses), worst = Math.max(...losses);
   for (const [t, i] of finished) {
@@ -724,13 +730,7 @@ function importanceBars(answer) {
     const svg = document.createElementNS(NS, "svg");
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.setAttribute("data-objective", objective.name);
-    const add = (tag, attrs, text) => {
-      const node = document.createElementNS(NS, tag);
-      for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-      if (text != null) node.textContent = text;
-      svg.append(node);
-      return node;
-    };
+    const add = svgAdder(svg);
     add("text", { x: 4, y: 14, class: "title" }, `${objective.name} (${objective.direction})`);
     entries.forEach(([param, value], k) => {
       const y = 22 + k * row;
