@@ -539,6 +539,8 @@ def test_dashboard_sweep_filter_study_pictures_keyboard_and_width(tmp_path):
         assert browser.js(f"{front}.series.map(s => s.label)") == ["val/loss", "trial", "Pareto front"]
         browser.js("document.getElementById('sweep-study').scrollIntoView()")
         browser.screenshot(shots / "dashboard-sweep-study.png")
+        section = "document.getElementById('sweeps-section')"  # its 20 trials' table fits: no sideways scroll
+        assert browser.js(f"{section}.scrollWidth <= {section}.clientWidth"), browser.js(f"{section}.scrollWidth")
 
         # a single-objective sweep: its importances, no front
         browser.js(f"location.hash = '#/sweeps/{sweeps['lr-search']}'")
