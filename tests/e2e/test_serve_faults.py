@@ -227,11 +227,19 @@ def test_job_killed_with_sigkill_ends_killed_with_its_mlflow_run(tmp_path, corpu
     from mlflow.tracking import MlflowClient
 
     runs = tmp_path / "runs"
-    # one compute thread: the MLflow worker (SCHED_IDLE) gets CPU beside the job even while the suite loads the rest
-    tracked = [o for o in JOB if o != "tracking=none"] + ["stage.num_steps=100000", "hardware.num_threads=1"]
+    # the job pauses after step 10 (logged at 5 and 10): the MLflow worker runs at SCHED_IDLE, on CPU time the
+    # training leaves, so without the pause its first metric waits on whatever else the suite runs (up to minutes)
+    pause = ["+callbacks.pause._target_=tests.hooks.PauseIn", "+callbacks.pause.hook=on_step_end"]
+    pause += [
+        "+callbacks.pause.step=10",
+        f"+callbacks.pause.ready={tmp_path / 'paused'}",
+        "+callbacks.pause.seconds=300",
+    ]
+    tracked = [o for o in JOB if o != "tracking=none"] + ["stage.num_steps=100000", *pause]
     store = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     left: list[int] = []
-    with TestClient(create_app(Settings(runs_dir=runs)), base_url=LOCAL) as client:
+    settings = Settings(runs_dir=runs, allow_targets=("tests.hooks.PauseIn",))  # the test's pause, nothing else
+    with TestClient(create_app(settings), base_url=LOCAL) as client:
         started = client.post("/api/training/jobs/start", json={"overrides": tracked})
         assert started.status_code == 201, started.text
         job_id, run_id = started.json()["job_id"], started.json()["mlflow_run_id"]
@@ -241,7 +249,8 @@ def test_job_killed_with_sigkill_ends_killed_with_its_mlflow_run(tmp_path, corpu
 
         try:
             assert wait_for(lambda: status()["status"] == "RUNNING" and status()["step"] >= 5, timeout=120), status()
-            assert wait_for(lambda: store.get_metric_history(run_id, "train/loss"), timeout=180)  # its tracker took it
+            assert wait_for(lambda: (tmp_path / "paused").exists(), timeout=120)
+            assert wait_for(lambda: store.get_metric_history(run_id, "train/loss"), timeout=120)  # its tracker took it
             assert store.get_run(run_id).info.status == "RUNNING"
             dup = client.post("/api/training/jobs/start", json={"overrides": tracked})
             assert dup.status_code == 409 and f"job {job_id} with the same overrides is RUNNING" in dup.json()["detail"]
